@@ -1,0 +1,22 @@
+"""lstm_fast: fast, exact LSTM inference and training on CPU, numpy in and numpy out.
+
+>>> import numpy as np, lstm_fast as lf
+>>> m = lf.LSTM(8, 16, num_layers=2, seed=0)
+>>> out, (h_n, c_n) = m(np.zeros((5, 3, 8), np.float32))
+>>> out.shape, h_n.shape
+((5, 3, 16), (2, 3, 16))
+"""
+from ._version import __version__
+from ._threads import get_num_threads, set_num_threads, threads
+from ._lstm import LSTM, LSTMCell
+from ._config import show_config
+
+__all__ = [
+    "LSTM",
+    "LSTMCell",
+    "get_num_threads",
+    "set_num_threads",
+    "threads",
+    "show_config",
+    "__version__",
+]

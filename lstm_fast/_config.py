@@ -1,0 +1,60 @@
+"""What users paste into a bug report: `lstm_fast.show_config()` / `python -m lstm_fast info`."""
+import os
+import platform
+import sys
+
+import numpy as np
+
+from . import _threading, _threads
+from ._version import __version__
+
+
+def config():
+    """The build and runtime facts as a dict (version, OpenMP, threads, BLAS, CPU)."""
+    info = {
+        "lstm_fast": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "numpy": np.__version__,
+        "openmp": _threading.openmp_enabled(),
+        "openmp_version": _threading.openmp_version(),
+        "threads": _threads.get_num_threads(),
+        "cores_available": _threads._available_cores(),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
+        "OPENBLAS_L2_SIZE": os.environ.get("OPENBLAS_L2_SIZE"),
+        "build_flags": _threading.build_flags(),
+        "blas_library": _threads.BLAS_LIBRARY,
+        "blas_thread_control": _threading.blas_control_enabled(),
+    }
+    import scipy
+
+    info["scipy"] = scipy.__version__
+    try:
+        from threadpoolctl import threadpool_info
+
+        for lib in threadpool_info():
+            if lib.get("filepath") == _threads.BLAS_LIBRARY:
+                info["blas"] = f"{lib.get('internal_api')} {lib.get('version')} ({lib.get('architecture')})"
+    except ImportError:
+        pass
+    info["cpu"] = _cpu_model()
+    return info
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def show_config():
+    """Print the build and runtime configuration (version, OpenMP, threads, BLAS, CPU)."""
+    for key, value in config().items():
+        print(f"{key:>20}: {value}")

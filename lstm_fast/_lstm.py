@@ -1,0 +1,421 @@
+"""LSTM and LSTMCell: torch.nn.LSTM's shapes, names and semantics over the Cython kernels.
+
+Parameters live in one packed array per layer and kind, with a leading direction axis, e.g.
+``_w_ih[k]`` of shape (D, 4H, in_k); the names of `parameters()` (``weight_ih_l0``,
+``weight_ih_l0_reverse``, ...) are views into them, so an optimizer updating a parameter in place
+updates what the kernel reads. The gate order everywhere is torch's: i, f, g, o.
+"""
+import math
+
+import numpy as np
+
+from . import _forward, _threading, _threads
+from . import _validate as v
+
+_EMPTY = {}
+
+
+def _empty(dtype, ndim):
+    """Size-0 placeholder for an optional kernel argument (no projection, no cache, ...)."""
+    key = (np.dtype(dtype), ndim)
+    if key not in _EMPTY:
+        _EMPTY[key] = np.empty((1,) + (0,) * (ndim - 1), dtype=dtype)
+    return _EMPTY[key]
+
+
+_REVERSE = {1: np.zeros(1, dtype=np.intc), 2: np.array([0, 1], dtype=np.intc)}
+
+
+def run_layer(x, w_ih, w_hh, bias, w_hr, order, lengths, h, c, y, n_threads,
+              cache_gates=None, cache_c=None, reverse=None, peephole=None, spec=None):
+    """One layer, all directions: y and (h, c) in place. The single door to the forward kernel."""
+    dtype = x.dtype
+    n_dirs = w_ih.shape[0]
+    _forward.forward_layer(
+        x, w_ih, w_hh, bias,
+        w_hr if w_hr is not None else _empty(dtype, 3),
+        peephole if peephole is not None else _empty(dtype, 2),
+        order, lengths,
+        reverse if reverse is not None else _REVERSE[n_dirs],
+        h, c, y,
+        cache_gates if cache_gates is not None else _empty(dtype, 4),
+        cache_c if cache_c is not None else _empty(dtype, 4),
+        spec, n_threads,
+    )
+
+
+class _Blas:
+    """`with _BLAS:` runs scipy's BLAS single-threaded while our own threads call it."""
+
+    __slots__ = ()
+
+    def __enter__(self):
+        _threading.blas_single_enter()
+
+    def __exit__(self, *exc):
+        _threading.blas_single_exit()
+        return False
+
+
+BLAS_SINGLE = _Blas()
+
+
+class LSTM:
+    """A multi-layer LSTM with torch.nn.LSTM's arguments, shapes and state_dict names.
+
+    For each step t and layer, with gates in the order i, f, g, o::
+
+        i = sigmoid(W_ii x + b_ii + W_hi h + b_hi)     f = sigmoid(W_if x + b_if + W_hf h + b_hf)
+        g = tanh(W_ig x + b_ig + W_hg h + b_hg)        o = sigmoid(W_io x + b_io + W_ho h + b_ho)
+        c' = f * c + i * g                             h' = o * tanh(c')   (then h' = W_hr h' if proj_size)
+
+    Parameters
+    ----------
+    input_size : int
+        Features of each input step, I.
+    hidden_size : int
+        Features of the hidden and cell state, H.
+    num_layers : int, default 1
+        Stacked layers L; layer k > 0 reads the outputs of layer k - 1.
+    bias : bool, default True
+        Whether the layers have the biases b_ih and b_hh.
+    batch_first : bool, default False
+        Inputs and outputs are (B, T, features) instead of (T, B, features). The states are not
+        affected (as in torch).
+    dropout : float, default 0.0
+        Dropout on the outputs of every layer but the last, in training only; inference ignores it
+        (torch's eval mode).
+    bidirectional : bool, default False
+        Adds a reverse direction per layer, D = 2; outputs concatenate [forward, reverse].
+    proj_size : int, default 0
+        With ``0 < proj_size < hidden_size``, h is projected to proj_size features (LSTMP); the
+        hidden output size H_out is then proj_size, else H.
+    dtype : float32 or float64, default float32
+        The precision of parameters, computations and outputs.
+    seed : int or None
+        Seed of the initialisation, uniform in +-1/sqrt(hidden_size) as torch.
+
+    Notes
+    -----
+    Differences from torch: inputs are numpy arrays; floating inputs of another precision are
+    converted to ``dtype`` (torch raises); variable lengths are given as ``lengths=`` instead of a
+    PackedSequence; outputs are new C-contiguous arrays.
+    """
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, proj_size=0, dtype=np.float32, seed=None):
+        self.input_size = v.size(input_size, "input_size")
+        self.hidden_size = v.size(hidden_size, "hidden_size")
+        self.num_layers = v.size(num_layers, "num_layers")
+        self.proj_size = v.size(proj_size, "proj_size", minimum=0)
+        if self.proj_size >= self.hidden_size:
+            raise ValueError(
+                f"proj_size must be smaller than hidden_size ({self.hidden_size}), got {self.proj_size}"
+            )
+        dropout = float(dropout)
+        if not 0.0 <= dropout <= 1.0:
+            raise ValueError(f"dropout must be a probability in [0, 1], got {dropout}")
+        self.dropout = dropout
+        self.bias = bool(bias)
+        self.batch_first = bool(batch_first)
+        self.bidirectional = bool(bidirectional)
+        self.dtype = v.model_dtype(dtype)
+        self._allocate()
+        self.reset_parameters(seed)
+
+    # ----------------------------------------------------------------- parameters
+    @property
+    def num_directions(self):
+        return 2 if self.bidirectional else 1
+
+    @property
+    def hidden_out(self):
+        """Features of h and of each direction's output: proj_size if set, else hidden_size."""
+        return self.proj_size if self.proj_size > 0 else self.hidden_size
+
+    def _layer_input_size(self, layer):
+        return self.input_size if layer == 0 else self.num_directions * self.hidden_out
+
+    def _allocate(self):
+        D, H, P = self.num_directions, self.hidden_size, self.proj_size
+        dt = self.dtype
+        self._w_ih = [np.zeros((D, 4 * H, self._layer_input_size(k)), dt) for k in range(self.num_layers)]
+        self._w_hh = [np.zeros((D, 4 * H, self.hidden_out), dt) for _ in range(self.num_layers)]
+        self._b_ih = [np.zeros((D, 4 * H), dt) for _ in range(self.num_layers)] if self.bias else None
+        self._b_hh = [np.zeros((D, 4 * H), dt) for _ in range(self.num_layers)] if self.bias else None
+        self._w_hr = [np.zeros((D, P, H), dt) for _ in range(self.num_layers)] if P else None
+        self._params = {}
+        for k in range(self.num_layers):
+            for d in range(D):
+                sfx = f"_l{k}" + ("_reverse" if d else "")
+                self._params["weight_ih" + sfx] = self._w_ih[k][d]
+                self._params["weight_hh" + sfx] = self._w_hh[k][d]
+                if self.bias:
+                    self._params["bias_ih" + sfx] = self._b_ih[k][d]
+                    self._params["bias_hh" + sfx] = self._b_hh[k][d]
+                if P:
+                    self._params["weight_hr" + sfx] = self._w_hr[k][d]
+
+    def reset_parameters(self, seed=None):
+        """Draw every parameter uniformly from [-1/sqrt(H), 1/sqrt(H)], in state_dict order."""
+        rng = np.random.default_rng(seed)
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for p in self._params.values():
+            p[...] = rng.uniform(-bound, bound, size=p.shape)
+
+    def parameters(self):
+        """The parameters by torch name, as live views: writing into them changes the model."""
+        return dict(self._params)
+
+    def state_dict(self):
+        """A copy of the parameters by torch name and shape (gate order i, f, g, o)."""
+        return {name: p.copy() for name, p in self._params.items()}
+
+    def load_state_dict(self, state_dict, strict=True):
+        """Load parameters by torch name, e.g. ``{k: v.numpy() for k, v in torch_lstm.state_dict().items()}``.
+
+        Every key must be present with its exact shape; with ``strict`` (the default) unexpected
+        keys are an error too. Floating values are converted to the model's dtype.
+        """
+        _load_named(self._params, state_dict, strict, type(self).__name__)
+
+    def num_parameters(self):
+        return sum(p.size for p in self._params.values())
+
+    def _bias_sums(self, layer):
+        if not self.bias:
+            return np.zeros((self.num_directions, 4 * self.hidden_size), self.dtype)
+        return self._b_ih[layer] + self._b_hh[layer]
+
+    def __repr__(self):
+        extra = ""
+        if self.num_layers != 1:
+            extra += f", num_layers={self.num_layers}"
+        if not self.bias:
+            extra += ", bias=False"
+        if self.batch_first:
+            extra += ", batch_first=True"
+        if self.dropout:
+            extra += f", dropout={self.dropout}"
+        if self.bidirectional:
+            extra += ", bidirectional=True"
+        if self.proj_size:
+            extra += f", proj_size={self.proj_size}"
+        return f"LSTM({self.input_size}, {self.hidden_size}{extra}, dtype={self.dtype.name})"
+
+    # ----------------------------------------------------------------- inputs
+    def _prepare(self, x, hx, lengths):
+        """Validate and convert the call's arguments; returns time-major contiguous arrays."""
+        x = v.float_array(x, "x", self.dtype)
+        if x.ndim not in (2, 3):
+            raise ValueError(
+                f"x must be 3-D {'(B, T, input_size)' if self.batch_first else '(T, B, input_size)'}"
+                f" or 2-D (T, input_size) unbatched, got {x.ndim}-D with shape {x.shape}"
+            )
+        batched = x.ndim == 3
+        if not batched:
+            x = x[:, None, :]
+        elif self.batch_first:
+            x = np.ascontiguousarray(x.transpose(1, 0, 2))
+        seq_len, batch, features = x.shape
+        if features != self.input_size:
+            raise ValueError(f"x has {features} features, expected input_size={self.input_size}")
+        if seq_len == 0:
+            raise ValueError("x has 0 time steps; sequences need at least one step")
+        if batch == 0:
+            raise ValueError("x has a batch of 0 sequences")
+        n_states = self.num_layers * self.num_directions
+        if hx is None:
+            h0 = np.zeros((n_states, batch, self.hidden_out), self.dtype)
+            c0 = np.zeros((n_states, batch, self.hidden_size), self.dtype)
+        else:
+            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+                raise TypeError("hx must be a tuple (h0, c0)")
+            h0 = v.float_array(hx[0], "h0", self.dtype)
+            c0 = v.float_array(hx[1], "c0", self.dtype)
+            if batched:
+                v.shape(h0, (n_states, batch, self.hidden_out), "h0", "num_layers*num_directions, batch, H_out")
+                v.shape(c0, (n_states, batch, self.hidden_size), "c0", "num_layers*num_directions, batch, hidden_size")
+            else:
+                v.shape(h0, (n_states, self.hidden_out), "h0", "num_layers*num_directions, H_out (unbatched)")
+                v.shape(c0, (n_states, self.hidden_size), "c0", "num_layers*num_directions, hidden_size (unbatched)")
+                h0, c0 = h0[:, None, :], c0[:, None, :]
+            h0, c0 = h0.copy(), c0.copy()   # the kernels update the states in place
+        if lengths is None:
+            lens = np.full(batch, seq_len, dtype=np.intp)
+            order = np.arange(batch, dtype=np.intp)
+            padded = False
+        else:
+            if not batched:
+                raise ValueError("lengths needs batched input (T, B, I); unbatched x is one full sequence")
+            lens = v.lengths(lengths, batch, seq_len)
+            order = np.argsort(-lens, kind="stable").astype(np.intp, copy=False)
+            padded = bool(lens.min() < seq_len)
+        v.check_size_product(self.num_directions, seq_len, batch, 4 * self.hidden_size,
+                             name="the input projection buffer")
+        return x, h0, c0, lens, order, padded, batched
+
+    # ----------------------------------------------------------------- forward
+    def __call__(self, x, hx=None, lengths=None):
+        """Run the LSTM over a batch of sequences.
+
+        Parameters
+        ----------
+        x : ndarray of shape (T, B, input_size), (B, T, input_size) with batch_first, or (T, input_size)
+            The input sequences; floating arrays of any precision and layout are accepted.
+        hx : tuple (h0, c0), optional
+            h0 of shape (L*D, B, H_out) and c0 of shape (L*D, B, H) (without the B axis for
+            unbatched x); zeros when omitted.
+        lengths : array-like of int, shape (B,), optional
+            Valid steps of each right-padded sequence, in 1..T. Outputs past a length are 0 and
+            h_n, c_n hold each sequence's state at its last valid step; the reverse direction starts
+            at each sequence's own last step (torch's packed-sequence semantics).
+
+        Returns
+        -------
+        out : ndarray of shape (T, B, D*H_out) ((B, T, D*H_out) with batch_first, (T, D*H_out) unbatched)
+        (h_n, c_n) : ndarrays of shapes (L*D, B, H_out) and (L*D, B, H)
+        """
+        x, h_n, c_n, lens, order, padded, batched = self._prepare(x, hx, lengths)
+        out = self._forward(x, h_n, c_n, lens, order, padded, _threads.get_num_threads())
+        return self._finish(out, h_n, c_n, batched)
+
+    def _forward(self, x, h_n, c_n, lens, order, padded, n_threads, caches=None):
+        seq_len, batch, _ = x.shape
+        D = self.num_directions
+        layer_input = x
+        alloc = np.zeros if padded else np.empty   # padding positions of the outputs must read 0
+        with BLAS_SINGLE:
+            for k in range(self.num_layers):
+                y = alloc((seq_len, batch, D * self.hidden_out), self.dtype)
+                cache_g = cache_c = None
+                if caches is not None:
+                    cache_g, cache_c = caches[k]
+                run_layer(layer_input, self._w_ih[k], self._w_hh[k], self._bias_sums(k),
+                          self._w_hr[k] if self.proj_size else None, order, lens,
+                          h_n[k * D:(k + 1) * D], c_n[k * D:(k + 1) * D], y, n_threads,
+                          cache_gates=cache_g, cache_c=cache_c)
+                layer_input = y
+        return layer_input
+
+    def _finish(self, out, h_n, c_n, batched):
+        if not batched:
+            return out[:, 0, :], (h_n[:, 0, :], c_n[:, 0, :])
+        if self.batch_first:
+            out = np.ascontiguousarray(out.transpose(1, 0, 2))
+        return out, (h_n, c_n)
+
+    forward = __call__
+
+
+class LSTMCell:
+    """One LSTM step, torch.nn.LSTMCell's arguments, shapes and parameter names.
+
+    Parameters
+    ----------
+    input_size, hidden_size : int
+    bias : bool, default True
+    dtype : float32 or float64, default float32
+    seed : int or None
+        Seed of the uniform +-1/sqrt(hidden_size) initialisation.
+
+    Call ``cell(x, (h, c))`` with x of shape (B, input_size) or (input_size,), h and c of shape
+    (B, hidden_size) (or (hidden_size,)); returns the new (h, c). hx defaults to zeros.
+    """
+
+    def __init__(self, input_size, hidden_size, bias=True, dtype=np.float32, seed=None):
+        self.input_size = v.size(input_size, "input_size")
+        self.hidden_size = v.size(hidden_size, "hidden_size")
+        self.bias = bool(bias)
+        self.dtype = v.model_dtype(dtype)
+        H = self.hidden_size
+        self._w_ih = np.zeros((1, 4 * H, self.input_size), self.dtype)
+        self._w_hh = np.zeros((1, 4 * H, H), self.dtype)
+        self._params = {"weight_ih": self._w_ih[0], "weight_hh": self._w_hh[0]}
+        if self.bias:
+            self._b = np.zeros((2, 4 * H), self.dtype)
+            self._params["bias_ih"] = self._b[0]
+            self._params["bias_hh"] = self._b[1]
+        self.reset_parameters(seed)
+
+    def reset_parameters(self, seed=None):
+        rng = np.random.default_rng(seed)
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for p in self._params.values():
+            p[...] = rng.uniform(-bound, bound, size=p.shape)
+
+    def parameters(self):
+        return dict(self._params)
+
+    def state_dict(self):
+        return {name: p.copy() for name, p in self._params.items()}
+
+    def load_state_dict(self, state_dict, strict=True):
+        _load_named(self._params, state_dict, strict, "LSTMCell")
+
+    def __repr__(self):
+        return f"LSTMCell({self.input_size}, {self.hidden_size}{'' if self.bias else ', bias=False'}, dtype={self.dtype.name})"
+
+    def __call__(self, x, hx=None):
+        """One step: returns (h', c'), each of shape (B, hidden_size) (or (hidden_size,))."""
+        x = v.float_array(x, "x", self.dtype)
+        if x.ndim not in (1, 2):
+            raise ValueError(f"x must be 2-D (B, input_size) or 1-D (input_size,), got shape {x.shape}")
+        batched = x.ndim == 2
+        x2 = x if batched else x[None, :]
+        batch, features = x2.shape
+        if features != self.input_size:
+            raise ValueError(f"x has {features} features, expected input_size={self.input_size}")
+        if batch == 0:
+            raise ValueError("x has a batch of 0 rows")
+        H = self.hidden_size
+        if hx is None:
+            h = np.zeros((1, batch, H), self.dtype)
+            c = np.zeros((1, batch, H), self.dtype)
+        else:
+            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+                raise TypeError("hx must be a tuple (h, c)")
+            h = v.float_array(hx[0], "h", self.dtype)
+            c = v.float_array(hx[1], "c", self.dtype)
+            expected = (batch, H) if batched else (H,)
+            v.shape(h, expected, "h")
+            v.shape(c, expected, "c")
+            h = h.reshape(1, batch, H).copy()
+            c = c.reshape(1, batch, H).copy()
+        bias = (self._b[0] + self._b[1])[None, :] if self.bias else np.zeros((1, 4 * H), self.dtype)
+        y = np.empty((1, batch, H), self.dtype)
+        lens = np.ones(batch, dtype=np.intp)
+        order = np.arange(batch, dtype=np.intp)
+        with BLAS_SINGLE:
+            run_layer(x2[None], self._w_ih, self._w_hh, bias, None, order, lens, h, c, y,
+                      _threads.get_num_threads())
+        if batched:
+            return h[0], c[0]
+        return h[0, 0], c[0, 0]
+
+    forward = __call__
+
+
+def _load_named(params, state_dict, strict, owner):
+    """Copy `state_dict` into the live parameter views, checking names, shapes and dtypes first."""
+    if not hasattr(state_dict, "keys"):
+        raise TypeError(f"state_dict must be a mapping of names to arrays, got {type(state_dict).__name__}")
+    missing = [k for k in params if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in params]
+    if missing or (strict and unexpected):
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing}")
+        if strict and unexpected:
+            parts.append(f"unexpected keys {unexpected}")
+        raise ValueError(f"{owner}.load_state_dict: " + "; ".join(parts) + f" (expected {list(params)})")
+    staged = {}
+    for name, p in params.items():
+        value = state_dict[name]
+        if hasattr(value, "detach"):   # a torch tensor
+            value = value.detach().cpu().numpy()
+        arr = v.float_array(value, f"state_dict[{name!r}]", p.dtype)
+        v.shape(arr, p.shape, f"state_dict[{name!r}]")
+        staged[name] = arr
+    for name, arr in staged.items():   # all checked first: a bad entry leaves the model unchanged
+        params[name][...] = arr

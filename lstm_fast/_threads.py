@@ -1,0 +1,135 @@
+"""Thread counts: one place that resolves how many OpenMP threads a kernel call gets.
+
+`None` means every core this process may use, `-1` the same, `0` is an error; OMP_NUM_THREADS, when
+set, gives the default. `with threads(n):` overrides the count for the calling Python thread only.
+"""
+import contextlib
+import ctypes
+import os
+import threading
+
+from . import _threading
+
+_local = threading.local()
+
+
+def _available_cores():
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _default_threads():
+    env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return _available_cores()
+
+
+_global_threads = _default_threads()
+
+
+def _resolve(n_threads, name="n_threads"):
+    if n_threads is None or (not isinstance(n_threads, bool) and n_threads == -1):
+        return _available_cores()
+    if isinstance(n_threads, bool) or not isinstance(n_threads, int):
+        try:
+            import numpy as np
+
+            if isinstance(n_threads, np.integer):
+                n_threads = int(n_threads)
+            else:
+                raise TypeError
+        except TypeError:
+            raise TypeError(f"{name} must be an int, None or -1, got {type(n_threads).__name__}") from None
+    if n_threads == -1:
+        return _available_cores()
+    if n_threads <= 0:
+        raise ValueError(f"{name} must be a positive int, None or -1 (all cores), got {n_threads}")
+    return n_threads
+
+
+def set_num_threads(n_threads):
+    """Set the number of threads lstm_fast's kernels use from now on, in every Python thread.
+
+    Parameters
+    ----------
+    n_threads : int or None
+        A positive count; ``None`` or ``-1`` mean every core this process may use.
+    """
+    global _global_threads
+    _global_threads = _resolve(n_threads)
+
+
+def get_num_threads():
+    """The number of threads the next kernel call from this Python thread will use."""
+    override = getattr(_local, "n_threads", None)
+    return override if override is not None else _global_threads
+
+
+@contextlib.contextmanager
+def threads(n_threads):
+    """Context manager: use `n_threads` threads inside the block, in this Python thread only.
+
+    >>> with lstm_fast.threads(1):
+    ...     out, _ = model(x)
+    """
+    previous = getattr(_local, "n_threads", None)
+    _local.n_threads = _resolve(n_threads)
+    try:
+        yield _local.n_threads
+    finally:
+        _local.n_threads = previous
+
+
+def _find_scipy_openblas():
+    """The ctypes handle and symbol prefix of the OpenBLAS that scipy.linalg.cython_blas calls.
+
+    Found through threadpoolctl among the loaded libraries: the one shipped with scipy (its
+    file lies under scipy's install), or the only OpenBLAS when there is just one. None otherwise.
+    """
+    import scipy
+    import scipy.linalg.cython_blas  # noqa: F401  (loads scipy's BLAS before we look for it)
+
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return None
+    candidates = [
+        lib for lib in ThreadpoolController().lib_controllers if lib.internal_api == "openblas"
+    ]
+    scipy_root = os.path.dirname(os.path.dirname(os.path.abspath(scipy.__file__)))
+    own = [
+        lib for lib in candidates
+        if os.path.abspath(lib.filepath).startswith(scipy_root)
+        and "scipy" in os.path.basename(os.path.dirname(lib.filepath))
+    ]
+    if len(own) == 1:
+        return own[0]
+    if len(candidates) == 1:
+        return candidates[0]
+    return None
+
+
+def _install_blas_control():
+    """Give the kernels scipy's OpenBLAS set/get-thread functions, so they can run it single-threaded."""
+    lib = _find_scipy_openblas()
+    if lib is None:
+        return None
+    dynlib = lib.dynlib
+    for prefix in ("scipy_", ""):
+        for suffix in ("", "64_"):
+            try:
+                set_fn = getattr(dynlib, f"{prefix}openblas_set_num_threads{suffix}")
+                get_fn = getattr(dynlib, f"{prefix}openblas_get_num_threads{suffix}")
+            except AttributeError:
+                continue
+            _threading.set_blas_functions(
+                ctypes.cast(set_fn, ctypes.c_void_p).value, ctypes.cast(get_fn, ctypes.c_void_p).value
+            )
+            return lib.filepath
+    return None
+
+
+BLAS_LIBRARY = _install_blas_control()
