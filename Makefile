@@ -1,0 +1,33 @@
+# Every target sets up what it needs: a virtualenv in the checkout (.venv), the pinned build and
+# test dependencies, and lstm_fast built in place. Only Python 3 and a C compiler are assumed.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test build bench info clean
+
+$(STAMP): requirements/build.txt requirements/test.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements/test.txt
+	touch $(STAMP)
+
+build: $(STAMP)
+	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+
+demo: build
+	$(PY) -m lstm_fast demo
+
+test: build
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+info: build
+	$(PY) -m lstm_fast info
+
+bench: build
+	$(PY) -m lstm_fast bench --compare
+
+clean:
+	rm -rf build dist *.egg-info src/*.c src/*.html lstm_fast/*.so $(VENV)

@@ -1,0 +1,331 @@
+"""Inference exactness: against torch.nn.LSTM, ONNX's reference evaluator and our numpy reference."""
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose, assert_array_equal
+
+import lstm_fast as lf
+from lstm_fast import reference
+
+from conftest import tol
+
+CONFIGS = [
+    # (num_layers, bidirectional, proj_size)
+    (1, False, 0),
+    (1, True, 0),
+    (2, False, 0),
+    (2, True, 3),
+    (3, True, 0),
+    (3, False, 4),
+]
+CONFIG_IDS = [f"L{l}-{'bi' if b else 'uni'}-p{p}" for l, b, p in CONFIGS]
+
+
+def _model_and_input(dtype, num_layers, bidirectional, proj_size, seq_len=9, batch=7,
+                     input_size=5, hidden=8, seed=0, batch_first=False):
+    m = lf.LSTM(input_size, hidden, num_layers=num_layers, bidirectional=bidirectional,
+                proj_size=proj_size, dtype=dtype, seed=seed, batch_first=batch_first)
+    rng = np.random.default_rng(seed + 1)
+    x = rng.standard_normal((seq_len, batch, input_size)).astype(dtype)
+    return m, x
+
+
+# ---------------------------------------------------------------------------- numpy reference
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
+@pytest.mark.parametrize("batch", [1, 7, 33], ids=["b1", "b7", "b33"])
+def test_matches_numpy_reference(dtype, config, batch):
+    m, x = _model_and_input(dtype, *config, batch=batch)
+    out, (h_n, c_n) = m(x)
+    ref_out, (ref_h, ref_c) = reference.lstm(x.astype(np.float64), m.state_dict(),
+                                             num_layers=config[0], bidirectional=config[1])
+    assert_allclose(out, ref_out, **tol(dtype))
+    assert_allclose(h_n, ref_h, **tol(dtype))
+    assert_allclose(c_n, ref_c, **tol(dtype))
+    assert out.dtype == dtype and out.flags.c_contiguous
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
+def test_lengths_match_numpy_reference(config):
+    m, x = _model_and_input(np.float64, *config, batch=11)
+    lengths = np.array([9, 1, 4, 9, 2, 7, 7, 3, 5, 8, 6])
+    rng = np.random.default_rng(3)
+    L, D = config[0], 2 if config[1] else 1
+    h0 = rng.standard_normal((L * D, 11, m.hidden_out))
+    c0 = rng.standard_normal((L * D, 11, m.hidden_size))
+    out, (h_n, c_n) = m(x, (h0, c0), lengths=lengths)
+    ref_out, (ref_h, ref_c) = reference.lstm(x, m.state_dict(), L, config[1], h0, c0, lengths)
+    assert_allclose(out, ref_out, **tol(np.float64))
+    assert_allclose(h_n, ref_h, **tol(np.float64))
+    assert_allclose(c_n, ref_c, **tol(np.float64))
+    for b, n in enumerate(lengths):
+        assert not out[n:, b].any(), "outputs past a sequence's length must be 0"
+
+
+# ---------------------------------------------------------------------------- torch
+
+
+def _torch():
+    return pytest.importorskip("torch")
+
+
+def _torch_lstm(m):
+    torch = _torch()
+    t = torch.nn.LSTM(m.input_size, m.hidden_size, num_layers=m.num_layers, bias=m.bias,
+                      batch_first=m.batch_first, bidirectional=m.bidirectional,
+                      proj_size=m.proj_size)
+    t = t.double() if m.dtype == np.float64 else t.float()
+    t.load_state_dict({k: torch.from_numpy(v) for k, v in m.state_dict().items()})
+    return t.eval()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
+@pytest.mark.parametrize("batch_first", [False, True], ids=["tbi", "bti"])
+@pytest.mark.parametrize("with_state", [False, True], ids=["zero-state", "given-state"])
+def test_matches_torch(dtype, config, batch_first, with_state):
+    torch = _torch()
+    m, x = _model_and_input(dtype, *config, batch_first=batch_first)
+    if batch_first:
+        x = np.ascontiguousarray(x.transpose(1, 0, 2))
+    t = _torch_lstm(m)
+    args = ()
+    if with_state:
+        rng = np.random.default_rng(7)
+        n_states = m.num_layers * m.num_directions
+        h0 = rng.standard_normal((n_states, 7, m.hidden_out)).astype(dtype)
+        c0 = rng.standard_normal((n_states, 7, m.hidden_size)).astype(dtype)
+        args = ((h0, c0),)
+    out, (h_n, c_n) = m(x, *args)
+    with torch.no_grad():
+        t_args = tuple((torch.from_numpy(a[0]), torch.from_numpy(a[1])) for a in args)
+        t_out, (t_h, t_c) = t(torch.from_numpy(x), *t_args)
+    assert_allclose(out, t_out.numpy(), **tol(dtype))
+    assert_allclose(h_n, t_h.numpy(), **tol(dtype))
+    assert_allclose(c_n, t_c.numpy(), **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
+@pytest.mark.parametrize("batch_first", [False, True], ids=["tbi", "bti"])
+def test_lengths_match_torch_packed(dtype, config, batch_first):
+    torch = _torch()
+    m, x = _model_and_input(dtype, *config, batch=10, batch_first=batch_first)
+    lengths = np.array([3, 9, 1, 9, 5, 6, 2, 8, 4, 7])
+    if batch_first:
+        x = np.ascontiguousarray(x.transpose(1, 0, 2))
+    out, (h_n, c_n) = m(x, lengths=lengths)
+    t = _torch_lstm(m)
+    with torch.no_grad():
+        packed = torch.nn.utils.rnn.pack_padded_sequence(
+            torch.from_numpy(x), torch.from_numpy(lengths), batch_first=batch_first,
+            enforce_sorted=False)
+        t_packed, (t_h, t_c) = t(packed)
+        t_out, _ = torch.nn.utils.rnn.pad_packed_sequence(t_packed, batch_first=batch_first,
+                                                           total_length=9)
+    assert_allclose(out, t_out.numpy(), **tol(dtype))
+    assert_allclose(h_n, t_h.numpy(), **tol(dtype))
+    assert_allclose(c_n, t_c.numpy(), **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("config", CONFIGS[:4], ids=CONFIG_IDS[:4])
+def test_unbatched_matches_torch(dtype, config):
+    torch = _torch()
+    m, x = _model_and_input(dtype, *config, batch=1)
+    x2 = x[:, 0, :]
+    n_states = m.num_layers * m.num_directions
+    rng = np.random.default_rng(5)
+    h0 = rng.standard_normal((n_states, m.hidden_out)).astype(dtype)
+    c0 = rng.standard_normal((n_states, m.hidden_size)).astype(dtype)
+    out, (h_n, c_n) = m(x2, (h0, c0))
+    assert out.shape == (9, m.num_directions * m.hidden_out)
+    assert h_n.shape == (n_states, m.hidden_out)
+    with torch.no_grad():
+        t_out, (t_h, t_c) = _torch_lstm(m)(torch.from_numpy(x2),
+                                           (torch.from_numpy(h0), torch.from_numpy(c0)))
+    assert_allclose(out, t_out.numpy(), **tol(dtype))
+    assert_allclose(h_n, t_h.numpy(), **tol(dtype))
+    assert_allclose(c_n, t_c.numpy(), **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("bias", [True, False])
+def test_torch_state_dict_loads_unchanged(dtype, bias):
+    """A state_dict exported from torch ({k: v.numpy()}) loads as is and gives torch's outputs."""
+    torch = _torch()
+    torch.manual_seed(0)
+    t = torch.nn.LSTM(6, 10, num_layers=2, bias=bias, bidirectional=True)
+    t = (t.double() if dtype == np.float64 else t).eval()
+    m = lf.LSTM(6, 10, num_layers=2, bias=bias, bidirectional=True, dtype=dtype)
+    m.load_state_dict({k: v.detach().numpy() for k, v in t.state_dict().items()})
+    assert list(m.state_dict()) == list(t.state_dict())
+    x = np.random.default_rng(0).standard_normal((12, 4, 6)).astype(dtype)
+    with torch.no_grad():
+        t_out, _ = t(torch.from_numpy(x))
+    assert_allclose(m(x)[0], t_out.numpy(), **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("batched", [True, False])
+def test_cell_matches_torch(dtype, bias, batched):
+    torch = _torch()
+    cell = lf.LSTMCell(5, 9, bias=bias, dtype=dtype, seed=3)
+    t = torch.nn.LSTMCell(5, 9, bias=bias)
+    t = t.double() if dtype == np.float64 else t
+    t.load_state_dict({k: torch.from_numpy(v) for k, v in cell.state_dict().items()})
+    rng = np.random.default_rng(0)
+    shape = (6,) if batched else ()
+    x = rng.standard_normal(shape + (5,)).astype(dtype)
+    h = rng.standard_normal(shape + (9,)).astype(dtype)
+    c = rng.standard_normal(shape + (9,)).astype(dtype)
+    h1, c1 = cell(x, (h, c))
+    with torch.no_grad():
+        th, tc = t(torch.from_numpy(x), (torch.from_numpy(h), torch.from_numpy(c)))
+    assert h1.shape == shape + (9,)
+    assert_allclose(h1, th.numpy(), **tol(dtype))
+    assert_allclose(c1, tc.numpy(), **tol(dtype))
+    h0, c0 = cell(x)   # zero state by default
+    with torch.no_grad():
+        th0, tc0 = t(torch.from_numpy(x))
+    assert_allclose(h0, th0.numpy(), **tol(dtype))
+    assert_allclose(c0, tc0.numpy(), **tol(dtype))
+
+
+def test_initialisation_matches_torch_bounds():
+    m = lf.LSTM(3, 16, num_layers=2, bidirectional=True, proj_size=4, seed=0)
+    sd = m.state_dict()
+    torch = _torch()
+    t = torch.nn.LSTM(3, 16, num_layers=2, bidirectional=True, proj_size=4)
+    assert {k: v.shape for k, v in sd.items()} == {k: tuple(v.shape) for k, v in t.state_dict().items()}
+    bound = 1 / np.sqrt(16)
+    for name, value in sd.items():
+        assert np.abs(value).max() <= bound, name
+        assert np.abs(value).max() > 0.8 * bound, name   # really spread over the interval
+    assert not np.array_equal(sd["weight_ih_l0"][:16], sd["weight_ih_l0"][16:32])
+
+
+# ---------------------------------------------------------------------------- ONNX reference
+def _onnx_lstm(x, m, h0=None, c0=None):
+    """Run m's single layer through onnx.reference's LSTM operator (written by ONNX, not us)."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+    from onnx.reference import ReferenceEvaluator
+
+    sd, H, D = m.state_dict(), m.hidden_size, m.num_directions
+    to_onnx = [0, 3, 1, 2]   # torch gate blocks i,f,g,o -> ONNX i,o,f,c
+
+    def reorder(w):
+        return np.concatenate([w.reshape(4, H, -1)[q] for q in to_onnx]).reshape(w.shape)
+
+    names = ["_l0", "_l0_reverse"][:D]
+    W = np.stack([reorder(sd["weight_ih" + n]) for n in names])
+    R = np.stack([reorder(sd["weight_hh" + n]) for n in names])
+    B = np.stack([np.concatenate([reorder(sd["bias_ih" + n]), reorder(sd["bias_hh" + n])]) for n in names])
+    elem = TensorProto.DOUBLE if x.dtype == np.float64 else TensorProto.FLOAT
+    inputs = ["X", "W", "R", "B", "", "initial_h", "initial_c"] if h0 is not None else ["X", "W", "R", "B"]
+    node = helper.make_node("LSTM", inputs, ["Y", "Y_h", "Y_c"], hidden_size=H,
+                            direction="bidirectional" if D == 2 else "forward")
+    graph_inputs = [helper.make_tensor_value_info(n, elem, None) for n in inputs if n]
+    graph = helper.make_graph([node], "g", graph_inputs,
+                              [helper.make_tensor_value_info(n, elem, None) for n in ("Y", "Y_h", "Y_c")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+    feeds = {"X": x, "W": W, "R": R, "B": B}
+    if h0 is not None:
+        feeds.update(initial_h=h0, initial_c=c0)
+    return ReferenceEvaluator(model).run(None, feeds)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_matches_onnx_reference(dtype, bidirectional, with_state):
+    m, x = _model_and_input(dtype, 1, bidirectional, 0, batch=6)
+    D = m.num_directions
+    h0 = c0 = None
+    if with_state:
+        rng = np.random.default_rng(11)
+        h0 = rng.standard_normal((D, 6, 8)).astype(dtype)
+        c0 = rng.standard_normal((D, 6, 8)).astype(dtype)
+    Y, Y_h, Y_c = _onnx_lstm(x, m, h0, c0)
+    out, (h_n, c_n) = m(x, None if h0 is None else (h0, c0))
+    # ONNX Y is (T, D, B, H); ours concatenates the directions on the feature axis
+    assert_allclose(out, Y.transpose(0, 2, 1, 3).reshape(out.shape), **tol(dtype))
+    assert_allclose(h_n, Y_h, **tol(dtype))
+    assert_allclose(c_n, Y_c, **tol(dtype))
+
+
+# ---------------------------------------------------------------------------- threads and layouts
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("batch, hidden", [(1, 8), (7, 33), (64, 40), (70, 16)], ids=["one", "odd", "mid", "chunks"])
+@pytest.mark.parametrize("config", [(1, True, 0), (2, False, 3)], ids=["bi", "proj"])
+def test_thread_count_does_not_change_bits(dtype, batch, hidden, config):
+    m = lf.LSTM(6, hidden, num_layers=config[0], bidirectional=config[1], proj_size=config[2],
+                dtype=dtype, seed=2)
+    x = np.random.default_rng(4).standard_normal((13, batch, 6)).astype(dtype)
+    lengths = np.random.default_rng(5).integers(1, 14, size=batch)
+    results = []
+    for n in (1, 2, 3):
+        with lf.threads(n):
+            results.append((m(x), m(x, lengths=lengths)))
+    for other in results[1:]:
+        for (o1, (h1, c1)), (o2, (h2, c2)) in zip(results[0], other):
+            assert_array_equal(o1, o2)
+            assert_array_equal(h1, h2)
+            assert_array_equal(c1, c2)
+
+
+def test_layouts_give_the_same_result():
+    m = lf.LSTM(4, 6, bidirectional=True, dtype=np.float64, seed=0)
+    x = np.random.default_rng(0).standard_normal((5, 3, 4))
+    expected = m(x)[0]
+    assert_array_equal(m(np.asfortranarray(x))[0], expected)
+    strided = np.zeros((10, 3, 8))
+    strided[::2, :, ::2] = x
+    assert_array_equal(m(strided[::2, :, ::2])[0], expected)
+    ro = x.copy()
+    ro.flags.writeable = False
+    assert_array_equal(m(ro)[0], expected)
+    assert_array_equal(m(x[::-1].copy()[::-1])[0], expected)
+
+
+def test_float_inputs_are_cast_to_model_dtype():
+    m = lf.LSTM(4, 6, dtype=np.float32, seed=0)
+    x = np.random.default_rng(0).standard_normal((5, 3, 4))
+    out64, _ = m(x)
+    out32, _ = m(x.astype(np.float32))
+    assert out64.dtype == np.float32
+    assert_array_equal(out64, out32)
+
+
+def test_state_dict_round_trip():
+    a = lf.LSTM(4, 6, num_layers=2, bidirectional=True, proj_size=2, seed=1)
+    b = lf.LSTM(4, 6, num_layers=2, bidirectional=True, proj_size=2, seed=2)
+    x = np.random.default_rng(0).standard_normal((5, 3, 4)).astype(np.float32)
+    assert not np.array_equal(a(x)[0], b(x)[0])
+    b.load_state_dict(a.state_dict())
+    assert_array_equal(a(x)[0], b(x)[0])
+    for k, v in a.state_dict().items():
+        assert_array_equal(b.state_dict()[k], v)
+
+
+def test_parameters_are_live_views():
+    m = lf.LSTM(3, 4, seed=0, dtype=np.float64)
+    x = np.ones((2, 1, 3))
+    before = m(x)[0]
+    m.parameters()["bias_ih_l0"][:] += 1.0
+    after = m(x)[0]
+    assert not np.allclose(before, after)
+    ref, _ = reference.lstm(x, m.state_dict())
+    assert_allclose(after, ref, **tol(np.float64))
+
+
+def test_inputs_are_not_modified():
+    m = lf.LSTM(3, 4, num_layers=2, seed=0)
+    x = np.random.default_rng(0).standard_normal((5, 2, 3)).astype(np.float32)
+    h0 = np.ones((2, 2, 4), np.float32)
+    c0 = np.ones((2, 2, 4), np.float32)
+    copies = [a.copy() for a in (x, h0, c0)]
+    m(x, (h0, c0))
+    for a, b in zip((x, h0, c0), copies):
+        assert_array_equal(a, b)
