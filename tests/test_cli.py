@@ -1,0 +1,25 @@
+"""The command line: `python -m lstm_fast demo|info` run and say what they should."""
+import subprocess
+import sys
+
+
+def _run(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "lstm_fast", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_demo_quick_runs_and_checks_against_reference():
+    result = _run("demo", "--quick")
+    assert result.returncode == 0, result.stderr
+    assert "numpy reference" in result.stdout and "OK" in result.stdout
+    assert "GFLOP/s" in result.stdout
+
+
+def test_info_names_openmp_and_blas():
+    result = _run("info")
+    assert result.returncode == 0, result.stderr
+    assert "openmp" in result.stdout and "blas" in result.stdout
+
+
+def test_unknown_command_fails():
+    assert _run("nope").returncode != 0
