@@ -21,7 +21,8 @@ from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
 
 from _blas cimport gemm_rm, gemv_rm
-from _gates cimport (CellSpec, cell_row_standard, cell_row_cached, cell_row_general)
+from _gates cimport (CellSpec, cell_row_standard, cell_row_cached, cell_row_general, sigmoid,
+                     tanh_, activate)
 
 import numpy as np
 
@@ -273,3 +274,26 @@ def forward_layer(const floating[:, :, ::1] x,          # IN  (T, B, I) layer in
         free(gx_all)
     if failed:
         raise MemoryError("cannot allocate the per-thread scratch of the LSTM recurrence")
+
+
+def gate_math_py(floating[::1] values, str function):
+    """Test twin of the kernels' nonlinearities: applies "sigmoid", "tanh" or an ONNX activation
+    code given as "act:<code>:<alpha>:<beta>" to every value, in the array's own precision."""
+    out = np.empty(values.shape[0], dtype=np.float32 if floating is float else np.float64)
+    cdef floating[::1] res = out
+    cdef Py_ssize_t j
+    cdef int code = -1
+    cdef double alpha = 0, beta = 0
+    if function.startswith("act:"):
+        _, c, a, b = function.split(":")
+        code, alpha, beta = int(c), float(a), float(b)
+    elif function not in ("sigmoid", "tanh"):
+        raise ValueError(f"unknown function {function!r}")
+    for j in range(values.shape[0]):
+        if code >= 0:
+            res[j] = activate(code, values[j], alpha, beta)
+        elif function == "sigmoid":
+            res[j] = sigmoid(values[j])
+        else:
+            res[j] = tanh_(values[j])
+    return out

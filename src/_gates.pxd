@@ -32,18 +32,119 @@ ctypedef struct CellSpec:
     int has_peephole        # 1: peephole weights [p_i | p_f | p_o], each (H,)
 
 
+
+cdef extern from *:
+    """
+    /* float32 exp/sigmoid/tanh written so that gcc -O3 vectorises the gate loops (libm's expf and
+       tanhf are scalar calls). exp: x = n*ln2 + r with |r| <= ln2/2 (Cody-Waite split of ln2), e^r by
+       its Taylor series to r^7 (truncation < 6e-9 relative), 2^n built in the exponent bits.
+       Clamping x to [-87, 88] keeps 2^n a normal float; comparisons are written so NaN passes through. */
+    #include <stdint.h>
+    #include <math.h>
+    static inline float lf_expf(float x) {
+        x = x > 88.0f ? 88.0f : x;
+        x = x < -87.0f ? -87.0f : x;
+        /* round to nearest by adding and removing 1.5 * 2^23 (vectorises, unlike floorf's libm call) */
+        float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+        float r = x - n * 0.693359375f;
+        r = r - n * -2.12194440e-4f;
+        float p = 1.98412698e-4f;             /* 1/5040 */
+        p = p * r + 1.38888889e-3f;           /* 1/720 */
+        p = p * r + 8.33333333e-3f;           /* 1/120 */
+        p = p * r + 4.16666667e-2f;           /* 1/24 */
+        p = p * r + 1.66666667e-1f;           /* 1/6 */
+        p = p * r + 0.5f;
+        p = p * r * r + r + 1.0f;
+        union { int32_t i; float f; } scale;
+        scale.i = ((int32_t) n + 127) << 23;
+        return p * scale.f;
+    }
+    static inline float lf_sigmoidf(float x) {
+        return 1.0f / (1.0f + lf_expf(-x));
+    }
+    static inline float lf_tanhf(float x) {
+        /* |x| < 0.25: odd Taylor polynomial to x^11 (no cancellation near 0);
+           else sign(x) * (1 - 2 / (e^(2|x|) + 1)). NaN fails the comparison and takes the second. */
+        float ax = fabsf(x);
+        float x2 = x * x;
+        float q = -8.86323552e-3f;            /* -1382/155925 */
+        q = q * x2 + 2.18694885e-2f;          /* 62/2835 */
+        q = q * x2 - 5.39682540e-2f;          /* -17/315 */
+        q = q * x2 + 1.33333333e-1f;          /* 2/15 */
+        q = q * x2 - 3.33333333e-1f;          /* -1/3 */
+        float small = x + x * x2 * q;
+        float big = 1.0f - 2.0f / (lf_expf(2.0f * ax) + 1.0f);
+        big = copysignf(big, x);
+        return ax < 0.25f ? small : big;
+    }
+    static inline double lf_sigmoid(double x) { return 1.0 / (1.0 + exp(-x)); }
+
+    /* One row of the cell update, gates = gh + gx + bias in blocks [i|f|g|o] of `hidden` each:
+       c = f*c + i*g; h_raw = o*tanh(c). Written in C for `restrict` (Cython has no such
+       keyword): without it gcc must assume the rows overlap and does not vectorise the loop.
+       When gates_out is not NULL it also keeps the activated gates and c_t for backward. */
+    #define LF_CELL_ROW(T, SUFFIX, SIG, TANH)                                                   \
+    static inline void lf_cell_row_##SUFFIX(Py_ssize_t hidden, const T* restrict gh,           \
+            const T* restrict gx, const T* restrict bias, T* restrict c, T* restrict h_raw) {  \
+        const T *gh_f = gh + hidden, *gh_g = gh + 2 * hidden, *gh_o = gh + 3 * hidden;         \
+        const T *gx_f = gx + hidden, *gx_g = gx + 2 * hidden, *gx_o = gx + 3 * hidden;         \
+        const T *b_f = bias + hidden, *b_g = bias + 2 * hidden, *b_o = bias + 3 * hidden;      \
+        for (Py_ssize_t j = 0; j < hidden; j++) {                                              \
+            T gi = SIG(gh[j] + gx[j] + bias[j]);                                               \
+            T gf = SIG(gh_f[j] + gx_f[j] + b_f[j]);                                            \
+            T gg = TANH(gh_g[j] + gx_g[j] + b_g[j]);                                           \
+            T go = SIG(gh_o[j] + gx_o[j] + b_o[j]);                                            \
+            T cn = gf * c[j] + gi * gg;                                                        \
+            c[j] = cn;                                                                         \
+            h_raw[j] = go * TANH(cn);                                                          \
+        }                                                                                      \
+    }                                                                                          \
+    static inline void lf_cell_row_cached_##SUFFIX(Py_ssize_t hidden, const T* restrict gh,    \
+            const T* restrict gx, const T* restrict bias, T* restrict c, T* restrict h_raw,    \
+            T* restrict gates_out, T* restrict c_out) {                                        \
+        const T *gh_f = gh + hidden, *gh_g = gh + 2 * hidden, *gh_o = gh + 3 * hidden;         \
+        const T *gx_f = gx + hidden, *gx_g = gx + 2 * hidden, *gx_o = gx + 3 * hidden;         \
+        const T *b_f = bias + hidden, *b_g = bias + 2 * hidden, *b_o = bias + 3 * hidden;      \
+        T *out_f = gates_out + hidden, *out_g = gates_out + 2 * hidden;                        \
+        T *out_o = gates_out + 3 * hidden;                                                     \
+        for (Py_ssize_t j = 0; j < hidden; j++) {                                              \
+            T gi = SIG(gh[j] + gx[j] + bias[j]);                                               \
+            T gf = SIG(gh_f[j] + gx_f[j] + b_f[j]);                                            \
+            T gg = TANH(gh_g[j] + gx_g[j] + b_g[j]);                                           \
+            T go = SIG(gh_o[j] + gx_o[j] + b_o[j]);                                            \
+            T cn = gf * c[j] + gi * gg;                                                        \
+            c[j] = cn;                                                                         \
+            h_raw[j] = go * TANH(cn);                                                          \
+            gates_out[j] = gi; out_f[j] = gf; out_g[j] = gg; out_o[j] = go;                    \
+            c_out[j] = cn;                                                                     \
+        }                                                                                      \
+    }
+    LF_CELL_ROW(float, f32, lf_sigmoidf, lf_tanhf)
+    LF_CELL_ROW(double, f64, lf_sigmoid, tanh)
+    """
+    float lf_expf(float x) noexcept nogil
+    float lf_sigmoidf(float x) noexcept nogil
+    float lf_tanhf(float x) noexcept nogil
+    void lf_cell_row_f32(Py_ssize_t, const float*, const float*, const float*, float*, float*) noexcept nogil
+    void lf_cell_row_f64(Py_ssize_t, const double*, const double*, const double*, double*, double*) noexcept nogil
+    void lf_cell_row_cached_f32(Py_ssize_t, const float*, const float*, const float*, float*, float*,
+                                float*, float*) noexcept nogil
+    void lf_cell_row_cached_f64(Py_ssize_t, const double*, const double*, const double*, double*,
+                                double*, double*, double*) noexcept nogil
+
+
 cdef inline floating sigmoid(floating x) noexcept nogil:
-    # 1 / (1 + e^-x): e^-x overflows to inf for x < -88 (float) and gives exactly 0, never NaN
+    # 1 / (1 + e^-x): never NaN from finite x (e^-x is clamped for float, inf -> 0 for double)
     cdef floating one = 1
     if floating is float:
-        return one / (one + expf(-x))
+        return lf_sigmoidf(x)
     else:
         return one / (one + exp(-x))
 
 
 cdef inline floating tanh_(floating x) noexcept nogil:
     if floating is float:
-        return tanhf(x)
+        return lf_tanhf(x)
     else:
         return tanh(x)
 
@@ -94,37 +195,20 @@ cdef inline floating activate(int code, floating x, double alpha, double beta) n
 cdef inline void cell_row_standard(Py_ssize_t hidden, const floating* gh, const floating* gx,
                                    const floating* bias, floating* c, floating* h_raw) noexcept nogil:
     # gates = gh + gx + bias; c = f*c + i*g; h_raw = o*tanh(c). One pass over the row's 4H gates.
-    cdef Py_ssize_t j
-    cdef floating gi, gf, gg, go, cn
-    for j in range(hidden):
-        gi = sigmoid(gh[j] + gx[j] + bias[j])
-        gf = sigmoid(gh[hidden + j] + gx[hidden + j] + bias[hidden + j])
-        gg = tanh_(gh[2 * hidden + j] + gx[2 * hidden + j] + bias[2 * hidden + j])
-        go = sigmoid(gh[3 * hidden + j] + gx[3 * hidden + j] + bias[3 * hidden + j])
-        cn = gf * c[j] + gi * gg
-        c[j] = cn
-        h_raw[j] = go * tanh_(cn)
+    if floating is float:
+        lf_cell_row_f32(hidden, gh, gx, bias, c, h_raw)
+    else:
+        lf_cell_row_f64(hidden, gh, gx, bias, c, h_raw)
 
 
 cdef inline void cell_row_cached(Py_ssize_t hidden, const floating* gh, const floating* gx,
                                  const floating* bias, floating* c, floating* h_raw,
                                  floating* gates_out, floating* c_out) noexcept nogil:
     # The standard cell, also keeping what backward needs: activated gates [i|f|g|o] and c_t.
-    cdef Py_ssize_t j
-    cdef floating gi, gf, gg, go, cn
-    for j in range(hidden):
-        gi = sigmoid(gh[j] + gx[j] + bias[j])
-        gf = sigmoid(gh[hidden + j] + gx[hidden + j] + bias[hidden + j])
-        gg = tanh_(gh[2 * hidden + j] + gx[2 * hidden + j] + bias[2 * hidden + j])
-        go = sigmoid(gh[3 * hidden + j] + gx[3 * hidden + j] + bias[3 * hidden + j])
-        cn = gf * c[j] + gi * gg
-        c[j] = cn
-        h_raw[j] = go * tanh_(cn)
-        gates_out[j] = gi
-        gates_out[hidden + j] = gf
-        gates_out[2 * hidden + j] = gg
-        gates_out[3 * hidden + j] = go
-        c_out[j] = cn
+    if floating is float:
+        lf_cell_row_cached_f32(hidden, gh, gx, bias, c, h_raw, gates_out, c_out)
+    else:
+        lf_cell_row_cached_f64(hidden, gh, gx, bias, c, h_raw, gates_out, c_out)
 
 
 cdef inline floating _clip(floating x, double clip) noexcept nogil:
