@@ -27,8 +27,12 @@ _REVERSE = {1: np.zeros(1, dtype=np.intc), 2: np.array([0, 1], dtype=np.intc)}
 
 
 def run_layer(x, w_ih, w_hh, bias, w_hr, order, lengths, h, c, y, n_threads,
-              cache_gates=None, cache_c=None, reverse=None, peephole=None, spec=None):
-    """One layer, all directions: y and (h, c) in place. The single door to the forward kernel."""
+              cache_gates=None, cache_c=None, reverse=None, peephole=None, spec=None, mode=0):
+    """One layer, all directions: y and (h, c) in place. The single door to the forward kernel.
+
+    mode: 0 lets the kernel pick its recurrence strategy from the shapes; 1 (chunked) and 2 (wide)
+    force one, for tests and benchmarks.
+    """
     dtype = x.dtype
     n_dirs = w_ih.shape[0]
     _forward.forward_layer(
@@ -40,7 +44,7 @@ def run_layer(x, w_ih, w_hh, bias, w_hr, order, lengths, h, c, y, n_threads,
         h, c, y,
         cache_gates if cache_gates is not None else _empty(dtype, 4),
         cache_c if cache_c is not None else _empty(dtype, 4),
-        spec, n_threads,
+        spec, n_threads, mode,
     )
 
 
@@ -120,6 +124,7 @@ class LSTM:
         self.batch_first = bool(batch_first)
         self.bidirectional = bool(bidirectional)
         self.dtype = v.model_dtype(dtype)
+        self._recurrence_mode = 0   # 0: the kernel picks from the shapes; tests/benchmarks force 1 or 2
         self._allocate()
         self.reset_parameters(seed)
 
@@ -294,7 +299,7 @@ class LSTM:
                 run_layer(layer_input, self._w_ih[k], self._w_hh[k], self._bias_sums(k),
                           self._w_hr[k] if self.proj_size else None, order, lens,
                           h_n[k * D:(k + 1) * D], c_n[k * D:(k + 1) * D], y, n_threads,
-                          cache_gates=cache_g, cache_c=cache_c)
+                          cache_gates=cache_g, cache_c=cache_c, mode=self._recurrence_mode)
                 layer_input = y
         return layer_input
 

@@ -33,8 +33,10 @@ def _model_and_input(dtype, num_layers, bidirectional, proj_size, seq_len=9, bat
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
 @pytest.mark.parametrize("batch", [1, 7, 33], ids=["b1", "b7", "b33"])
-def test_matches_numpy_reference(dtype, config, batch):
+@pytest.mark.parametrize("mode", [1, 2], ids=["chunked", "wide"])
+def test_matches_numpy_reference(dtype, config, batch, mode):
     m, x = _model_and_input(dtype, *config, batch=batch)
+    m._recurrence_mode = mode
     out, (h_n, c_n) = m(x)
     ref_out, (ref_h, ref_c) = reference.lstm(x.astype(np.float64), m.state_dict(),
                                              num_layers=config[0], bidirectional=config[1])
@@ -44,9 +46,11 @@ def test_matches_numpy_reference(dtype, config, batch):
     assert out.dtype == dtype and out.flags.c_contiguous
 
 
+@pytest.mark.parametrize("mode", [1, 2], ids=["chunked", "wide"])
 @pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
-def test_lengths_match_numpy_reference(config):
+def test_lengths_match_numpy_reference(config, mode):
     m, x = _model_and_input(np.float64, *config, batch=11)
+    m._recurrence_mode = mode
     lengths = np.array([9, 1, 4, 9, 2, 7, 7, 3, 5, 8, 6])
     rng = np.random.default_rng(3)
     L, D = config[0], 2 if config[1] else 1
@@ -256,12 +260,14 @@ def test_matches_onnx_reference(dtype, bidirectional, with_state):
 
 
 # ---------------------------------------------------------------------------- threads and layouts
+@pytest.mark.parametrize("mode", [0, 1, 2], ids=["auto", "chunked", "wide"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("batch, hidden", [(1, 8), (7, 33), (64, 40), (70, 16)], ids=["one", "odd", "mid", "chunks"])
 @pytest.mark.parametrize("config", [(1, True, 0), (2, False, 3)], ids=["bi", "proj"])
-def test_thread_count_does_not_change_bits(dtype, batch, hidden, config):
+def test_thread_count_does_not_change_bits(mode, dtype, batch, hidden, config):
     m = lf.LSTM(6, hidden, num_layers=config[0], bidirectional=config[1], proj_size=config[2],
                 dtype=dtype, seed=2)
+    m._recurrence_mode = mode
     x = np.random.default_rng(4).standard_normal((13, batch, 6)).astype(dtype)
     lengths = np.random.default_rng(5).integers(1, 14, size=batch)
     results = []
@@ -329,3 +335,24 @@ def test_inputs_are_not_modified():
     m(x, (h0, c0))
     for a, b in zip((x, h0, c0), copies):
         assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_wide_mode_on_large_hidden_matches_torch(dtype):
+    """A hidden size whose W_hh is beyond L2 takes the wide path; check it against torch."""
+    torch = _torch()
+    m = lf.LSTM(24, 300, bidirectional=True, proj_size=200, dtype=dtype, seed=0)
+    from lstm_fast import _forward
+    assert _forward.recurrence_mode(5, 300, 200, np.dtype(dtype).itemsize) == "wide"
+    x = np.random.default_rng(0).standard_normal((6, 5, 24)).astype(dtype)
+    lengths = np.array([6, 2, 5, 6, 1])
+    out, (h_n, c_n) = m(x, lengths=lengths)
+    t = _torch_lstm(m)
+    with torch.no_grad():
+        packed = torch.nn.utils.rnn.pack_padded_sequence(torch.from_numpy(x), torch.from_numpy(lengths),
+                                                         enforce_sorted=False)
+        t_packed, (t_h, t_c) = t(packed)
+        t_out, _ = torch.nn.utils.rnn.pad_packed_sequence(t_packed, total_length=6)
+    assert_allclose(out, t_out.numpy(), **tol(dtype))
+    assert_allclose(h_n, t_h.numpy(), **tol(dtype))
+    assert_allclose(c_n, t_c.numpy(), **tol(dtype))
