@@ -127,6 +127,7 @@ class LSTM:
         self._recurrence_mode = 0   # 0: the kernel picks from the shapes; tests/benchmarks force 1 or 2
         self._allocate()
         self.reset_parameters(seed)
+        self._dropout_rng = np.random.default_rng(None if seed is None else [seed, 1])
 
     # ----------------------------------------------------------------- parameters
     @property
@@ -311,6 +312,42 @@ class LSTM:
         return out, (h_n, c_n)
 
     forward = __call__
+
+    # ----------------------------------------------------------------- training
+    def forward_train(self, x, hx=None, lengths=None, rng=None):
+        """The forward pass of training: like ``m(x, hx, lengths)``, also returning a cache.
+
+        Inter-layer dropout (``dropout > 0``) acts here, with masks drawn from ``rng`` (a numpy
+        Generator; by default the model's own, seeded by ``seed``).
+
+        Returns
+        -------
+        out, (h_n, c_n) : as ``__call__``
+        cache : TrainCache
+            What ``backward`` needs; see TrainCache for its size in bytes.
+        """
+        from ._train import forward_train
+
+        return forward_train(self, x, hx, lengths, rng)
+
+    def backward(self, cache, grad_out, grad_state=None):
+        """Backpropagation through time from the gradient of the loss with respect to ``out``.
+
+        Parameters
+        ----------
+        cache : TrainCache from ``forward_train`` of this model
+        grad_out : ndarray, the shape of ``out``
+        grad_state : tuple (grad_h_n, grad_c_n) with the shapes of (h_n, c_n), or None (zeros)
+
+        Returns
+        -------
+        Gradients
+            ``.input`` (the shape of x), ``.hx`` = (dh0, dc0), ``.params`` = dict with the keys and
+            shapes of ``state_dict()``. Bitwise the same for any thread count.
+        """
+        from ._train import backward
+
+        return backward(self, cache, grad_out, grad_state)
 
 
 class LSTMCell:
