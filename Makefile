@@ -18,6 +18,7 @@ build: $(STAMP)
 	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 
 demo: build
+	$(PY) -m pip install --quiet -r requirements/demo.txt
 	$(PY) -m lstm_fast demo
 
 test: build

@@ -10,6 +10,10 @@ from ._version import __version__
 from ._threads import get_num_threads, set_num_threads, threads
 from ._lstm import LSTM, LSTMCell
 from ._config import show_config
+from . import nn, optim
+from .nn import Linear, cross_entropy_loss, mse_loss
+from ._fit import fit, load_checkpoint, save_checkpoint
+from ._train import Gradients, TrainCache
 
 __all__ = [
     "LSTM",
@@ -18,5 +22,15 @@ __all__ = [
     "set_num_threads",
     "threads",
     "show_config",
+    "nn",
+    "optim",
+    "Linear",
+    "mse_loss",
+    "cross_entropy_loss",
+    "fit",
+    "save_checkpoint",
+    "load_checkpoint",
+    "Gradients",
+    "TrainCache",
     "__version__",
 ]

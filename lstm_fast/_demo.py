@@ -54,6 +54,81 @@ def inference_demo(quick=False):
     return err < 1e-4
 
 
-def run(quick=False):
+
+
+def load_sunspots():
+    """Yearly sunspot numbers 1700-2008 shipped with the package: (years, values) as float64."""
+    from importlib.resources import files
+
+    text = files("lstm_fast").joinpath("data/sunspots_yearly.csv").read_text()
+    rows = [line.split(",") for line in text.splitlines() if line and not line.startswith(("#", "YEAR"))]
+    data = np.array(rows, dtype=np.float64)
+    return data[:, 0], data[:, 1]
+
+
+def _windows(series, window):
+    x = np.stack([series[i:i + window] for i in range(len(series) - window)])[:, :, None]
+    return x, series[window:, None]
+
+
+def training_demo(quick=False, plot_path="lstm_fast_forecast.png"):
+    from . import Linear, fit, optim
+
+    years, values = load_sunspots()
+    window, hidden = 20, 32
+    n_test = 60
+    print(f"== Training: one-step-ahead forecast of yearly sunspot numbers ({int(years[0])}-"
+          f"{int(years[-1])}, NOAA NGDC, public domain), LSTM(1, {hidden}) + Linear({hidden}, 1)")
+    split = len(values) - n_test
+    mean, std = values[:split].mean(), values[:split].std()
+    scaled = ((values - mean) / std).astype(np.float32)
+    x, y = _windows(scaled, window)
+    first_test = split - window                      # windows whose target lies in the test years
+    x_train, y_train = x[:first_test], y[:first_test]
+    x_test, y_test = x[first_test:], y[first_test:]
+    n_val = 30
+    model = LSTM(1, hidden, batch_first=True, seed=0)
+    head = Linear(hidden, 1, seed=1)
+    opt = optim.Adam([model.parameters(), head.parameters()], lr=5e-3)
+    history = fit(model, head, x_train[:-n_val], y_train[:-n_val], epochs=20 if quick else 150,
+                  batch_size=32, optimizer=opt, validation=(x_train[-n_val:], y_train[-n_val:]),
+                  patience=None if quick else 40, seed=0, clip_norm=1.0, progress=not quick)
+    out, _ = model(x_test)
+    pred = head(out[:, -1])[:, 0] * std + mean
+    truth = values[split:]
+    rmse = float(np.sqrt(np.mean((pred - truth) ** 2)))
+    naive = float(np.sqrt(np.mean((values[split - 1:-1] - truth) ** 2)))
+    seasonal = float(np.sqrt(np.mean((values[split - 11:-11] - truth) ** 2)))
+    print(f"   trained {len(history.train_loss)} epochs (best validation at epoch {history.best_epoch + 1}), "
+          f"{history.sequences_per_second:.0f} sequences/s (forward + backward + Adam)")
+    print(f"   test RMSE over {n_test} years ({int(years[split])}-{int(years[-1])}): LSTM {rmse:.1f}, "
+          f"naive last value {naive:.1f}, seasonal naive (11 years) {seasonal:.1f}")
+    beats = rmse < naive
+    print(f"   {'OK: the LSTM beats the naive forecast' if beats else 'WORSE than the naive forecast'}")
+    if plot_path:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print("   (matplotlib is not installed: no plot; pip install matplotlib for one)")
+        else:
+            fig, ax = plt.subplots(figsize=(9, 3.5))
+            ax.plot(years, values, color="0.6", lw=1, label="observed")
+            ax.plot(years[split:], pred, color="C3", lw=1.5, label=f"LSTM one-step forecast (RMSE {rmse:.1f})")
+            ax.axvline(years[split], color="k", ls=":", lw=1)
+            ax.set_xlabel("year")
+            ax.set_ylabel("sunspot number")
+            ax.legend(loc="upper left", fontsize=8)
+            fig.tight_layout()
+            fig.savefig(plot_path, dpi=100)
+            plt.close(fig)
+            print(f"   forecast plot written to {plot_path}")
+    return beats
+
+
+def run(quick=False, plot_path="lstm_fast_forecast.png"):
     ok = inference_demo(quick)
+    ok = training_demo(quick, plot_path) and ok
     return 0 if ok else 1

@@ -13,6 +13,7 @@ def test_demo_quick_runs_and_checks_against_reference():
     assert result.returncode == 0, result.stderr
     assert "numpy reference" in result.stdout and "OK" in result.stdout
     assert "GFLOP/s" in result.stdout
+    assert "test RMSE" in result.stdout and "beats the naive forecast" in result.stdout
 
 
 def test_info_names_openmp_and_blas():
