@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test build bench info clean
+.PHONY: demo test build bench asv-quick info clean
 
 $(STAMP): requirements/build.txt requirements/test.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,14 @@ info: build
 	$(PY) -m lstm_fast info
 
 bench: build
+	$(PY) -m pip install --quiet -r requirements/bench.txt
 	$(PY) -m lstm_fast bench --compare
+
+# One quick pass of every asv benchmark against the installed build, so they cannot rot.
+asv-quick: build
+	$(PY) -m pip install --quiet -r requirements/bench.txt
+	cd asv_bench && ../$(PY) -m asv machine --yes > /dev/null && \
+		../$(PY) -m asv run --python=same --quick --show-stderr
 
 clean:
 	rm -rf build dist *.egg-info src/*.c src/*.html lstm_fast/*.so $(VENV)

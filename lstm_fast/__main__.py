@@ -9,11 +9,25 @@ def main(argv=None):
     demo = sub.add_parser("demo", help="run the library's main job end to end and print its speed")
     demo.add_argument("--quick", action="store_true", help="smaller shapes, for a smoke test")
     sub.add_parser("info", help="version, build flags, OpenMP, threads, BLAS, CPU (for bug reports)")
+    bench = sub.add_parser("bench", help="speed on the benchmark grid, side by side with the peers")
+    bench.add_argument("--compare", action="store_true", help="also run torch and ONNX Runtime")
+    bench.add_argument("--quick", action="store_true", help="three shapes, few repeats (smoke test)")
+    bench.add_argument("--threads", default="1,2", help="thread counts, comma-separated (default 1,2)")
+    bench.add_argument("--repeats", type=int, default=5, help="interleaved rounds per shape")
+    bench.add_argument("--out", default="bench.md", help="Markdown table to write")
+    bench.add_argument("--plot", default="bench.png", help="PNG plot to write (needs matplotlib)")
     args = parser.parse_args(argv)
     if args.command == "demo":
         from ._demo import run
 
         return run(quick=args.quick)
+    if args.command == "bench":
+        from ._bench import run
+
+        counts = tuple(int(t) for t in args.threads.split(","))
+        run(compare=args.compare, quick=args.quick, thread_counts=counts, repeats=args.repeats,
+            out_md=args.out, out_png=args.plot)
+        return 0
     if args.command == "info":
         from ._config import show_config
 

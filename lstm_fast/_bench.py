@@ -1,0 +1,256 @@
+"""`python -m lstm_fast bench [--compare]`: lstm_fast side by side with torch and ONNX Runtime.
+
+Every system runs the same float32 weights and inputs, at the same thread count, interleaved within
+each shape (round-robin over the systems, repeated), and the table reports medians. The GEMM
+column is the time the same BLAS takes, in the same run, for the matrix products alone (the input
+projection and T recurrent products per layer and direction); its ratio to lstm_fast's time says
+how close the whole LSTM comes to the machine's GEMM limit.
+"""
+import os
+import platform
+import time
+
+import numpy as np
+
+from . import LSTM, threads
+from ._config import config
+
+GRID = [
+    # (T, B, I, H, layers, bidirectional)
+    (100, 1, 32, 64, 1, False),
+    (100, 1, 128, 128, 1, False),
+    (1000, 1, 16, 32, 1, False),
+    (100, 16, 128, 128, 1, False),
+    (100, 16, 128, 128, 1, True),
+    (100, 64, 256, 256, 2, False),
+    (100, 256, 64, 64, 1, False),
+    (50, 64, 512, 512, 1, False),
+    (25, 128, 1024, 1024, 1, False),
+]
+QUICK_GRID = [GRID[0], GRID[3], GRID[4]]
+
+
+def flops(T, B, I, H, layers, bidirectional):
+    """2*T*B*4H*(in + H) per layer and direction."""
+    D = 2 if bidirectional else 1
+    return sum(2 * T * B * 4 * H * ((I if k == 0 else D * H) + H) * D for k in range(layers))
+
+
+def _timer(fn, min_time):
+    """Seconds per call of fn, calling it enough times to fill min_time."""
+    fn()
+    n, start = 0, time.perf_counter()
+    while True:
+        fn()
+        n += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_time:
+            return elapsed / n
+
+
+def _torch_runner(model, x, n_threads):
+    import torch
+
+    torch.set_num_threads(n_threads)
+    t = torch.nn.LSTM(model.input_size, model.hidden_size, num_layers=model.num_layers,
+                      bidirectional=model.bidirectional).eval()
+    t.load_state_dict({k: torch.from_numpy(v) for k, v in model.state_dict().items()})
+    xt = torch.from_numpy(x)
+
+    def run():
+        with torch.inference_mode():
+            t(xt)
+    return run
+
+
+def onnx_model(model):
+    """An ONNX graph of model's layers: LSTM nodes (gate order i,o,f,c), with Transpose+Reshape
+    between layers to turn Y (T, D, B, H) into the next layer's (T, B, D*H)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    sd, H, D = model.state_dict(), model.hidden_size, model.num_directions
+    to_onnx = [0, 3, 1, 2]   # torch blocks i,f,g,o -> ONNX i,o,f,c
+
+    def reorder(w):
+        return np.concatenate([w.reshape(4, H, -1)[q] for q in to_onnx]).reshape(w.shape)
+
+    nodes, inits, current = [], [], "X"
+    for k in range(model.num_layers):
+        names = [f"_l{k}", f"_l{k}_reverse"][:D]
+        W = np.stack([reorder(sd["weight_ih" + n]) for n in names])
+        R = np.stack([reorder(sd["weight_hh" + n]) for n in names])
+        B = np.stack([np.concatenate([reorder(sd["bias_ih" + n]), reorder(sd["bias_hh" + n])]) for n in names])
+        for name, arr in (("W", W), ("R", R), ("B", B)):
+            inits.append(numpy_helper.from_array(arr.astype(np.float32), f"{name}{k}"))
+        nodes.append(helper.make_node("LSTM", [current, f"W{k}", f"R{k}", f"B{k}"], [f"Y{k}"],
+                                      hidden_size=H, direction="bidirectional" if D == 2 else "forward"))
+        nodes.append(helper.make_node("Transpose", [f"Y{k}"], [f"Yt{k}"], perm=[0, 2, 1, 3]))
+        inits.append(numpy_helper.from_array(np.array([0, 0, D * H], np.int64), f"shape{k}"))
+        nodes.append(helper.make_node("Reshape", [f"Yt{k}", f"shape{k}"], [f"out{k}"]))
+        current = f"out{k}"
+    graph = helper.make_graph(
+        nodes, "lstm", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, None, model.input_size])],
+        [helper.make_tensor_value_info(current, TensorProto.FLOAT, None)], initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+
+
+def _ort_runner(model, x, n_threads):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = n_threads
+    opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(onnx_model(model).SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
+
+    def run():
+        sess.run(None, {"X": x})
+    return run
+
+
+def _gemm_runner(T, B, I, H, layers, bidirectional, n_threads):
+    """The LSTM's matrix products alone through scipy's BLAS: per layer and direction, the input
+    projection (T*B, I) @ (I, 4H) and T recurrent products (B, H) @ (H, 4H)."""
+    from scipy.linalg.blas import sgemm
+    from threadpoolctl import threadpool_limits
+
+    D = 2 if bidirectional else 1
+    rng = np.random.default_rng(0)
+    shapes = []
+    for k in range(layers):
+        in_k = I if k == 0 else D * H
+        proj = (np.asfortranarray(rng.random((T * B, in_k), np.float32)),
+                np.asfortranarray(rng.random((in_k, 4 * H), np.float32)))
+        rec = (np.asfortranarray(rng.random((B, H), np.float32)),
+               np.asfortranarray(rng.random((H, 4 * H), np.float32)))
+        shapes.append((proj, rec))
+
+    def run():
+        with threadpool_limits(n_threads, user_api="blas"):
+            for proj, rec in shapes:
+                for _ in range(D):
+                    sgemm(1.0, *proj)
+                    for _ in range(T):
+                        sgemm(1.0, *rec)
+    return run
+
+
+def machine_description():
+    info = config()
+    keys = ["cpu", "cores_available", "blas", "openmp", "threads", "OMP_NUM_THREADS",
+            "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "build_flags", "numpy", "scipy"]
+    lines = [f"- {k}: {info.get(k)}" for k in keys]
+    lines.append(f"- OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE set: "
+                 f"{'yes' if os.environ.get('OPENBLAS_CORETYPE') or os.environ.get('OPENBLAS_L2_SIZE') else 'no'}")
+    try:
+        import torch
+
+        lines.append(f"- torch: {torch.__version__}")
+    except ImportError:
+        pass
+    try:
+        import onnxruntime
+
+        lines.append(f"- onnxruntime: {onnxruntime.__version__}")
+    except ImportError:
+        pass
+    lines.append(f"- python: {platform.python_version()}, {platform.platform()}")
+    return "\n".join(lines)
+
+
+def run(compare=False, quick=False, thread_counts=(1, 2), repeats=5, min_time=0.05,
+        out_md="bench.md", out_png="bench.png", pause=0.05):
+    grid = QUICK_GRID if quick else GRID
+    if quick:
+        repeats, min_time = 3, 0.01
+    systems = ["lstm_fast", "gemm"]
+    if compare:
+        for name, module in (("torch", "torch"), ("onnxruntime", "onnxruntime")):
+            try:
+                __import__(module)
+                systems.append(name)
+            except ImportError:
+                print(f"({name} is not installed: left out; pip install lstm-fast[compare])")
+    desc = machine_description()
+    print("Machine:\n" + desc)
+    rows = []
+    for n_threads in thread_counts:
+        for shape in grid:
+            T, B, I, H, layers, bi = shape
+            model = LSTM(I, H, num_layers=layers, bidirectional=bi, seed=0)
+            x = np.random.default_rng(0).standard_normal((T, B, I)).astype(np.float32)
+            runners = {"lstm_fast": lambda: model(x),
+                       "gemm": _gemm_runner(T, B, I, H, layers, bi, n_threads)}
+            if "torch" in systems:
+                runners["torch"] = _torch_runner(model, x, n_threads)
+            if "onnxruntime" in systems:
+                runners["onnxruntime"] = _ort_runner(model, x, n_threads)
+            times = {name: [] for name in runners}
+            with threads(n_threads):
+                for _ in range(repeats):          # interleaved: every system once per round
+                    for name, fn in runners.items():
+                        time.sleep(pause)         # let the previous system's spinning threads idle
+                        times[name].append(_timer(fn, min_time))
+            med = {name: float(np.median(ts)) for name, ts in times.items()}
+            peers = [med[p] for p in ("torch", "onnxruntime") if p in med]
+            row = dict(threads=n_threads, shape=shape, ms=med["lstm_fast"] * 1e3,
+                       gflops=flops(*shape) / med["lstm_fast"] / 1e9,
+                       gemm_fraction=med["gemm"] / med["lstm_fast"],
+                       torch_ms=med.get("torch", np.nan) * 1e3,
+                       ort_ms=med.get("onnxruntime", np.nan) * 1e3,
+                       speedup=(min(peers) / med["lstm_fast"]) if peers else np.nan)
+            rows.append(row)
+            print(_format_row(row), flush=True)
+    table = _markdown(rows)
+    with open(out_md, "w") as f:
+        f.write("Machine:\n\n" + desc + "\n\n" + table + "\n")
+    print(f"\nwrote {out_md}")
+    _plot(rows, out_png)
+    return rows
+
+
+def _shape_name(shape):
+    T, B, I, H, layers, bi = shape
+    return f"T{T} B{B} I{I} H{H} L{layers}{' bi' if bi else ''}"
+
+
+def _format_row(r):
+    return (f"{r['threads']} thr  {_shape_name(r['shape']):<28} lstm_fast {r['ms']:9.3f} ms "
+            f"{r['gflops']:6.1f} GF/s  torch {r['torch_ms']:9.3f}  ort {r['ort_ms']:9.3f}  "
+            f"speedup vs fastest peer {r['speedup']:5.2f}x  GEMM fraction {r['gemm_fraction']:.2f}")
+
+
+def _markdown(rows):
+    lines = ["| threads | T, B, I, H, layers | lstm_fast ms | GFLOP/s | torch ms | ORT ms | "
+             "speedup vs fastest peer | GEMM-limit fraction |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['threads']} | {_shape_name(r['shape'])} | {r['ms']:.3f} | {r['gflops']:.1f} | "
+                     f"{r['torch_ms']:.3f} | {r['ort_ms']:.3f} | {r['speedup']:.2f}x | "
+                     f"{r['gemm_fraction']:.2f} |")
+    return "\n".join(lines)
+
+
+def _plot(rows, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib is not installed: no plot)")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, n_threads in zip(axes, sorted({r["threads"] for r in rows})):
+        sel = [r for r in rows if r["threads"] == n_threads]
+        labels = [_shape_name(r["shape"]) for r in sel]
+        y = np.arange(len(sel))
+        ax.barh(y, [r["speedup"] for r in sel], color="C0")
+        ax.axvline(1.0, color="k", lw=1)
+        ax.set_yticks(y, labels, fontsize=7)
+        ax.set_title(f"{n_threads} thread{'s' if n_threads > 1 else ''}")
+        ax.set_xlabel("speedup over the fastest of torch / ONNX Runtime")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    print(f"wrote {path}")
