@@ -350,6 +350,112 @@ class LSTM:
         return backward(self, cache, grad_out, grad_state)
 
 
+    # ----------------------------------------------------------------- streaming
+    def zero_state(self, batch_size=None):
+        """Zero (h, c) for `step`: shapes (L, B, H_out) and (L, B, H); (L, H_out), (L, H) when None."""
+        self._refuse_bidirectional_step()
+        lead = (self.num_layers,) if batch_size is None else (self.num_layers, v.size(batch_size, "batch_size"))
+        return (np.zeros(lead + (self.hidden_out,), self.dtype), np.zeros(lead + (self.hidden_size,), self.dtype))
+
+    def _refuse_bidirectional_step(self):
+        if self.bidirectional:
+            raise ValueError("step runs one time step forward; a bidirectional model needs the whole "
+                             "sequence (its reverse direction starts at the end): call the model instead")
+
+    def step(self, x_t, state):
+        """One time step through all layers, for data that arrives step by step.
+
+        Parameters
+        ----------
+        x_t : ndarray of shape (B, input_size) (whatever ``batch_first`` says), or (input_size,)
+        state : (h, c) from ``zero_state`` or the previous ``step``: (L, B, H_out) and (L, B, H)
+
+        Returns
+        -------
+        y_t : ndarray of shape (B, H_out) (or (H_out,)), the last layer's output
+        state : the new (h, c); the given arrays are not modified
+
+        Running ``step`` over a sequence gives the same numbers as running the whole sequence.
+        """
+        self._refuse_bidirectional_step()
+        x = x_t if (isinstance(x_t, np.ndarray) and x_t.dtype == self.dtype and x_t.flags.c_contiguous) \
+            else v.float_array(x_t, "x_t", self.dtype)
+        batched = x.ndim == 2
+        if x.ndim not in (1, 2) or x.shape[-1] != self.input_size:
+            raise ValueError(f"x_t has shape {x.shape}, expected (B, {self.input_size}) or ({self.input_size},)")
+        batch = x.shape[0] if batched else 1
+        if not isinstance(state, (tuple, list)) or len(state) != 2:
+            raise TypeError("state must be the tuple (h, c) from zero_state() or step()")
+        lead = (self.num_layers, batch) if batched else (self.num_layers,)
+        h = v.float_array(state[0], "state h", self.dtype)
+        c = v.float_array(state[1], "state c", self.dtype)
+        v.shape(h, lead + (self.hidden_out,), "state h")
+        v.shape(c, lead + (self.hidden_size,), "state c")
+        h = h.reshape(self.num_layers, batch, self.hidden_out).copy()
+        c = c.reshape(self.num_layers, batch, self.hidden_size).copy()
+        layer_in = x.reshape(1, batch, self.input_size)
+        order = np.arange(batch, dtype=np.intp)
+        lens = np.ones(batch, dtype=np.intp)
+        n_threads = _threads.get_num_threads()
+        with BLAS_SINGLE:
+            for k in range(self.num_layers):
+                y = np.empty((1, batch, self.hidden_out), self.dtype)
+                run_layer(layer_in, self._w_ih[k], self._w_hh[k], self._bias_sums(k),
+                          self._w_hr[k] if self.proj_size else None, order, lens,
+                          h[k:k + 1], c[k:k + 1], y, n_threads)
+                layer_in = y
+        out = layer_in[0]
+        if not batched:
+            return out[0], (h[:, 0], c[:, 0])
+        return out, (h, c)
+
+    # ----------------------------------------------------------------- files and peers
+    def save(self, path):
+        """Write weights and configuration to `path` (.npz, or .safetensors with the safetensors
+        package); ``lstm_fast.load(path)`` reads it back without unpickling anything."""
+        from ._io import save
+
+        save(self, path)
+
+    @classmethod
+    def from_torch(cls, module):
+        """An LSTM with the configuration and weights of a ``torch.nn.LSTM``."""
+        from ._io import from_torch
+
+        return from_torch(module)
+
+    @classmethod
+    def from_keras(cls, layer, dtype=None):
+        """A callable mirroring a Keras 3 LSTM layer (or Bidirectional wrapper); see KerasLSTM."""
+        from ._io import from_keras
+
+        return from_keras(layer, dtype)
+
+    @classmethod
+    def from_onnx(cls, path_or_model):
+        """An LSTM from an ONNX model of stacked LSTM nodes (as ``to_onnx`` writes)."""
+        from .onnx import to_lstm
+
+        return to_lstm(path_or_model)
+
+    def to_onnx(self, path=None, opset=14):
+        """Export as an ONNX model (LSTM nodes); ONNX Runtime gives the same outputs. Models with
+        proj_size have no ONNX LSTM equivalent and raise ValueError."""
+        from .onnx import export
+
+        return export(self, path, opset)
+
+    def __getstate__(self):
+        from ._io import getstate
+
+        return getstate(self)
+
+    def __setstate__(self, state):
+        from ._io import setstate
+
+        setstate(self, state)
+
+
 class LSTMCell:
     """One LSTM step, torch.nn.LSTMCell's arguments, shapes and parameter names.
 

@@ -378,6 +378,8 @@ def forward_layer(const floating[:, :, ::1] x,          # IN  (T, B, I) layer in
     L.y_stride = y.shape[2]
     L.keep_cache = cache_gates.shape[1] > 0 and cache_c.shape[1] > 0
     L.spec.has_peephole = peephole.shape[1] > 0
+    if L.spec.has_peephole:
+        L.spec.standard = 0          # peepholes run in the general cell
     if L.seq_len == 0 or L.batch == 0:
         return
     L.chunk = batch_chunk(L.batch)

@@ -22,5 +22,13 @@ def test_info_names_openmp_and_blas():
     assert "openmp" in result.stdout and "blas" in result.stdout
 
 
+def test_bench_quick_runs(tmp_path):
+    result = _run("bench", "--quick", "--threads", "1", "--repeats", "1",
+                  "--out", str(tmp_path / "b.md"), "--plot", str(tmp_path / "b.png"))
+    assert result.returncode == 0, result.stderr
+    table = (tmp_path / "b.md").read_text()
+    assert "GEMM-limit fraction" in table and "T100 B16 I128 H128 L1 bi" in table
+
+
 def test_unknown_command_fails():
     assert _run("nope").returncode != 0

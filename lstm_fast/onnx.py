@@ -1,0 +1,406 @@
+"""The ONNX LSTM operator on lstm_fast's kernels, ONNX model files in and out.
+
+- ``lstm(X, W, R, B, ...)``: the operator itself (opset 7 and later), every attribute.
+- ``load(path_or_model)``: a session with ONNX Runtime's calling convention for graphs of LSTM nodes.
+- ``export(model, path)`` (``LSTM.to_onnx``) and ``to_lstm(path_or_model)`` (``LSTM.from_onnx``).
+
+Conversion facts (shared/WEIGHT_LAYOUTS.md, checked in tests against onnx.reference and ONNX
+Runtime): ONNX gate blocks are [i, o, f, c], torch's (and the kernels') [i, f, g, o]; B is
+[Wb | Rb] (8H); peepholes P are [i, o, f]; Y is (T, D, B, H) for layout 0 and (B, T, D, H) for 1.
+"""
+import numpy as np
+
+from . import _threads
+from . import _validate as v
+from ._lstm import BLAS_SINGLE, LSTM, run_layer
+
+# ONNX block q of the torch order [i, f, g, o] is ONNX block TORCH_FROM_ONNX[q] of [i, o, f, c]
+TORCH_FROM_ONNX = [0, 2, 3, 1]
+ONNX_FROM_TORCH = [0, 3, 1, 2]
+
+# name -> (kernel code, uses alpha, uses beta, default alpha, default beta): the activation
+# functions the operator spec lists, with ONNX Runtime's defaults
+ACTIVATIONS = {
+    "sigmoid": (0, False, False, 0.0, 0.0),
+    "tanh": (1, False, False, 0.0, 0.0),
+    "relu": (2, False, False, 0.0, 0.0),
+    "affine": (3, True, True, 1.0, 0.0),
+    "leakyrelu": (4, True, False, 0.01, 0.0),
+    "thresholdedrelu": (5, True, False, 1.0, 0.0),
+    "scaledtanh": (6, True, True, 1.0, 1.0),
+    "hardsigmoid": (7, True, True, 0.2, 0.5),
+    "elu": (8, True, False, 1.0, 0.0),
+    "softsign": (9, False, False, 0.0, 0.0),
+    "softplus": (10, False, False, 0.0, 0.0),
+}
+DIRECTIONS = {"forward": 1, "reverse": 1, "bidirectional": 2}
+
+
+def _reorder_gates(w, from_order, hidden):
+    """Permute the four gate blocks along axis 1 of (D, 4H, ...)."""
+    blocks = w.reshape(w.shape[0], 4, hidden, *w.shape[2:])
+    return np.ascontiguousarray(blocks[:, from_order].reshape(w.shape))
+
+
+def _specs(activations, alphas, betas, n_dirs, clip, input_forget):
+    """Per direction: None for the standard cell, else the kernel's cell options."""
+    names = ["Sigmoid", "Tanh", "Tanh"] * n_dirs if activations is None else list(activations)
+    if len(names) != 3 * n_dirs:
+        raise ValueError(f"activations has {len(names)} entries, expected {3 * n_dirs} "
+                         f"(f, g, h per direction)")
+    alphas = list(alphas or [])
+    betas = list(betas or [])
+    specs = []
+    for d in range(n_dirs):
+        codes, a, b = [], [], []
+        for name in names[3 * d:3 * d + 3]:
+            key = str(name).lower()
+            if key not in ACTIVATIONS:
+                raise ValueError(f"activation {name!r} is not one the ONNX LSTM operator lists "
+                                 f"({', '.join(sorted(ACTIVATIONS))})")
+            code, uses_a, uses_b, def_a, def_b = ACTIVATIONS[key]
+            codes.append(code)
+            a.append(float(alphas.pop(0)) if uses_a and alphas else def_a)
+            b.append(float(betas.pop(0)) if uses_b and betas else def_b)
+        standard = codes == [0, 1, 1] and not clip and not input_forget
+        specs.append(None if standard else (codes, a, b, float(clip or 0.0), int(input_forget)))
+    return specs
+
+
+def lstm(X, W, R, B=None, sequence_lens=None, initial_h=None, initial_c=None, P=None, *,
+         hidden_size=None, direction="forward", layout=0, clip=None, input_forget=0,
+         activations=None, activation_alpha=None, activation_beta=None):
+    """The ONNX ``LSTM`` operator: returns ``(Y, Y_h, Y_c)`` with the operator's shapes.
+
+    Parameters follow the operator spec (inputs positional, attributes keyword):
+    X (T, B, I) ((B, T, I) with layout=1); W (D, 4H, I); R (D, 4H, H); B (D, 8H); sequence_lens (B,)
+    integers in 0..T; initial_h, initial_c (D, B, H) ((B, D, H) with layout=1); P (D, 3H) peepholes
+    [i, o, f]; direction "forward", "reverse" or "bidirectional"; clip > 0 clamps every gate's
+    pre-activation; input_forget=1 couples the forget gate to the input gate (f = 1 - i);
+    activations (3 per direction: f, g, h) with activation_alpha / activation_beta consumed in order
+    by the functions that take them (defaults as ONNX Runtime).
+
+    float32 and float64 (ONNX Runtime accepts only float32). Outputs past a sequence's length are
+    0; Y_h and Y_c are the state at its last step, and 0 for a length of 0 (as ONNX Runtime).
+    """
+    X = np.asarray(X)
+    if X.dtype not in v.FLOAT_DTYPES:
+        raise TypeError(f"X must be float32 or float64, got {X.dtype}")
+    dt = X.dtype
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be 'forward', 'reverse' or 'bidirectional', got {direction!r}")
+    if layout not in (0, 1):
+        raise ValueError(f"layout must be 0 or 1, got {layout!r}")
+    n_dirs = DIRECTIONS[direction]
+    if X.ndim != 3:
+        raise ValueError(f"X must be 3-D, got shape {X.shape}")
+    x = np.ascontiguousarray(X.transpose(1, 0, 2) if layout else X)
+    seq_len, batch, input_size = x.shape
+    W = v.float_array(W, "W", dt)
+    R = v.float_array(R, "R", dt)
+    hidden = R.shape[-1] if R.ndim == 3 else -1
+    if hidden_size is not None and hidden_size != hidden:
+        raise ValueError(f"hidden_size={hidden_size} but R has shape {R.shape}")
+    v.shape(W, (n_dirs, 4 * hidden, input_size), "W", "num_directions, 4*hidden_size, input_size")
+    v.shape(R, (n_dirs, 4 * hidden, hidden), "R", "num_directions, 4*hidden_size, hidden_size")
+    if B is None:
+        bias = np.zeros((n_dirs, 4 * hidden), dt)
+    else:
+        B = v.float_array(B, "B", dt)
+        v.shape(B, (n_dirs, 8 * hidden), "B", "num_directions, 8*hidden_size")
+        bias = B[:, :4 * hidden] + B[:, 4 * hidden:]
+    w_ih = _reorder_gates(W, TORCH_FROM_ONNX, hidden)
+    w_hh = _reorder_gates(R, TORCH_FROM_ONNX, hidden)
+    bias = _reorder_gates(bias, TORCH_FROM_ONNX, hidden)
+    peephole = None
+    if P is not None:
+        P = v.float_array(P, "P", dt)
+        v.shape(P, (n_dirs, 3 * hidden), "P", "num_directions, 3*hidden_size")
+        p_i, p_o, p_f = P[:, :hidden], P[:, hidden:2 * hidden], P[:, 2 * hidden:]
+        peephole = np.ascontiguousarray(np.concatenate([p_i, p_f, p_o], axis=1))
+    states = []
+    for name, value in (("initial_h", initial_h), ("initial_c", initial_c)):
+        if value is None:
+            states.append(np.zeros((n_dirs, batch, hidden), dt))
+        else:
+            value = v.float_array(value, name, dt)
+            expected = (batch, n_dirs, hidden) if layout else (n_dirs, batch, hidden)
+            v.shape(value, expected, name)
+            states.append(np.ascontiguousarray(value.transpose(1, 0, 2) if layout else value))
+    h, c = states
+    if sequence_lens is None:
+        lengths = np.full(batch, seq_len, np.intp)
+    else:
+        lengths = np.asarray(sequence_lens)
+        if lengths.dtype.kind not in "iu":
+            raise TypeError(f"sequence_lens must be integers, got {lengths.dtype}")
+        if lengths.shape != (batch,):
+            raise ValueError(f"sequence_lens has shape {lengths.shape}, expected ({batch},)")
+        if lengths.size and (lengths.min() < 0 or lengths.max() > seq_len):
+            raise ValueError(f"sequence_lens must lie in 0..{seq_len}")
+        lengths = np.ascontiguousarray(lengths, np.intp)
+    order = np.argsort(-lengths, kind="stable").astype(np.intp)
+    if clip is not None and not clip > 0:
+        raise ValueError(f"clip must be > 0, got {clip}")
+    specs = _specs(activations, activation_alpha, activation_beta, n_dirs, clip, input_forget)
+    reverse = np.array([1] if direction == "reverse" else [0, 1][:n_dirs], np.intc)
+    y = np.zeros((seq_len, batch, n_dirs * hidden), dt)
+    n_threads = _threads.get_num_threads()
+    with BLAS_SINGLE:
+        if n_dirs == 1 or specs[0] == specs[1]:
+            run_layer(x, w_ih, w_hh, bias, None, order, lengths, h, c, y, n_threads,
+                      reverse=reverse, peephole=peephole, spec=specs[0])
+        else:   # each direction has its own activations: one kernel call per direction
+            y_d = np.zeros((seq_len, batch, hidden), dt)
+            for d in range(n_dirs):
+                y_d[...] = 0
+                run_layer(x, w_ih[d:d + 1], w_hh[d:d + 1], bias[d:d + 1], None, order, lengths,
+                          h[d:d + 1], c[d:d + 1], y_d, n_threads, reverse=reverse[d:d + 1],
+                          peephole=None if peephole is None else peephole[d:d + 1], spec=specs[d])
+                y[:, :, d * hidden:(d + 1) * hidden] = y_d
+    empty = lengths == 0
+    if empty.any():
+        h[:, empty] = 0
+        c[:, empty] = 0
+    Y = y.reshape(seq_len, batch, n_dirs, hidden)
+    if layout:
+        return np.ascontiguousarray(Y.transpose(1, 0, 2, 3)), \
+            np.ascontiguousarray(h.transpose(1, 0, 2)), np.ascontiguousarray(c.transpose(1, 0, 2))
+    return np.ascontiguousarray(Y.transpose(0, 2, 1, 3)), h, c
+
+
+# ---------------------------------------------------------------------------- model files
+def _onnx():
+    try:
+        import onnx
+    except ImportError:
+        raise ImportError("ONNX model files need the onnx package: pip install onnx") from None
+    return onnx
+
+
+def _as_model(path_or_model):
+    onnx = _onnx()
+    if isinstance(path_or_model, onnx.ModelProto):
+        return path_or_model
+    if isinstance(path_or_model, (bytes, bytearray)):
+        return onnx.load_from_string(bytes(path_or_model))
+    try:
+        return onnx.load(str(path_or_model))
+    except Exception as exc:   # a truncated or foreign file
+        raise ValueError(f"cannot read an ONNX model from {path_or_model!r}: {exc}") from None
+
+
+def _attrs(node):
+    from onnx import helper
+
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _decode(value):
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, list):
+        return [_decode(x) for x in value]
+    return value
+
+
+SUPPORTED_OPS = ("LSTM", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Concat", "Identity")
+
+
+class Session:
+    """Runs an ONNX graph of LSTM nodes (plus Transpose, Reshape, Squeeze, Unsqueeze, Concat and
+    Identity glue) with ONNX Runtime's calling convention: ``sess.run(output_names, feeds)``.
+
+    Made by ``lstm_fast.onnx.load``. Weights may be initializers or graph inputs.
+    """
+
+    def __init__(self, model):
+        from onnx import numpy_helper
+
+        self.model = model
+        graph = model.graph
+        for node in graph.node:
+            if node.op_type not in SUPPORTED_OPS or (node.domain not in ("", "ai.onnx")):
+                raise ValueError(f"unsupported ONNX operator {node.op_type!r} (node {node.name!r}); "
+                                 f"lstm_fast runs {', '.join(SUPPORTED_OPS)}")
+        self._init = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        self._inputs = [i for i in graph.input if i.name not in self._init]
+        self._outputs = [o.name for o in graph.output]
+
+    def get_inputs(self):
+        """The graph inputs to feed (name, shape as declared)."""
+        return [_IO(i.name, [d.dim_value or d.dim_param or None for d in i.type.tensor_type.shape.dim])
+                for i in self._inputs]
+
+    def get_outputs(self):
+        return [_IO(name, None) for name in self._outputs]
+
+    def run(self, output_names, input_feed):
+        """Evaluate the graph: output_names (None for all) and a dict of input name -> array."""
+        values = dict(self._init)
+        for spec in self._inputs:
+            if spec.name not in input_feed:
+                raise ValueError(f"missing input {spec.name!r}; the graph takes "
+                                 f"{[i.name for i in self._inputs]}")
+        unknown = set(input_feed) - {i.name for i in self._inputs}
+        if unknown:
+            raise ValueError(f"unknown inputs {sorted(unknown)}; the graph takes {[i.name for i in self._inputs]}")
+        values.update({k: np.asarray(val) for k, val in input_feed.items()})
+        for node in self.model.graph.node:
+            args = [values[name] if name else None for name in node.input]
+            outs = _run_node(node, args)
+            for name, value in zip(node.output, outs):
+                if name:
+                    values[name] = value
+        names = self._outputs if output_names is None else list(output_names)
+        missing = [n for n in names if n not in values]
+        if missing:
+            raise ValueError(f"unknown outputs {missing}; the graph has {self._outputs}")
+        return [values[n] for n in names]
+
+
+class _IO:
+    def __init__(self, name, shape):
+        self.name, self.shape = name, shape
+
+
+def _run_node(node, args):
+    a = _attrs(node)
+    op = node.op_type
+    if op == "LSTM":
+        args = args + [None] * (8 - len(args))
+        X, W, R, B, seq, h0, c0, P = args
+        return lstm(X, W, R, B, seq, h0, c0, P, hidden_size=a.get("hidden_size"),
+                    direction=_decode(a.get("direction", b"forward")), layout=a.get("layout", 0),
+                    clip=a.get("clip"), input_forget=a.get("input_forget", 0),
+                    activations=_decode(a.get("activations")), activation_alpha=a.get("activation_alpha"),
+                    activation_beta=a.get("activation_beta"))
+    if op == "Identity":
+        return [args[0]]
+    if op == "Transpose":
+        return [np.ascontiguousarray(np.transpose(args[0], a.get("perm")))]
+    if op == "Reshape":
+        shape = [int(s) for s in args[1]]
+        shape = [args[0].shape[i] if s == 0 else s for i, s in enumerate(shape)]
+        return [args[0].reshape(shape)]
+    if op == "Squeeze":
+        axes = a.get("axes") if len(args) < 2 or args[1] is None else [int(i) for i in args[1]]
+        return [np.squeeze(args[0], axis=tuple(axes) if axes is not None else None)]
+    if op == "Unsqueeze":
+        axes = a.get("axes") if len(args) < 2 or args[1] is None else [int(i) for i in args[1]]
+        out = args[0]
+        for ax in sorted(int(i) % (out.ndim + len(axes)) for i in axes):
+            out = np.expand_dims(out, ax)
+        return [out]
+    if op == "Concat":
+        return [np.concatenate(args, axis=a["axis"])]
+    raise ValueError(f"unsupported ONNX operator {op!r}")
+
+
+def load(path_or_model):
+    """A Session for an ONNX model (file path, bytes or ModelProto) made of LSTM nodes."""
+    return Session(_as_model(path_or_model))
+
+
+def export(model, path=None, opset=14):
+    """The ONNX model of an lf.LSTM: input "input" (T, B, I), outputs "output" (T, B, D*H),
+    "h_n" and "c_n" (L*D, B, H), as lf.LSTM returns them (time-major; no initial states).
+    Writes it to `path` when given; returns the ModelProto.
+    """
+    onnx = _onnx()
+    from onnx import TensorProto, helper, numpy_helper
+
+    if model.proj_size:
+        raise ValueError("proj_size > 0 (LSTMP) has no ONNX LSTM equivalent: the projection feeds "
+                         "back into the recurrence, which the operator's R cannot express")
+    if model.batch_first:
+        raise ValueError("export a model with batch_first=False (ONNX Runtime rejects layout=1)")
+    sd, H, D = model.state_dict(), model.hidden_size, model.num_directions
+    elem = TensorProto.DOUBLE if model.dtype == np.float64 else TensorProto.FLOAT
+    nodes, inits, current, h_outs, c_outs = [], [], "input", [], []
+    for k in range(model.num_layers):
+        names = [f"_l{k}", f"_l{k}_reverse"][:D]
+        W = _reorder_gates(np.stack([sd["weight_ih" + n] for n in names]), ONNX_FROM_TORCH, H)
+        R = _reorder_gates(np.stack([sd["weight_hh" + n] for n in names]), ONNX_FROM_TORCH, H)
+        inputs = [current, f"W{k}", f"R{k}"]
+        inits += [numpy_helper.from_array(W, f"W{k}"), numpy_helper.from_array(R, f"R{k}")]
+        if model.bias:
+            B = np.concatenate([
+                _reorder_gates(np.stack([sd["bias_ih" + n] for n in names]), ONNX_FROM_TORCH, H),
+                _reorder_gates(np.stack([sd["bias_hh" + n] for n in names]), ONNX_FROM_TORCH, H)], axis=1)
+            inits.append(numpy_helper.from_array(B, f"B{k}"))
+            inputs.append(f"B{k}")
+        nodes.append(helper.make_node("LSTM", inputs, [f"Y{k}", f"Y_h{k}", f"Y_c{k}"], hidden_size=H,
+                                      direction="bidirectional" if D == 2 else "forward",
+                                      name=f"lstm_l{k}"))
+        nodes.append(helper.make_node("Transpose", [f"Y{k}"], [f"Yt{k}"], perm=[0, 2, 1, 3]))
+        inits.append(numpy_helper.from_array(np.array([0, 0, D * H], np.int64), f"shape{k}"))
+        out = "output" if k == model.num_layers - 1 else f"layer{k}"
+        nodes.append(helper.make_node("Reshape", [f"Yt{k}", f"shape{k}"], [out]))
+        h_outs.append(f"Y_h{k}")
+        c_outs.append(f"Y_c{k}")
+        current = out
+    nodes.append(helper.make_node("Concat", h_outs, ["h_n"], axis=0))
+    nodes.append(helper.make_node("Concat", c_outs, ["c_n"], axis=0))
+    graph = helper.make_graph(
+        nodes, "lstm_fast",
+        [helper.make_tensor_value_info("input", elem, ["T", "B", model.input_size])],
+        [helper.make_tensor_value_info("output", elem, ["T", "B", D * H]),
+         helper.make_tensor_value_info("h_n", elem, [model.num_layers * D, "B", H]),
+         helper.make_tensor_value_info("c_n", elem, [model.num_layers * D, "B", H])],
+        initializer=inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
+                              producer_name="lstm_fast")
+    onnx.checker.check_model(proto)
+    if path is not None:
+        onnx.save(proto, str(path))
+    return proto
+
+
+def to_lstm(path_or_model):
+    """An lf.LSTM from an ONNX model whose LSTM nodes chain as stacked layers (what `export`
+    writes, or a single LSTM node). Standard cells only: peepholes, clip, coupled gates or other
+    activations have no torch equivalent (run such models with `load`)."""
+    from onnx import numpy_helper
+
+    model = _as_model(path_or_model)
+    init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    layers = [n for n in model.graph.node if n.op_type == "LSTM"]
+    if not layers:
+        raise ValueError("the ONNX model has no LSTM node")
+    config, state = None, {}
+    for k, node in enumerate(layers):
+        a = _attrs(node)
+        direction = _decode(a.get("direction", b"forward"))
+        if direction == "reverse":
+            raise ValueError(f"LSTM node {node.name!r} runs in reverse only, which torch's layout cannot express")
+        acts = _decode(a.get("activations"))
+        if (acts and [s.lower() for s in acts] != ["sigmoid", "tanh", "tanh"] * DIRECTIONS[direction]) \
+                or a.get("clip") or a.get("input_forget", 0) or (len(node.input) > 7 and node.input[7]):
+            raise ValueError(f"LSTM node {node.name!r} uses peepholes, clip, input_forget or "
+                             f"non-default activations: run it with lstm_fast.onnx.load instead")
+        if a.get("layout", 0):
+            raise ValueError("layout=1 models are not imported as lf.LSTM; use lstm_fast.onnx.load")
+        names = list(node.input) + [""] * 8
+        for name in names[1:3] + ([names[3]] if names[3] else []):
+            if name not in init:
+                raise ValueError(f"weight {name!r} of node {node.name!r} is not an initializer")
+        W, R = init[names[1]], init[names[2]]
+        D, H = W.shape[0], R.shape[-1]
+        if config is None:
+            config = dict(input_size=W.shape[2], hidden_size=H, num_layers=len(layers),
+                          bidirectional=D == 2, bias=bool(names[3]),
+                          dtype=np.float64 if W.dtype == np.float64 else np.float32)
+        w_ih = _reorder_gates(W, TORCH_FROM_ONNX, H)
+        w_hh = _reorder_gates(R, TORCH_FROM_ONNX, H)
+        for d in range(D):
+            sfx = f"_l{k}" + ("_reverse" if d else "")
+            state["weight_ih" + sfx] = w_ih[d]
+            state["weight_hh" + sfx] = w_hh[d]
+            if names[3]:
+                B = init[names[3]]
+                state["bias_ih" + sfx] = _reorder_gates(B[:, :4 * H], TORCH_FROM_ONNX, H)[d]
+                state["bias_hh" + sfx] = _reorder_gates(B[:, 4 * H:], TORCH_FROM_ONNX, H)[d]
+    lf_model = LSTM(**config)
+    lf_model.load_state_dict(state)
+    return lf_model
