@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from . import _forward, _threading, _threads
+from . import _forward, _step, _threading, _threads
 from . import _validate as v
 
 _EMPTY = {}
@@ -125,6 +125,7 @@ class LSTM:
         self.bidirectional = bool(bidirectional)
         self.dtype = v.model_dtype(dtype)
         self._recurrence_mode = 0   # 0: the kernel picks from the shapes; tests/benchmarks force 1 or 2
+        self._step_plan = None      # built by the first step(): pointers to the parameter arrays
         self._allocate()
         self.reset_parameters(seed)
         self._dropout_rng = np.random.default_rng(None if seed is None else [seed, 1])
@@ -372,13 +373,14 @@ class LSTM:
 
         Returns
         -------
-        y_t : ndarray of shape (B, H_out) (or (H_out,)), the last layer's output
+        y_t : ndarray of shape (B, H_out) (or (H_out,)), the last layer's output (a view of the
+            new state's h[-1], as torch's LSTMCell returns h itself)
         state : the new (h, c); the given arrays are not modified
 
         Running ``step`` over a sequence gives the same numbers as running the whole sequence.
         """
         self._refuse_bidirectional_step()
-        x = x_t if (isinstance(x_t, np.ndarray) and x_t.dtype == self.dtype and x_t.flags.c_contiguous) \
+        x = x_t if (type(x_t) is np.ndarray and x_t.dtype == self.dtype and x_t.flags.c_contiguous) \
             else v.float_array(x_t, "x_t", self.dtype)
         batched = x.ndim == 2
         if x.ndim not in (1, 2) or x.shape[-1] != self.input_size:
@@ -387,27 +389,31 @@ class LSTM:
         if not isinstance(state, (tuple, list)) or len(state) != 2:
             raise TypeError("state must be the tuple (h, c) from zero_state() or step()")
         lead = (self.num_layers, batch) if batched else (self.num_layers,)
-        h = v.float_array(state[0], "state h", self.dtype)
-        c = v.float_array(state[1], "state c", self.dtype)
-        v.shape(h, lead + (self.hidden_out,), "state h")
-        v.shape(c, lead + (self.hidden_size,), "state c")
-        h = h.reshape(self.num_layers, batch, self.hidden_out).copy()
-        c = c.reshape(self.num_layers, batch, self.hidden_size).copy()
-        layer_in = x.reshape(1, batch, self.input_size)
-        order = np.arange(batch, dtype=np.intp)
-        lens = np.ones(batch, dtype=np.intp)
-        n_threads = _threads.get_num_threads()
-        with BLAS_SINGLE:
-            for k in range(self.num_layers):
-                y = np.empty((1, batch, self.hidden_out), self.dtype)
-                run_layer(layer_in, self._w_ih[k], self._w_hh[k], self._bias_sums(k),
-                          self._w_hr[k] if self.proj_size else None, order, lens,
-                          h[k:k + 1], c[k:k + 1], y, n_threads)
-                layer_in = y
-        out = layer_in[0]
-        if not batched:
-            return out[0], (h[:, 0], c[:, 0])
-        return out, (h, c)
+        h, c = state
+        h_shape, c_shape = lead + (self.hidden_out,), lead + (self.hidden_size,)
+        if not (type(h) is np.ndarray and h.dtype == self.dtype and h.shape == h_shape):
+            h = v.float_array(h, "state h", self.dtype)
+            v.shape(h, h_shape, "state h")
+        if not (type(c) is np.ndarray and c.dtype == self.dtype and c.shape == c_shape):
+            c = v.float_array(c, "state c", self.dtype)
+            v.shape(c, c_shape, "state c")
+        h = np.array(h, order="C")   # new arrays: the given state is not modified
+        c = np.array(c, order="C")
+        h3 = h if batched else h[:, None, :]
+        c3 = c if batched else c[:, None, :]
+        plan = self._step_plan
+        if plan is None:
+            plan = self._step_plan = _step.StepPlan(
+                [w[0] for w in self._w_ih], [w[0] for w in self._w_hh],
+                [b[0] for b in self._b_ih] if self.bias else [None] * self.num_layers,
+                [b[0] for b in self._b_hh] if self.bias else [None] * self.num_layers,
+                [w[0] for w in self._w_hr] if self.proj_size else [None] * self.num_layers)
+        _threading.blas_single_enter()
+        try:
+            plan.run(x if batched else x[None, :], h3, c3)
+        finally:
+            _threading.blas_single_exit()
+        return h[-1], (h, c)   # y_t is the last layer's h: a view of the new state, as in torch
 
     # ----------------------------------------------------------------- files and peers
     def save(self, path):

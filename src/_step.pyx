@@ -1,0 +1,138 @@
+"""One time step through every layer of a unidirectional LSTM, for streaming: the low-latency path.
+
+A StepPlan holds pointers to the model's parameter arrays (and references keeping them alive), so
+a call parses only x, h, c and does no per-layer Python work. The parameters are read at every
+call, so in-place updates of `parameters()` are seen. IN/OUT: x (B, I), h (L, B, H_out) and
+c (L, B, H) C-contiguous of the plan's dtype; h and c are updated in place (the caller copies).
+Layer k's new h is layer k+1's input, so no output buffers are needed: the output is h[L-1].
+"""
+from cython cimport floating
+from libc.stdlib cimport malloc, free
+from libc.string cimport memcpy
+
+from _blas cimport gemm_rm, gemv_rm
+from _gates cimport cell_row_standard
+
+
+cdef class StepPlan:
+    cdef int n_layers
+    cdef int is_double
+    cdef Py_ssize_t input_size, hidden, proj, hidden_out
+    cdef list _keep
+    cdef void** w_ih
+    cdef void** w_hh
+    cdef void** b_ih
+    cdef void** b_hh
+    cdef void** w_hr
+
+    def __cinit__(self, list w_ih, list w_hh, list b_ih, list b_hh, list w_hr):
+        """Per layer: W_ih (4H, in_k), W_hh (4H, H_out), b_ih, b_hh (4H,) or None, W_hr (P, H) or None."""
+        import numpy as np
+
+        self.n_layers = len(w_ih)
+        self._keep = []
+        self.w_ih = <void**> malloc(5 * self.n_layers * sizeof(void*))
+        if self.w_ih == NULL:
+            raise MemoryError()
+        self.w_hh = self.w_ih + self.n_layers
+        self.b_ih = self.w_hh + self.n_layers
+        self.b_hh = self.b_ih + self.n_layers
+        self.w_hr = self.b_hh + self.n_layers
+        dtype = w_ih[0].dtype
+        self.is_double = dtype == np.float64
+        self.input_size = w_ih[0].shape[1]
+        self.hidden = w_ih[0].shape[0] // 4
+        self.proj = 0 if w_hr[0] is None else w_hr[0].shape[0]
+        self.hidden_out = self.proj if self.proj else self.hidden
+        cdef Py_ssize_t k, slot
+        cdef void** table
+        for k in range(self.n_layers):
+            for slot, arr in enumerate((w_ih[k], w_hh[k], b_ih[k], b_hh[k], w_hr[k])):
+                table = self.w_ih + slot * self.n_layers    # the five tables lie back to back
+                if arr is None:
+                    table[k] = NULL
+                else:
+                    if arr.dtype != dtype or not arr.flags.c_contiguous:
+                        raise ValueError("StepPlan needs C-contiguous parameters of one dtype")
+                    self._keep.append(arr)
+                    table[k] = <void*> <size_t> arr.ctypes.data
+
+    def __dealloc__(self):
+        free(self.w_ih)
+
+    def run(self, floating[:, ::1] x, floating[:, :, ::1] h, floating[:, :, ::1] c):
+        """One step: h, c updated in place; returns nothing (the output is h[-1])."""
+        cdef bint is_double
+        if floating is double:
+            is_double = True
+        else:
+            is_double = False
+        if is_double != bool(self.is_double):
+            raise TypeError("x, h and c must have the plan's dtype")
+        cdef Py_ssize_t batch = x.shape[0]
+        if (x.shape[1] != self.input_size or h.shape[0] != self.n_layers or h.shape[1] != batch
+                or h.shape[2] != self.hidden_out or c.shape[0] != self.n_layers
+                or c.shape[1] != batch or c.shape[2] != self.hidden):
+            raise ValueError("x, h or c does not match the model's shapes")
+        if batch == 0:
+            return
+        cdef Py_ssize_t four_h = 4 * self.hidden
+        cdef floating* work = <floating*> malloc((2 * batch * four_h + four_h + batch * self.hidden)
+                                                 * sizeof(floating))
+        if work == NULL:
+            raise MemoryError("cannot allocate the step workspace")
+        with nogil:
+            _step_layers(self.n_layers, self.input_size, self.hidden, self.proj, self.w_ih,
+                         self.w_hh, self.b_ih, self.b_hh, self.w_hr, &x[0, 0], &h[0, 0, 0],
+                         &c[0, 0, 0], batch, work)
+        free(work)
+
+
+cdef void _step_layers(int n_layers, Py_ssize_t input_size, Py_ssize_t H, Py_ssize_t P,
+                       void** w_ih_k, void** w_hh_k, void** b_ih_k, void** b_hh_k, void** w_hr_k,
+                       const floating* x, floating* h, floating* c,
+                       Py_ssize_t batch, floating* work) noexcept nogil:
+    cdef Py_ssize_t H_out = P if P > 0 else H, four_h = 4 * H
+    cdef floating* gx = work                       # (B, 4H) x @ W_ih.T
+    cdef floating* gh = gx + batch * four_h        # (B, 4H) h @ W_hh.T
+    cdef floating* bias = gh + batch * four_h      # (4H,)  b_ih + b_hh
+    cdef floating* hraw = bias + four_h            # (B, H) o*tanh(c), before the projection
+    cdef const floating* inp = x
+    cdef Py_ssize_t k, r, j, in_size
+    cdef floating* h_k
+    cdef floating* c_k
+    cdef const floating* w_ih
+    cdef const floating* w_hh
+    cdef const floating* b_ih
+    cdef const floating* b_hh
+    for k in range(n_layers):
+        in_size = input_size if k == 0 else H_out
+        h_k = h + k * batch * H_out
+        c_k = c + k * batch * H
+        w_ih = <const floating*> w_ih_k[k]
+        w_hh = <const floating*> w_hh_k[k]
+        b_ih = <const floating*> b_ih_k[k]
+        b_hh = <const floating*> b_hh_k[k]
+        for j in range(four_h):
+            bias[j] = (b_ih[j] + b_hh[j]) if b_ih != NULL else 0
+        if batch == 1:
+            gemv_rm(c'N', <int> four_h, <int> in_size, <floating> 1, w_ih, <int> in_size, inp,
+                    <floating> 0, gx)
+            gemv_rm(c'N', <int> four_h, <int> H_out, <floating> 1, w_hh, <int> H_out, h_k,
+                    <floating> 0, gh)
+        else:
+            gemm_rm(c'T', <int> batch, <int> four_h, <int> in_size, <floating> 1, inp, <int> in_size,
+                    w_ih, <int> in_size, <floating> 0, gx, <int> four_h)
+            gemm_rm(c'T', <int> batch, <int> four_h, <int> H_out, <floating> 1, h_k, <int> H_out,
+                    w_hh, <int> H_out, <floating> 0, gh, <int> four_h)
+        for r in range(batch):
+            cell_row_standard(H, gh + r * four_h, gx + r * four_h, bias, c_k + r * H,
+                              (hraw + r * H) if P > 0 else (h_k + r * H_out))
+        if P > 0:
+            if batch == 1:
+                gemv_rm(c'N', <int> P, <int> H, <floating> 1, <const floating*> w_hr_k[k],
+                        <int> H, hraw, <floating> 0, h_k)
+            else:
+                gemm_rm(c'T', <int> batch, <int> P, <int> H, <floating> 1, hraw, <int> H,
+                        <const floating*> w_hr_k[k], <int> H, <floating> 0, h_k, <int> P)
+        inp = h_k
