@@ -10,7 +10,7 @@ from ._version import __version__
 from ._threads import get_num_threads, set_num_threads, threads
 from ._lstm import LSTM, LSTMCell
 from ._config import show_config
-from . import nn, onnx, optim
+from . import dask, nn, onnx, optim
 from .nn import Linear, cross_entropy_loss, mse_loss
 from ._fit import fit, load_checkpoint, save_checkpoint
 from ._train import Gradients, TrainCache
