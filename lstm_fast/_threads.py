@@ -1,7 +1,9 @@
 """Thread counts: one place that resolves how many OpenMP threads a kernel call gets.
 
-`None` means every core this process may use, `-1` the same, `0` is an error; OMP_NUM_THREADS, when
-set, gives the default. `with threads(n):` overrides the count for the calling Python thread only.
+Until `set_num_threads` is called, the count is the OpenMP runtime's own (omp_get_max_threads):
+OMP_NUM_THREADS and threadpoolctl's limits on the "openmp" API steer lstm_fast like any OpenMP
+library. `None` means every core this process may use, `-1` the same, `0` is an error.
+`with threads(n):` overrides the count for the calling Python thread only.
 """
 import contextlib
 import ctypes
@@ -21,13 +23,30 @@ def _available_cores():
 
 
 def _default_threads():
+    """The OpenMP runtime's count (OMP_NUM_THREADS, threadpoolctl), the cores without OpenMP."""
+    if _threading.openmp_enabled():
+        return max(1, _threading.omp_max_threads())
     env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
     if env.isdigit() and int(env) > 0:
         return int(env)
     return _available_cores()
 
 
-_global_threads = _default_threads()
+_global_threads = None   # None: follow the OpenMP runtime until set_num_threads is called
+_in_forked_child = False
+
+
+def _after_fork_in_child():
+    # GNU libgomp's thread pool does not survive fork(): a parallel region in the child of a
+    # process that had started OpenMP threads hangs. The child therefore runs single-threaded
+    # (the kernels take no OpenMP region at all with one thread).
+    global _in_forked_child
+    _in_forked_child = True
+    _threading.reset_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _resolve(n_threads, name="n_threads"):
@@ -56,7 +75,8 @@ def set_num_threads(n_threads):
     Parameters
     ----------
     n_threads : int or None
-        A positive count; ``None`` or ``-1`` mean every core this process may use.
+        A positive count; ``None`` or ``-1`` mean every core this process may use. Before any
+        call, lstm_fast follows the OpenMP runtime (OMP_NUM_THREADS, threadpoolctl).
     """
     global _global_threads
     _global_threads = _resolve(n_threads)
@@ -64,8 +84,12 @@ def set_num_threads(n_threads):
 
 def get_num_threads():
     """The number of threads the next kernel call from this Python thread will use."""
+    if _in_forked_child:
+        return 1
     override = getattr(_local, "n_threads", None)
-    return override if override is not None else _global_threads
+    if override is not None:
+        return override
+    return _global_threads if _global_threads is not None else _default_threads()
 
 
 @contextlib.contextmanager

@@ -56,10 +56,10 @@ def shape(arr, expected, name, meaning=None):
 def lengths(value, batch, seq_len):
     """Per-sequence valid lengths: integers in 1..seq_len, one per batch row, as intp."""
     arr = np.asarray(value)
-    if arr.dtype.kind not in "iu":
-        raise TypeError(f"lengths must be integers, got dtype {arr.dtype}")
     if arr.ndim != 1 or arr.shape[0] != batch:
         raise ValueError(f"lengths has shape {arr.shape}, expected ({batch},): one length per sequence")
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"lengths must be integers, got dtype {arr.dtype}")
     if arr.size and (arr.min() < 1 or arr.max() > seq_len):
         bad = arr[(arr < 1) | (arr > seq_len)][0]
         raise ValueError(

@@ -318,7 +318,11 @@ def backward_layer(const floating[:, :, ::1] x,            # IN  (T, B, I) the l
     cdef Py_ssize_t item
     cdef int failed = 0
     cdef int* failed_ptr = &failed
-    cdef int threads_rec = <int> min(n_threads, n_items)
+    # threads only where there is work for them (the bits never depend on the count)
+    cdef double rec_flops = 4.0 * D * TB * K.four_h * K.hidden_out
+    cdef double grad_flops = 2.0 * D * TB * K.four_h * (K.input_size + K.hidden_out) * 2
+    cdef int threads_rec = <int> min(n_threads, n_items, max(1.0, rec_flops / 200000))
+    cdef int threads_grad = <int> min(n_threads, n_weight_items, max(1.0, grad_flops / 200000))
 
     with nogil:
         if threads_rec <= 1:
@@ -339,17 +343,17 @@ def backward_layer(const floating[:, :, ::1] x,            # IN  (T, B, I) the l
                         _back_chunk(item, &K, scratch)
                 free(scratch)
         if not failed:
-            if n_threads <= 1:
+            if threads_grad <= 1:
                 for item in range(n_weight_items):
                     _weight_grad_item(item, &K, x_ptr, w_ih_ptr, g_w_ih, g_w_hh, g_bias, g_w_hr,
                                       n_gate_blocks, n_proj_blocks)
                 for item in range(n_x_items):
                     _input_grad_item(item, &K, w_ih_ptr, g_x)
             else:
-                for item in prange(n_weight_items, num_threads=n_threads, schedule='dynamic'):
+                for item in prange(n_weight_items, num_threads=threads_grad, schedule='dynamic'):
                     _weight_grad_item(item, &K, x_ptr, w_ih_ptr, g_w_ih, g_w_hh, g_bias, g_w_hr,
                                       n_gate_blocks, n_proj_blocks)
-                for item in prange(n_x_items, num_threads=n_threads, schedule='static'):
+                for item in prange(n_x_items, num_threads=threads_grad, schedule='static'):
                     _input_grad_item(item, &K, w_ih_ptr, g_x)
         free(dz)
         free(h_prev)

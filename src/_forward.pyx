@@ -42,6 +42,10 @@ cdef enum:
     # Wide mode: gate columns and rows per work item of a step.
     WIDE_COL_BLOCKS = 8
     WIDE_ROWS = 8
+    # Below this many flops per thread, waking OpenMP threads costs more than it saves (a
+    # sleeping libgomp worker takes tens of microseconds to wake). The thread count never changes
+    # the bits, so it may follow the size of the work.
+    MIN_FLOPS_PER_THREAD = 200000
 
 cdef enum:
     MODE_AUTO = 0
@@ -70,6 +74,17 @@ ctypedef struct Layer:
     void* y
     void* cache_gates
     void* cache_c
+
+
+cdef inline int threads_for(int n_threads, Py_ssize_t items, double flops) noexcept nogil:
+    # as many threads as there are items and enough work for, at most n_threads
+    cdef double by_work = flops / MIN_FLOPS_PER_THREAD
+    cdef Py_ssize_t n = n_threads
+    if items < n:
+        n = items
+    if by_work < n:
+        n = <Py_ssize_t> by_work
+    return <int> (n if n > 1 else 1)
 
 
 cpdef Py_ssize_t batch_chunk(Py_ssize_t batch) noexcept nogil:
@@ -421,8 +436,11 @@ def forward_layer(const floating[:, :, ::1] x,          # IN  (T, B, I) layer in
     cdef Py_ssize_t item
     cdef int failed = 0
     cdef int* failed_ptr = &failed   # written through a pointer: prange would privatise `failed`
-    cdef int threads_proj = <int> min(n_threads, n_proj_items)
-    cdef int threads_rec = <int> min(n_threads, n_items)
+    cdef double proj_flops = 2.0 * L.n_dirs * total_rows * L.four_h * L.input_size
+    cdef double step_flops = 2.0 * L.n_dirs * L.batch * L.four_h * (L.hidden_out + 4)
+    cdef int threads_proj = threads_for(n_threads, n_proj_items, proj_flops)
+    cdef int threads_rec = threads_for(n_threads, n_items, step_flops * L.seq_len)
+    cdef int threads_wide = threads_for(n_threads, L.n_dirs * L.n_col_blocks, step_flops)
 
     with nogil:
         if threads_proj <= 1:
@@ -437,7 +455,7 @@ def forward_layer(const floating[:, :, ::1] x,          # IN  (T, B, I) layer in
             if scratch == NULL:
                 failed = 1
             else:
-                _run_wide(&L, scratch, n_threads)
+                _run_wide(&L, scratch, threads_wide)
                 free(scratch)
         elif threads_rec <= 1:
             scratch = <floating*> malloc(scratch_len * sizeof(floating))

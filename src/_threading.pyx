@@ -97,3 +97,12 @@ cpdef void blas_single_exit() noexcept:
     _active_calls -= 1
     if _active_calls == 0 and _saved_threads != 1:
         _blas_set(_saved_threads)
+
+
+def reset_after_fork():
+    """In a forked child no kernel call is running: drop the counter inherited from the parent
+    (a call in flight in another parent thread) and give BLAS its thread count back."""
+    global _active_calls
+    if _active_calls and _blas_set != NULL and _saved_threads != 1:
+        _blas_set(_saved_threads)
+    _active_calls = 0
