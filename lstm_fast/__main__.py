@@ -16,6 +16,8 @@ def main(argv=None):
     bench.add_argument("--repeats", type=int, default=5, help="interleaved rounds per shape")
     bench.add_argument("--out", default="bench.md", help="Markdown table to write")
     bench.add_argument("--plot", default="bench.png", help="PNG plot to write (needs matplotlib)")
+    bench.add_argument("--train", action="store_true",
+                       help="time a training step (forward + backward) against torch autograd instead")
     args = parser.parse_args(argv)
     if args.command == "demo":
         from ._demo import run
@@ -25,6 +27,11 @@ def main(argv=None):
         from ._bench import run
 
         counts = tuple(int(t) for t in args.threads.split(","))
+        if args.train:
+            from ._bench import run_training
+
+            run_training(thread_counts=counts, repeats=args.repeats, quick=args.quick)
+            return 0
         run(compare=args.compare, quick=args.quick, thread_counts=counts, repeats=args.repeats,
             out_md=args.out, out_png=args.plot)
         return 0

@@ -135,6 +135,73 @@ def _gemm_runner(T, B, I, H, layers, bidirectional, n_threads):
     return run
 
 
+TRAIN_GRID = [
+    (100, 1, 32, 64, 1, False),
+    (100, 16, 128, 128, 1, False),
+    (100, 16, 128, 128, 1, True),
+    (100, 64, 256, 256, 2, False),
+    (50, 64, 512, 512, 1, False),
+]
+
+
+def _torch_train_runner(model, x, n_threads):
+    import torch
+
+    torch.set_num_threads(n_threads)
+    t = torch.nn.LSTM(model.input_size, model.hidden_size, num_layers=model.num_layers,
+                      bidirectional=model.bidirectional)
+    t.load_state_dict({k: torch.from_numpy(v) for k, v in model.state_dict().items()})
+    xt = torch.from_numpy(x).requires_grad_()
+
+    def run():
+        t.zero_grad()
+        out, _ = t(xt)
+        out.sum().backward()
+    return run
+
+
+def _lf_train_runner(model, x):
+    out, _ = model(x)
+    grad = np.ones_like(out)
+
+    def run():
+        _, _, cache = model.forward_train(x)
+        model.backward(cache, grad)
+    return run
+
+
+def run_training(thread_counts=(1, 2), repeats=5, min_time=0.05, quick=False, pause=0.05):
+    """Forward + backward of a sum loss: lstm_fast against torch autograd, interleaved."""
+    grid = TRAIN_GRID[:2] if quick else TRAIN_GRID
+    if quick:
+        repeats, min_time = 2, 0.01
+    print("Machine:\n" + machine_description())
+    rows = []
+    for n_threads in thread_counts:
+        for shape in grid:
+            T, B, I, H, layers, bi = shape
+            model = LSTM(I, H, num_layers=layers, bidirectional=bi, seed=0)
+            x = np.random.default_rng(0).standard_normal((T, B, I)).astype(np.float32)
+            runners = {"lstm_fast": _lf_train_runner(model, x)}
+            try:
+                runners["torch"] = _torch_train_runner(model, x, n_threads)
+            except ImportError:
+                pass
+            times = {name: [] for name in runners}
+            with threads(n_threads):
+                for _ in range(repeats):
+                    for name, fn in runners.items():
+                        time.sleep(pause)
+                        times[name].append(_timer(fn, min_time))
+            med = {name: float(np.median(ts)) for name, ts in times.items()}
+            ratio = med.get("torch", np.nan) / med["lstm_fast"]
+            rows.append((n_threads, shape, med["lstm_fast"], med.get("torch", np.nan), ratio))
+            print(f"{n_threads} thr  {_shape_name(shape):<28} forward+backward: lstm_fast "
+                  f"{med['lstm_fast'] * 1e3:9.3f} ms  torch autograd {med.get('torch', np.nan) * 1e3:9.3f} ms  "
+                  f"speedup {ratio:5.2f}x", flush=True)
+    return rows
+
+
 def machine_description():
     info = config()
     keys = ["cpu", "cores_available", "blas", "openmp", "threads", "OMP_NUM_THREADS",
