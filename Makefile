@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test build bench asv-quick info clean
+.PHONY: demo test build bench asv-quick info wheel-check sanitize clean
 
 $(STAMP): requirements/build.txt requirements/test.txt
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,14 @@ asv-quick: build
 	$(PY) -m pip install --quiet -r requirements/bench.txt
 	cd asv_bench && ../$(PY) -m asv machine --yes > /dev/null && \
 		../$(PY) -m asv run --python=same --quick --show-stderr
+
+# sdist + wheel, auditwheel repair, install in fresh virtualenvs, tests against the wheel
+wheel-check:
+	PYTHON=$(PYTHON) bash tools/wheel_check.sh
+
+# The extension built with AddressSanitizer + UBSan in build/sanitize, and the tests run under it
+sanitize: $(STAMP)
+	bash tools/sanitize.sh
 
 clean:
 	rm -rf build dist *.egg-info src/*.c src/*.html lstm_fast/*.so $(VENV)

@@ -40,7 +40,25 @@ def config():
     except ImportError:
         pass
     info["cpu"] = _cpu_model()
+    info["cpu_features"] = " ".join(_cpu_features()) or "unknown"
     return info
+
+
+FEATURES = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16",
+            "avx512_vnni", "amx_tile", "asimd", "sve", "neon")
+
+
+def _cpu_features():
+    """SIMD features from /proc/cpuinfo (Linux); empty elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags = set(line.split(":", 1)[1].split())
+                    return [name for name in FEATURES if name in flags]
+    except OSError:
+        pass
+    return []
 
 
 def _cpu_model():

@@ -1,6 +1,9 @@
 """Model files (.npz, .safetensors) that never unpickle, converters from torch and Keras, and the
 pickling of models as weights + configuration (for Dask and multiprocessing)."""
+from __future__ import annotations
+
 import json
+from typing import Any
 import os
 
 import numpy as np
@@ -52,7 +55,7 @@ def save(model, path):
                   metadata={"lstm_fast": config})
 
 
-def load(path):
+def load(path: Any) -> Any:
     """An lf.LSTM from a file written by ``LSTM.save`` (.npz or .safetensors).
 
     Nothing is unpickled (``allow_pickle=False``): a model file cannot run code. Truncated,

@@ -5,9 +5,16 @@ Parameters live in one packed array per layer and kind, with a leading direction
 ``weight_ih_l0_reverse``, ...) are views into them, so an optimizer updating a parameter in place
 updates what the kernel reads. The gate order everywhere is torch's: i, f, g, o.
 """
+from __future__ import annotations
+
 import math
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
+
+Array = npt.NDArray[Any]
+State = tuple[Array, Array]
 
 from . import _forward, _step, _threading, _threads
 from . import _validate as v
@@ -106,8 +113,9 @@ class LSTM:
     PackedSequence; outputs are new C-contiguous arrays.
     """
 
-    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
-                 dropout=0.0, bidirectional=False, proj_size=0, dtype=np.float32, seed=None):
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 proj_size: int = 0, dtype: npt.DTypeLike = np.float32, seed: int | None = None) -> None:
         self.input_size = v.size(input_size, "input_size")
         self.hidden_size = v.size(hidden_size, "hidden_size")
         self.num_layers = v.size(num_layers, "num_layers")
@@ -170,15 +178,15 @@ class LSTM:
         for p in self._params.values():
             p[...] = rng.uniform(-bound, bound, size=p.shape)
 
-    def parameters(self):
+    def parameters(self) -> dict[str, Array]:
         """The parameters by torch name, as live views: writing into them changes the model."""
         return dict(self._params)
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Array]:
         """A copy of the parameters by torch name and shape (gate order i, f, g, o)."""
         return {name: p.copy() for name, p in self._params.items()}
 
-    def load_state_dict(self, state_dict, strict=True):
+    def load_state_dict(self, state_dict: Any, strict: bool = True) -> None:
         """Load parameters by torch name, e.g. ``{k: v.numpy() for k, v in torch_lstm.state_dict().items()}``.
 
         Every key must be present with its exact shape; with ``strict`` (the default) unexpected
@@ -263,7 +271,8 @@ class LSTM:
         return x, h0, c0, lens, order, padded, batched
 
     # ----------------------------------------------------------------- forward
-    def __call__(self, x, hx=None, lengths=None):
+    def __call__(self, x: npt.ArrayLike, hx: tuple[npt.ArrayLike, npt.ArrayLike] | None = None,
+                 lengths: npt.ArrayLike | None = None) -> tuple[Array, State]:
         """Run the LSTM over a batch of sequences.
 
         Parameters
@@ -315,7 +324,9 @@ class LSTM:
     forward = __call__
 
     # ----------------------------------------------------------------- training
-    def forward_train(self, x, hx=None, lengths=None, rng=None):
+    def forward_train(self, x: npt.ArrayLike, hx: tuple[npt.ArrayLike, npt.ArrayLike] | None = None,
+                      lengths: npt.ArrayLike | None = None,
+                      rng: np.random.Generator | None = None) -> tuple[Array, State, Any]:
         """The forward pass of training: like ``m(x, hx, lengths)``, also returning a cache.
 
         Inter-layer dropout (``dropout > 0``) acts here, with masks drawn from ``rng`` (a numpy
@@ -331,7 +342,8 @@ class LSTM:
 
         return forward_train(self, x, hx, lengths, rng)
 
-    def backward(self, cache, grad_out, grad_state=None):
+    def backward(self, cache: Any, grad_out: npt.ArrayLike,
+                 grad_state: tuple[npt.ArrayLike, npt.ArrayLike] | None = None) -> Any:
         """Backpropagation through time from the gradient of the loss with respect to ``out``.
 
         Parameters
@@ -352,7 +364,7 @@ class LSTM:
 
 
     # ----------------------------------------------------------------- streaming
-    def zero_state(self, batch_size=None):
+    def zero_state(self, batch_size: int | None = None) -> State:
         """Zero (h, c) for `step`: shapes (L, B, H_out) and (L, B, H); (L, H_out), (L, H) when None."""
         self._refuse_bidirectional_step()
         lead = (self.num_layers,) if batch_size is None else (self.num_layers, v.size(batch_size, "batch_size"))
@@ -363,7 +375,7 @@ class LSTM:
             raise ValueError("step runs one time step forward; a bidirectional model needs the whole "
                              "sequence (its reverse direction starts at the end): call the model instead")
 
-    def step(self, x_t, state):
+    def step(self, x_t: npt.ArrayLike, state: tuple[npt.ArrayLike, npt.ArrayLike]) -> tuple[Array, State]:
         """One time step through all layers, for data that arrives step by step.
 
         Parameters
@@ -416,7 +428,7 @@ class LSTM:
         return h[-1], (h, c)   # y_t is the last layer's h: a view of the new state, as in torch
 
     # ----------------------------------------------------------------- files and peers
-    def save(self, path):
+    def save(self, path: Any) -> None:
         """Write weights and configuration to `path` (.npz, or .safetensors with the safetensors
         package); ``lstm_fast.load(path)`` reads it back without unpickling anything."""
         from ._io import save

@@ -5,10 +5,13 @@ OMP_NUM_THREADS and threadpoolctl's limits on the "openmp" API steer lstm_fast l
 library. `None` means every core this process may use, `-1` the same, `0` is an error.
 `with threads(n):` overrides the count for the calling Python thread only.
 """
+from __future__ import annotations
+
 import contextlib
 import ctypes
 import os
 import threading
+from typing import Iterator
 
 from . import _threading
 
@@ -69,7 +72,7 @@ def _resolve(n_threads, name="n_threads"):
     return n_threads
 
 
-def set_num_threads(n_threads):
+def set_num_threads(n_threads: int | None) -> None:
     """Set the number of threads lstm_fast's kernels use from now on, in every Python thread.
 
     Parameters
@@ -82,7 +85,7 @@ def set_num_threads(n_threads):
     _global_threads = _resolve(n_threads)
 
 
-def get_num_threads():
+def get_num_threads() -> int:
     """The number of threads the next kernel call from this Python thread will use."""
     if _in_forked_child:
         return 1
@@ -93,7 +96,7 @@ def get_num_threads():
 
 
 @contextlib.contextmanager
-def threads(n_threads):
+def threads(n_threads: int | None) -> Iterator[int]:
     """Context manager: use `n_threads` threads inside the block, in this Python thread only.
 
     >>> with lstm_fast.threads(1):

@@ -159,7 +159,8 @@ def backward(model, cache, grad_out, grad_state=None):
                 np.ascontiguousarray(cache.h0[sl]), np.ascontiguousarray(cache.c0[sl]),
                 np.ascontiguousarray(grad_y), np.ascontiguousarray(g_hn[sl]),
                 np.ascontiguousarray(g_cn[sl]), cache.order, cache.lengths, _REVERSE[D],
-                grad_x, grad_h0[sl], grad_c0[sl], g_w_ih, g_w_hh, g_b, g_w_hr, n_threads)
+                grad_x, grad_h0[sl], grad_c0[sl], g_w_ih, g_w_hh, g_b, g_w_hr, n_threads,
+                model._recurrence_mode)
             for d in range(D):
                 sfx = f"_l{k}" + ("_reverse" if d else "")
                 params["weight_ih" + sfx] = g_w_ih[d]

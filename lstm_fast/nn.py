@@ -1,8 +1,12 @@
 """A dense head and losses for training, each with its gradient (numpy; one GEMM per call)."""
+from __future__ import annotations
+
 import math
+from typing import Any
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from . import _validate as v
 
@@ -26,7 +30,8 @@ class Linear:
     seed : int or None, seed of the uniform +-1/sqrt(in_features) initialisation
     """
 
-    def __init__(self, in_features, out_features, bias=True, dtype=np.float32, seed=None):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 dtype: npt.DTypeLike = np.float32, seed: int | None = None) -> None:
         self.in_features = v.size(in_features, "in_features")
         self.out_features = v.size(out_features, "out_features")
         self.dtype = v.model_dtype(dtype)
@@ -36,7 +41,7 @@ class Linear:
         if bias:
             self._params["bias"] = rng.uniform(-bound, bound, self.out_features).astype(self.dtype)
 
-    def parameters(self):
+    def parameters(self) -> dict[str, npt.NDArray[Any]]:
         """Live views by name ("weight", "bias")."""
         return dict(self._params)
 
@@ -54,7 +59,7 @@ class Linear:
             raise ValueError(f"x has shape {x.shape}, expected (..., {self.in_features})")
         return x
 
-    def __call__(self, x):
+    def __call__(self, x: npt.ArrayLike) -> npt.NDArray[Any]:
         """x : ndarray of shape (..., in_features) -> (..., out_features)."""
         x = self._input(x)
         y = x @ self._params["weight"].T
@@ -64,7 +69,7 @@ class Linear:
 
     forward = __call__
 
-    def backward(self, x, grad_y):
+    def backward(self, x: npt.ArrayLike, grad_y: npt.ArrayLike) -> LinearGradients:
         """Gradients for the input x given to the forward call and dL/dy."""
         x = self._input(x)
         g = v.float_array(grad_y, "grad_y", self.dtype)
@@ -80,7 +85,7 @@ class Linear:
         return f"Linear({self.in_features}, {self.out_features}, dtype={self.dtype.name})"
 
 
-def mse_loss(pred, target):
+def mse_loss(pred: npt.ArrayLike, target: npt.ArrayLike) -> tuple[float, npt.NDArray[Any]]:
     """Mean squared error over all elements; returns (loss, dL/dpred)."""
     pred = np.asarray(pred)
     target = np.asarray(target, dtype=pred.dtype)
@@ -90,7 +95,7 @@ def mse_loss(pred, target):
     return float(np.mean(diff * diff)), (2.0 / diff.size) * diff
 
 
-def cross_entropy_loss(logits, labels):
+def cross_entropy_loss(logits: npt.ArrayLike, labels: npt.ArrayLike) -> tuple[float, npt.NDArray[Any]]:
     """Softmax cross-entropy, mean over rows; logits (N, C), integer labels (N,) in 0..C-1.
 
     Returns (loss, dL/dlogits); stable for large logits (the row maximum is subtracted).

@@ -3,7 +3,13 @@
 >>> opt = lf.optim.Adam([model.parameters(), head.parameters()], lr=1e-3)
 >>> opt.step([grads.params, head_grads.params])      # same structure as the parameters
 """
+from __future__ import annotations
+
+from typing import Any, Union
+
 import numpy as np
+
+Params = Union[dict[str, Any], list[dict[str, Any]]]
 
 
 def _as_groups(params):
@@ -19,7 +25,7 @@ def _flatten(groups):
     return [(i, name, p) for i, group in enumerate(groups) for name, p in group.items()]
 
 
-def clip_grad_norm(grads, max_norm):
+def clip_grad_norm(grads: Params, max_norm: float) -> float:
     """Scale the gradients in place so that their global L2 norm is at most max_norm.
 
     grads : dict or list of dicts of arrays. Returns the norm before clipping.
@@ -38,7 +44,7 @@ def clip_grad_norm(grads, max_norm):
 class Optimizer:
     """Base: keeps the parameter views and a per-parameter state, saved and restored as arrays."""
 
-    def __init__(self, params, lr):
+    def __init__(self, params: Params, lr: float) -> None:
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         self.lr = float(lr)
@@ -67,7 +73,7 @@ class Optimizer:
             self.state[key] = np.zeros_like(like)
         return self.state[key]
 
-    def step(self, grads):
+    def step(self, grads: Params) -> None:
         """Update every parameter in place from grads (the structure of the parameters)."""
         self.steps += 1
         for (i, name, p), g in zip(self._entries, self._grads(grads)):
@@ -97,7 +103,8 @@ class Optimizer:
 class SGD(Optimizer):
     """p -= lr * (g + weight_decay * p), with heavy-ball momentum as torch.optim.SGD."""
 
-    def __init__(self, params, lr=1e-2, momentum=0.0, weight_decay=0.0, nesterov=False):
+    def __init__(self, params: Params, lr: float = 1e-2, momentum: float = 0.0,
+                 weight_decay: float = 0.0, nesterov: bool = False) -> None:
         super().__init__(params, lr)
         self.momentum, self.weight_decay, self.nesterov = float(momentum), float(weight_decay), bool(nesterov)
 
@@ -120,7 +127,8 @@ class Adam(Optimizer):
 
     decoupled = False
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+    def __init__(self, params: Params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0) -> None:
         super().__init__(params, lr)
         self.beta1, self.beta2 = map(float, betas)
         self.eps, self.weight_decay = float(eps), float(weight_decay)
@@ -147,5 +155,6 @@ class AdamW(Adam):
 
     decoupled = True
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
+    def __init__(self, params: Params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2) -> None:
         super().__init__(params, lr, betas, eps, weight_decay)

@@ -20,6 +20,9 @@ from libc.stdlib cimport malloc, free, calloc
 from libc.string cimport memcpy, memset
 
 from _blas cimport gemm_rm, gemm_rm_tn, gemv_rm
+from _gates cimport lf_tanhf   # brings the vectorisable float32 tanh into this module's C
+
+from lstm_fast._forward import recurrence_mode
 
 cdef extern from *:
     """
@@ -44,7 +47,7 @@ cdef extern from *:
             h_raw[j] = go[j] * tc;                                                            \
         }                                                                                     \
     }
-    LF_CELL_BACK(float, f32, tanhf)
+    LF_CELL_BACK(float, f32, lf_tanhf)
     LF_CELL_BACK(double, f64, tanh)
     """
     void lf_cell_back_f32(Py_ssize_t, const float*, float*, const float*, const float*,
@@ -54,7 +57,10 @@ cdef extern from *:
 
 cdef enum:
     GRAD_ROWS = 256       # rows of dx per GEMM item
-    GRAD_COLS = 64        # output rows (of 4H or P) per weight-gradient item
+    GRAD_BLOCKS = 4       # weight gradients: output rows (of 4H or P) in 4 blocks per direction;
+                          # each block's GEMM packs all T*B rows of x / h_prev again, so few and big
+    WIDE_COL_BLOCKS = 8   # wide mode (as the forward's): column blocks of a step's products
+    WIDE_ROWS = 8         # wide mode: rows per item of a step's row phases
 
 
 ctypedef struct Back:
@@ -81,105 +87,234 @@ ctypedef struct Back:
     void* grad_c0            # OUT (D, B, H)
 
 
+cdef inline Py_ssize_t _prev_time(const Back* K, Py_ssize_t d, Py_ssize_t t) noexcept nogil:
+    # the time of the row's previous step: t-1 forward, t+1 backward
+    return t + 1 if K.reverse[d] else t - 1
+
+
+cdef void _back_row_pre(const Back* K, Py_ssize_t d, Py_ssize_t s, Py_ssize_t b,
+                        floating* dh_row) noexcept nogil:
+    """dh += dL/dy at this step; keep h_{t-1} (for dW_hh) and the projected dh (for dW_hr)."""
+    cdef Py_ssize_t H_out = K.hidden_out, B = K.batch, T = K.seq_len, j
+    cdef Py_ssize_t t = K.lengths[b] - 1 - s if K.reverse[d] else s
+    cdef Py_ssize_t at = (d * T + t) * B + b
+    cdef const floating* grad_y = (<const floating*> K.grad_y) + (t * B + b) * K.y_stride + d * H_out
+    cdef const floating* h_prev_row
+    for j in range(H_out):
+        dh_row[j] = dh_row[j] + grad_y[j]
+    if s == 0:
+        h_prev_row = (<const floating*> K.h0) + (d * B + b) * H_out
+    else:
+        h_prev_row = (<const floating*> K.y) + (_prev_time(K, d, t) * B + b) * K.y_stride + d * H_out
+    memcpy((<floating*> K.h_prev) + at * H_out, h_prev_row, H_out * sizeof(floating))
+    if K.proj > 0:
+        memcpy((<floating*> K.dh_proj) + at * K.proj, dh_row, K.proj * sizeof(floating))
+
+
+cdef void _back_row_cell(const Back* K, Py_ssize_t d, Py_ssize_t s, Py_ssize_t b,
+                         const floating* dh_raw_row, floating* dc_row, floating* dz_row,
+                         floating* throwaway) noexcept nogil:
+    """The cell's backward for one row: dz (also into the (D, T, B, 4H) buffer), dc -> dc_{t-1}."""
+    cdef Py_ssize_t H = K.hidden, four_h = K.four_h, B = K.batch, T = K.seq_len
+    cdef Py_ssize_t t = K.lengths[b] - 1 - s if K.reverse[d] else s
+    cdef Py_ssize_t at = (d * T + t) * B + b
+    cdef const floating* cs = <const floating*> K.cs
+    cdef const floating* c_prev
+    cdef floating* dz_at = (<floating*> K.dz) + at * four_h
+    # h_raw = o*tanh(c) is kept for dW_hr only with a projection
+    cdef floating* raw = (<floating*> K.h_raw) + at * H if K.proj > 0 else throwaway
+    if s == 0:
+        c_prev = (<const floating*> K.c0) + (d * B + b) * H
+    else:
+        c_prev = cs + ((d * T + _prev_time(K, d, t)) * B + b) * H
+    if floating is float:
+        lf_cell_back_f32(H, dh_raw_row, dc_row, (<const float*> K.gates) + at * four_h,
+                         cs + at * H, c_prev, dz_at, raw)
+    else:
+        lf_cell_back_f64(H, dh_raw_row, dc_row, (<const double*> K.gates) + at * four_h,
+                         cs + at * H, c_prev, dz_at, raw)
+    memcpy(dz_row, dz_at, four_h * sizeof(floating))
+
+
+cdef inline void _dh_raw_product(Py_ssize_t rows, Py_ssize_t n_cols, const Back* K,
+                                 const floating* dh, const floating* w_hr_cols,
+                                 floating* dh_raw) noexcept nogil:
+    # dh_raw[:, cols] = dh @ W_hr[:, cols]   (W_hr stored (P, H); dh_raw with leading dim H)
+    if rows == 1:
+        gemv_rm(c'T', <int> K.proj, <int> n_cols, <floating> 1, w_hr_cols, <int> K.hidden, dh,
+                <floating> 0, dh_raw)
+    elif rows > 1:
+        gemm_rm(c'N', <int> rows, <int> n_cols, <int> K.proj, <floating> 1, dh, <int> K.proj,
+                w_hr_cols, <int> K.hidden, <floating> 0, dh_raw, <int> K.hidden)
+
+
+cdef inline void _dh_prev_product(Py_ssize_t rows, Py_ssize_t n_cols, const Back* K,
+                                  const floating* dz_rows, const floating* w_hh_cols,
+                                  floating* dh) noexcept nogil:
+    # dh[:, cols] = dz @ W_hh[:, cols]   (W_hh stored (4H, H_out); dh with leading dim H_out)
+    if rows == 1:
+        gemv_rm(c'T', <int> K.four_h, <int> n_cols, <floating> 1, w_hh_cols, <int> K.hidden_out,
+                dz_rows, <floating> 0, dh)
+    elif rows > 1:
+        gemm_rm(c'N', <int> rows, <int> n_cols, <int> K.four_h, <floating> 1, dz_rows,
+                <int> K.four_h, w_hh_cols, <int> K.hidden_out, <floating> 0, dh, <int> K.hidden_out)
+
+
+cdef void _load_grad_state(const Back* K, Py_ssize_t d, const Py_ssize_t* order, Py_ssize_t rows,
+                           floating* dh, floating* dc) noexcept nogil:
+    cdef Py_ssize_t r, b
+    for r in range(rows):
+        b = order[r]
+        memcpy(dh + r * K.hidden_out, (<const floating*> K.grad_hn) + (d * K.batch + b) * K.hidden_out,
+               K.hidden_out * sizeof(floating))
+        memcpy(dc + r * K.hidden, (<const floating*> K.grad_cn) + (d * K.batch + b) * K.hidden,
+               K.hidden * sizeof(floating))
+
+
+cdef void _store_grad_state(const Back* K, Py_ssize_t d, const Py_ssize_t* order, Py_ssize_t rows,
+                            const floating* dh, const floating* dc) noexcept nogil:
+    cdef Py_ssize_t r, b
+    for r in range(rows):
+        b = order[r]
+        memcpy((<floating*> K.grad_h0) + (d * K.batch + b) * K.hidden_out, dh + r * K.hidden_out,
+               K.hidden_out * sizeof(floating))
+        memcpy((<floating*> K.grad_c0) + (d * K.batch + b) * K.hidden, dc + r * K.hidden,
+               K.hidden * sizeof(floating))
+
+
 cdef void _back_chunk(Py_ssize_t item, const Back* K, floating* scratch) noexcept nogil:
-    """One (chunk, direction) item through all of its steps, last first."""
+    """Chunked mode: one (chunk, direction) item through all of its steps, last first."""
     cdef Py_ssize_t d = item % K.n_dirs
     cdef Py_ssize_t start = (item // K.n_dirs) * K.chunk
     cdef Py_ssize_t rows = K.chunk if start + K.chunk <= K.batch else K.batch - start
     cdef const Py_ssize_t* order = K.order + start
-    cdef Py_ssize_t H = K.hidden, H_out = K.hidden_out, P = K.proj, four_h = K.four_h
-    cdef Py_ssize_t B = K.batch, T = K.seq_len
+    cdef Py_ssize_t H = K.hidden, H_out = K.hidden_out, four_h = K.four_h
     # scratch: dh (chunk, H_out) | dc (chunk, H) | dz rows (chunk, 4H) | dh_raw (chunk, H)
     cdef floating* dh = scratch
     cdef floating* dc = dh + K.chunk * H_out
     cdef floating* dz_rows = dc + K.chunk * H
     cdef floating* dh_raw = dz_rows + K.chunk * four_h
     cdef const floating* w_hh = (<const floating*> K.w_hh) + d * four_h * H_out
-    cdef const floating* w_hr = (<const floating*> K.w_hr) + d * P * H
-    cdef const floating* gates = <const floating*> K.gates
-    cdef const floating* cs = <const floating*> K.cs
-    cdef const floating* y = <const floating*> K.y
-    cdef const floating* grad_y = <const floating*> K.grad_y
-    cdef floating* dz_all = <floating*> K.dz
-    cdef floating* h_prev_all = <floating*> K.h_prev
-    cdef floating* h_raw_all = <floating*> K.h_raw
-    cdef floating* dhp_all = <floating*> K.dh_proj
-    cdef bint rev = K.reverse[d] != 0
-    cdef Py_ssize_t r, b, s, t, t_prev, L_b, n_active, at, j
+    cdef const floating* w_hr = (<const floating*> K.w_hr) + d * K.proj * H
+    cdef Py_ssize_t r, s, n_active
     cdef Py_ssize_t max_len = K.lengths[order[0]]
-    cdef const floating* c_prev
-    cdef const floating* h_prev_row
-    cdef floating* dh_row
-    cdef floating* raw_row
 
-    for r in range(rows):
-        b = order[r]
-        memcpy(dh + r * H_out, (<const floating*> K.grad_hn) + (d * B + b) * H_out, H_out * sizeof(floating))
-        memcpy(dc + r * H, (<const floating*> K.grad_cn) + (d * B + b) * H, H * sizeof(floating))
-
+    _load_grad_state(K, d, order, rows, dh, dc)
     for s in range(max_len - 1, -1, -1):
         n_active = rows
         while n_active > 0 and K.lengths[order[n_active - 1]] <= s:
             n_active -= 1
         for r in range(n_active):
-            b = order[r]
-            L_b = K.lengths[b]
-            t = L_b - 1 - s if rev else s
-            at = (d * T + t) * B + b
-            # dh += dL/dy at this step
-            dh_row = dh + r * H_out
-            for j in range(H_out):
-                dh_row[j] = dh_row[j] + grad_y[(t * B + b) * K.y_stride + d * H_out + j]
-            # the previous step of this row: t-1 forward, t+1 backward; the initial state first
-            if s == 0:
-                c_prev = (<const floating*> K.c0) + (d * B + b) * H
-                h_prev_row = (<const floating*> K.h0) + (d * B + b) * H_out
-            else:
-                t_prev = t + 1 if rev else t - 1
-                c_prev = cs + ((d * T + t_prev) * B + b) * H
-                h_prev_row = y + (t_prev * B + b) * K.y_stride + d * H_out
-            memcpy(h_prev_all + at * H_out, h_prev_row, H_out * sizeof(floating))
-            if P > 0:
-                memcpy(dhp_all + at * P, dh_row, P * sizeof(floating))
-        if P > 0:
-            # the gradient of h_raw = o*tanh(c): dh_raw = dh @ W_hr
-            if n_active == 1:
-                gemv_rm(c'T', <int> P, <int> H, <floating> 1, w_hr, <int> H, dh, <floating> 0, dh_raw)
-            elif n_active > 1:
-                gemm_rm(c'N', <int> n_active, <int> H, <int> P, <floating> 1, dh, <int> P,
-                        w_hr, <int> H, <floating> 0, dh_raw, <int> H)
+            _back_row_pre(K, d, s, order[r], dh + r * H_out)
+        if K.proj > 0:
+            _dh_raw_product(n_active, H, K, dh, w_hr, dh_raw)
         for r in range(n_active):
-            b = order[r]
-            L_b = K.lengths[b]
-            t = L_b - 1 - s if rev else s
-            at = (d * T + t) * B + b
-            if s == 0:
-                c_prev = (<const floating*> K.c0) + (d * B + b) * H
-            else:
-                t_prev = t + 1 if rev else t - 1
-                c_prev = cs + ((d * T + t_prev) * B + b) * H
-            raw_row = h_raw_all + at * H if P > 0 else dz_rows   # dz_rows: a throwaway target
-            if floating is float:
-                lf_cell_back_f32(H, (dh_raw + r * H) if P > 0 else (dh + r * H_out), dc + r * H,
-                                 gates + at * four_h, cs + at * H, c_prev, dz_all + at * four_h,
-                                 raw_row if P > 0 else (dh_raw + r * H))
-            else:
-                lf_cell_back_f64(H, (dh_raw + r * H) if P > 0 else (dh + r * H_out), dc + r * H,
-                                 gates + at * four_h, cs + at * H, c_prev, dz_all + at * four_h,
-                                 raw_row if P > 0 else (dh_raw + r * H))
-            memcpy(dz_rows + r * four_h, dz_all + at * four_h, four_h * sizeof(floating))
-        # dh_prev = dz @ W_hh  (W_hh stored (4H, H_out))
-        if n_active == 1:
-            gemv_rm(c'T', <int> four_h, <int> H_out, <floating> 1, w_hh, <int> H_out, dz_rows,
-                    <floating> 0, dh)
-        elif n_active > 1:
-            gemm_rm(c'N', <int> n_active, <int> H_out, <int> four_h, <floating> 1, dz_rows,
-                    <int> four_h, w_hh, <int> H_out, <floating> 0, dh, <int> H_out)
+            _back_row_cell(K, d, s, order[r], (dh_raw + r * H) if K.proj > 0 else (dh + r * H_out),
+                           dc + r * H, dz_rows + r * four_h, dh_raw + r * H)
+        _dh_prev_product(n_active, H_out, K, dz_rows, w_hh, dh)
+    _store_grad_state(K, d, order, rows, dh, dc)
 
-    for r in range(rows):
-        b = order[r]
-        memcpy((<floating*> K.grad_h0) + (d * B + b) * H_out, dh + r * H_out, H_out * sizeof(floating))
-        memcpy((<floating*> K.grad_c0) + (d * B + b) * H, dc + r * H, H * sizeof(floating))
+
+cdef void _wide_rows(Py_ssize_t item, Py_ssize_t s, Py_ssize_t n_active, Py_ssize_t n_row_blocks,
+                     int phase, const Back* K, floating* dh, floating* dc, floating* dzr,
+                     floating* dhr) noexcept nogil:
+    # wide mode, row phases of one block of rows of one direction: 0 = pre (and the cell
+    # without projection), 1 = the cell after the projection's product
+    cdef Py_ssize_t d = item // n_row_blocks
+    cdef Py_ssize_t r0 = (item % n_row_blocks) * WIDE_ROWS
+    cdef Py_ssize_t r1 = r0 + WIDE_ROWS if r0 + WIDE_ROWS <= n_active else n_active
+    cdef Py_ssize_t B = K.batch, H = K.hidden, H_out = K.hidden_out, r, b
+    cdef floating* dh_d = dh + d * B * H_out
+    cdef floating* dc_d = dc + d * B * H
+    cdef floating* dzr_d = dzr + d * B * K.four_h
+    cdef floating* dhr_d = dhr + d * B * H
+    for r in range(r0, r1):
+        b = K.order[r]
+        if phase == 0:
+            _back_row_pre(K, d, s, b, dh_d + r * H_out)
+        if (phase == 0 and K.proj == 0) or phase == 1:
+            _back_row_cell(K, d, s, b, (dhr_d + r * H) if K.proj > 0 else (dh_d + r * H_out),
+                           dc_d + r * H, dzr_d + r * K.four_h, dhr_d + r * H)
+
+
+cdef void _wide_cols(Py_ssize_t item, Py_ssize_t n_active, Py_ssize_t n_blocks, Py_ssize_t width,
+                     Py_ssize_t total, int which, const Back* K, floating* dh, floating* dzr,
+                     floating* dhr) noexcept nogil:
+    # wide mode, column phases: which = 0: dh_raw = dh @ W_hr, 1: dh = dz @ W_hh
+    cdef Py_ssize_t d = item // n_blocks
+    cdef Py_ssize_t col0 = (item % n_blocks) * width
+    cdef Py_ssize_t n_cols = width if col0 + width <= total else total - col0
+    cdef Py_ssize_t B = K.batch
+    if which == 0:
+        _dh_raw_product(n_active, n_cols, K, dh + d * B * K.hidden_out,
+                        (<const floating*> K.w_hr) + d * K.proj * K.hidden + col0,
+                        dhr + d * B * K.hidden + col0)
+    else:
+        _dh_prev_product(n_active, n_cols, K, dzr + d * B * K.four_h,
+                         (<const floating*> K.w_hh) + d * K.four_h * K.hidden_out + col0,
+                         dh + d * B * K.hidden_out + col0)
+
+
+cdef void _back_wide(const Back* K, floating* state, int n_threads) noexcept nogil:
+    """Wide mode: every step over the whole batch, the products split by columns over threads.
+
+    state: dh (D, B, H_out) | dc (D, B, H) | dz rows (D, B, 4H) | dh_raw (D, B, H), rows in order.
+    """
+    cdef Py_ssize_t D = K.n_dirs, B = K.batch
+    cdef floating* dh = state
+    cdef floating* dc = dh + D * B * K.hidden_out
+    cdef floating* dzr = dc + D * B * K.hidden
+    cdef floating* dhr = dzr + D * B * K.four_h
+    cdef Py_ssize_t out_w = ((K.hidden_out + WIDE_COL_BLOCKS - 1) // WIDE_COL_BLOCKS + 15) // 16 * 16
+    cdef Py_ssize_t n_out = (K.hidden_out + out_w - 1) // out_w
+    cdef Py_ssize_t raw_w = ((K.hidden + WIDE_COL_BLOCKS - 1) // WIDE_COL_BLOCKS + 15) // 16 * 16
+    cdef Py_ssize_t n_raw = (K.hidden + raw_w - 1) // raw_w
+    cdef Py_ssize_t d, s, item, n_active, n_rb
+    cdef Py_ssize_t max_len = K.lengths[K.order[0]]
+    for d in range(D):
+        _load_grad_state(K, d, K.order, B, dh + d * B * K.hidden_out, dc + d * B * K.hidden)
+    if n_threads <= 1:
+        for s in range(max_len - 1, -1, -1):
+            n_active = _active(K, s)
+            n_rb = (n_active + WIDE_ROWS - 1) // WIDE_ROWS
+            for item in range(D * n_rb):
+                _wide_rows(item, s, n_active, n_rb, 0, K, dh, dc, dzr, dhr)
+            if K.proj > 0:
+                for item in range(D * n_raw):
+                    _wide_cols(item, n_active, n_raw, raw_w, K.hidden, 0, K, dh, dzr, dhr)
+                for item in range(D * n_rb):
+                    _wide_rows(item, s, n_active, n_rb, 1, K, dh, dc, dzr, dhr)
+            for item in range(D * n_out):
+                _wide_cols(item, n_active, n_out, out_w, K.hidden_out, 1, K, dh, dzr, dhr)
+    else:
+        with parallel(num_threads=n_threads):
+            # each prange ends with a barrier that orders the phases of a step
+            for s in range(max_len - 1, -1, -1):
+                n_active = _active(K, s)
+                n_rb = (n_active + WIDE_ROWS - 1) // WIDE_ROWS
+                for item in prange(D * n_rb, schedule='static'):
+                    _wide_rows(item, s, n_active, n_rb, 0, K, dh, dc, dzr, dhr)
+                if K.proj > 0:
+                    for item in prange(D * n_raw, schedule='static'):
+                        _wide_cols(item, n_active, n_raw, raw_w, K.hidden, 0, K, dh, dzr, dhr)
+                    for item in prange(D * n_rb, schedule='static'):
+                        _wide_rows(item, s, n_active, n_rb, 1, K, dh, dc, dzr, dhr)
+                for item in prange(D * n_out, schedule='static'):
+                    _wide_cols(item, n_active, n_out, out_w, K.hidden_out, 1, K, dh, dzr, dhr)
+    for d in range(D):
+        _store_grad_state(K, d, K.order, B, dh + d * B * K.hidden_out, dc + d * B * K.hidden)
+
+
+cdef inline Py_ssize_t _active(const Back* K, Py_ssize_t s) noexcept nogil:
+    cdef Py_ssize_t rows = K.batch
+    while rows > 0 and K.lengths[K.order[rows - 1]] <= s:
+        rows -= 1
+    return rows
+
+
+cdef inline Py_ssize_t _grad_block(Py_ssize_t rows) noexcept nogil:
+    # rows per weight-gradient block: a quarter, rounded up to 16 (a function of the shape only)
+    return ((rows + GRAD_BLOCKS - 1) // GRAD_BLOCKS + 15) // 16 * 16
 
 
 cdef void _weight_grad_item(Py_ssize_t item, const Back* K, const floating* x,
@@ -194,8 +329,8 @@ cdef void _weight_grad_item(Py_ssize_t item, const Back* K, const floating* x,
     cdef const floating* dz = (<const floating*> K.dz) + d * TB * K.four_h
     cdef floating acc
     if k < n_gate_blocks:
-        row0 = k * GRAD_COLS
-        n_rows = GRAD_COLS if row0 + GRAD_COLS <= K.four_h else K.four_h - row0
+        row0 = k * _grad_block(K.four_h)
+        n_rows = _grad_block(K.four_h) if row0 + _grad_block(K.four_h) <= K.four_h else K.four_h - row0
         # dW_ih[rows] = dz[:, rows].T @ x ; dW_hh[rows] = dz[:, rows].T @ h_prev
         gemm_rm_tn(<int> n_rows, <int> K.input_size, <int> TB, <floating> 1, dz + row0,
                    <int> K.four_h, x, <int> K.input_size, <floating> 0,
@@ -211,8 +346,8 @@ cdef void _weight_grad_item(Py_ssize_t item, const Back* K, const floating* x,
             for j in range(row0, row0 + n_rows):
                 g_bias[d * K.four_h + j] += dz[q * K.four_h + j]
     else:
-        row0 = (k - n_gate_blocks) * GRAD_COLS
-        n_rows = GRAD_COLS if row0 + GRAD_COLS <= K.proj else K.proj - row0
+        row0 = (k - n_gate_blocks) * _grad_block(K.proj)
+        n_rows = _grad_block(K.proj) if row0 + _grad_block(K.proj) <= K.proj else K.proj - row0
         # dW_hr[rows] = dh_proj[:, rows].T @ h_raw
         gemm_rm_tn(<int> n_rows, <int> K.hidden, <int> TB, <floating> 1,
                    (<const floating*> K.dh_proj) + d * TB * K.proj + row0, <int> K.proj,
@@ -256,7 +391,8 @@ def backward_layer(const floating[:, :, ::1] x,            # IN  (T, B, I) the l
                    floating[:, :, ::1] grad_w_hh,          # OUT (D, 4H, H_out)
                    floating[:, ::1] grad_bias,             # OUT (D, 4H) (b_ih and b_hh alike)
                    floating[:, :, ::1] grad_w_hr,          # OUT (D, P, H) or size 0
-                   int n_threads):
+                   int n_threads,
+                   int mode=0):                            # 0: by shape, 1: chunked, 2: wide
     """Gradients of one layer (all directions); see the module docstring."""
     cdef Back K
     K.seq_len = x.shape[0]
@@ -309,11 +445,15 @@ def backward_layer(const floating[:, :, ::1] x,            # IN  (T, B, I) the l
     cdef floating* g_bias = &grad_bias[0, 0]
     cdef floating* g_w_hr = &grad_w_hr[0, 0, 0] if P > 0 else NULL
     cdef Py_ssize_t n_items = K.n_chunks * D
-    cdef Py_ssize_t n_gate_blocks = (K.four_h + GRAD_COLS - 1) // GRAD_COLS
-    cdef Py_ssize_t n_proj_blocks = (P + GRAD_COLS - 1) // GRAD_COLS
+    cdef Py_ssize_t n_gate_blocks = (K.four_h + _grad_block(K.four_h) - 1) // _grad_block(K.four_h)
+    cdef Py_ssize_t n_proj_blocks = (P + _grad_block(P) - 1) // _grad_block(P) if P > 0 else 0
     cdef Py_ssize_t n_weight_items = D * (n_gate_blocks + n_proj_blocks)
     cdef Py_ssize_t n_x_items = (TB + GRAD_ROWS - 1) // GRAD_ROWS
     cdef Py_ssize_t scratch_len = K.chunk * (K.hidden_out + 2 * H + K.four_h)
+    cdef Py_ssize_t wide_len = D * K.batch * (K.hidden_out + 2 * H + K.four_h)
+    if mode == 0:
+        # the forward's rule, so training and inference split the work the same way
+        mode = 2 if recurrence_mode(K.batch, H, K.hidden_out, sizeof(floating)) == "wide" else 1
     cdef floating* scratch = NULL
     cdef Py_ssize_t item
     cdef int failed = 0
@@ -323,9 +463,17 @@ def backward_layer(const floating[:, :, ::1] x,            # IN  (T, B, I) the l
     cdef double grad_flops = 2.0 * D * TB * K.four_h * (K.input_size + K.hidden_out) * 2
     cdef int threads_rec = <int> min(n_threads, n_items, max(1.0, rec_flops / 200000))
     cdef int threads_grad = <int> min(n_threads, n_weight_items, max(1.0, grad_flops / 200000))
+    cdef int threads_wide = <int> min(n_threads, D * 8, max(1.0, rec_flops / K.seq_len / 200000))
 
     with nogil:
-        if threads_rec <= 1:
+        if mode == 2:
+            scratch = <floating*> malloc(wide_len * sizeof(floating))
+            if scratch == NULL:
+                failed = 1
+            else:
+                _back_wide(&K, scratch, threads_wide)
+                free(scratch)
+        elif threads_rec <= 1:
             scratch = <floating*> malloc(scratch_len * sizeof(floating))
             if scratch == NULL:
                 failed = 1

@@ -20,6 +20,7 @@ def test_info_names_openmp_and_blas():
     result = _run("info")
     assert result.returncode == 0, result.stderr
     assert "openmp" in result.stdout and "blas" in result.stdout
+    assert "cpu_features" in result.stdout and "build_flags" in result.stdout
 
 
 def test_bench_quick_runs(tmp_path):

@@ -83,8 +83,9 @@ def test_gradients_match_torch_autograd(dtype, config):
 
 
 @pytest.mark.parametrize("mode", [1, 2], ids=["chunked", "wide"])
-def test_gradients_in_both_forward_modes(mode):
-    m, x, hx, grads, lengths = _case(np.float64, CONFIGS[3])
+@pytest.mark.parametrize("config", CONFIGS[2:], ids=IDS[2:])
+def test_gradients_in_both_recurrence_modes(mode, config):
+    m, x, hx, grads, lengths = _case(np.float64, config)
     m._recurrence_mode = mode
     _, _, cache = m.forward_train(x, hx, lengths=lengths)
     g = m.backward(cache, grads[0], grads[1:])
@@ -149,9 +150,11 @@ def test_finite_differences():
     assert not g.input[3:, 1].any(), "no gradient flows into padding"
 
 
+@pytest.mark.parametrize("mode", [0, 1, 2], ids=["auto", "chunked", "wide"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_gradients_are_the_same_bits_for_any_thread_count(dtype):
-    m, x, hx, grads, lengths = _case(dtype, CONFIGS[4])
+def test_gradients_are_the_same_bits_for_any_thread_count(dtype, mode):
+    m, x, hx, grads, lengths = _case(dtype, CONFIGS[4], batch=7)
+    m._recurrence_mode = mode
     results = []
     for n in (1, 2, 3):
         with lf.threads(n):
@@ -163,10 +166,11 @@ def test_gradients_are_the_same_bits_for_any_thread_count(dtype):
             assert_array_equal(other.params[name], results[0].params[name])
 
 
-def test_large_batch_thread_invariance():
-    m = lf.LSTM(6, 20, bidirectional=True, seed=0)
+@pytest.mark.parametrize("hidden", [20, 200], ids=["chunked", "wide"])
+def test_large_batch_thread_invariance(hidden):
+    m = lf.LSTM(6, hidden, bidirectional=True, seed=0)
     x = np.random.default_rng(0).standard_normal((11, 70, 6)).astype(np.float32)
-    g_out = np.random.default_rng(1).standard_normal((11, 70, 40)).astype(np.float32)
+    g_out = np.random.default_rng(1).standard_normal((11, 70, 2 * hidden)).astype(np.float32)
     lengths = np.random.default_rng(2).integers(1, 12, size=70)
     runs = []
     for n in (1, 2):

@@ -1,0 +1,27 @@
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+def batch_chunk(batch: int) -> int: ...
+def recurrence_mode(batch: int, hidden: int, hidden_out: int, itemsize: int) -> str: ...
+def forward_layer(
+    x: npt.NDArray[np.floating[Any]],
+    w_ih: npt.NDArray[np.floating[Any]],
+    w_hh: npt.NDArray[np.floating[Any]],
+    bias: npt.NDArray[np.floating[Any]],
+    w_hr: npt.NDArray[np.floating[Any]],
+    peephole: npt.NDArray[np.floating[Any]],
+    order: npt.NDArray[np.intp],
+    lengths: npt.NDArray[np.intp],
+    reverse: npt.NDArray[np.intc],
+    h: npt.NDArray[np.floating[Any]],
+    c: npt.NDArray[np.floating[Any]],
+    y: npt.NDArray[np.floating[Any]],
+    cache_gates: npt.NDArray[np.floating[Any]],
+    cache_c: npt.NDArray[np.floating[Any]],
+    spec: tuple[Any, ...] | None,
+    n_threads: int,
+    mode: int = ...,
+) -> None: ...
+def gate_math_py(values: npt.NDArray[np.floating[Any]], function: str) -> npt.NDArray[np.floating[Any]]: ...

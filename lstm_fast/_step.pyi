@@ -1,0 +1,20 @@
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+class StepPlan:
+    def __init__(
+        self,
+        w_ih: list[npt.NDArray[np.floating[Any]]],
+        w_hh: list[npt.NDArray[np.floating[Any]]],
+        b_ih: list[npt.NDArray[np.floating[Any]] | None],
+        b_hh: list[npt.NDArray[np.floating[Any]] | None],
+        w_hr: list[npt.NDArray[np.floating[Any]] | None],
+    ) -> None: ...
+    def run(
+        self,
+        x: npt.NDArray[np.floating[Any]],
+        h: npt.NDArray[np.floating[Any]],
+        c: npt.NDArray[np.floating[Any]],
+    ) -> None: ...
