@@ -500,3 +500,17 @@ def gate_math_py(floating[::1] values, str function):
         else:
             res[j] = tanh_(values[j])
     return out
+
+
+def gemm_repeat_py(const floating[:, ::1] a, const floating[:, ::1] b, floating[:, ::1] c,
+                   Py_ssize_t repeats):
+    """Benchmark twin: c = a @ b.T, `repeats` times through the kernels' own BLAS wrapper without
+    the GIL (no Python overhead per product), for the GEMM-limit column of `bench`."""
+    cdef Py_ssize_t r
+    if a.shape[1] != b.shape[1] or c.shape[0] != a.shape[0] or c.shape[1] != b.shape[0]:
+        raise ValueError("gemm_repeat_py: a (m, k), b (n, k) and c (m, n) do not match")
+    with nogil:
+        for r in range(repeats):
+            gemm_rm(c'T', <int> a.shape[0], <int> b.shape[0], <int> a.shape[1], <floating> 1,
+                    &a[0, 0], <int> a.shape[1], &b[0, 0], <int> b.shape[1], <floating> 0,
+                    &c[0, 0], <int> c.shape[1])
