@@ -83,39 +83,30 @@ cdef extern from *:
        c = f*c + i*g; h_raw = o*tanh(c). Written in C for `restrict` (Cython has no such
        keyword): without it gcc must assume the rows overlap and does not vectorise the loop.
        When gates_out is not NULL it also keeps the activated gates and c_t for backward. */
+    #define LF_CELL_GATES(T, SIG, TANH)                                                         \
+        T gi = SIG(gh[j] + gx[j] + bias[j]);                                                   \
+        T gf = SIG(gh[hidden + j] + gx[hidden + j] + bias[hidden + j]);                        \
+        T gg = TANH(gh[2 * hidden + j] + gx[2 * hidden + j] + bias[2 * hidden + j]);           \
+        T go = SIG(gh[3 * hidden + j] + gx[3 * hidden + j] + bias[3 * hidden + j]);            \
+        T cn = gf * c[j] + gi * gg;                                                            \
+        c[j] = cn;                                                                             \
+        h_raw[j] = go * TANH(cn);
     #define LF_CELL_ROW(T, SUFFIX, SIG, TANH)                                                   \
     static inline void lf_cell_row_##SUFFIX(Py_ssize_t hidden, const T* restrict gh,           \
             const T* restrict gx, const T* restrict bias, T* restrict c, T* restrict h_raw) {  \
-        const T *gh_f = gh + hidden, *gh_g = gh + 2 * hidden, *gh_o = gh + 3 * hidden;         \
-        const T *gx_f = gx + hidden, *gx_g = gx + 2 * hidden, *gx_o = gx + 3 * hidden;         \
-        const T *b_f = bias + hidden, *b_g = bias + 2 * hidden, *b_o = bias + 3 * hidden;      \
         for (Py_ssize_t j = 0; j < hidden; j++) {                                              \
-            T gi = SIG(gh[j] + gx[j] + bias[j]);                                               \
-            T gf = SIG(gh_f[j] + gx_f[j] + b_f[j]);                                            \
-            T gg = TANH(gh_g[j] + gx_g[j] + b_g[j]);                                           \
-            T go = SIG(gh_o[j] + gx_o[j] + b_o[j]);                                            \
-            T cn = gf * c[j] + gi * gg;                                                        \
-            c[j] = cn;                                                                         \
-            h_raw[j] = go * TANH(cn);                                                          \
+            LF_CELL_GATES(T, SIG, TANH)                                                        \
         }                                                                                      \
     }                                                                                          \
     static inline void lf_cell_row_cached_##SUFFIX(Py_ssize_t hidden, const T* restrict gh,    \
             const T* restrict gx, const T* restrict bias, T* restrict c, T* restrict h_raw,    \
             T* restrict gates_out, T* restrict c_out) {                                        \
-        const T *gh_f = gh + hidden, *gh_g = gh + 2 * hidden, *gh_o = gh + 3 * hidden;         \
-        const T *gx_f = gx + hidden, *gx_g = gx + 2 * hidden, *gx_o = gx + 3 * hidden;         \
-        const T *b_f = bias + hidden, *b_g = bias + 2 * hidden, *b_o = bias + 3 * hidden;      \
-        T *out_f = gates_out + hidden, *out_g = gates_out + 2 * hidden;                        \
-        T *out_o = gates_out + 3 * hidden;                                                     \
         for (Py_ssize_t j = 0; j < hidden; j++) {                                              \
-            T gi = SIG(gh[j] + gx[j] + bias[j]);                                               \
-            T gf = SIG(gh_f[j] + gx_f[j] + b_f[j]);                                            \
-            T gg = TANH(gh_g[j] + gx_g[j] + b_g[j]);                                           \
-            T go = SIG(gh_o[j] + gx_o[j] + b_o[j]);                                            \
-            T cn = gf * c[j] + gi * gg;                                                        \
-            c[j] = cn;                                                                         \
-            h_raw[j] = go * TANH(cn);                                                          \
-            gates_out[j] = gi; out_f[j] = gf; out_g[j] = gg; out_o[j] = go;                    \
+            LF_CELL_GATES(T, SIG, TANH)                                                        \
+            gates_out[j] = gi;                                                                 \
+            gates_out[hidden + j] = gf;                                                        \
+            gates_out[2 * hidden + j] = gg;                                                    \
+            gates_out[3 * hidden + j] = go;                                                    \
             c_out[j] = cn;                                                                     \
         }                                                                                      \
     }

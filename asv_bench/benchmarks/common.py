@@ -5,25 +5,11 @@ import numpy as np
 
 import lstm_fast as lf
 
-# (T, B, I, H, layers, bidirectional): the comparison grid of `python -m lstm_fast bench`
-SHAPES = [
-    (100, 1, 32, 64, 1, False),
-    (100, 1, 128, 128, 1, False),
-    (1000, 1, 16, 32, 1, False),
-    (100, 16, 128, 128, 1, False),
-    (100, 16, 128, 128, 1, True),
-    (100, 64, 256, 256, 2, False),
-    (100, 256, 64, 64, 1, False),
-    (50, 64, 512, 512, 1, False),
-    (25, 128, 1024, 1024, 1, False),
-]
+# the comparison grid and flop count of `python -m lstm_fast bench`, one source for both
+from lstm_fast._bench import GRID as SHAPES, flops  # noqa: E402,F401
+
 ALL_THREADS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 THREADS = sorted({1, ALL_THREADS})
-
-
-def flops(T, B, I, H, layers, bidirectional):
-    D = 2 if bidirectional else 1
-    return sum(2 * T * B * 4 * H * ((I if k == 0 else D * H) + H) * D for k in range(layers))
 
 
 def make(shape, dtype, seed=0):
