@@ -18,12 +18,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ])
 def test_cibuildwheel_lists_the_intended_builds(platform, expected):
     pytest.importorskip("cibuildwheel")
+    if not os.path.exists(os.path.join(ROOT, "pyproject.toml")):
+        pytest.skip("needs the source tree")
     out = subprocess.run([sys.executable, "-m", "cibuildwheel", "--print-build-identifiers",
                           "--platform", platform], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
     assert set(out.stdout.split()) == expected
 
 
+@pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, "pyproject.toml")),
+                    reason="needs the source tree (not a test run against an installed wheel)")
 def test_version_is_single_sourced():
     with open(os.path.join(ROOT, "lstm_fast", "_version.py")) as f:
         version = re.search(r'__version__ = "([^"]+)"', f.read()).group(1)
