@@ -164,8 +164,6 @@ def _keras_weights(layer):
     if act != "tanh" or rec != "sigmoid":
         raise ValueError(f"only activation='tanh' with recurrent_activation='sigmoid' maps to "
                          f"torch's LSTM; the layer has {act!r} / {rec!r}")
-    if cfg.get("unit_forget_bias") is None:
-        pass
     weights = [np.asarray(w) for w in layer.get_weights()]
     kernel, recurrent = weights[0], weights[1]
     bias = weights[2] if cfg.get("use_bias", True) else None

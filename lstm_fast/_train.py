@@ -9,7 +9,7 @@ import numpy as np
 
 from . import _backward, _threads
 from . import _validate as v
-from ._lstm import BLAS_SINGLE, _REVERSE, _empty
+from ._lstm import BLAS_SINGLE, _REVERSE, _empty, run_layer
 
 
 @dataclass
@@ -75,8 +75,6 @@ def forward_train(model, x, hx=None, lengths=None, rng=None):
             y = alloc((seq_len, batch, D * model.hidden_out), model.dtype)
             g = np.zeros((D, seq_len, batch, 4 * H), model.dtype)
             c = np.zeros((D, seq_len, batch, H), model.dtype)
-            from ._lstm import run_layer
-
             run_layer(layer_input, model._w_ih[k], model._w_hh[k], model._bias_sums(k),
                       model._w_hr[k] if model.proj_size else None, order, lens,
                       h_n[k * D:(k + 1) * D], c_n[k * D:(k + 1) * D], y, n_threads,

@@ -22,7 +22,7 @@ from libc.string cimport memcpy, memset
 from _blas cimport gemm_rm, gemm_rm_tn, gemv_rm
 from _gates cimport lf_tanhf   # brings the vectorisable float32 tanh into this module's C
 
-from lstm_fast._forward import recurrence_mode
+from lstm_fast._forward import batch_chunk, recurrence_mode
 
 cdef extern from *:
     """
@@ -404,10 +404,9 @@ def backward_layer(const floating[:, :, ::1] x,            # IN  (T, B, I) the l
     K.proj = w_hr.shape[1]
     K.hidden_out = K.proj if K.proj > 0 else K.hidden
     K.y_stride = y.shape[2]
-    # same chunking rule as the forward's chunked mode (a function of the batch size only)
-    K.chunk = (K.batch + 3) // 4
-    K.chunk = 8 if K.chunk < 8 else (64 if K.chunk > 64 else K.chunk)
-    K.chunk = K.batch if K.chunk > K.batch else K.chunk
+    if K.seq_len == 0 or K.batch == 0:
+        raise ValueError("backward_layer needs at least one step and one sequence")
+    K.chunk = batch_chunk(K.batch)   # the forward's rule: a function of the batch size only
     K.n_chunks = (K.batch + K.chunk - 1) // K.chunk
     cdef Py_ssize_t D = K.n_dirs, TB = K.seq_len * K.batch
     cdef Py_ssize_t H = K.hidden, P = K.proj
