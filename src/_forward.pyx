@@ -27,7 +27,7 @@ from libc.string cimport memcpy
 
 from _blas cimport gemm_rm, gemv_rm
 from _gates cimport (CellSpec, cell_row_standard, cell_row_cached, cell_row_general, sigmoid,
-                     tanh_, activate)
+                     tanh_, activate, lf_matvec_t_f32, lf_matvec_t_f64)
 
 import numpy as np
 
@@ -63,6 +63,7 @@ ctypedef struct Layer:
     # arrays, typed by the caller's `floating`
     const void* gx
     const void* w_hh
+    const void* w_hh_t           # (D, H_out, 4H) transposed W_hh for batch-1 steps, or NULL
     const void* bias
     const void* w_hr
     const void* peephole
@@ -204,6 +205,10 @@ cdef void _gather_state(const Layer* L, Py_ssize_t d, const Py_ssize_t* order, P
             memcpy(cs + r * H, c + (d * L.batch + b) * H, H * sizeof(floating))
 
 
+cdef inline Py_ssize_t H_out_of(const Layer* L) noexcept nogil:
+    return L.hidden_out
+
+
 cdef void _run_chunk(Py_ssize_t item, const Layer* L, floating* scratch) noexcept nogil:
     """Chunked mode: one (chunk, direction) item through all of its time steps."""
     cdef Py_ssize_t d = item % L.n_dirs
@@ -222,7 +227,15 @@ cdef void _run_chunk(Py_ssize_t item, const Layer* L, floating* scratch) noexcep
     _gather_state(L, d, order, rows, hs, cs, False)
     for s in range(max_len):
         n_active = _n_active(L, start, rows, s)
-        _gates_product(n_active, L.four_h, L, hs, w_hh, gh)        # gh = h_prev @ W_hh.T
+        if n_active == 1 and L.w_hh_t != NULL:                      # gh = W_hh @ h_prev, own axpys
+            if floating is float:
+                lf_matvec_t_f32(H_out_of(L), L.four_h,
+                                (<const float*> L.w_hh_t) + d * L.four_h * L.hidden_out, hs, gh)
+            else:
+                lf_matvec_t_f64(H_out_of(L), L.four_h,
+                                (<const double*> L.w_hh_t) + d * L.four_h * L.hidden_out, hs, gh)
+        else:
+            _gates_product(n_active, L.four_h, L, hs, w_hh, gh)    # gh = h_prev @ W_hh.T
         if L.proj > 0:
             _cell_rows(L, d, s, order, 0, n_active, gh, cs, hraw)
             _proj_product(n_active, L.proj, L, hraw, w_hr, hs)      # h = (o*tanh(c)) @ W_hr.T
@@ -419,6 +432,7 @@ def forward_layer(const floating[:, :, ::1] x,          # IN  (T, B, I) layer in
                           f"({L.n_dirs} x {total_rows} x {L.four_h} values)")
     L.gx = gx_all
     L.w_hh = &w_hh[0, 0, 0]
+    L.w_hh_t = NULL
     L.bias = &bias[0, 0]
     L.w_hr = &w_hr[0, 0, 0] if L.proj > 0 else NULL
     L.peephole = &peephole[0, 0] if L.spec.has_peephole else NULL
@@ -438,10 +452,25 @@ def forward_layer(const floating[:, :, ::1] x,          # IN  (T, B, I) layer in
     cdef int* failed_ptr = &failed   # written through a pointer: prange would privatise `failed`
     cdef double proj_flops = 2.0 * L.n_dirs * total_rows * L.four_h * L.input_size
     cdef double step_flops = 2.0 * L.n_dirs * L.batch * L.four_h * (L.hidden_out + 4)
-    cdef int threads_proj = threads_for(n_threads, n_proj_items, proj_flops)
+    # the projection is the call's first parallel region: its threads may be asleep (tens of
+    # microseconds to wake), so it asks ten times the work per thread of the per-step phases
+    cdef int threads_proj = threads_for(n_threads, n_proj_items, proj_flops / 10)
     cdef int threads_rec = threads_for(n_threads, n_items, step_flops * L.seq_len)
     cdef int threads_wide = threads_for(n_threads, L.n_dirs * L.n_col_blocks, step_flops)
 
+    cdef floating* w_hh_t = NULL
+    cdef Py_ssize_t dd, q, p
+    if L.batch == 1 and mode == MODE_CHUNKED and L.seq_len > 1 and L.four_h * L.hidden_out <= 16384:
+        # batch 1, small W_hh: the steps' matrix-vector products run as axpys over W_hh's
+        # transpose, without BLAS's per-call overhead. Measured (tools/measure_modes.py, 1 thread):
+        # (1000,1,16,32) 0.48 -> 0.33 ms; no gain at H=64; slower than gemv at H=128 (0.49 -> 0.66)
+        w_hh_t = <floating*> malloc(L.n_dirs * L.four_h * L.hidden_out * sizeof(floating))
+        if w_hh_t != NULL:
+            for dd in range(L.n_dirs):
+                for q in range(L.four_h):
+                    for p in range(L.hidden_out):
+                        w_hh_t[(dd * L.hidden_out + p) * L.four_h + q] = w_hh[dd, q, p]
+            L.w_hh_t = w_hh_t
     with nogil:
         if threads_proj <= 1:
             for item in range(n_proj_items):
@@ -475,6 +504,7 @@ def forward_layer(const floating[:, :, ::1] x,          # IN  (T, B, I) layer in
                         _run_chunk(item, &L, scratch)
                 free(scratch)
         free(gx_all)
+        free(w_hh_t)
     if failed:
         raise MemoryError("cannot allocate the workspace of the LSTM recurrence")
 
