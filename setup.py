@@ -128,6 +128,8 @@ def extensions():
             f"lstm_fast.{name}",
             [os.path.join("src", f"{name}.pyx")],
             include_dirs=[np.get_include(), "src"],
+            # C headers the .pyx files include: a change to one rebuilds the modules
+            depends=sorted(os.path.join("src", f) for f in os.listdir("src") if f.endswith(".h")),
             define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_9_API_VERSION")],
         )
         for name in MODULES

@@ -26,6 +26,8 @@ from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
 
 from _blas cimport gemm_rm, gemv_rm
+from _pgemm cimport (lf_pack_len, lf_alloc_aligned, lf_pack_w, lf_pgemm_available, lf_pgemm,
+                     lf_pgemv)
 from _gates cimport (CellSpec, cell_row_standard, cell_row_cached, cell_row_general, sigmoid,
                      tanh_, activate, lf_matvec_t_f32, lf_matvec_t_f64)
 
@@ -64,6 +66,11 @@ ctypedef struct Layer:
     const void* gx
     const void* w_hh
     const void* w_hh_t           # (D, H_out, 4H) transposed W_hh for batch-1 steps, or NULL
+    # float32 weights packed for lf_pgemm (one block of pk_*_len floats per direction), or NULL
+    const float* pk_ih
+    const float* pk_hh
+    const float* pk_hr
+    size_t pk_ih_len, pk_hh_len, pk_hr_len
     const void* bias
     const void* w_hr
     const void* peephole
@@ -75,6 +82,21 @@ ctypedef struct Layer:
     void* y
     void* cache_gates
     void* cache_c
+
+
+# 1: float32 products run through lf_pgemm where the CPU has it; 0: BLAS only (tests, benchmarks)
+cdef int _packed_enabled = 1
+
+
+def set_packed_gemm(bint enabled):
+    """Turn the packed float32 GEMM kernel on or off (for tests and A/B benchmarks; not thread-safe)."""
+    global _packed_enabled
+    _packed_enabled = 1 if enabled else 0
+
+
+def packed_gemm_active():
+    """True when float32 forward products run through the packed AVX-512 kernel (lf_pgemm.h)."""
+    return bool(_packed_enabled and lf_pgemm_available())
 
 
 cdef inline int threads_for(int n_threads, Py_ssize_t items, double flops) noexcept nogil:
@@ -109,11 +131,20 @@ cdef inline Py_ssize_t _n_active(const Layer* L, Py_ssize_t start, Py_ssize_t ro
     return rows
 
 
-cdef inline void _gates_product(Py_ssize_t rows, Py_ssize_t n_cols, const Layer* L,
-                                const floating* h_prev, const floating* w_hh_rows,
-                                floating* gh) noexcept nogil:
-    # gh[:, cols] = h_prev @ W_hh[cols].T, gh with leading dimension 4H. One row is a
-    # matrix-vector product, where gemv runs several times faster than gemm.
+cdef inline void _gates_product(Py_ssize_t rows, Py_ssize_t d, Py_ssize_t col0, Py_ssize_t n_cols,
+                                const Layer* L, const floating* h_prev, floating* gh) noexcept nogil:
+    # gh[:, col0:col0+n_cols] = h_prev @ W_hh[d, cols].T, gh (column 0) with leading dimension 4H.
+    # One row is a matrix-vector product, where gemv runs several times faster than gemm.
+    cdef const floating* w_hh_rows = (<const floating*> L.w_hh) + (d * L.four_h + col0) * L.hidden_out
+    if floating is float:
+        if L.pk_hh != NULL:
+            if rows == 1:
+                lf_pgemv(col0, n_cols, L.hidden_out, h_prev, L.pk_hh + d * L.pk_hh_len, gh)
+            else:
+                lf_pgemm(rows, col0, n_cols, L.hidden_out, h_prev, L.hidden_out,
+                         L.pk_hh + d * L.pk_hh_len, gh, L.four_h, 0)
+            return
+    gh = gh + col0
     if rows == 1:
         gemv_rm(c'N', <int> n_cols, <int> L.hidden_out, <floating> 1, w_hh_rows,
                 <int> L.hidden_out, h_prev, <floating> 0, gh)
@@ -123,10 +154,19 @@ cdef inline void _gates_product(Py_ssize_t rows, Py_ssize_t n_cols, const Layer*
                 <int> L.four_h)
 
 
-cdef inline void _proj_product(Py_ssize_t rows, Py_ssize_t n_cols, const Layer* L,
-                               const floating* h_raw, const floating* w_hr_rows,
-                               floating* h_out) noexcept nogil:
-    # h[:, cols] = h_raw @ W_hr[cols].T  (LSTMP), h with leading dimension P
+cdef inline void _proj_product(Py_ssize_t rows, Py_ssize_t d, Py_ssize_t col0, Py_ssize_t n_cols,
+                               const Layer* L, const floating* h_raw, floating* h_out) noexcept nogil:
+    # h[:, col0:col0+n_cols] = h_raw @ W_hr[d, cols].T  (LSTMP), h (column 0) with leading dimension P
+    cdef const floating* w_hr_rows = (<const floating*> L.w_hr) + (d * L.proj + col0) * L.hidden
+    if floating is float:
+        if L.pk_hr != NULL:
+            if rows == 1:
+                lf_pgemv(col0, n_cols, L.hidden, h_raw, L.pk_hr + d * L.pk_hr_len, h_out)
+            else:
+                lf_pgemm(rows, col0, n_cols, L.hidden, h_raw, L.hidden,
+                         L.pk_hr + d * L.pk_hr_len, h_out, L.proj, 0)
+            return
+    h_out = h_out + col0
     if rows == 1:
         gemv_rm(c'N', <int> n_cols, <int> L.hidden, <floating> 1, w_hr_rows, <int> L.hidden,
                 h_raw, <floating> 0, h_out)
@@ -220,14 +260,12 @@ cdef void _run_chunk(Py_ssize_t item, const Layer* L, floating* scratch) noexcep
     cdef floating* hs = gh + L.chunk * L.four_h
     cdef floating* cs = hs + L.chunk * L.hidden_out
     cdef floating* hraw = cs + L.chunk * L.hidden
-    cdef const floating* w_hh = (<const floating*> L.w_hh) + d * L.four_h * L.hidden_out
-    cdef const floating* w_hr = (<const floating*> L.w_hr) + d * L.proj * L.hidden
     cdef Py_ssize_t s, n_active, max_len = L.lengths[order[0]]
 
     _gather_state(L, d, order, rows, hs, cs, False)
     for s in range(max_len):
         n_active = _n_active(L, start, rows, s)
-        if n_active == 1 and L.w_hh_t != NULL:                      # gh = W_hh @ h_prev, own axpys
+        if n_active == 1 and L.w_hh_t != NULL and L.pk_hh == NULL:                      # gh = W_hh @ h_prev, own axpys
             if floating is float:
                 lf_matvec_t_f32(H_out_of(L), L.four_h,
                                 (<const float*> L.w_hh_t) + d * L.four_h * L.hidden_out, hs, gh)
@@ -235,10 +273,10 @@ cdef void _run_chunk(Py_ssize_t item, const Layer* L, floating* scratch) noexcep
                 lf_matvec_t_f64(H_out_of(L), L.four_h,
                                 (<const double*> L.w_hh_t) + d * L.four_h * L.hidden_out, hs, gh)
         else:
-            _gates_product(n_active, L.four_h, L, hs, w_hh, gh)    # gh = h_prev @ W_hh.T
+            _gates_product(n_active, d, 0, L.four_h, L, hs, gh)    # gh = h_prev @ W_hh.T
         if L.proj > 0:
             _cell_rows(L, d, s, order, 0, n_active, gh, cs, hraw)
-            _proj_product(n_active, L.proj, L, hraw, w_hr, hs)      # h = (o*tanh(c)) @ W_hr.T
+            _proj_product(n_active, d, 0, L.proj, L, hraw, hs)      # h = (o*tanh(c)) @ W_hr.T
             _copy_out_cols(L, d, s, order, n_active, 0, L.proj, hs)
         else:
             _cell_rows(L, d, s, order, 0, n_active, gh, cs, hs)
@@ -251,9 +289,8 @@ cdef void _wide_gemm_item(Py_ssize_t item, Py_ssize_t n_active, const Layer* L,
     cdef Py_ssize_t d = item // L.n_col_blocks
     cdef Py_ssize_t col0 = (item % L.n_col_blocks) * L.col_block
     cdef Py_ssize_t n_cols = L.col_block if col0 + L.col_block <= L.four_h else L.four_h - col0
-    _gates_product(n_active, n_cols, L, hs + d * L.batch * L.hidden_out,
-                   (<const floating*> L.w_hh) + (d * L.four_h + col0) * L.hidden_out,
-                   gh + d * L.batch * L.four_h + col0)
+    _gates_product(n_active, d, col0, n_cols, L, hs + d * L.batch * L.hidden_out,
+                   gh + d * L.batch * L.four_h)
 
 
 cdef void _wide_cell_item(Py_ssize_t item, Py_ssize_t s, Py_ssize_t n_active, Py_ssize_t n_row_blocks,
@@ -274,8 +311,7 @@ cdef void _wide_proj_item(Py_ssize_t item, Py_ssize_t s, Py_ssize_t n_active, co
     cdef Py_ssize_t col0 = (item % L.n_proj_blocks) * L.proj_block
     cdef Py_ssize_t n_cols = L.proj_block if col0 + L.proj_block <= L.proj else L.proj - col0
     cdef floating* h_d = hs + d * L.batch * L.hidden_out
-    _proj_product(n_active, n_cols, L, hraw + d * L.batch * L.hidden,
-                  (<const floating*> L.w_hr) + (d * L.proj + col0) * L.hidden, h_d + col0)
+    _proj_product(n_active, d, col0, n_cols, L, hraw + d * L.batch * L.hidden, h_d)
     _copy_out_cols(L, d, s, L.order, n_active, col0, n_cols, h_d)
 
 
@@ -331,6 +367,12 @@ cdef void _project_block(Py_ssize_t item, Py_ssize_t n_blocks, Py_ssize_t total_
     cdef Py_ssize_t d = item // n_blocks
     cdef Py_ssize_t row0 = (item % n_blocks) * PROJ_ROWS
     cdef Py_ssize_t rows = PROJ_ROWS if row0 + PROJ_ROWS <= total_rows else total_rows - row0
+    if floating is float:
+        if L.pk_ih != NULL:
+            lf_pgemm(rows, 0, L.four_h, L.input_size, x + row0 * L.input_size, L.input_size,
+                     L.pk_ih + d * L.pk_ih_len, gx_all + (d * total_rows + row0) * L.four_h,
+                     L.four_h, 0)
+            return
     gemm_rm(c'T', <int> rows, <int> L.four_h, <int> L.input_size, <floating> 1,
             x + row0 * L.input_size, <int> L.input_size,
             w_ih + d * L.four_h * L.input_size, <int> L.input_size, <floating> 0,
@@ -412,10 +454,10 @@ def forward_layer(const floating[:, :, ::1] x,          # IN  (T, B, I) layer in
         return
     L.chunk = batch_chunk(L.batch)
     L.n_chunks = (L.batch + L.chunk - 1) // L.chunk
-    # gate columns in WIDE_COL_BLOCKS blocks, each a multiple of 16 (one AVX-512 vector of floats)
-    L.col_block = ((L.four_h + WIDE_COL_BLOCKS - 1) // WIDE_COL_BLOCKS + 15) // 16 * 16
+    # gate columns in WIDE_COL_BLOCKS blocks, each a multiple of 32 (one lf_pgemm panel)
+    L.col_block = ((L.four_h + WIDE_COL_BLOCKS - 1) // WIDE_COL_BLOCKS + 31) // 32 * 32
     L.n_col_blocks = (L.four_h + L.col_block - 1) // L.col_block
-    L.proj_block = ((L.proj + WIDE_COL_BLOCKS - 1) // WIDE_COL_BLOCKS + 15) // 16 * 16 if L.proj else 1
+    L.proj_block = ((L.proj + WIDE_COL_BLOCKS - 1) // WIDE_COL_BLOCKS + 31) // 32 * 32 if L.proj else 1
     L.n_proj_blocks = (L.proj + L.proj_block - 1) // L.proj_block if L.proj else 0
     if mode == MODE_AUTO:
         mode = MODE_WIDE if recurrence_mode(L.batch, L.hidden, L.hidden_out, sizeof(floating)) == "wide" else MODE_CHUNKED
@@ -460,7 +502,10 @@ def forward_layer(const floating[:, :, ::1] x,          # IN  (T, B, I) layer in
 
     cdef floating* w_hh_t = NULL
     cdef Py_ssize_t dd, q, p
-    if L.batch == 1 and mode == MODE_CHUNKED and L.seq_len > 1 and L.four_h * L.hidden_out <= 16384:
+    cdef bint use_packed = False
+    if floating is float:
+        use_packed = _packed_enabled and lf_pgemm_available()
+    if not use_packed and L.batch == 1 and mode == MODE_CHUNKED and L.seq_len > 1 and L.four_h * L.hidden_out <= 16384:
         # batch 1, small W_hh: the steps' matrix-vector products run as axpys over W_hh's
         # transpose, without BLAS's per-call overhead. Measured (tools/measure_modes.py, 1 thread):
         # (1000,1,16,32) 0.48 -> 0.33 ms; no gain at H=64; slower than gemv at H=128 (0.49 -> 0.66)
@@ -471,6 +516,35 @@ def forward_layer(const floating[:, :, ::1] x,          # IN  (T, B, I) layer in
                     for p in range(L.hidden_out):
                         w_hh_t[(dd * L.hidden_out + p) * L.four_h + q] = w_hh[dd, q, p]
             L.w_hh_t = w_hh_t
+    # float32: pack the weights once per call for lf_pgemm (cost ~ one step's product per matrix)
+    cdef void* pk_raw = NULL
+    cdef float* pk = NULL
+    L.pk_ih = NULL
+    L.pk_hh = NULL
+    L.pk_hr = NULL
+    L.pk_ih_len = L.pk_hh_len = L.pk_hr_len = 0
+    if floating is float:
+        if use_packed:
+            L.pk_ih_len = lf_pack_len(L.four_h, L.input_size)
+            L.pk_hh_len = lf_pack_len(L.four_h, L.hidden_out)
+            L.pk_hr_len = lf_pack_len(L.proj, L.hidden) if L.proj > 0 else 0
+            pk = lf_alloc_aligned(L.n_dirs * (L.pk_ih_len + L.pk_hh_len + L.pk_hr_len), &pk_raw)
+            if pk == NULL:
+                free(gx_all)
+                free(w_hh_t)
+                raise MemoryError("cannot allocate the packed weights")
+            with nogil:
+                for dd in range(L.n_dirs):
+                    lf_pack_w(&w_ih[dd, 0, 0], L.input_size, L.four_h, L.input_size,
+                              pk + dd * L.pk_ih_len)
+                    lf_pack_w(&w_hh[dd, 0, 0], L.hidden_out, L.four_h, L.hidden_out,
+                              pk + L.n_dirs * L.pk_ih_len + dd * L.pk_hh_len)
+                    if L.proj > 0:
+                        lf_pack_w(&w_hr[dd, 0, 0], L.hidden, L.proj, L.hidden,
+                                  pk + L.n_dirs * (L.pk_ih_len + L.pk_hh_len) + dd * L.pk_hr_len)
+            L.pk_ih = pk
+            L.pk_hh = pk + L.n_dirs * L.pk_ih_len
+            L.pk_hr = (pk + L.n_dirs * (L.pk_ih_len + L.pk_hh_len)) if L.proj > 0 else NULL
     with nogil:
         if threads_proj <= 1:
             for item in range(n_proj_items):
@@ -505,6 +579,7 @@ def forward_layer(const floating[:, :, ::1] x,          # IN  (T, B, I) layer in
                 free(scratch)
         free(gx_all)
         free(w_hh_t)
+        free(pk_raw)
     if failed:
         raise MemoryError("cannot allocate the workspace of the LSTM recurrence")
 

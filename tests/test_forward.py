@@ -356,3 +356,52 @@ def test_wide_mode_on_large_hidden_matches_torch(dtype):
     assert_allclose(out, t_out.numpy(), **tol(dtype))
     assert_allclose(h_n, t_h.numpy(), **tol(dtype))
     assert_allclose(c_n, t_c.numpy(), **tol(dtype))
+
+
+# ---------------------------------------------------------------------------- packed float32 GEMM
+# lf_pgemm.h runs the float32 products where the CPU has AVX-512; these tests check both paths.
+@pytest.fixture(params=[True, False], ids=["packed", "blas"])
+def packed(request):
+    from lstm_fast import _forward
+    if request.param and not _forward.packed_gemm_active():
+        pytest.skip("the packed kernel needs AVX-512F")
+    _forward.set_packed_gemm(request.param)
+    yield request.param
+    _forward.set_packed_gemm(True)
+
+
+@pytest.mark.parametrize("mode", [1, 2], ids=["chunked", "wide"])
+@pytest.mark.parametrize("shape", [
+    # (input, hidden, proj, batch): 4H and P off the 32-column panels, row tiles of 8 and their
+    # remainders, one-column inputs, and K beyond one tile's unrolling
+    (1, 5, 0, 1), (3, 5, 3, 9), (33, 17, 0, 17), (7, 40, 0, 2), (70, 9, 5, 16), (2, 64, 33, 8),
+])
+def test_packed_and_blas_paths_match_the_reference(packed, mode, shape):
+    input_size, hidden, proj, batch = shape
+    m = lf.LSTM(input_size, hidden, num_layers=2, bidirectional=True, proj_size=proj,
+                dtype=np.float32, seed=4)
+    m._recurrence_mode = mode
+    x = np.random.default_rng(5).standard_normal((6, batch, input_size)).astype(np.float32)
+    lengths = np.random.default_rng(6).integers(0, 7, size=batch)
+    out, (h_n, c_n) = m(x, lengths=lengths)
+    ref_out, (ref_h, ref_c) = reference.lstm(x.astype(np.float64), m.state_dict(), 2, True,
+                                             lengths=lengths)
+    assert_allclose(out, ref_out, **tol(np.float32))
+    assert_allclose(h_n, ref_h, **tol(np.float32))
+    assert_allclose(c_n, ref_c, **tol(np.float32))
+
+
+@pytest.mark.parametrize("mode", [1, 2], ids=["chunked", "wide"])
+def test_packed_rows_do_not_depend_on_their_batch(mode):
+    # every output of lf_pgemm/lf_pgemv is one FMA chain over k in order, whichever row tile holds
+    # it: a sequence alone gives the same bits as inside a batch of 11 (tile of 8 + remainder 3)
+    from lstm_fast import _forward
+    if not _forward.packed_gemm_active():
+        pytest.skip("the packed kernel needs AVX-512F")
+    m = lf.LSTM(12, 40, proj_size=20, dtype=np.float32, seed=1)
+    m._recurrence_mode = mode
+    x = np.random.default_rng(2).standard_normal((5, 11, 12)).astype(np.float32)
+    whole, _ = m(x)
+    for b in (0, 8, 10):
+        alone, _ = m(x[:, b:b + 1])
+        assert_array_equal(alone[:, 0], whole[:, b])

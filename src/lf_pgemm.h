@@ -1,0 +1,202 @@
+/* Packed-panel float32 GEMM for the LSTM's weight products: row-major C(m, n) = A(m, k) @ W(n, k).T
+   (+ C), with W packed once per call into panels of LF_NR output columns, k-major inside a panel.
+
+   Why our own: OpenBLAS repacks W on every call; an LSTM multiplies the same W_hh at every step
+   with few rows (the batch), where that packing and the small-m edge cases keep sgemm well below
+   the core's FMA peak. Here a panel (k x 32 floats, 128 KB at k = 1024) is packed once, stays in L2
+   while every row tile of A runs over it, and the register tile is 8 rows x 32 columns (16 zmm
+   accumulators, enough independent FMAs to cover their latency on both FMA ports).
+
+   Every output element is one float32 FMA chain over k = 0..k-1 in order, whatever the row tile,
+   the panel range or the thread that computes it: the bits do not depend on the split.
+
+   The AVX-512 code is compiled with a target attribute and chosen at run time, so a build without
+   -march=native (portable wheels) still has it; elsewhere lf_pgemm_available() is 0 and the
+   callers keep their BLAS path. */
+#ifndef LF_PGEMM_H
+#define LF_PGEMM_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define LF_NR 32
+#define LF_MR 8
+
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+#define LF_PGEMM_X86 1
+#include <immintrin.h>
+#else
+#define LF_PGEMM_X86 0
+#endif
+
+/* floats in the packed copy of an (n, k) matrix: n rounded up to whole panels */
+static inline size_t lf_pack_len(size_t n, size_t k) {
+    return (n + LF_NR - 1) / LF_NR * LF_NR * k;
+}
+
+/* n_floats floats at a 64-byte boundary (panels are read with aligned loads); free(*raw) */
+static inline float* lf_alloc_aligned(size_t n_floats, void** raw) {
+    *raw = malloc(n_floats * sizeof(float) + 64);
+    if (*raw == NULL)
+        return NULL;
+    return (float*) (((uintptr_t) *raw + 63) & ~(uintptr_t) 63);
+}
+
+/* packed[(p * k + kk) * LF_NR + j] = w[(p * LF_NR + j) * ldw + kk]; columns past n are zero.
+   k outer, the panel's 32 rows inner: the 32 source lines stay in L1 across 16 k values and the
+   writes are contiguous (0.3-0.5 ns a value here; a k-blocked order was four times slower). */
+static void lf_pack_w(const float* restrict w, size_t ldw, size_t n, size_t k,
+                      float* restrict packed) {
+    size_t n_panels = (n + LF_NR - 1) / LF_NR;
+    for (size_t p = 0; p < n_panels; p++) {
+        float* restrict dst = packed + p * k * LF_NR;
+        const float* restrict src = w + p * LF_NR * ldw;
+        size_t width = n - p * LF_NR < LF_NR ? n - p * LF_NR : LF_NR;
+        if (width < LF_NR)
+            memset(dst, 0, k * LF_NR * sizeof(float));
+        for (size_t kk = 0; kk < k; kk++)
+            for (size_t j = 0; j < width; j++)
+                dst[kk * LF_NR + j] = src[j * ldw + kk];
+    }
+}
+
+#if LF_PGEMM_X86
+static int lf_pgemm_available(void) {
+    static int cached = -1;
+    if (cached < 0) {
+        __builtin_cpu_init();
+        cached = __builtin_cpu_supports("avx512f") ? 1 : 0;
+    }
+    return cached;
+}
+
+/* store masks of the two 16-float halves of a panel whose first `width` columns are kept */
+static inline __mmask16 lf_mask_lo(size_t width) {
+    return width >= 16 ? (__mmask16) 0xFFFF : (__mmask16) ((1u << width) - 1u);
+}
+static inline __mmask16 lf_mask_hi(size_t width) {
+    return width >= 32 ? (__mmask16) 0xFFFF
+         : width > 16 ? (__mmask16) ((1u << (width - 16)) - 1u) : (__mmask16) 0;
+}
+
+/* One tile: MR rows of A times one panel, over the whole k; mr is a constant after inlining. */
+__attribute__((target("avx512f"), always_inline)) static inline void
+lf_tile_avx512(const int mr, size_t k, const float* a, size_t lda, const float* bp,
+               float* c, size_t ldc, __mmask16 mask0, __mmask16 mask1, int accumulate) {
+    __m512 acc0[LF_MR], acc1[LF_MR];
+    for (int r = 0; r < mr; r++) {
+        acc0[r] = _mm512_setzero_ps();
+        acc1[r] = _mm512_setzero_ps();
+    }
+#pragma GCC unroll 2
+    for (size_t kk = 0; kk < k; kk++) {
+        __m512 b0 = _mm512_load_ps(bp);
+        __m512 b1 = _mm512_load_ps(bp + 16);
+        bp += LF_NR;
+        for (int r = 0; r < mr; r++) {
+            __m512 av = _mm512_set1_ps(a[r * lda + kk]);
+            acc0[r] = _mm512_fmadd_ps(av, b0, acc0[r]);
+            acc1[r] = _mm512_fmadd_ps(av, b1, acc1[r]);
+        }
+    }
+    for (int r = 0; r < mr; r++) {
+        float* cr = c + r * ldc;
+        if (accumulate) {
+            acc0[r] = _mm512_add_ps(acc0[r], _mm512_maskz_loadu_ps(mask0, cr));
+            acc1[r] = _mm512_add_ps(acc1[r], _mm512_maskz_loadu_ps(mask1, cr + 16));
+        }
+        _mm512_mask_storeu_ps(cr, mask0, acc0[r]);
+        _mm512_mask_storeu_ps(cr + 16, mask1, acc1[r]);
+    }
+}
+
+#define LF_TILE_CASE(R) case R: lf_tile_avx512(R, k, a, lda, bp, c, ldc, mask0, mask1, accumulate); break;
+
+__attribute__((target("avx512f"))) static void
+lf_tile_any(int mr, size_t k, const float* a, size_t lda, const float* bp, float* c, size_t ldc,
+            __mmask16 mask0, __mmask16 mask1, int accumulate) {
+    switch (mr) {
+        LF_TILE_CASE(1) LF_TILE_CASE(2) LF_TILE_CASE(3) LF_TILE_CASE(4)
+        LF_TILE_CASE(5) LF_TILE_CASE(6) LF_TILE_CASE(7) LF_TILE_CASE(8)
+        default: break;
+    }
+}
+
+/* C[:, col0:col0+n_cols] (+)= A(m, k) @ W[col0:col0+n_cols].T, W packed by lf_pack_w with n = n_all.
+   col0 is a multiple of LF_NR; C's columns col0.. are written (only those < col0 + n_cols). */
+__attribute__((target("avx512f"))) static void
+lf_pgemm(size_t m, size_t col0, size_t n_cols, size_t k, const float* a, size_t lda,
+         const float* packed, float* c, size_t ldc, int accumulate) {
+    size_t p0 = col0 / LF_NR, p1 = (col0 + n_cols + LF_NR - 1) / LF_NR;
+    size_t end = col0 + n_cols;
+    for (size_t p = p0; p < p1; p++) {
+        size_t j0 = p * LF_NR;
+        size_t width = end - j0 < LF_NR ? end - j0 : LF_NR;
+        __mmask16 mask0 = lf_mask_lo(width), mask1 = lf_mask_hi(width);
+        const float* bp = packed + p * k * LF_NR;
+        size_t r = 0;
+        for (; r + LF_MR <= m; r += LF_MR)
+            lf_tile_avx512(LF_MR, k, a + r * lda, lda, bp, c + r * ldc + j0, ldc, mask0, mask1,
+                           accumulate);
+        if (r < m)
+            lf_tile_any((int) (m - r), k, a + r * lda, lda, bp, c + r * ldc + j0, ldc, mask0, mask1,
+                        accumulate);
+    }
+}
+
+/* NP panels of one row: 2*NP independent FMA chains (one row alone would wait on the latency of
+   a single chain per half panel); each output is still one chain over k in order, the same sum
+   as in lf_pgemm's tiles, so a row's bits do not depend on how many rows run with it. */
+__attribute__((target("avx512f"), always_inline)) static inline void
+lf_row_panels(const int np, size_t k, const float* a, const float* bp, float* c, size_t end,
+              size_t j0) {
+    __m512 acc[8];
+    for (int q = 0; q < 2 * np; q++)
+        acc[q] = _mm512_setzero_ps();
+#pragma GCC unroll 2
+    for (size_t kk = 0; kk < k; kk++) {
+        __m512 av = _mm512_set1_ps(a[kk]);
+        for (int q = 0; q < np; q++) {
+            const float* b = bp + (q * k + kk) * LF_NR;
+            acc[2 * q] = _mm512_fmadd_ps(av, _mm512_load_ps(b), acc[2 * q]);
+            acc[2 * q + 1] = _mm512_fmadd_ps(av, _mm512_load_ps(b + 16), acc[2 * q + 1]);
+        }
+    }
+    for (int q = 0; q < np; q++) {
+        size_t j = j0 + q * LF_NR;
+        size_t width = end - j < LF_NR ? end - j : LF_NR;
+        _mm512_mask_storeu_ps(c + j, lf_mask_lo(width), acc[2 * q]);
+        _mm512_mask_storeu_ps(c + j + 16, lf_mask_hi(width), acc[2 * q + 1]);
+    }
+}
+
+/* one row: c[col0:col0+n_cols] = a(k) @ W[cols].T (c indexed from column 0), W as in lf_pgemm */
+__attribute__((target("avx512f"))) static void
+lf_pgemv(size_t col0, size_t n_cols, size_t k, const float* a, const float* packed, float* c) {
+    size_t p = col0 / LF_NR, p1 = (col0 + n_cols + LF_NR - 1) / LF_NR;
+    size_t end = col0 + n_cols;
+    for (; p + 4 <= p1; p += 4)
+        lf_row_panels(4, k, a, packed + p * k * LF_NR, c, end, p * LF_NR);
+    switch (p1 - p) {
+        case 3: lf_row_panels(3, k, a, packed + p * k * LF_NR, c, end, p * LF_NR); break;
+        case 2: lf_row_panels(2, k, a, packed + p * k * LF_NR, c, end, p * LF_NR); break;
+        case 1: lf_row_panels(1, k, a, packed + p * k * LF_NR, c, end, p * LF_NR); break;
+        default: break;
+    }
+}
+#else
+static int lf_pgemm_available(void) { return 0; }
+static void lf_pgemv(size_t col0, size_t n_cols, size_t k, const float* a, const float* packed,
+                     float* c) {
+    (void) col0; (void) n_cols; (void) k; (void) a; (void) packed; (void) c;
+}
+static void lf_pgemm(size_t m, size_t col0, size_t n_cols, size_t k, const float* a, size_t lda,
+                     const float* packed, float* c, size_t ldc, int accumulate) {
+    (void) m; (void) col0; (void) n_cols; (void) k; (void) a; (void) lda; (void) packed; (void) c;
+    (void) ldc; (void) accumulate;
+}
+#endif
+
+#endif
