@@ -27,7 +27,7 @@ from libc.string cimport memcpy
 
 from _blas cimport gemm_rm, gemv_rm
 from _pgemm cimport (lf_pack_len, lf_alloc_aligned, lf_pack_w, lf_pgemm_available, lf_pgemm,
-                     lf_pgemv)
+                     lf_pgemv, lf_prefetch)
 from _gates cimport (CellSpec, cell_row_standard, cell_row_cached, cell_row_general, sigmoid,
                      tanh_, activate, lf_matvec_t_f32, lf_matvec_t_f64)
 
@@ -71,6 +71,7 @@ ctypedef struct Layer:
     const float* pk_hh
     const float* pk_hr
     size_t pk_ih_len, pk_hh_len, pk_hr_len
+    Py_ssize_t gx_itemsize
     const void* bias
     const void* w_hr
     const void* peephole
@@ -249,6 +250,17 @@ cdef inline Py_ssize_t H_out_of(const Layer* L) noexcept nogil:
     return L.hidden_out
 
 
+cdef inline void _prefetch_gx(const Layer* L, Py_ssize_t d, Py_ssize_t s, const Py_ssize_t* order,
+                              Py_ssize_t rows) noexcept nogil:
+    # the cell update reads each row's projected input (4H values of a T*B*4H buffer that is
+    # far larger than the caches): ask for them now, while the step's product runs
+    cdef Py_ssize_t r, b
+    for r in range(rows):
+        b = order[r]
+        lf_prefetch((<const char*> L.gx) + ((d * L.seq_len + _time_of(L, d, b, s)) * L.batch + b)
+                    * L.four_h * L.gx_itemsize, L.four_h * L.gx_itemsize)
+
+
 cdef void _run_chunk(Py_ssize_t item, const Layer* L, floating* scratch) noexcept nogil:
     """Chunked mode: one (chunk, direction) item through all of its time steps."""
     cdef Py_ssize_t d = item % L.n_dirs
@@ -265,6 +277,7 @@ cdef void _run_chunk(Py_ssize_t item, const Layer* L, floating* scratch) noexcep
     _gather_state(L, d, order, rows, hs, cs, False)
     for s in range(max_len):
         n_active = _n_active(L, start, rows, s)
+        _prefetch_gx(L, d, s, order, n_active)
         if n_active == 1 and L.w_hh_t != NULL and L.pk_hh == NULL:                      # gh = W_hh @ h_prev, own axpys
             if floating is float:
                 lf_matvec_t_f32(H_out_of(L), L.four_h,
@@ -473,6 +486,7 @@ def forward_layer(const floating[:, :, ::1] x,          # IN  (T, B, I) layer in
         raise MemoryError(f"cannot allocate the input projection buffer "
                           f"({L.n_dirs} x {total_rows} x {L.four_h} values)")
     L.gx = gx_all
+    L.gx_itemsize = sizeof(floating)
     L.w_hh = &w_hh[0, 0, 0]
     L.w_hh_t = NULL
     L.bias = &bias[0, 0]

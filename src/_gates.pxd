@@ -152,6 +152,12 @@ cdef extern from *:
                                 double*, double*, double*) noexcept nogil
 
 
+cdef extern from "lf_cell_avx512.h" nogil:
+    int lf_pgemm_available()
+    void lf_cell_row_avx512(size_t hidden, const float* gh, const float* gx, const float* bias,
+                            float* c, float* h_raw, float* gates_out, float* c_out)
+
+
 cdef inline floating sigmoid(floating x) noexcept nogil:
     # 1 / (1 + e^-x): never NaN from finite x (e^-x is clamped for float, inf -> 0 for double)
     cdef floating one = 1
@@ -215,7 +221,10 @@ cdef inline void cell_row_standard(Py_ssize_t hidden, const floating* gh, const 
                                    const floating* bias, floating* c, floating* h_raw) noexcept nogil:
     # gates = gh + gx + bias; c = f*c + i*g; h_raw = o*tanh(c). One pass over the row's 4H gates.
     if floating is float:
-        lf_cell_row_f32(hidden, gh, gx, bias, c, h_raw)
+        if lf_pgemm_available():
+            lf_cell_row_avx512(hidden, gh, gx, bias, c, h_raw, NULL, NULL)
+        else:
+            lf_cell_row_f32(hidden, gh, gx, bias, c, h_raw)
     else:
         lf_cell_row_f64(hidden, gh, gx, bias, c, h_raw)
 
@@ -225,7 +234,10 @@ cdef inline void cell_row_cached(Py_ssize_t hidden, const floating* gh, const fl
                                  floating* gates_out, floating* c_out) noexcept nogil:
     # The standard cell, also keeping what backward needs: activated gates [i|f|g|o] and c_t.
     if floating is float:
-        lf_cell_row_cached_f32(hidden, gh, gx, bias, c, h_raw, gates_out, c_out)
+        if lf_pgemm_available():
+            lf_cell_row_avx512(hidden, gh, gx, bias, c, h_raw, gates_out, c_out)
+        else:
+            lf_cell_row_cached_f32(hidden, gh, gx, bias, c, h_raw, gates_out, c_out)
     else:
         lf_cell_row_cached_f64(hidden, gh, gx, bias, c, h_raw, gates_out, c_out)
 

@@ -1,5 +1,6 @@
 # The packed-panel float32 GEMM of lf_pgemm.h (see there for the layout and why).
 cdef extern from "lf_pgemm.h" nogil:
+    void lf_prefetch(const void* p, size_t bytes)
     size_t lf_pack_len(size_t n, size_t k)
     float* lf_alloc_aligned(size_t n_floats, void** raw)
     void lf_pack_w(const float* w, size_t ldw, size_t n, size_t k, float* packed)

@@ -31,6 +31,16 @@
 #define LF_PGEMM_X86 0
 #endif
 
+/* asks for `bytes` from p to be brought into L2 ahead of use (no-op without the GCC builtin) */
+static inline void lf_prefetch(const void* p, size_t bytes) {
+#if defined(__GNUC__) || defined(__clang__)
+    for (size_t off = 0; off < bytes; off += 64)
+        __builtin_prefetch((const char*) p + off, 0, 2);
+#else
+    (void) p; (void) bytes;
+#endif
+}
+
 /* floats in the packed copy of an (n, k) matrix: n rounded up to whole panels */
 static inline size_t lf_pack_len(size_t n, size_t k) {
     return (n + LF_NR - 1) / LF_NR * LF_NR * k;

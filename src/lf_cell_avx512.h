@@ -1,0 +1,101 @@
+/* The standard LSTM cell row (torch's gate order [i|f|g|o]) in AVX-512, chosen at run time like
+   lf_pgemm.h. Same formulas as lf_expf/lf_sigmoidf/lf_tanhf in _gates.pxd, 16 units at a time,
+   except the divisions: a 14-bit reciprocal estimate refined by one Newton step (relative error
+   below 2^-27, within a float ulp of the quotient) instead of vdivps, the slowest instruction of
+   the cell (five divisions a unit). */
+#ifndef LF_CELL_AVX512_H
+#define LF_CELL_AVX512_H
+
+#include "lf_pgemm.h"
+
+#if LF_PGEMM_X86
+#define LF_AVX512 __attribute__((target("avx512f"), always_inline)) static inline
+
+LF_AVX512 __m512 lf_recip512(__m512 d) {
+    __m512 r = _mm512_rcp14_ps(d);
+    return _mm512_fmadd_ps(_mm512_fnmadd_ps(d, r, _mm512_set1_ps(1.0f)), r, r);
+}
+
+LF_AVX512 __m512 lf_exp512(__m512 x) {
+    /* min/max with the constant first return x when x is NaN, so NaN passes through */
+    x = _mm512_min_ps(_mm512_set1_ps(88.0f), x);
+    x = _mm512_max_ps(_mm512_set1_ps(-87.0f), x);
+    __m512 shifter = _mm512_set1_ps(12582912.0f);
+    __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), shifter),
+                             shifter);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.98412698e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.38888889e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.33333333e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.16666667e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.66666667e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
+LF_AVX512 __m512 lf_sigmoid512(__m512 x) {
+    return lf_recip512(_mm512_add_ps(_mm512_set1_ps(1.0f), lf_exp512(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+}
+
+LF_AVX512 __m512 lf_tanh512(__m512 x) {
+    /* |x| < 0.25: odd polynomial (no cancellation near 0); else sign(x) * (1 - 2 / (e^2|x| + 1)) */
+    __m512 sign = _mm512_castsi512_ps(_mm512_and_epi32(_mm512_castps_si512(x), _mm512_set1_epi32((int) 0x80000000u)));
+    __m512 ax = _mm512_castsi512_ps(_mm512_and_epi32(_mm512_castps_si512(x), _mm512_set1_epi32(0x7FFFFFFF)));
+    __m512 x2 = _mm512_mul_ps(x, x);
+    __m512 q = _mm512_set1_ps(-8.86323552e-3f);
+    q = _mm512_fmadd_ps(q, x2, _mm512_set1_ps(2.18694885e-2f));
+    q = _mm512_fmadd_ps(q, x2, _mm512_set1_ps(-5.39682540e-2f));
+    q = _mm512_fmadd_ps(q, x2, _mm512_set1_ps(1.33333333e-1f));
+    q = _mm512_fmadd_ps(q, x2, _mm512_set1_ps(-3.33333333e-1f));
+    __m512 small = _mm512_fmadd_ps(_mm512_mul_ps(x, x2), q, x);
+    __m512 e = lf_exp512(_mm512_add_ps(ax, ax));
+    __m512 big = _mm512_fnmadd_ps(_mm512_set1_ps(2.0f), lf_recip512(_mm512_add_ps(e, _mm512_set1_ps(1.0f))),
+                                  _mm512_set1_ps(1.0f));
+    big = _mm512_castsi512_ps(_mm512_or_epi32(_mm512_castps_si512(big), _mm512_castps_si512(sign)));
+    __mmask16 is_small = _mm512_cmp_ps_mask(ax, _mm512_set1_ps(0.25f), _CMP_LT_OQ);
+    return _mm512_mask_blend_ps(is_small, big, small);
+}
+
+/* c = f*c + i*g, h_raw = o*tanh(c) with gates = gh + gx + bias; gates_out/c_out (or NULL) keep
+   the activated gates and c_t for backward. The tail runs masked, so every unit of a row takes
+   the same instructions whatever the hidden size. */
+__attribute__((target("avx512f"))) static void
+lf_cell_row_avx512(size_t hidden, const float* gh, const float* gx, const float* bias, float* c,
+                   float* h_raw, float* gates_out, float* c_out) {
+    for (size_t j = 0; j < hidden; j += 16) {
+        __mmask16 m = hidden - j >= 16 ? (__mmask16) 0xFFFF : (__mmask16) ((1u << (hidden - j)) - 1u);
+        __m512 z[4];
+        for (int q = 0; q < 4; q++) {
+            size_t o = q * hidden + j;
+            z[q] = _mm512_add_ps(_mm512_add_ps(_mm512_maskz_loadu_ps(m, gh + o),
+                                               _mm512_maskz_loadu_ps(m, gx + o)),
+                                 _mm512_maskz_loadu_ps(m, bias + o));
+        }
+        __m512 gi = lf_sigmoid512(z[0]);
+        __m512 gf = lf_sigmoid512(z[1]);
+        __m512 gg = lf_tanh512(z[2]);
+        __m512 go = lf_sigmoid512(z[3]);
+        __m512 cn = _mm512_fmadd_ps(gf, _mm512_maskz_loadu_ps(m, c + j), _mm512_mul_ps(gi, gg));
+        _mm512_mask_storeu_ps(c + j, m, cn);
+        _mm512_mask_storeu_ps(h_raw + j, m, _mm512_mul_ps(go, lf_tanh512(cn)));
+        if (gates_out != NULL) {
+            _mm512_mask_storeu_ps(gates_out + j, m, gi);
+            _mm512_mask_storeu_ps(gates_out + hidden + j, m, gf);
+            _mm512_mask_storeu_ps(gates_out + 2 * hidden + j, m, gg);
+            _mm512_mask_storeu_ps(gates_out + 3 * hidden + j, m, go);
+            _mm512_mask_storeu_ps(c_out + j, m, cn);
+        }
+    }
+}
+#else
+static void lf_cell_row_avx512(size_t hidden, const float* gh, const float* gx, const float* bias,
+                               float* c, float* h_raw, float* gates_out, float* c_out) {
+    (void) hidden; (void) gh; (void) gx; (void) bias; (void) c; (void) h_raw; (void) gates_out;
+    (void) c_out;
+}
+#endif
+
+#endif
