@@ -20,9 +20,10 @@ from libc.stdlib cimport malloc, free, calloc
 from libc.string cimport memcpy, memset
 
 from _blas cimport gemm_rm, gemm_rm_tn, gemv_rm
+from _pgemm cimport lf_pack_len, lf_alloc_aligned, lf_pack_wt, lf_pgemm, lf_pgemv
 from _gates cimport lf_tanhf   # brings the vectorisable float32 tanh into this module's C
 
-from lstm_fast._forward import batch_chunk, recurrence_mode
+from lstm_fast._forward import batch_chunk, recurrence_mode, packed_gemm_active
 
 cdef extern from *:
     """
@@ -68,6 +69,11 @@ ctypedef struct Back:
     Py_ssize_t chunk, n_chunks
     const void* w_hh
     const void* w_hr
+    # float32: W_hh.T, W_hr.T and W_ih.T packed for lf_pgemm (per direction), or NULL (BLAS)
+    const float* pk_hh
+    const float* pk_hr
+    const float* pk_ih
+    size_t pk_hh_len, pk_hr_len, pk_ih_len
     const void* gates        # (D, T, B, 4H) activated gates from the forward
     const void* cs           # (D, T, B, H) c_t from the forward
     const void* y            # (T, B, D*H_out) the layer's output (h_t)
@@ -136,10 +142,19 @@ cdef void _back_row_cell(const Back* K, Py_ssize_t d, Py_ssize_t s, Py_ssize_t b
     memcpy(dz_row, dz_at, four_h * sizeof(floating))
 
 
-cdef inline void _dh_raw_product(Py_ssize_t rows, Py_ssize_t n_cols, const Back* K,
-                                 const floating* dh, const floating* w_hr_cols,
-                                 floating* dh_raw) noexcept nogil:
-    # dh_raw[:, cols] = dh @ W_hr[:, cols]   (W_hr stored (P, H); dh_raw with leading dim H)
+cdef inline void _dh_raw_product(Py_ssize_t rows, Py_ssize_t d, Py_ssize_t col0, Py_ssize_t n_cols,
+                                 const Back* K, const floating* dh, floating* dh_raw) noexcept nogil:
+    # dh_raw[:, cols] = dh @ W_hr[d][:, cols]   (W_hr stored (P, H); dh_raw from column 0, ld H)
+    cdef const floating* w_hr_cols = (<const floating*> K.w_hr) + d * K.proj * K.hidden + col0
+    if floating is float:
+        if K.pk_hr != NULL:
+            if rows == 1:
+                lf_pgemv(col0, n_cols, K.proj, dh, K.pk_hr + d * K.pk_hr_len, dh_raw)
+            elif rows > 1:
+                lf_pgemm(rows, col0, n_cols, K.proj, dh, K.proj, K.pk_hr + d * K.pk_hr_len,
+                         dh_raw, K.hidden, 0)
+            return
+    dh_raw = dh_raw + col0
     if rows == 1:
         gemv_rm(c'T', <int> K.proj, <int> n_cols, <floating> 1, w_hr_cols, <int> K.hidden, dh,
                 <floating> 0, dh_raw)
@@ -148,10 +163,19 @@ cdef inline void _dh_raw_product(Py_ssize_t rows, Py_ssize_t n_cols, const Back*
                 w_hr_cols, <int> K.hidden, <floating> 0, dh_raw, <int> K.hidden)
 
 
-cdef inline void _dh_prev_product(Py_ssize_t rows, Py_ssize_t n_cols, const Back* K,
-                                  const floating* dz_rows, const floating* w_hh_cols,
-                                  floating* dh) noexcept nogil:
-    # dh[:, cols] = dz @ W_hh[:, cols]   (W_hh stored (4H, H_out); dh with leading dim H_out)
+cdef inline void _dh_prev_product(Py_ssize_t rows, Py_ssize_t d, Py_ssize_t col0, Py_ssize_t n_cols,
+                                  const Back* K, const floating* dz_rows, floating* dh) noexcept nogil:
+    # dh[:, cols] = dz @ W_hh[d][:, cols]   (W_hh stored (4H, H_out); dh from column 0, ld H_out)
+    cdef const floating* w_hh_cols = (<const floating*> K.w_hh) + d * K.four_h * K.hidden_out + col0
+    if floating is float:
+        if K.pk_hh != NULL:
+            if rows == 1:
+                lf_pgemv(col0, n_cols, K.four_h, dz_rows, K.pk_hh + d * K.pk_hh_len, dh)
+            elif rows > 1:
+                lf_pgemm(rows, col0, n_cols, K.four_h, dz_rows, K.four_h,
+                         K.pk_hh + d * K.pk_hh_len, dh, K.hidden_out, 0)
+            return
+    dh = dh + col0
     if rows == 1:
         gemv_rm(c'T', <int> K.four_h, <int> n_cols, <floating> 1, w_hh_cols, <int> K.hidden_out,
                 dz_rows, <floating> 0, dh)
@@ -207,11 +231,11 @@ cdef void _back_chunk(Py_ssize_t item, const Back* K, floating* scratch) noexcep
         for r in range(n_active):
             _back_row_pre(K, d, s, order[r], dh + r * H_out)
         if K.proj > 0:
-            _dh_raw_product(n_active, H, K, dh, w_hr, dh_raw)
+            _dh_raw_product(n_active, d, 0, H, K, dh, dh_raw)
         for r in range(n_active):
             _back_row_cell(K, d, s, order[r], (dh_raw + r * H) if K.proj > 0 else (dh + r * H_out),
                            dc + r * H, dz_rows + r * four_h, dh_raw + r * H)
-        _dh_prev_product(n_active, H_out, K, dz_rows, w_hh, dh)
+        _dh_prev_product(n_active, d, 0, H_out, K, dz_rows, dh)
     _store_grad_state(K, d, order, rows, dh, dc)
 
 
@@ -246,13 +270,11 @@ cdef void _wide_cols(Py_ssize_t item, Py_ssize_t n_active, Py_ssize_t n_blocks, 
     cdef Py_ssize_t n_cols = width if col0 + width <= total else total - col0
     cdef Py_ssize_t B = K.batch
     if which == 0:
-        _dh_raw_product(n_active, n_cols, K, dh + d * B * K.hidden_out,
-                        (<const floating*> K.w_hr) + d * K.proj * K.hidden + col0,
-                        dhr + d * B * K.hidden + col0)
+        _dh_raw_product(n_active, d, col0, n_cols, K, dh + d * B * K.hidden_out,
+                        dhr + d * B * K.hidden)
     else:
-        _dh_prev_product(n_active, n_cols, K, dzr + d * B * K.four_h,
-                         (<const floating*> K.w_hh) + d * K.four_h * K.hidden_out + col0,
-                         dh + d * B * K.hidden_out + col0)
+        _dh_prev_product(n_active, d, col0, n_cols, K, dzr + d * B * K.four_h,
+                         dh + d * B * K.hidden_out)
 
 
 cdef void _back_wide(const Back* K, floating* state, int n_threads) noexcept nogil:
@@ -265,9 +287,10 @@ cdef void _back_wide(const Back* K, floating* state, int n_threads) noexcept nog
     cdef floating* dc = dh + D * B * K.hidden_out
     cdef floating* dzr = dc + D * B * K.hidden
     cdef floating* dhr = dzr + D * B * K.four_h
-    cdef Py_ssize_t out_w = ((K.hidden_out + WIDE_COL_BLOCKS - 1) // WIDE_COL_BLOCKS + 15) // 16 * 16
+    # column blocks in multiples of 32 (whole lf_pgemm panels)
+    cdef Py_ssize_t out_w = ((K.hidden_out + WIDE_COL_BLOCKS - 1) // WIDE_COL_BLOCKS + 31) // 32 * 32
     cdef Py_ssize_t n_out = (K.hidden_out + out_w - 1) // out_w
-    cdef Py_ssize_t raw_w = ((K.hidden + WIDE_COL_BLOCKS - 1) // WIDE_COL_BLOCKS + 15) // 16 * 16
+    cdef Py_ssize_t raw_w = ((K.hidden + WIDE_COL_BLOCKS - 1) // WIDE_COL_BLOCKS + 31) // 32 * 32
     cdef Py_ssize_t n_raw = (K.hidden + raw_w - 1) // raw_w
     cdef Py_ssize_t d, s, item, n_active, n_rb
     cdef Py_ssize_t max_len = K.lengths[K.order[0]]
@@ -363,6 +386,13 @@ cdef void _input_grad_item(Py_ssize_t item, const Back* K, const floating* w_ih,
     cdef Py_ssize_t n_rows = GRAD_ROWS if row0 + GRAD_ROWS <= TB else TB - row0
     cdef Py_ssize_t d
     for d in range(K.n_dirs):
+        if floating is float:
+            if K.pk_ih != NULL:
+                lf_pgemm(n_rows, 0, K.input_size, K.four_h,
+                         (<const float*> K.dz) + (d * TB + row0) * K.four_h, K.four_h,
+                         K.pk_ih + d * K.pk_ih_len, g_x + row0 * K.input_size, K.input_size,
+                         0 if d == 0 else 1)
+                continue
         gemm_rm(c'N', <int> n_rows, <int> K.input_size, <int> K.four_h, <floating> 1,
                 (<const floating*> K.dz) + (d * TB + row0) * K.four_h, <int> K.four_h,
                 w_ih + d * K.four_h * K.input_size, <int> K.input_size,
@@ -419,6 +449,33 @@ def backward_layer(const floating[:, :, ::1] x,            # IN  (T, B, I) the l
         raise MemoryError(f"cannot allocate the backward workspace ({D} x {TB} x {K.four_h} values)")
     K.w_hh = &w_hh[0, 0, 0]
     K.w_hr = &w_hr[0, 0, 0] if P > 0 else NULL
+    # float32: the transposed weights packed once for lf_pgemm (the forward's switch decides)
+    cdef void* pk_raw = NULL
+    cdef float* pk = NULL
+    cdef Py_ssize_t dd
+    K.pk_hh = K.pk_hr = K.pk_ih = NULL
+    K.pk_hh_len = K.pk_hr_len = K.pk_ih_len = 0
+    if floating is float:
+        if packed_gemm_active():
+            K.pk_hh_len = lf_pack_len(K.hidden_out, K.four_h)
+            K.pk_ih_len = lf_pack_len(K.input_size, K.four_h)
+            K.pk_hr_len = lf_pack_len(H, P) if P > 0 else 0
+            pk = lf_alloc_aligned(D * (K.pk_hh_len + K.pk_ih_len + K.pk_hr_len), &pk_raw)
+            if pk == NULL:
+                free(dz); free(h_prev); free(h_raw); free(dh_proj)
+                raise MemoryError("cannot allocate the packed weights of backward")
+            with nogil:
+                for dd in range(D):
+                    lf_pack_wt(&w_hh[dd, 0, 0], K.hidden_out, K.hidden_out, K.four_h,
+                               pk + dd * K.pk_hh_len)
+                    lf_pack_wt(&w_ih[dd, 0, 0], K.input_size, K.input_size, K.four_h,
+                               pk + D * K.pk_hh_len + dd * K.pk_ih_len)
+                    if P > 0:
+                        lf_pack_wt(&w_hr[dd, 0, 0], H, H, P,
+                                   pk + D * (K.pk_hh_len + K.pk_ih_len) + dd * K.pk_hr_len)
+            K.pk_hh = pk
+            K.pk_ih = pk + D * K.pk_hh_len
+            K.pk_hr = (pk + D * (K.pk_hh_len + K.pk_ih_len)) if P > 0 else NULL
     K.gates = &gates[0, 0, 0, 0]
     K.cs = &cs[0, 0, 0, 0]
     K.y = &y[0, 0, 0]
@@ -506,5 +563,6 @@ def backward_layer(const floating[:, :, ::1] x,            # IN  (T, B, I) the l
         free(h_prev)
         free(h_raw)
         free(dh_proj)
+        free(pk_raw)
     if failed:
         raise MemoryError("cannot allocate the per-thread scratch of the backward recurrence")

@@ -72,6 +72,22 @@ static void lf_pack_w(const float* restrict w, size_t ldw, size_t n, size_t k,
     }
 }
 
+/* the same panels from W's transpose stored row-major (k, n): packed[(p * k + kk) * LF_NR + j] =
+   wt[kk * ldw + p * LF_NR + j], for products with W.T such as backward's dz @ W_hh */
+static void lf_pack_wt(const float* restrict wt, size_t ldw, size_t n, size_t k,
+                       float* restrict packed) {
+    size_t n_panels = (n + LF_NR - 1) / LF_NR;
+    for (size_t p = 0; p < n_panels; p++) {
+        float* restrict dst = packed + p * k * LF_NR;
+        size_t j0 = p * LF_NR;
+        size_t width = n - j0 < LF_NR ? n - j0 : LF_NR;
+        if (width < LF_NR)
+            memset(dst, 0, k * LF_NR * sizeof(float));
+        for (size_t kk = 0; kk < k; kk++)
+            memcpy(dst + kk * LF_NR, wt + kk * ldw + j0, width * sizeof(float));
+    }
+}
+
 #if LF_PGEMM_X86
 static int lf_pgemm_available(void) {
     static int cached = -1;
