@@ -19,3 +19,14 @@ def make_model(input_size=5, hidden_size=7, dtype=np.float64, seed=0, **kw):
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+@pytest.fixture(params=[True, False], ids=["packed", "blas"])
+def packed(request):
+    """Runs a test with the packed float32 kernels (lf_pgemm.h) and with BLAS alone."""
+    from lstm_fast import _forward
+    if request.param and not _forward.packed_gemm_active():
+        pytest.skip("the packed kernel needs AVX-512F")
+    _forward.set_packed_gemm(request.param)
+    yield request.param
+    _forward.set_packed_gemm(True)

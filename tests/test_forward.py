@@ -360,16 +360,6 @@ def test_wide_mode_on_large_hidden_matches_torch(dtype):
 
 # ---------------------------------------------------------------------------- packed float32 GEMM
 # lf_pgemm.h runs the float32 products where the CPU has AVX-512; these tests check both paths.
-@pytest.fixture(params=[True, False], ids=["packed", "blas"])
-def packed(request):
-    from lstm_fast import _forward
-    if request.param and not _forward.packed_gemm_active():
-        pytest.skip("the packed kernel needs AVX-512F")
-    _forward.set_packed_gemm(request.param)
-    yield request.param
-    _forward.set_packed_gemm(True)
-
-
 @pytest.mark.parametrize("mode", [1, 2], ids=["chunked", "wide"])
 @pytest.mark.parametrize("shape", [
     # (input, hidden, proj, batch): 4H and P off the 32-column panels, row tiles of 8 and their

@@ -95,6 +95,23 @@ def test_gradients_in_both_recurrence_modes(mode, config):
         assert_allclose(g.params[name], value, err_msg=name, **GRAD_TOL[np.float64])
 
 
+@pytest.mark.parametrize("mode", [1, 2], ids=["chunked", "wide"])
+@pytest.mark.parametrize("batch", [1, 9], ids=["b1", "b9"])
+@pytest.mark.parametrize("config", [CONFIGS[1], CONFIGS[2], CONFIGS[4]], ids=[IDS[1], IDS[2], IDS[4]])
+def test_float32_gradients_on_both_product_paths(packed, mode, batch, config):
+    # hidden 13 (4H = 52) and projections 3/4 fall off the packed kernel's 32-column panels
+    m, x, hx, grads, _ = _case(np.float32, config, batch=batch, hidden=13)
+    lengths = np.random.default_rng(1).integers(1, 10, size=batch) if config[4] else None
+    m._recurrence_mode = mode
+    _, _, cache = m.forward_train(x, hx, lengths=lengths)
+    g = m.backward(cache, grads[0], grads[1:])
+    _, t_dx, t_dhx, t_params = _torch_grads(m, x, hx, grads, lengths)
+    assert_allclose(g.input, t_dx, **GRAD_TOL[np.float32])
+    assert_allclose(g.hx[0], t_dhx[0], **GRAD_TOL[np.float32])
+    for name, value in t_params.items():
+        assert_allclose(g.params[name], value, err_msg=name, **GRAD_TOL[np.float32])
+
+
 def test_unbatched_gradients_match_torch():
     torch = _torch()
     m = lf.LSTM(3, 5, num_layers=2, bidirectional=True, dtype=np.float64, seed=1)
