@@ -509,7 +509,8 @@ def backward_layer(const floating[:, :, ::1] x,            # IN  (T, B, I) the l
     cdef Py_ssize_t wide_len = D * K.batch * (K.hidden_out + 2 * H + K.four_h)
     if mode == 0:
         # the forward's rule, so training and inference split the work the same way
-        mode = 2 if recurrence_mode(K.batch, H, K.hidden_out, sizeof(floating)) == "wide" else 1
+        mode = 2 if recurrence_mode(K.batch, H, K.hidden_out, sizeof(floating), K.pk_hh != NULL,
+                                    D) == "wide" else 1
     cdef floating* scratch = NULL
     cdef Py_ssize_t item
     cdef int failed = 0

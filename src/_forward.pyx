@@ -37,10 +37,15 @@ cdef enum:
     # Rows of the (T*B, I) input per projection GEMM: big enough for BLAS to run near peak,
     # small enough to spread over threads.
     PROJ_ROWS = 256
+    # Gate columns per projection item with the packed kernel (4 panels), whose bits do not depend
+    # on the split: batch-1 inputs (T*B < PROJ_ROWS) still give every thread a share.
+    PROJ_COLS = 128
     # Wide mode from this W_hh size (bytes) for batches > 1, and for a single row from WIDE_GEMV_BYTES
     # (its gemv is memory-bound: splitting W_hh's rows over threads adds bandwidth).
     WIDE_MIN_BYTES = 128 * 1024
     WIDE_GEMV_BYTES = 2 * 1024 * 1024
+    # With the packed kernel, wide mode only for a single work item from this W_hh size
+    PACKED_WIDE_BYTES = 512 * 1024
     # Wide mode: gate columns and rows per work item of a step.
     WIDE_COL_BLOCKS = 8
     WIDE_ROWS = 8
@@ -60,6 +65,7 @@ ctypedef struct Layer:
     Py_ssize_t chunk, n_chunks                 # chunked mode
     Py_ssize_t col_block, n_col_blocks         # wide mode: gate columns per GEMM item
     Py_ssize_t proj_block, n_proj_blocks       # wide mode: projection columns per item
+    Py_ssize_t proj_rows                       # input rows per projection item
     int keep_cache
     CellSpec spec
     # arrays, typed by the caller's `floating`
@@ -373,16 +379,20 @@ cdef int _run_wide(const Layer* L, floating* state, int n_threads) noexcept nogi
     return 0
 
 
-cdef void _project_block(Py_ssize_t item, Py_ssize_t n_blocks, Py_ssize_t total_rows,
-                         const Layer* L, const floating* x, const floating* w_ih,
-                         floating* gx_all) noexcept nogil:
-    # gx[d, rows] = x[rows] @ W_ih[d].T  for one block of PROJ_ROWS rows of the (T*B, I) input
-    cdef Py_ssize_t d = item // n_blocks
-    cdef Py_ssize_t row0 = (item % n_blocks) * PROJ_ROWS
-    cdef Py_ssize_t rows = PROJ_ROWS if row0 + PROJ_ROWS <= total_rows else total_rows - row0
+cdef void _project_block(Py_ssize_t item, Py_ssize_t n_blocks, Py_ssize_t n_col_groups,
+                         Py_ssize_t total_rows, const Layer* L, const floating* x,
+                         const floating* w_ih, floating* gx_all) noexcept nogil:
+    # gx[d, rows, cols] = x[rows] @ W_ih[d, cols].T for one block of L.proj_rows rows of the
+    # (T*B, I) input and one group of PROJ_COLS gate columns (packed kernel; BLAS: all 4H at once)
+    cdef Py_ssize_t d = item // (n_blocks * n_col_groups)
+    cdef Py_ssize_t rest = item % (n_blocks * n_col_groups)
+    cdef Py_ssize_t row0 = (rest // n_col_groups) * L.proj_rows
+    cdef Py_ssize_t col0 = (rest % n_col_groups) * PROJ_COLS
+    cdef Py_ssize_t rows = L.proj_rows if row0 + L.proj_rows <= total_rows else total_rows - row0
     if floating is float:
         if L.pk_ih != NULL:
-            lf_pgemm(rows, 0, L.four_h, L.input_size, x + row0 * L.input_size, L.input_size,
+            lf_pgemm(rows, col0, PROJ_COLS if col0 + PROJ_COLS <= L.four_h else L.four_h - col0,
+                     L.input_size, x + row0 * L.input_size, L.input_size,
                      L.pk_ih + d * L.pk_ih_len, gx_all + (d * total_rows + row0) * L.four_h,
                      L.four_h, 0)
             return
@@ -416,15 +426,24 @@ cdef CellSpec _make_spec(object spec) except *:
     return out
 
 
-def recurrence_mode(Py_ssize_t batch, Py_ssize_t hidden, Py_ssize_t hidden_out, Py_ssize_t itemsize):
+def recurrence_mode(Py_ssize_t batch, Py_ssize_t hidden, Py_ssize_t hidden_out, Py_ssize_t itemsize,
+                    bint packed=False, Py_ssize_t n_dirs=1):
     """The recurrence mode the shapes pick (never the thread count, so the bits stay the same).
 
-    Measured on a 2-core Zen 4 (README, Design): wide wins from H=128 at batch 16 (5.1 vs 8.8 ms
-    on one thread, 2.9 vs 4.7 ms on two) up to H=1024 at batch 128 (678 vs 909, 365 vs 477 ms);
-    chunked wins for small W_hh (H=64 at batch 256 on two threads: 14.7 vs 20.2 ms) and for
-    single rows (batch 1, H <= 128).
+    BLAS products (float64, or no AVX-512), measured on a 2-core Zen 4 with OpenBLAS (README,
+    Design): wide wins from H=128 at batch 16 (5.1 vs 8.8 ms on one thread, 2.9 vs 4.7 ms on two)
+    up to H=1024 at batch 128 (678 vs 909, 365 vs 477 ms), as OpenBLAS repacks W_hh per call;
+    chunked wins for small W_hh and single rows.
+    Packed float32 kernel (W_hh packed once per call): chunked is as fast or faster wherever there
+    are two work items (tools/measure_modes.py: (100,16,128,128) 2 threads 2.51 vs 2.71 ms,
+    (100,256,64,64) 12.6 vs 13.7 ms); wide only pays where the batch is one chunk of one direction
+    and W_hh is large enough to split ((100,1,512,512) 2 threads 6.2 vs 8.5 ms, (100,8,256,256)
+    6.6 vs 7.6 ms; but (100,1,128,128) 0.47 vs 0.43 ms).
     """
     cdef Py_ssize_t w_hh_bytes = 4 * hidden * hidden_out * itemsize
+    if packed:
+        single_item = batch_chunk(batch) >= batch and n_dirs == 1
+        return "wide" if single_item and w_hh_bytes >= PACKED_WIDE_BYTES else "chunked"
     if w_hh_bytes >= WIDE_GEMV_BYTES or (batch > 1 and w_hh_bytes >= WIDE_MIN_BYTES):
         return "wide"
     return "chunked"
@@ -472,12 +491,20 @@ def forward_layer(const floating[:, :, ::1] x,          # IN  (T, B, I) layer in
     L.n_col_blocks = (L.four_h + L.col_block - 1) // L.col_block
     L.proj_block = ((L.proj + WIDE_COL_BLOCKS - 1) // WIDE_COL_BLOCKS + 31) // 32 * 32 if L.proj else 1
     L.n_proj_blocks = (L.proj + L.proj_block - 1) // L.proj_block if L.proj else 0
+    cdef bint use_packed = False
+    if floating is float:
+        use_packed = _packed_enabled and lf_pgemm_available()
     if mode == MODE_AUTO:
-        mode = MODE_WIDE if recurrence_mode(L.batch, L.hidden, L.hidden_out, sizeof(floating)) == "wide" else MODE_CHUNKED
+        mode = MODE_WIDE if recurrence_mode(L.batch, L.hidden, L.hidden_out, sizeof(floating),
+                                            use_packed, L.n_dirs) == "wide" else MODE_CHUNKED
 
     cdef Py_ssize_t total_rows = L.seq_len * L.batch
     cdef Py_ssize_t n_blocks = (total_rows + PROJ_ROWS - 1) // PROJ_ROWS
-    cdef Py_ssize_t n_proj_items = n_blocks * L.n_dirs
+    # blocks of equal size (a multiple of the kernel's 8-row tile) rather than a short last one
+    L.proj_rows = ((total_rows + n_blocks - 1) // n_blocks + 7) // 8 * 8
+    n_blocks = (total_rows + L.proj_rows - 1) // L.proj_rows
+    cdef Py_ssize_t n_col_groups = 1
+    cdef Py_ssize_t n_proj_items
     cdef Py_ssize_t n_items = L.n_chunks * L.n_dirs
     cdef Py_ssize_t scratch_len = L.chunk * (L.four_h + L.hidden_out + 2 * L.hidden)
     cdef Py_ssize_t wide_len = L.n_dirs * L.batch * (L.hidden_out + 2 * L.hidden + L.four_h)
@@ -510,15 +537,12 @@ def forward_layer(const floating[:, :, ::1] x,          # IN  (T, B, I) layer in
     cdef double step_flops = 2.0 * L.n_dirs * L.batch * L.four_h * (L.hidden_out + 4)
     # the projection is the call's first parallel region: its threads may be asleep (tens of
     # microseconds to wake), so it asks ten times the work per thread of the per-step phases
-    cdef int threads_proj = threads_for(n_threads, n_proj_items, proj_flops / 10)
+    cdef int threads_proj
     cdef int threads_rec = threads_for(n_threads, n_items, step_flops * L.seq_len)
     cdef int threads_wide = threads_for(n_threads, L.n_dirs * L.n_col_blocks, step_flops)
 
     cdef floating* w_hh_t = NULL
     cdef Py_ssize_t dd, q, p
-    cdef bint use_packed = False
-    if floating is float:
-        use_packed = _packed_enabled and lf_pgemm_available()
     if not use_packed and L.batch == 1 and mode == MODE_CHUNKED and L.seq_len > 1 and L.four_h * L.hidden_out <= 16384:
         # batch 1, small W_hh: the steps' matrix-vector products run as axpys over W_hh's
         # transpose, without BLAS's per-call overhead. Measured (tools/measure_modes.py, 1 thread):
@@ -557,15 +581,18 @@ def forward_layer(const floating[:, :, ::1] x,          # IN  (T, B, I) layer in
                         lf_pack_w(&w_hr[dd, 0, 0], L.hidden, L.proj, L.hidden,
                                   pk + L.n_dirs * (L.pk_ih_len + L.pk_hh_len) + dd * L.pk_hr_len)
             L.pk_ih = pk
+            n_col_groups = (L.four_h + PROJ_COLS - 1) // PROJ_COLS
             L.pk_hh = pk + L.n_dirs * L.pk_ih_len
             L.pk_hr = (pk + L.n_dirs * (L.pk_ih_len + L.pk_hh_len)) if L.proj > 0 else NULL
+    n_proj_items = n_blocks * n_col_groups * L.n_dirs
+    threads_proj = threads_for(n_threads, n_proj_items, proj_flops / 10)
     with nogil:
         if threads_proj <= 1:
             for item in range(n_proj_items):
-                _project_block(item, n_blocks, total_rows, &L, x_ptr, w_ih_ptr, gx_all)
+                _project_block(item, n_blocks, n_col_groups, total_rows, &L, x_ptr, w_ih_ptr, gx_all)
         else:
             for item in prange(n_proj_items, num_threads=threads_proj, schedule='static'):
-                _project_block(item, n_blocks, total_rows, &L, x_ptr, w_ih_ptr, gx_all)
+                _project_block(item, n_blocks, n_col_groups, total_rows, &L, x_ptr, w_ih_ptr, gx_all)
 
         if mode == MODE_WIDE:
             scratch = <floating*> malloc(wide_len * sizeof(floating))

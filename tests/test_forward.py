@@ -338,12 +338,19 @@ def test_inputs_are_not_modified():
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_wide_mode_on_large_hidden_matches_torch(dtype):
-    """A hidden size whose W_hh is beyond L2 takes the wide path; check it against torch."""
+@pytest.mark.parametrize("packed", [False, True])
+def test_wide_mode_on_large_hidden_matches_torch(dtype, packed):
+    """With BLAS products a W_hh beyond L2 takes the wide path, with the packed kernel a single
+    batch chunk of a large W_hh does; both checked against torch."""
     torch = _torch()
-    m = lf.LSTM(24, 300, bidirectional=True, proj_size=200, dtype=dtype, seed=0)
     from lstm_fast import _forward
-    assert _forward.recurrence_mode(5, 300, 200, np.dtype(dtype).itemsize) == "wide"
+    if packed:
+        assert _forward.recurrence_mode(5, 300, 200, np.dtype(dtype).itemsize, True, 2) == "chunked"
+        assert _forward.recurrence_mode(5, 300, 200, np.dtype(dtype).itemsize, True, 1) == "wide"
+        m = lf.LSTM(24, 300, proj_size=200, dtype=dtype, seed=0)
+    else:
+        assert _forward.recurrence_mode(5, 300, 200, np.dtype(dtype).itemsize) == "wide"
+        m = lf.LSTM(24, 300, bidirectional=True, proj_size=200, dtype=dtype, seed=0)
     x = np.random.default_rng(0).standard_normal((6, 5, 24)).astype(dtype)
     lengths = np.array([6, 2, 5, 6, 1])
     out, (h_n, c_n) = m(x, lengths=lengths)
