@@ -40,6 +40,10 @@ cdef enum:
     # Gate columns per projection item with the packed kernel (4 panels), whose bits do not depend
     # on the split: batch-1 inputs (T*B < PROJ_ROWS) still give every thread a share.
     PROJ_COLS = 128
+    # Fused per-step projection up to this size of W_ih + W_hh (bytes). Measured (Zen 4, 32 MB L3,
+    # 1 thread): (100,256,64,64) 23.6 -> 20.2 ms, (50,64,512,512) (8 MB) 133 -> 126 ms, but
+    # (25,128,1024,1024) (32 MB) 575 -> 619 ms.
+    FUSED_MAX_BYTES = 8 * 1024 * 1024
     # Wide mode from this W_hh size (bytes) for batches > 1, and for a single row from WIDE_GEMV_BYTES
     # (its gemv is memory-bound: splitting W_hh's rows over threads adds bandwidth).
     WIDE_MIN_BYTES = 128 * 1024
@@ -69,7 +73,9 @@ ctypedef struct Layer:
     int keep_cache
     CellSpec spec
     # arrays, typed by the caller's `floating`
-    const void* gx
+    const void* gx               # (D, T*B, 4H) projected inputs, or NULL when fused (below)
+    const void* x                # (T, B, I) layer input
+    int fused                    # chunked + packed: each step projects its own rows' inputs
     const void* w_hh
     const void* w_hh_t           # (D, H_out, 4H) transposed W_hh for batch-1 steps, or NULL
     # float32 weights packed for lf_pgemm (one block of pk_*_len floats per direction), or NULL
@@ -188,12 +194,13 @@ cdef inline Py_ssize_t _time_of(const Layer* L, Py_ssize_t d, Py_ssize_t b, Py_s
 
 
 cdef void _cell_rows(const Layer* L, Py_ssize_t d, Py_ssize_t s, const Py_ssize_t* order,
-                     Py_ssize_t r0, Py_ssize_t r1, const floating* gh, floating* cs,
-                     floating* h_dst) noexcept nogil:
+                     Py_ssize_t r0, Py_ssize_t r1, const floating* gh, const floating* gx_rows,
+                     floating* cs, floating* h_dst) noexcept nogil:
     """Cell update of rows r0..r1 (positions in `order`) at step s of direction d.
 
     gh (rows, 4H), cs (rows, H) and h_dst (rows, H, or H_out without projection) are indexed by
     position; h_dst receives o*tanh(c), which is also the output row when there is no projection.
+    gx_rows (rows, 4H) holds the step's projected inputs by position, or is NULL: read L.gx.
     """
     cdef Py_ssize_t H = L.hidden, four_h = L.four_h, B = L.batch, T = L.seq_len
     cdef const floating* gx_all = <const floating*> L.gx
@@ -203,6 +210,7 @@ cdef void _cell_rows(const Layer* L, Py_ssize_t d, Py_ssize_t s, const Py_ssize_
     cdef Py_ssize_t h_ld = H if L.proj > 0 else L.hidden_out
     cdef Py_ssize_t r, b, t, at
     cdef floating* h_row
+    cdef const floating* gx_row
     if L.spec.has_peephole:
         peep = peep + d * 3 * H
     for r in range(r0, r1):
@@ -210,15 +218,16 @@ cdef void _cell_rows(const Layer* L, Py_ssize_t d, Py_ssize_t s, const Py_ssize_
         t = _time_of(L, d, b, s)
         at = (d * T + t) * B + b
         h_row = h_dst + r * h_ld
+        gx_row = gx_rows + r * four_h if gx_rows != NULL else gx_all + at * four_h
         if L.spec.standard:
             if L.keep_cache:
-                cell_row_cached(H, gh + r * four_h, gx_all + at * four_h, bias, cs + r * H, h_row,
+                cell_row_cached(H, gh + r * four_h, gx_row, bias, cs + r * H, h_row,
                                 (<floating*> L.cache_gates) + at * four_h,
                                 (<floating*> L.cache_c) + at * H)
             else:
-                cell_row_standard(H, gh + r * four_h, gx_all + at * four_h, bias, cs + r * H, h_row)
+                cell_row_standard(H, gh + r * four_h, gx_row, bias, cs + r * H, h_row)
         else:
-            cell_row_general(&L.spec, H, gh + r * four_h, gx_all + at * four_h, bias, peep,
+            cell_row_general(&L.spec, H, gh + r * four_h, gx_row, bias, peep,
                              cs + r * H, h_row)
         if L.proj == 0:
             memcpy(y + (t * B + b) * L.y_stride + d * L.hidden_out, h_row, H * sizeof(floating))
@@ -267,6 +276,27 @@ cdef inline void _prefetch_gx(const Layer* L, Py_ssize_t d, Py_ssize_t s, const 
                     * L.four_h * L.gx_itemsize, L.four_h * L.gx_itemsize)
 
 
+cdef void _step_inputs(const Layer* L, Py_ssize_t d, Py_ssize_t s, const Py_ssize_t* order,
+                       Py_ssize_t rows, bint x_contiguous, float* xs, float* gxs) noexcept nogil:
+    # fused mode: gxs = x[t_r, b_r] @ W_ih[d].T for the running rows of a chunk at step s. The
+    # products are the same FMA chains as the up-front projection's (same bits); they run while
+    # the chunk's inputs and gates are in L1/L2 instead of a (T*B, 4H) buffer in memory.
+    cdef const float* x = <const float*> L.x
+    cdef const float* src
+    cdef Py_ssize_t r, b, I = L.input_size
+    if x_contiguous:
+        src = x + (_time_of(L, d, order[0], s) * L.batch + order[0]) * I
+    else:
+        for r in range(rows):
+            b = order[r]
+            memcpy(xs + r * I, x + (_time_of(L, d, b, s) * L.batch + b) * I, I * sizeof(float))
+        src = xs
+    if rows == 1:
+        lf_pgemv(0, L.four_h, I, src, L.pk_ih + d * L.pk_ih_len, gxs)
+    else:
+        lf_pgemm(rows, 0, L.four_h, I, src, I, L.pk_ih + d * L.pk_ih_len, gxs, L.four_h, 0)
+
+
 cdef void _run_chunk(Py_ssize_t item, const Layer* L, floating* scratch) noexcept nogil:
     """Chunked mode: one (chunk, direction) item through all of its time steps."""
     cdef Py_ssize_t d = item % L.n_dirs
@@ -274,16 +304,32 @@ cdef void _run_chunk(Py_ssize_t item, const Layer* L, floating* scratch) noexcep
     cdef Py_ssize_t rows = L.chunk if start + L.chunk <= L.batch else L.batch - start
     cdef const Py_ssize_t* order = L.order + start
     # thread scratch: gh (chunk, 4H) | h (chunk, H_out) | c (chunk, H) | h_raw (chunk, H)
+    #                 [fused: | gx (chunk, 4H) | x (chunk, I)]
     cdef floating* gh = scratch
     cdef floating* hs = gh + L.chunk * L.four_h
     cdef floating* cs = hs + L.chunk * L.hidden_out
     cdef floating* hraw = cs + L.chunk * L.hidden
+    cdef floating* gxs = NULL
+    cdef floating* xs = NULL
     cdef Py_ssize_t s, n_active, max_len = L.lengths[order[0]]
+    cdef bint x_contiguous = True
+    cdef Py_ssize_t r
+    if L.fused:
+        gxs = hraw + L.chunk * L.hidden
+        xs = gxs + L.chunk * L.four_h
+        # rows of consecutive batch indices and one length read their inputs in place
+        for r in range(1, rows):
+            if order[r] != order[0] + r or L.lengths[order[r]] != L.lengths[order[0]]:
+                x_contiguous = False
 
     _gather_state(L, d, order, rows, hs, cs, False)
     for s in range(max_len):
         n_active = _n_active(L, start, rows, s)
-        _prefetch_gx(L, d, s, order, n_active)
+        if L.fused:
+            if floating is float:
+                _step_inputs(L, d, s, order, n_active, x_contiguous, xs, gxs)
+        else:
+            _prefetch_gx(L, d, s, order, n_active)
         if n_active == 1 and L.w_hh_t != NULL and L.pk_hh == NULL:                      # gh = W_hh @ h_prev, own axpys
             if floating is float:
                 lf_matvec_t_f32(H_out_of(L), L.four_h,
@@ -294,11 +340,11 @@ cdef void _run_chunk(Py_ssize_t item, const Layer* L, floating* scratch) noexcep
         else:
             _gates_product(n_active, d, 0, L.four_h, L, hs, gh)    # gh = h_prev @ W_hh.T
         if L.proj > 0:
-            _cell_rows(L, d, s, order, 0, n_active, gh, cs, hraw)
+            _cell_rows(L, d, s, order, 0, n_active, gh, gxs, cs, hraw)
             _proj_product(n_active, d, 0, L.proj, L, hraw, hs)      # h = (o*tanh(c)) @ W_hr.T
             _copy_out_cols(L, d, s, order, n_active, 0, L.proj, hs)
         else:
-            _cell_rows(L, d, s, order, 0, n_active, gh, cs, hs)
+            _cell_rows(L, d, s, order, 0, n_active, gh, gxs, cs, hs)
     _gather_state(L, d, order, rows, hs, cs, True)
 
 
@@ -320,7 +366,8 @@ cdef void _wide_cell_item(Py_ssize_t item, Py_ssize_t s, Py_ssize_t n_active, Py
     cdef Py_ssize_t r0 = (item % n_row_blocks) * WIDE_ROWS
     cdef Py_ssize_t r1 = r0 + WIDE_ROWS if r0 + WIDE_ROWS <= n_active else n_active
     cdef floating* dst = (hraw + d * L.batch * L.hidden) if L.proj > 0 else (hs + d * L.batch * L.hidden_out)
-    _cell_rows(L, d, s, L.order, r0, r1, gh + d * L.batch * L.four_h, cs + d * L.batch * L.hidden, dst)
+    _cell_rows(L, d, s, L.order, r0, r1, gh + d * L.batch * L.four_h, NULL,
+               cs + d * L.batch * L.hidden, dst)
 
 
 cdef void _wide_proj_item(Py_ssize_t item, Py_ssize_t s, Py_ssize_t n_active, const Layer* L,
@@ -506,13 +553,23 @@ def forward_layer(const floating[:, :, ::1] x,          # IN  (T, B, I) layer in
     cdef Py_ssize_t n_col_groups = 1
     cdef Py_ssize_t n_proj_items
     cdef Py_ssize_t n_items = L.n_chunks * L.n_dirs
-    cdef Py_ssize_t scratch_len = L.chunk * (L.four_h + L.hidden_out + 2 * L.hidden)
+    cdef Py_ssize_t scratch_len
     cdef Py_ssize_t wide_len = L.n_dirs * L.batch * (L.hidden_out + 2 * L.hidden + L.four_h)
-    cdef floating* gx_all = <floating*> malloc(L.n_dirs * total_rows * L.four_h * sizeof(floating))
-    if gx_all == NULL:
-        raise MemoryError(f"cannot allocate the input projection buffer "
-                          f"({L.n_dirs} x {total_rows} x {L.four_h} values)")
+    # packed chunked rows of at least one full kernel tile project their inputs step by step
+    # (fused), unless W_ih and W_hh together would crowd the L3 cache that every step reads them from
+    L.fused = (use_packed and mode == MODE_CHUNKED and L.chunk >= 8
+               and L.four_h * (L.input_size + L.hidden_out) * sizeof(floating) <= FUSED_MAX_BYTES)
+    scratch_len = L.chunk * (L.four_h + L.hidden_out + 2 * L.hidden)
+    if L.fused:
+        scratch_len += L.chunk * (L.four_h + L.input_size)
+    cdef floating* gx_all = NULL
+    if not L.fused:
+        gx_all = <floating*> malloc(L.n_dirs * total_rows * L.four_h * sizeof(floating))
+        if gx_all == NULL:
+            raise MemoryError(f"cannot allocate the input projection buffer "
+                              f"({L.n_dirs} x {total_rows} x {L.four_h} values)")
     L.gx = gx_all
+    L.x = &x[0, 0, 0]
     L.gx_itemsize = sizeof(floating)
     L.w_hh = &w_hh[0, 0, 0]
     L.w_hh_t = NULL
@@ -538,7 +595,8 @@ def forward_layer(const floating[:, :, ::1] x,          # IN  (T, B, I) layer in
     # the projection is the call's first parallel region: its threads may be asleep (tens of
     # microseconds to wake), so it asks ten times the work per thread of the per-step phases
     cdef int threads_proj
-    cdef int threads_rec = threads_for(n_threads, n_items, step_flops * L.seq_len)
+    cdef int threads_rec = threads_for(n_threads, n_items,
+                                       step_flops * L.seq_len + (proj_flops if L.fused else 0))
     cdef int threads_wide = threads_for(n_threads, L.n_dirs * L.n_col_blocks, step_flops)
 
     cdef floating* w_hh_t = NULL
@@ -584,7 +642,7 @@ def forward_layer(const floating[:, :, ::1] x,          # IN  (T, B, I) layer in
             n_col_groups = (L.four_h + PROJ_COLS - 1) // PROJ_COLS
             L.pk_hh = pk + L.n_dirs * L.pk_ih_len
             L.pk_hr = (pk + L.n_dirs * (L.pk_ih_len + L.pk_hh_len)) if L.proj > 0 else NULL
-    n_proj_items = n_blocks * n_col_groups * L.n_dirs
+    n_proj_items = 0 if L.fused else n_blocks * n_col_groups * L.n_dirs
     threads_proj = threads_for(n_threads, n_proj_items, proj_flops / 10)
     with nogil:
         if threads_proj <= 1:
