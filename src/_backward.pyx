@@ -20,7 +20,7 @@ from libc.stdlib cimport malloc, free, calloc
 from libc.string cimport memcpy, memset
 
 from _blas cimport gemm_rm, gemm_rm_tn, gemv_rm
-from _pgemm cimport lf_pack_len, lf_alloc_aligned, lf_pack_wt, lf_pgemm, lf_pgemv
+from _pgemm cimport lf_pack_len, lf_alloc_aligned, lf_pack_wt, lf_pgemm, lf_pgemm_at, lf_pgemv
 from _gates cimport lf_tanhf   # brings the vectorisable float32 tanh into this module's C
 
 from lstm_fast._forward import batch_chunk, recurrence_mode, packed_gemm_active
@@ -74,6 +74,11 @@ ctypedef struct Back:
     const float* pk_hr
     const float* pk_ih
     size_t pk_hh_len, pk_hr_len, pk_ih_len
+    # float32 weight gradients: x, h_prev and h_raw packed along T*B (lf_pgemm_at), or NULL
+    const float* pk_x
+    const float* pk_hp
+    const float* pk_hraw
+    size_t pk_x_len, pk_hp_len, pk_hraw_len
     const void* gates        # (D, T, B, 4H) activated gates from the forward
     const void* cs           # (D, T, B, H) c_t from the forward
     const void* y            # (T, B, D*H_out) the layer's output (h_t)
@@ -340,6 +345,17 @@ cdef inline Py_ssize_t _grad_block(Py_ssize_t rows) noexcept nogil:
     return ((rows + GRAD_BLOCKS - 1) // GRAD_BLOCKS + 15) // 16 * 16
 
 
+cdef inline void _bias_grad(const Back* K, Py_ssize_t d, const floating* dz, Py_ssize_t row0,
+                            Py_ssize_t n_rows, Py_ssize_t TB, floating* g_bias) noexcept nogil:
+    # db[rows] = sum of dz over all rows, in row order
+    cdef Py_ssize_t q, j
+    for j in range(row0, row0 + n_rows):
+        g_bias[d * K.four_h + j] = 0
+    for q in range(TB):
+        for j in range(row0, row0 + n_rows):
+            g_bias[d * K.four_h + j] += dz[q * K.four_h + j]
+
+
 cdef void _weight_grad_item(Py_ssize_t item, const Back* K, const floating* x,
                             const floating* w_ih, floating* g_w_ih, floating* g_w_hh,
                             floating* g_bias, floating* g_w_hr, Py_ssize_t n_gate_blocks,
@@ -354,6 +370,15 @@ cdef void _weight_grad_item(Py_ssize_t item, const Back* K, const floating* x,
     if k < n_gate_blocks:
         row0 = k * _grad_block(K.four_h)
         n_rows = _grad_block(K.four_h) if row0 + _grad_block(K.four_h) <= K.four_h else K.four_h - row0
+        if floating is float:
+            if K.pk_x != NULL:
+                lf_pgemm_at(n_rows, K.input_size, TB, dz + row0, K.four_h, K.pk_x,
+                            g_w_ih + (d * K.four_h + row0) * K.input_size, K.input_size)
+                lf_pgemm_at(n_rows, K.hidden_out, TB, dz + row0, K.four_h,
+                            K.pk_hp + d * K.pk_hp_len,
+                            g_w_hh + (d * K.four_h + row0) * K.hidden_out, K.hidden_out)
+                _bias_grad(K, d, dz, row0, n_rows, TB, g_bias)
+                return
         # dW_ih[rows] = dz[:, rows].T @ x ; dW_hh[rows] = dz[:, rows].T @ h_prev
         gemm_rm_tn(<int> n_rows, <int> K.input_size, <int> TB, <floating> 1, dz + row0,
                    <int> K.four_h, x, <int> K.input_size, <floating> 0,
@@ -362,15 +387,16 @@ cdef void _weight_grad_item(Py_ssize_t item, const Back* K, const floating* x,
                    <int> K.four_h, (<const floating*> K.h_prev) + d * TB * K.hidden_out,
                    <int> K.hidden_out, <floating> 0,
                    g_w_hh + (d * K.four_h + row0) * K.hidden_out, <int> K.hidden_out)
-        # db[rows] = sum of dz over all rows, in row order
-        for j in range(row0, row0 + n_rows):
-            g_bias[d * K.four_h + j] = 0
-        for q in range(TB):
-            for j in range(row0, row0 + n_rows):
-                g_bias[d * K.four_h + j] += dz[q * K.four_h + j]
+        _bias_grad(K, d, dz, row0, n_rows, TB, g_bias)
     else:
         row0 = (k - n_gate_blocks) * _grad_block(K.proj)
         n_rows = _grad_block(K.proj) if row0 + _grad_block(K.proj) <= K.proj else K.proj - row0
+        if floating is float:
+            if K.pk_hraw != NULL:
+                lf_pgemm_at(n_rows, K.hidden, TB, (<const float*> K.dh_proj) + d * TB * K.proj + row0,
+                            K.proj, K.pk_hraw + d * K.pk_hraw_len,
+                            g_w_hr + (d * K.proj + row0) * K.hidden, K.hidden)
+                return
         # dW_hr[rows] = dh_proj[:, rows].T @ h_raw
         gemm_rm_tn(<int> n_rows, <int> K.hidden, <int> TB, <floating> 1,
                    (<const floating*> K.dh_proj) + d * TB * K.proj + row0, <int> K.proj,
@@ -521,6 +547,18 @@ def backward_layer(const floating[:, :, ::1] x,            # IN  (T, B, I) the l
     cdef int threads_rec = <int> min(n_threads, n_items, max(1.0, rec_flops / 200000))
     cdef int threads_grad = <int> min(n_threads, n_weight_items, max(1.0, grad_flops / 200000))
     cdef int threads_wide = <int> min(n_threads, D * 8, max(1.0, rec_flops / K.seq_len / 200000))
+    # float32 weight gradients through lf_pgemm_at: x, h_prev and h_raw packed along T*B once
+    # (without the memory for it, BLAS computes them)
+    cdef void* pk2_raw = NULL
+    cdef float* pk2 = NULL
+    K.pk_x = K.pk_hp = K.pk_hraw = NULL
+    K.pk_x_len = K.pk_hp_len = K.pk_hraw_len = 0
+    if floating is float:
+        if K.pk_hh != NULL and TB > 0:
+            K.pk_x_len = lf_pack_len(K.input_size, TB)
+            K.pk_hp_len = lf_pack_len(K.hidden_out, TB)
+            K.pk_hraw_len = lf_pack_len(H, TB) if P > 0 else 0
+            pk2 = lf_alloc_aligned(K.pk_x_len + D * (K.pk_hp_len + K.pk_hraw_len), &pk2_raw)
 
     with nogil:
         if mode == 2:
@@ -547,6 +585,18 @@ def backward_layer(const floating[:, :, ::1] x,            # IN  (T, B, I) the l
                     else:
                         _back_chunk(item, &K, scratch)
                 free(scratch)
+        if not failed and pk2 != NULL:
+            if floating is float:
+                lf_pack_wt(x_ptr, K.input_size, K.input_size, TB, pk2)
+                for dd in range(D):
+                    lf_pack_wt((<const float*> K.h_prev) + dd * TB * K.hidden_out, K.hidden_out,
+                               K.hidden_out, TB, pk2 + K.pk_x_len + dd * K.pk_hp_len)
+                    if P > 0:
+                        lf_pack_wt((<const float*> K.h_raw) + dd * TB * H, H, H, TB,
+                                   pk2 + K.pk_x_len + D * K.pk_hp_len + dd * K.pk_hraw_len)
+                K.pk_x = pk2
+                K.pk_hp = pk2 + K.pk_x_len
+                K.pk_hraw = (pk2 + K.pk_x_len + D * K.pk_hp_len) if P > 0 else NULL
         if not failed:
             if threads_grad <= 1:
                 for item in range(n_weight_items):
@@ -565,5 +615,6 @@ def backward_layer(const floating[:, :, ::1] x,            # IN  (T, B, I) the l
         free(h_raw)
         free(dh_proj)
         free(pk_raw)
+        free(pk2_raw)
     if failed:
         raise MemoryError("cannot allocate the per-thread scratch of the backward recurrence")

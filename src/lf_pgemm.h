@@ -107,14 +107,23 @@ static inline __mmask16 lf_mask_hi(size_t width) {
          : width > 16 ? (__mmask16) ((1u << (width - 16)) - 1u) : (__mmask16) 0;
 }
 
-/* One tile: MR rows of A times one panel, over the whole k; mr is a constant after inlining. */
+/* One tile: MR rows of A times one panel, over k values; mr and a_trans are constants after
+   inlining. a_trans: A is read from its transpose stored (k, m), a[kk * lda + r]. continue_c: the
+   accumulators start from C's values, the partial sums of an earlier block of k (the same FMA
+   chain carried on, so blocking k does not change the bits). */
 __attribute__((target("avx512f"), always_inline)) static inline void
-lf_tile_avx512(const int mr, size_t k, const float* a, size_t lda, const float* bp,
-               float* c, size_t ldc, __mmask16 mask0, __mmask16 mask1, int accumulate) {
+lf_tile_avx512_ex(const int mr, const int a_trans, size_t k, const float* a, size_t lda,
+                  const float* bp, float* c, size_t ldc, __mmask16 mask0, __mmask16 mask1,
+                  int accumulate, int continue_c) {
     __m512 acc0[LF_MR], acc1[LF_MR];
     for (int r = 0; r < mr; r++) {
-        acc0[r] = _mm512_setzero_ps();
-        acc1[r] = _mm512_setzero_ps();
+        if (continue_c) {
+            acc0[r] = _mm512_maskz_loadu_ps(mask0, c + r * ldc);
+            acc1[r] = _mm512_maskz_loadu_ps(mask1, c + r * ldc + 16);
+        } else {
+            acc0[r] = _mm512_setzero_ps();
+            acc1[r] = _mm512_setzero_ps();
+        }
     }
 #pragma GCC unroll 2
     for (size_t kk = 0; kk < k; kk++) {
@@ -122,7 +131,7 @@ lf_tile_avx512(const int mr, size_t k, const float* a, size_t lda, const float* 
         __m512 b1 = _mm512_load_ps(bp + 16);
         bp += LF_NR;
         for (int r = 0; r < mr; r++) {
-            __m512 av = _mm512_set1_ps(a[r * lda + kk]);
+            __m512 av = _mm512_set1_ps(a_trans ? a[kk * lda + r] : a[r * lda + kk]);
             acc0[r] = _mm512_fmadd_ps(av, b0, acc0[r]);
             acc1[r] = _mm512_fmadd_ps(av, b1, acc1[r]);
         }
@@ -136,6 +145,12 @@ lf_tile_avx512(const int mr, size_t k, const float* a, size_t lda, const float* 
         _mm512_mask_storeu_ps(cr, mask0, acc0[r]);
         _mm512_mask_storeu_ps(cr + 16, mask1, acc1[r]);
     }
+}
+
+__attribute__((target("avx512f"), always_inline)) static inline void
+lf_tile_avx512(const int mr, size_t k, const float* a, size_t lda, const float* bp,
+               float* c, size_t ldc, __mmask16 mask0, __mmask16 mask1, int accumulate) {
+    lf_tile_avx512_ex(mr, 0, k, a, lda, bp, c, ldc, mask0, mask1, accumulate, 0);
 }
 
 #define LF_TILE_CASE(R) case R: lf_tile_avx512(R, k, a, lda, bp, c, ldc, mask0, mask1, accumulate); break;
@@ -169,6 +184,53 @@ lf_pgemm(size_t m, size_t col0, size_t n_cols, size_t k, const float* a, size_t 
         if (r < m)
             lf_tile_any((int) (m - r), k, a + r * lda, lda, bp, c + r * ldc + j0, ldc, mask0, mask1,
                         accumulate);
+    }
+}
+
+#define LF_TILE_AT_CASE(R) case R: lf_tile_avx512_ex(R, 1, k, a, lda, bp, c, ldc, mask0, mask1, 0, \
+                                                    continue_c); break;
+
+__attribute__((target("avx512f"))) static void
+lf_tile_at_any(int mr, size_t k, const float* a, size_t lda, const float* bp, float* c,
+               size_t ldc, __mmask16 mask0, __mmask16 mask1, int continue_c) {
+    switch (mr) {
+        LF_TILE_AT_CASE(1) LF_TILE_AT_CASE(2) LF_TILE_AT_CASE(3) LF_TILE_AT_CASE(4)
+        LF_TILE_AT_CASE(5) LF_TILE_AT_CASE(6) LF_TILE_AT_CASE(7) LF_TILE_AT_CASE(8)
+        default: break;
+    }
+}
+
+/* k per block of lf_pgemm_at: a block's panel slice (LF_KC x 32 floats, 32 KB) stays in L1/L2
+   while every row tile runs over it */
+#define LF_KC 256
+
+/* C(m, n) = A(m, k) @ W.T with A given as its transpose at (k, m), leading dimension ldat, and W
+   (n, k) packed by lf_pack_w or lf_pack_wt. For weight gradients, dW = dZ.T @ X, where k is the
+   long T*B axis: k runs in blocks of LF_KC, partial sums kept in C, each output one FMA chain. */
+__attribute__((target("avx512f"))) static void
+lf_pgemm_at(size_t m, size_t n, size_t k, const float* at, size_t ldat, const float* packed,
+            float* c, size_t ldc) {
+    size_t n_panels = (n + LF_NR - 1) / LF_NR;
+    if (k == 0)
+        for (size_t r = 0; r < m; r++)
+            memset(c + r * ldc, 0, n * sizeof(float));
+    for (size_t k0 = 0; k0 < k; k0 += LF_KC) {
+        size_t kb = k - k0 < LF_KC ? k - k0 : LF_KC;
+        int cont = k0 > 0;
+        for (size_t p = 0; p < n_panels; p++) {
+            size_t j0 = p * LF_NR;
+            size_t width = n - j0 < LF_NR ? n - j0 : LF_NR;
+            __mmask16 mask0 = lf_mask_lo(width), mask1 = lf_mask_hi(width);
+            const float* bp = packed + (p * k + k0) * LF_NR;
+            const float* a = at + k0 * ldat;
+            size_t r = 0;
+            for (; r + LF_MR <= m; r += LF_MR)
+                lf_tile_avx512_ex(LF_MR, 1, kb, a + r, ldat, bp, c + r * ldc + j0, ldc, mask0,
+                                  mask1, 0, cont);
+            if (r < m)
+                lf_tile_at_any((int) (m - r), kb, a + r, ldat, bp, c + r * ldc + j0, ldc, mask0,
+                               mask1, cont);
+        }
     }
 }
 
@@ -222,6 +284,10 @@ static void lf_pgemm(size_t m, size_t col0, size_t n_cols, size_t k, const float
                      const float* packed, float* c, size_t ldc, int accumulate) {
     (void) m; (void) col0; (void) n_cols; (void) k; (void) a; (void) lda; (void) packed; (void) c;
     (void) ldc; (void) accumulate;
+}
+static void lf_pgemm_at(size_t m, size_t n, size_t k, const float* at, size_t ldat,
+                        const float* packed, float* c, size_t ldc) {
+    (void) m; (void) n; (void) k; (void) at; (void) ldat; (void) packed; (void) c; (void) ldc;
 }
 #endif
 

@@ -112,6 +112,22 @@ def test_float32_gradients_on_both_product_paths(packed, mode, batch, config):
         assert_allclose(g.params[name], value, err_msg=name, **GRAD_TOL[np.float32])
 
 
+def test_float32_weight_gradients_over_long_sequences(packed):
+    # T*B = 540 rows: the packed weight-gradient product (lf_pgemm_at) sums them in blocks of 256,
+    # each output's partial sum carried from block to block; projections and lengths included
+    config = (2, True, 3, False, True)
+    m, x, hx, grads, _ = _case(np.float32, config, batch=9, seq_len=60, hidden=13)
+    lengths = np.random.default_rng(2).integers(1, 61, size=9)
+    lengths[3] = 60
+    _, _, cache = m.forward_train(x, hx, lengths=lengths)
+    g = m.backward(cache, grads[0], grads[1:])
+    _, t_dx, _, t_params = _torch_grads(m, x, hx, grads, lengths)
+    assert_allclose(g.input, t_dx, **GRAD_TOL[np.float32])
+    for name, value in t_params.items():
+        scale = np.abs(value).max()
+        assert_allclose(g.params[name], value, err_msg=name, rtol=1e-4, atol=1e-5 * scale)
+
+
 def test_unbatched_gradients_match_torch():
     torch = _torch()
     m = lf.LSTM(3, 5, num_layers=2, bidirectional=True, dtype=np.float64, seed=1)
