@@ -20,7 +20,7 @@ from libc.stdlib cimport malloc, free, calloc
 from libc.string cimport memcpy, memset
 
 from _blas cimport gemm_rm, gemm_rm_tn, gemv_rm
-from _pgemm cimport lf_pack_len, lf_alloc_aligned, lf_pack_wt, lf_pgemm, lf_pgemm_at, lf_pgemv
+from _pgemm cimport lf_alloc_big, lf_pack_len, lf_alloc_aligned, lf_pack_wt, lf_pgemm, lf_pgemm_at, lf_pgemv
 from _gates cimport lf_tanhf   # brings the vectorisable float32 tanh into this module's C
 
 from lstm_fast._forward import batch_chunk, recurrence_mode, packed_gemm_active
@@ -340,6 +340,14 @@ cdef inline Py_ssize_t _active(const Back* K, Py_ssize_t s) noexcept nogil:
     return rows
 
 
+cdef void* _zeroed(size_t n_bytes) noexcept nogil:
+    # a zero-filled work buffer (huge pages for large ones, see lf_alloc_big); NULL on failure
+    cdef void* p = lf_alloc_big(n_bytes)
+    if p != NULL:
+        memset(p, 0, n_bytes)
+    return p
+
+
 cdef inline Py_ssize_t _grad_block(Py_ssize_t rows) noexcept nogil:
     # rows per weight-gradient block: a quarter, rounded up to 16 (a function of the shape only)
     return ((rows + GRAD_BLOCKS - 1) // GRAD_BLOCKS + 15) // 16 * 16
@@ -466,10 +474,10 @@ def backward_layer(const floating[:, :, ::1] x,            # IN  (T, B, I) the l
     K.n_chunks = (K.batch + K.chunk - 1) // K.chunk
     cdef Py_ssize_t D = K.n_dirs, TB = K.seq_len * K.batch
     cdef Py_ssize_t H = K.hidden, P = K.proj
-    cdef floating* dz = <floating*> calloc(D * TB * K.four_h, sizeof(floating))
-    cdef floating* h_prev = <floating*> calloc(D * TB * K.hidden_out, sizeof(floating))
-    cdef floating* h_raw = <floating*> calloc(D * TB * H if P > 0 else 1, sizeof(floating))
-    cdef floating* dh_proj = <floating*> calloc(D * TB * P if P > 0 else 1, sizeof(floating))
+    cdef floating* dz = <floating*> _zeroed(D * TB * K.four_h * sizeof(floating))
+    cdef floating* h_prev = <floating*> _zeroed(D * TB * K.hidden_out * sizeof(floating))
+    cdef floating* h_raw = <floating*> _zeroed((D * TB * H if P > 0 else 1) * sizeof(floating))
+    cdef floating* dh_proj = <floating*> _zeroed((D * TB * P if P > 0 else 1) * sizeof(floating))
     if dz == NULL or h_prev == NULL or h_raw == NULL or dh_proj == NULL:
         free(dz); free(h_prev); free(h_raw); free(dh_proj)
         raise MemoryError(f"cannot allocate the backward workspace ({D} x {TB} x {K.four_h} values)")

@@ -26,7 +26,7 @@ from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
 
 from _blas cimport gemm_rm, gemv_rm
-from _pgemm cimport (lf_pack_len, lf_alloc_aligned, lf_pack_w, lf_pgemm_available, lf_pgemm,
+from _pgemm cimport (lf_alloc_big, lf_pack_len, lf_alloc_aligned, lf_pack_w, lf_pgemm_available, lf_pgemm,
                      lf_pgemv, lf_prefetch)
 from _gates cimport (CellSpec, cell_row_standard, cell_row_cached, cell_row_general, sigmoid,
                      tanh_, activate, lf_matvec_t_f32, lf_matvec_t_f64)
@@ -50,6 +50,9 @@ cdef enum:
     WIDE_GEMV_BYTES = 2 * 1024 * 1024
     # With the packed kernel, wide mode only for a single work item from this W_hh size
     PACKED_WIDE_BYTES = 512 * 1024
+    # ... and always from this size, where each chunk's pass over W_hh comes from L3 or memory:
+    # one pass per step over all rows ((25,128,1024,1024): 553 vs 568 ms on one thread)
+    PACKED_WIDE_MAX_BYTES = 8 * 1024 * 1024
     # Wide mode: gate columns and rows per work item of a step.
     WIDE_COL_BLOCKS = 8
     WIDE_ROWS = 8
@@ -485,12 +488,15 @@ def recurrence_mode(Py_ssize_t batch, Py_ssize_t hidden, Py_ssize_t hidden_out, 
     are two work items (tools/measure_modes.py: (100,16,128,128) 2 threads 2.51 vs 2.71 ms,
     (100,256,64,64) 12.6 vs 13.7 ms); wide only pays where the batch is one chunk of one direction
     and W_hh is large enough to split ((100,1,512,512) 2 threads 6.2 vs 8.5 ms, (100,8,256,256)
-    6.6 vs 7.6 ms; but (100,1,128,128) 0.47 vs 0.43 ms).
+    6.6 vs 7.6 ms; but (100,1,128,128) 0.47 vs 0.43 ms), or where W_hh is beyond 8 MB and a
+    pass over it per chunk costs more than a pass per step ((25,128,1024,1024) 553 vs 568 ms).
     """
     cdef Py_ssize_t w_hh_bytes = 4 * hidden * hidden_out * itemsize
     if packed:
         single_item = batch_chunk(batch) >= batch and n_dirs == 1
-        return "wide" if single_item and w_hh_bytes >= PACKED_WIDE_BYTES else "chunked"
+        if w_hh_bytes >= PACKED_WIDE_MAX_BYTES or (single_item and w_hh_bytes >= PACKED_WIDE_BYTES):
+            return "wide"
+        return "chunked"
     if w_hh_bytes >= WIDE_GEMV_BYTES or (batch > 1 and w_hh_bytes >= WIDE_MIN_BYTES):
         return "wide"
     return "chunked"
@@ -564,7 +570,7 @@ def forward_layer(const floating[:, :, ::1] x,          # IN  (T, B, I) layer in
         scratch_len += L.chunk * (L.four_h + L.input_size)
     cdef floating* gx_all = NULL
     if not L.fused:
-        gx_all = <floating*> malloc(L.n_dirs * total_rows * L.four_h * sizeof(floating))
+        gx_all = <floating*> lf_alloc_big(L.n_dirs * total_rows * L.four_h * sizeof(floating))
         if gx_all == NULL:
             raise MemoryError(f"cannot allocate the input projection buffer "
                               f"({L.n_dirs} x {total_rows} x {L.four_h} values)")

