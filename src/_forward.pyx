@@ -27,7 +27,7 @@ from libc.string cimport memcpy
 
 from _blas cimport gemm_rm, gemv_rm
 from _pgemm cimport (lf_alloc_big, lf_pack_len, lf_alloc_aligned, lf_pack_w, lf_pgemm_available, lf_pgemm,
-                     lf_pgemv, lf_prefetch)
+                     lf_pgemv, lf_pgemv_gates, lf_prefetch)
 from _gates cimport (CellSpec, cell_row_standard, cell_row_cached, cell_row_general, sigmoid,
                      tanh_, activate, lf_matvec_t_f32, lf_matvec_t_f64)
 
@@ -53,6 +53,8 @@ cdef enum:
     # ... and always from this size, where each chunk's pass over W_hh comes from L3 or memory:
     # one pass per step over all rows ((25,128,1024,1024): 553 vs 568 ms on one thread)
     PACKED_WIDE_MAX_BYTES = 8 * 1024 * 1024
+    # Split mode (batch < 8, one direction) from this hidden size, with more than one thread
+    SPLIT_MIN_HIDDEN = 64
     # Wide mode: gate columns and rows per work item of a step.
     WIDE_COL_BLOCKS = 8
     WIDE_ROWS = 8
@@ -65,6 +67,19 @@ cdef enum:
     MODE_AUTO = 0
     MODE_CHUNKED = 1
     MODE_WIDE = 2
+    MODE_SPLIT = 3
+
+
+cdef extern from "lf_split.h" nogil:
+    ctypedef struct lf_barrier:
+        int arrived
+    int lf_team_size()
+    int lf_team_rank()
+    void lf_barrier_init(lf_barrier* b)
+    void lf_barrier_wait(lf_barrier* b, int n_threads)
+    void lf_cell_units_avx512(size_t hidden, size_t u0, size_t u1, const float* gh,
+                              const float* gx, const float* bias, float* c, float* h_raw,
+                              float* gates_out, float* c_out)
 
 
 ctypedef struct Layer:
@@ -429,6 +444,65 @@ cdef int _run_wide(const Layer* L, floating* state, int n_threads) noexcept nogi
     return 0
 
 
+cdef void _split_step(const Layer* L, Py_ssize_t s, Py_ssize_t rows, Py_ssize_t u0, Py_ssize_t u1,
+                      const float* h_cur, float* h_next, float* cs, float* gh) noexcept nogil:
+    # split mode, one thread's share of step s: units u0..u1 of every running row
+    cdef Py_ssize_t H = L.hidden, four_h = L.four_h, B = L.batch, T = L.seq_len
+    cdef Py_ssize_t n_active = _n_active(L, 0, rows, s)
+    cdef Py_ssize_t g, r, b, t, at
+    cdef const float* gx_all = <const float*> L.gx
+    cdef float* y = <float*> L.y
+    if n_active == 1:
+        lf_pgemv_gates(H, u0, u1, H, h_cur, L.pk_hh, gh)
+    else:
+        for g in range(4):
+            lf_pgemm(n_active, g * H + u0, u1 - u0, H, h_cur, H, L.pk_hh, gh, four_h, 0)
+    for r in range(n_active):
+        b = L.order[r]
+        t = _time_of(L, 0, b, s)
+        at = t * B + b
+        lf_cell_units_avx512(H, u0, u1, gh + r * four_h, gx_all + at * four_h,
+                             <const float*> L.bias, cs + r * H, h_next + r * H,
+                             ((<float*> L.cache_gates) + at * four_h) if L.keep_cache else NULL,
+                             ((<float*> L.cache_c) + at * H) if L.keep_cache else NULL)
+        memcpy(y + (t * B + b) * L.y_stride + u0, h_next + r * H + u0, (u1 - u0) * sizeof(float))
+    for r in range(n_active, rows):          # finished rows carry their final state along
+        memcpy(h_next + r * H + u0, h_cur + r * H + u0, (u1 - u0) * sizeof(float))
+
+
+cdef void _run_split(const Layer* L, float* state, int n_threads) noexcept nogil:
+    """Split mode (float32, packed kernel, one direction, one batch chunk, no projection, standard
+    cell): each step's hidden units are shared by the threads, 32-unit panels each; a thread
+    computes its units' four gate columns and their cell update, then all meet at a spin barrier
+    before the next step reads h. Every output is the same FMA chain and lane-wise cell as in
+    chunked mode: the bits do not depend on the thread count.
+
+    `state` is h (2 buffers of B x H, alternating by step) | c (B x H) | gh (B x 4H)."""
+    cdef Py_ssize_t H = L.hidden, B = L.batch
+    cdef float* h_bufs = state
+    cdef float* cs = state + 2 * B * H
+    cdef float* gh = cs + B * H
+    cdef Py_ssize_t max_len = L.lengths[L.order[0]]
+    cdef Py_ssize_t n_panels = H // 32
+    cdef lf_barrier barrier
+    cdef int team, rank
+    cdef Py_ssize_t per, u0, u1, s
+    _gather_state(L, 0, L.order, B, h_bufs, cs, False)
+    lf_barrier_init(&barrier)
+    with parallel(num_threads=n_threads):
+        team = lf_team_size()
+        rank = lf_team_rank()
+        per = (n_panels + team - 1) // team
+        u0 = min(rank * per, n_panels) * 32
+        u1 = min((rank + 1) * per, n_panels) * 32
+        for s in range(max_len):
+            if u1 > u0:
+                _split_step(L, s, B, u0, u1, h_bufs + (s % 2) * B * H, h_bufs + ((s + 1) % 2) * B * H,
+                            cs, gh)
+            lf_barrier_wait(&barrier, team)
+    _gather_state(L, 0, L.order, B, h_bufs + (max_len % 2) * B * H, cs, True)
+
+
 cdef void _project_block(Py_ssize_t item, Py_ssize_t n_blocks, Py_ssize_t n_col_groups,
                          Py_ssize_t total_rows, const Layer* L, const floating* x,
                          const floating* w_ih, floating* gx_all) noexcept nogil:
@@ -518,7 +592,7 @@ def forward_layer(const floating[:, :, ::1] x,          # IN  (T, B, I) layer in
                   floating[:, :, :, ::1] cache_c,       # OUT (D, T, B, H) cell states, or size 0
                   object spec,                          # None (standard) or ONNX cell options
                   int n_threads,
-                  int mode=MODE_AUTO):                  # 1: chunked, 2: wide (benchmarks and tests)
+                  int mode=MODE_AUTO):                  # 1: chunked, 2: wide, 3: split (tests, benchmarks)
     """Run one layer (all directions) over a batch of sequences; see the module docstring."""
     cdef Layer L
     L.spec = _make_spec(spec)
@@ -547,9 +621,17 @@ def forward_layer(const floating[:, :, ::1] x,          # IN  (T, B, I) layer in
     cdef bint use_packed = False
     if floating is float:
         use_packed = _packed_enabled and lf_pgemm_available()
+    # split mode needs the packed kernel and AVX-512 cell, whole 32-unit panels and a lone chunk
+    cdef bint split_ok = (use_packed and L.n_dirs == 1 and L.proj == 0 and L.spec.standard
+                          and L.hidden % 32 == 0 and batch_chunk(L.batch) >= L.batch and L.batch < 8)
     if mode == MODE_AUTO:
-        mode = MODE_WIDE if recurrence_mode(L.batch, L.hidden, L.hidden_out, sizeof(floating),
-                                            use_packed, L.n_dirs) == "wide" else MODE_CHUNKED
+        if split_ok and L.hidden >= SPLIT_MIN_HIDDEN and n_threads > 1:
+            mode = MODE_SPLIT    # same bits as chunked: the choice may follow the thread count
+        else:
+            mode = MODE_WIDE if recurrence_mode(L.batch, L.hidden, L.hidden_out, sizeof(floating),
+                                                use_packed, L.n_dirs) == "wide" else MODE_CHUNKED
+    elif mode == MODE_SPLIT and not split_ok:
+        mode = MODE_CHUNKED
 
     cdef Py_ssize_t total_rows = L.seq_len * L.batch
     cdef Py_ssize_t n_blocks = (total_rows + PROJ_ROWS - 1) // PROJ_ROWS
@@ -658,7 +740,15 @@ def forward_layer(const floating[:, :, ::1] x,          # IN  (T, B, I) layer in
             for item in prange(n_proj_items, num_threads=threads_proj, schedule='static'):
                 _project_block(item, n_blocks, n_col_groups, total_rows, &L, x_ptr, w_ih_ptr, gx_all)
 
-        if mode == MODE_WIDE:
+        if mode == MODE_SPLIT:
+            if floating is float:
+                scratch = <floating*> malloc(7 * L.batch * L.hidden * sizeof(floating))
+                if scratch == NULL:
+                    failed = 1
+                else:
+                    _run_split(&L, scratch, n_threads)
+                    free(scratch)
+        elif mode == MODE_WIDE:
             scratch = <floating*> malloc(wide_len * sizeof(floating))
             if scratch == NULL:
                 failed = 1

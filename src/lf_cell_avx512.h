@@ -63,10 +63,12 @@ LF_AVX512 __m512 lf_tanh512(__m512 x) {
    the activated gates and c_t for backward. The tail runs masked, so every unit of a row takes
    the same instructions whatever the hidden size. */
 __attribute__((target("avx512f"))) static void
-lf_cell_row_avx512(size_t hidden, const float* gh, const float* gx, const float* bias, float* c,
-                   float* h_raw, float* gates_out, float* c_out) {
-    for (size_t j = 0; j < hidden; j += 16) {
-        __mmask16 m = hidden - j >= 16 ? (__mmask16) 0xFFFF : (__mmask16) ((1u << (hidden - j)) - 1u);
+lf_cell_units_avx512(size_t hidden, size_t u0, size_t u1, const float* gh, const float* gx,
+                     const float* bias, float* c, float* h_raw, float* gates_out, float* c_out) {
+    /* units u0..u1 of the row (u0 a multiple of 16, or 0): every unit takes the same lane-wise
+       instructions whichever range holds it, so a split over threads keeps the bits */
+    for (size_t j = u0; j < u1; j += 16) {
+        __mmask16 m = u1 - j >= 16 ? (__mmask16) 0xFFFF : (__mmask16) ((1u << (u1 - j)) - 1u);
         __m512 z[4];
         for (int q = 0; q < 4; q++) {
             size_t o = q * hidden + j;
@@ -90,7 +92,18 @@ lf_cell_row_avx512(size_t hidden, const float* gh, const float* gx, const float*
         }
     }
 }
+
+static void lf_cell_row_avx512(size_t hidden, const float* gh, const float* gx, const float* bias,
+                               float* c, float* h_raw, float* gates_out, float* c_out) {
+    lf_cell_units_avx512(hidden, 0, hidden, gh, gx, bias, c, h_raw, gates_out, c_out);
+}
 #else
+static void lf_cell_units_avx512(size_t hidden, size_t u0, size_t u1, const float* gh,
+                                 const float* gx, const float* bias, float* c, float* h_raw,
+                                 float* gates_out, float* c_out) {
+    (void) hidden; (void) u0; (void) u1; (void) gh; (void) gx; (void) bias; (void) c; (void) h_raw;
+    (void) gates_out; (void) c_out;
+}
 static void lf_cell_row_avx512(size_t hidden, const float* gh, const float* gx, const float* bias,
                                float* c, float* h_raw, float* gates_out, float* c_out) {
     (void) hidden; (void) gh; (void) gx; (void) bias; (void) c; (void) h_raw; (void) gates_out;

@@ -279,6 +279,36 @@ lf_row_panels(const int np, size_t k, const float* a, const float* bp, float* c,
     }
 }
 
+/* the four gate panels of units u..u+32 of one row at once (8 independent chains, where a lone
+   panel per call would wait on FMA latency): c[g*hidden + u0 .. g*hidden + u1] for g = 0..3;
+   hidden and u0 are multiples of LF_NR; the same sums as lf_pgemv's */
+__attribute__((target("avx512f"))) static void
+lf_pgemv_gates(size_t hidden, size_t u0, size_t u1, size_t k, const float* a, const float* packed,
+               float* c) {
+    for (size_t u = u0; u < u1; u += LF_NR) {
+        const float* bp[4];
+        __m512 acc[8];
+        for (int g = 0; g < 4; g++) {
+            bp[g] = packed + (g * hidden + u) / LF_NR * k * LF_NR;
+            acc[2 * g] = _mm512_setzero_ps();
+            acc[2 * g + 1] = _mm512_setzero_ps();
+        }
+#pragma GCC unroll 2
+        for (size_t kk = 0; kk < k; kk++) {
+            __m512 av = _mm512_set1_ps(a[kk]);
+            for (int g = 0; g < 4; g++) {
+                const float* b = bp[g] + kk * LF_NR;
+                acc[2 * g] = _mm512_fmadd_ps(av, _mm512_load_ps(b), acc[2 * g]);
+                acc[2 * g + 1] = _mm512_fmadd_ps(av, _mm512_load_ps(b + 16), acc[2 * g + 1]);
+            }
+        }
+        for (int g = 0; g < 4; g++) {
+            _mm512_storeu_ps(c + g * hidden + u, acc[2 * g]);
+            _mm512_storeu_ps(c + g * hidden + u + 16, acc[2 * g + 1]);
+        }
+    }
+}
+
 /* one row: c[col0:col0+n_cols] = a(k) @ W[cols].T (c indexed from column 0), W as in lf_pgemm */
 __attribute__((target("avx512f"))) static void
 lf_pgemv(size_t col0, size_t n_cols, size_t k, const float* a, const float* packed, float* c) {
@@ -307,6 +337,10 @@ static void lf_pgemm(size_t m, size_t col0, size_t n_cols, size_t k, const float
 static void lf_pgemm_at(size_t m, size_t n, size_t k, const float* at, size_t ldat,
                         const float* packed, float* c, size_t ldc) {
     (void) m; (void) n; (void) k; (void) at; (void) ldat; (void) packed; (void) c; (void) ldc;
+}
+static void lf_pgemv_gates(size_t hidden, size_t u0, size_t u1, size_t k, const float* a,
+                           const float* packed, float* c) {
+    (void) hidden; (void) u0; (void) u1; (void) k; (void) a; (void) packed; (void) c;
 }
 #endif
 

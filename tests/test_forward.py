@@ -402,3 +402,38 @@ def test_packed_rows_do_not_depend_on_their_batch(mode):
     for b in (0, 8, 10):
         alone, _ = m(x[:, b:b + 1])
         assert_array_equal(alone[:, 0], whole[:, b])
+
+
+@pytest.mark.parametrize("shape", [(40, 1, 32, 64), (30, 1, 128, 128), (25, 3, 16, 96), (12, 5, 8, 256)])
+def test_split_mode_gives_the_chunked_bits(shape):
+    # split mode shares each step's 32-unit panels between the threads and meets at a spin barrier;
+    # every value must be the one chunked mode computes on one thread, lengths and states included
+    from lstm_fast import _forward
+    if not _forward.packed_gemm_active():
+        pytest.skip("split mode needs the packed kernel (AVX-512F)")
+    T, B, I, H = shape
+    m = lf.LSTM(I, H, dtype=np.float32, seed=3)
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((T, B, I)).astype(np.float32)
+    hx = (rng.standard_normal((1, B, H)).astype(np.float32), rng.standard_normal((1, B, H)).astype(np.float32))
+    lengths = rng.integers(1, T + 1, size=B)
+    with lf.threads(1):
+        m._recurrence_mode = 1
+        ref_out, (ref_h, ref_c) = m(x, hx, lengths=lengths)
+        _, _, ref_cache = m.forward_train(x, hx, lengths=lengths)
+        ref_grads = m.backward(ref_cache, np.ones_like(ref_out))
+    with lf.threads(2):
+        for mode in (3, 0):              # forced, and what the shapes pick with two threads
+            m._recurrence_mode = mode
+            out, (h_n, c_n) = m(x, hx, lengths=lengths)
+            assert_array_equal(out, ref_out)
+            assert_array_equal(h_n, ref_h)
+            assert_array_equal(c_n, ref_c)
+        m._recurrence_mode = 3
+        _, _, cache = m.forward_train(x, hx, lengths=lengths)
+        grads = m.backward(cache, np.ones_like(ref_out))
+    for name, value in ref_grads.params.items():
+        assert_array_equal(grads.params[name], value, err_msg=name)
+    ref_out64, _ = reference.lstm(x.astype(np.float64), m.state_dict(), 1, False,
+                                  h0=hx[0].astype(np.float64), c0=hx[1].astype(np.float64), lengths=lengths)
+    assert_allclose(out, ref_out64, **tol(np.float32))
