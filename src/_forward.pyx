@@ -732,6 +732,9 @@ def forward_layer(const floating[:, :, ::1] x,          # IN  (T, B, I) layer in
             L.pk_hr = (pk + L.n_dirs * (L.pk_ih_len + L.pk_hh_len)) if L.proj > 0 else NULL
     n_proj_items = 0 if L.fused else n_blocks * n_col_groups * L.n_dirs
     threads_proj = threads_for(n_threads, n_proj_items, proj_flops / 10)
+    if mode == MODE_SPLIT:
+        # split mode wakes every thread right after: they may as well share the projection
+        threads_proj = threads_for(n_threads, n_proj_items, proj_flops)
     with nogil:
         if threads_proj <= 1:
             for item in range(n_proj_items):
