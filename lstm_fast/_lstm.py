@@ -31,6 +31,23 @@ def _empty(dtype, ndim):
 
 
 _REVERSE = {1: np.zeros(1, dtype=np.intc), 2: np.array([0, 1], dtype=np.intc)}
+_FULL = {}
+
+
+def _full_lengths(batch, seq_len):
+    """Read-only (lengths, order) of a batch without padding, kept for the next call's shapes
+    (a few microseconds of every small call)."""
+    key = (batch, seq_len)
+    got = _FULL.get(key)
+    if got is None:
+        if len(_FULL) >= 64:
+            _FULL.clear()
+        lens = np.full(batch, seq_len, dtype=np.intp)
+        order = np.arange(batch, dtype=np.intp)
+        lens.flags.writeable = False
+        order.flags.writeable = False
+        got = _FULL[key] = (lens, order)
+    return got
 
 
 def run_layer(x, w_ih, w_hh, bias, w_hr, order, lengths, h, c, y, n_threads,
@@ -257,8 +274,7 @@ class LSTM:
                 h0, c0 = h0[:, None, :], c0[:, None, :]
             h0, c0 = h0.copy(), c0.copy()   # the kernels update the states in place
         if lengths is None:
-            lens = np.full(batch, seq_len, dtype=np.intp)
-            order = np.arange(batch, dtype=np.intp)
+            lens, order = _full_lengths(batch, seq_len)
             padded = False
         else:
             if not batched:

@@ -68,11 +68,14 @@ def lengths(value, batch, seq_len):
     return np.ascontiguousarray(arr, dtype=np.intp)
 
 
+_INTP_MAX = int(np.iinfo(np.intp).max)
+
+
 def check_size_product(*dims, name="the workspace"):
     """Refuse sizes whose element count overflows the index type before anything is allocated."""
     total = 1
     for d in dims:
         total *= int(d)
-    if total > np.iinfo(np.intp).max // 8:
+    if total > _INTP_MAX // 8:
         raise MemoryError(f"{name} would need {total} values, more than can be addressed")
     return total

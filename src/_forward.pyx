@@ -27,7 +27,7 @@ from libc.string cimport memcpy
 
 from _blas cimport gemm_rm, gemv_rm
 from _pgemm cimport (lf_alloc_big, lf_pack_len, lf_alloc_aligned, lf_pack_w, lf_pgemm_available, lf_pgemm,
-                     lf_pgemv, lf_pgemv_gates, lf_prefetch)
+                     lf_pgemv, lf_pgemv_dir, lf_pgemv_gates, lf_prefetch)
 from _gates cimport (CellSpec, cell_row_standard, cell_row_cached, cell_row_general, sigmoid,
                      tanh_, activate, lf_matvec_t_f32, lf_matvec_t_f64)
 
@@ -163,14 +163,16 @@ cdef inline Py_ssize_t _n_active(const Layer* L, Py_ssize_t start, Py_ssize_t ro
 
 
 cdef inline void _gates_product(Py_ssize_t rows, Py_ssize_t d, Py_ssize_t col0, Py_ssize_t n_cols,
-                                const Layer* L, const floating* h_prev, floating* gh) noexcept nogil:
+                                const Layer* L, const floating* h_prev, floating* gh,
+                                int backwards=0) noexcept nogil:
     # gh[:, col0:col0+n_cols] = h_prev @ W_hh[d, cols].T, gh (column 0) with leading dimension 4H.
     # One row is a matrix-vector product, where gemv runs several times faster than gemm.
     cdef const floating* w_hh_rows = (<const floating*> L.w_hh) + (d * L.four_h + col0) * L.hidden_out
     if floating is float:
         if L.pk_hh != NULL:
             if rows == 1:
-                lf_pgemv(col0, n_cols, L.hidden_out, h_prev, L.pk_hh + d * L.pk_hh_len, gh)
+                lf_pgemv_dir(col0, n_cols, L.hidden_out, h_prev, L.pk_hh + d * L.pk_hh_len, gh,
+                             backwards)
             else:
                 lf_pgemm(rows, col0, n_cols, L.hidden_out, h_prev, L.hidden_out,
                          L.pk_hh + d * L.pk_hh_len, gh, L.four_h, 0)
@@ -356,7 +358,8 @@ cdef void _run_chunk(Py_ssize_t item, const Layer* L, floating* scratch) noexcep
                 lf_matvec_t_f64(H_out_of(L), L.four_h,
                                 (<const double*> L.w_hh_t) + d * L.four_h * L.hidden_out, hs, gh)
         else:
-            _gates_product(n_active, d, 0, L.four_h, L, hs, gh)    # gh = h_prev @ W_hh.T
+            # gh = h_prev @ W_hh.T, panels in alternating order (lf_pgemv_dir: L1 reuse)
+            _gates_product(n_active, d, 0, L.four_h, L, hs, gh, s & 1)
         if L.proj > 0:
             _cell_rows(L, d, s, order, 0, n_active, gh, gxs, cs, hraw)
             _proj_product(n_active, d, 0, L.proj, L, hraw, hs)      # h = (o*tanh(c)) @ W_hr.T
@@ -453,7 +456,7 @@ cdef void _split_step(const Layer* L, Py_ssize_t s, Py_ssize_t rows, Py_ssize_t 
     cdef const float* gx_all = <const float*> L.gx
     cdef float* y = <float*> L.y
     if n_active == 1:
-        lf_pgemv_gates(H, u0, u1, H, h_cur, L.pk_hh, gh)
+        lf_pgemv_gates(H, u0, u1, H, h_cur, L.pk_hh, gh, s & 1)
     else:
         for g in range(4):
             lf_pgemm(n_active, g * H + u0, u1 - u0, H, h_cur, H, L.pk_hh, gh, four_h, 0)

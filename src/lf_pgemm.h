@@ -335,8 +335,10 @@ lf_row_panels(const int np, size_t k, const float* a, const float* bp, float* c,
    hidden and u0 are multiples of LF_NR; the same sums as lf_pgemv's */
 __attribute__((target("avx512f"))) static void
 lf_pgemv_gates(size_t hidden, size_t u0, size_t u1, size_t k, const float* a, const float* packed,
-               float* c) {
-    for (size_t u = u0; u < u1; u += LF_NR) {
+               float* c, int backwards) {
+    size_t n_groups = (u1 - u0) / LF_NR;
+    for (size_t q = 0; q < n_groups; q++) {
+        size_t u = u0 + (backwards ? n_groups - 1 - q : q) * LF_NR;   /* see lf_pgemv_dir */
         const float* bp[4];
         __m512 acc[8];
         for (int g = 0; g < 4; g++) {
@@ -360,19 +362,44 @@ lf_pgemv_gates(size_t hidden, size_t u0, size_t u1, size_t k, const float* a, co
     }
 }
 
-/* one row: c[col0:col0+n_cols] = a(k) @ W[cols].T (c indexed from column 0), W as in lf_pgemm */
-__attribute__((target("avx512f"))) static void
-lf_pgemv(size_t col0, size_t n_cols, size_t k, const float* a, const float* packed, float* c) {
-    size_t p = col0 / LF_NR, p1 = (col0 + n_cols + LF_NR - 1) / LF_NR;
-    size_t end = col0 + n_cols;
-    for (; p + 4 <= p1; p += 4)
-        lf_row_panels(4, k, a, packed + p * k * LF_NR, c, end, p * LF_NR);
-    switch (p1 - p) {
+/* the panels p .. p + np - 1 of one row (np <= 4) */
+__attribute__((target("avx512f"))) static inline void
+lf_row_group(size_t np, size_t p, size_t k, const float* a, const float* packed, float* c,
+             size_t end) {
+    switch (np) {
+        case 4: lf_row_panels(4, k, a, packed + p * k * LF_NR, c, end, p * LF_NR); break;
         case 3: lf_row_panels(3, k, a, packed + p * k * LF_NR, c, end, p * LF_NR); break;
         case 2: lf_row_panels(2, k, a, packed + p * k * LF_NR, c, end, p * LF_NR); break;
         case 1: lf_row_panels(1, k, a, packed + p * k * LF_NR, c, end, p * LF_NR); break;
         default: break;
     }
+}
+
+/* one row: c[col0:col0+n_cols] = a(k) @ W[cols].T (c indexed from column 0), W as in lf_pgemm.
+   backwards: the groups of 4 panels in reverse order. A recurrence that alternates the direction
+   step by step finds in L1 the panels the previous step read last (LRU keeps them), where a
+   fixed order evicts every panel before its reuse once W exceeds L1: (T=1000, B=1, H=64) W_hh
+   (64 KB) 0.58 -> 0.47 us a product here. Each output's sum is the same either way. */
+__attribute__((target("avx512f"))) static void
+lf_pgemv_dir(size_t col0, size_t n_cols, size_t k, const float* a, const float* packed, float* c,
+             int backwards) {
+    size_t p0 = col0 / LF_NR, p1 = (col0 + n_cols + LF_NR - 1) / LF_NR;
+    size_t end = col0 + n_cols;
+    size_t n_full = (p1 - p0) / 4, rest = (p1 - p0) % 4;
+    if (!backwards) {
+        for (size_t g = 0; g < n_full; g++)
+            lf_row_group(4, p0 + 4 * g, k, a, packed, c, end);
+        lf_row_group(rest, p0 + 4 * n_full, k, a, packed, c, end);
+    } else {
+        lf_row_group(rest, p0 + 4 * n_full, k, a, packed, c, end);
+        for (size_t g = n_full; g-- > 0;)
+            lf_row_group(4, p0 + 4 * g, k, a, packed, c, end);
+    }
+}
+
+__attribute__((target("avx512f"))) static void
+lf_pgemv(size_t col0, size_t n_cols, size_t k, const float* a, const float* packed, float* c) {
+    lf_pgemv_dir(col0, n_cols, k, a, packed, c, 0);
 }
 static void lf_pack_w(const float* w, size_t ldw, size_t n, size_t k, float* packed) {
     if (lf_pgemm_available())
@@ -384,6 +411,10 @@ static void lf_pack_w(const float* w, size_t ldw, size_t n, size_t k, float* pac
 static int lf_pgemm_available(void) { return 0; }
 static void lf_pack_w(const float* w, size_t ldw, size_t n, size_t k, float* packed) {
     lf_pack_w_scalar(w, ldw, n, k, packed);
+}
+static void lf_pgemv_dir(size_t col0, size_t n_cols, size_t k, const float* a,
+                         const float* packed, float* c, int backwards) {
+    (void) col0; (void) n_cols; (void) k; (void) a; (void) packed; (void) c; (void) backwards;
 }
 static void lf_pgemv(size_t col0, size_t n_cols, size_t k, const float* a, const float* packed,
                      float* c) {
@@ -399,8 +430,9 @@ static void lf_pgemm_at(size_t m, size_t n, size_t k, const float* at, size_t ld
     (void) m; (void) n; (void) k; (void) at; (void) ldat; (void) packed; (void) c; (void) ldc;
 }
 static void lf_pgemv_gates(size_t hidden, size_t u0, size_t u1, size_t k, const float* a,
-                           const float* packed, float* c) {
+                           const float* packed, float* c, int backwards) {
     (void) hidden; (void) u0; (void) u1; (void) k; (void) a; (void) packed; (void) c;
+    (void) backwards;
 }
 #endif
 
