@@ -5,16 +5,22 @@ IN/OUT rules: every array is C-contiguous and of one dtype (float32 or float64);
 Gate blocks follow torch's order [i | f | g | o] along the 4H axis.
 
 How the work is split (chosen by measurement, see README "Design"):
-1. Input projection of every time step, gx[d] = x @ W_ih[d].T, as one GEMM per fixed block of
-   PROJ_ROWS rows of the (T*B, I) input; blocks of all directions are spread over the threads.
-2. The recurrence, in one of two modes picked from the shapes:
-   - chunked (small W_hh): work items are (batch chunk, direction). Each OpenMP thread takes an
-     item and runs its rows through all time steps with its own single-threaded BLAS calls: no
-     barrier per step, and both directions of a bidirectional layer run at the same time.
-   - wide (W_hh beyond L2): OpenBLAS repacks the whole W_hh on every GEMM call, so one GEMM per
-     chunk and step would repack it once per chunk. Here every step does one GEMM per direction
-     over the whole batch, its gate columns split in fixed blocks over the threads, then the
-     cell update split by rows: W_hh is packed once per step and each thread packs its share.
+1. Input projection of every time step, gx[d] = x @ W_ih[d].T, as one GEMM per block of about
+   PROJ_ROWS rows of the (T*B, I) input (and PROJ_COLS gate columns with the packed kernel);
+   blocks of all directions are spread over the threads. Skipped when the chunked recurrence
+   projects each step's rows itself (fused, below).
+2. The recurrence, in one of three modes:
+   - chunked: work items are (batch chunk, direction). Each OpenMP thread takes an item and runs
+     its rows through all time steps with its own single-threaded products: no barrier per step,
+     and both directions of a bidirectional layer run at the same time. Fused (packed kernel,
+     chunks of >= 8 rows, W_ih + W_hh <= FUSED_MAX_BYTES): each step first projects its rows'
+     inputs, with the same sums, while they are in cache.
+   - wide (W_hh beyond what a chunk per pass can stream well): every step does one product per
+     direction over the whole batch, its gate columns split in fixed blocks over the threads,
+     then the cell update split by rows.
+   - split (packed kernel, batch < 8, one direction, more than one thread): every thread owns
+     whole 32-unit panels of the hidden units and computes their gates and cell update; one spin
+     barrier per step.
    Rows are visited longest first (`order`), so at step s the rows still running are a prefix:
    finished sequences cost no work, and the reverse direction starts each row at its own last step.
 Every block size depends on the shapes only, never on the thread count, so every thread count
