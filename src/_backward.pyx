@@ -21,7 +21,8 @@ from libc.string cimport memcpy, memset
 
 from _blas cimport gemm_rm, gemm_rm_tn, gemv_rm
 from _pgemm cimport lf_alloc_big, lf_pack_len, lf_alloc_aligned, lf_pack_wt, lf_pgemm, lf_pgemm_at, lf_pgemv
-from _gates cimport lf_tanhf   # brings the vectorisable float32 tanh into this module's C
+from _gates cimport lf_tanhf
+from _split cimport lf_barrier, lf_team_size, lf_team_rank, lf_barrier_init, lf_barrier_wait   # brings the vectorisable float32 tanh into this module's C
 
 from lstm_fast._forward import batch_chunk, recurrence_mode, packed_gemm_active
 
@@ -30,14 +31,16 @@ cdef extern from *:
     #include <math.h>
     /* dz for one row: from the upstream gradients of h_raw (dh) and c (dc, updated in place to the
        gradient of c_{t-1}), the activated gates [i|f|g|o] and c_t, c_{t-1}. */
+    /* units u0..u1 only (split mode), the same loop body whichever range holds a unit */
     #define LF_CELL_BACK(T, SUFFIX, TANH)                                                      \
-    static inline void lf_cell_back_##SUFFIX(Py_ssize_t hidden, const T* restrict dh,         \
-            T* restrict dc, const T* restrict gates, const T* restrict c_t,                   \
-            const T* restrict c_prev, T* restrict dz, T* restrict h_raw) {                    \
+    static inline void lf_cell_back_range_##SUFFIX(Py_ssize_t hidden, Py_ssize_t u0,          \
+            Py_ssize_t u1, const T* restrict dh, T* restrict dc, const T* restrict gates,     \
+            const T* restrict c_t, const T* restrict c_prev, T* restrict dz,                  \
+            T* restrict h_raw) {                                                              \
         const T *gi = gates, *gf = gates + hidden, *gg = gates + 2 * hidden;                  \
         const T *go = gates + 3 * hidden;                                                     \
         T *dzf = dz + hidden, *dzg = dz + 2 * hidden, *dzo = dz + 3 * hidden;                 \
-        for (Py_ssize_t j = 0; j < hidden; j++) {                                             \
+        for (Py_ssize_t j = u0; j < u1; j++) {                                                \
             T tc = TANH(c_t[j]);                                                              \
             T dct = dc[j] + dh[j] * go[j] * (1 - tc * tc);                                    \
             dz[j] = dct * gg[j] * gi[j] * (1 - gi[j]);                                        \
@@ -47,12 +50,19 @@ cdef extern from *:
             dc[j] = dct * gf[j];                                                              \
             h_raw[j] = go[j] * tc;                                                            \
         }                                                                                     \
+    }                                                                                         \
+    static inline void lf_cell_back_##SUFFIX(Py_ssize_t hidden, const T* restrict dh,         \
+            T* restrict dc, const T* restrict gates, const T* restrict c_t,                   \
+            const T* restrict c_prev, T* restrict dz, T* restrict h_raw) {                    \
+        lf_cell_back_range_##SUFFIX(hidden, 0, hidden, dh, dc, gates, c_t, c_prev, dz, h_raw); \
     }
     LF_CELL_BACK(float, f32, lf_tanhf)
     LF_CELL_BACK(double, f64, tanh)
     """
     void lf_cell_back_f32(Py_ssize_t, const float*, float*, const float*, const float*,
                           const float*, float*, float*) noexcept nogil
+    void lf_cell_back_range_f32(Py_ssize_t, Py_ssize_t, Py_ssize_t, const float*, float*,
+                                const float*, const float*, const float*, float*, float*) noexcept nogil
     void lf_cell_back_f64(Py_ssize_t, const double*, double*, const double*, const double*,
                           const double*, double*, double*) noexcept nogil
 
@@ -242,6 +252,80 @@ cdef void _back_chunk(Py_ssize_t item, const Back* K, floating* scratch) noexcep
                            dc + r * H, dz_rows + r * four_h, dh_raw + r * H)
         _dh_prev_product(n_active, d, 0, H_out, K, dz_rows, dh)
     _store_grad_state(K, d, order, rows, dh, dc)
+
+
+cdef void _split_rows(const Back* K, Py_ssize_t s, Py_ssize_t n_active, Py_ssize_t u0,
+                      Py_ssize_t u1, float* dh, float* dc, float* dzb, float* throwaway) noexcept nogil:
+    # split mode, one thread's units of step s: dh += dL/dy, h_{t-1} kept, the cell's backward
+    cdef Py_ssize_t H = K.hidden, four_h = K.four_h, B = K.batch, T = K.seq_len
+    cdef Py_ssize_t r, b, t, at, j, g
+    cdef const float* grad_y
+    cdef const float* h_prev_row
+    cdef const float* c_prev
+    cdef const float* cs = <const float*> K.cs
+    cdef float* dz_at
+    for r in range(n_active):
+        b = K.order[r]
+        t = s                                        # one direction, never reversed
+        at = t * B + b
+        grad_y = (<const float*> K.grad_y) + (t * B + b) * K.y_stride
+        for j in range(u0, u1):
+            dh[r * H + j] = dh[r * H + j] + grad_y[j]
+        if s == 0:
+            h_prev_row = (<const float*> K.h0) + b * H
+            c_prev = (<const float*> K.c0) + b * H
+        else:
+            h_prev_row = (<const float*> K.y) + ((t - 1) * B + b) * K.y_stride
+            c_prev = cs + ((t - 1) * B + b) * H
+        memcpy((<float*> K.h_prev) + at * H + u0, h_prev_row + u0, (u1 - u0) * sizeof(float))
+        dz_at = (<float*> K.dz) + at * four_h
+        lf_cell_back_range_f32(H, u0, u1, dh + r * H, dc + r * H,
+                               (<const float*> K.gates) + at * four_h, cs + at * H, c_prev, dz_at,
+                               throwaway + r * H)
+        for g in range(4):
+            memcpy(dzb + r * four_h + g * H + u0, dz_at + g * H + u0, (u1 - u0) * sizeof(float))
+
+
+cdef void _back_split(const Back* K, float* state, int n_threads) noexcept nogil:
+    """Split mode (the forward's; float32, packed kernel, one direction, one chunk, no projection):
+    each thread owns whole 32-unit panels of the hidden units. Per step it adds dL/dy to its
+    units of dh, runs their cell backward (dz of their four gate columns), meets the others at a
+    spin barrier, then computes its units of dh_{t-1} = dz @ W_hh from every unit's dz. dz rows
+    alternate between two buffers by step, so a thread may start the next step while another
+    still reads this one's. Same sums as chunked mode: the bits do not depend on the split.
+
+    state: dh (B, H) | dc (B, H) | throwaway (B, H) | dz rows 2 x (B, 4H)."""
+    cdef Py_ssize_t H = K.hidden, B = K.batch, four_h = K.four_h
+    cdef float* dh = state
+    cdef float* dc = dh + B * H
+    cdef float* throwaway = dc + B * H
+    cdef float* dz_bufs = throwaway + B * H
+    cdef Py_ssize_t max_len = K.lengths[K.order[0]]
+    cdef Py_ssize_t n_panels = H // 32
+    cdef lf_barrier barrier
+    cdef int team, rank
+    cdef Py_ssize_t per, u0, u1, s, n_active
+    cdef float* dzb
+    _load_grad_state(K, 0, K.order, B, dh, dc)
+    lf_barrier_init(&barrier)
+    with parallel(num_threads=n_threads):
+        team = lf_team_size()
+        rank = lf_team_rank()
+        per = (n_panels + team - 1) // team
+        u0 = min(rank * per, n_panels) * 32
+        u1 = min((rank + 1) * per, n_panels) * 32
+        for s in range(max_len - 1, -1, -1):
+            n_active = _active(K, s)
+            dzb = dz_bufs + (s % 2) * B * four_h
+            if u1 > u0:
+                _split_rows(K, s, n_active, u0, u1, dh, dc, dzb, throwaway)
+            lf_barrier_wait(&barrier, team)
+            if u1 > u0:
+                if n_active == 1:
+                    lf_pgemv(u0, u1 - u0, four_h, dzb, K.pk_hh, dh)
+                else:
+                    lf_pgemm(n_active, u0, u1 - u0, four_h, dzb, four_h, K.pk_hh, dh, H, 0)
+    _store_grad_state(K, 0, K.order, B, dh, dc)
 
 
 cdef void _wide_rows(Py_ssize_t item, Py_ssize_t s, Py_ssize_t n_active, Py_ssize_t n_row_blocks,
@@ -541,10 +625,18 @@ def backward_layer(const floating[:, :, ::1] x,            # IN  (T, B, I) the l
     cdef Py_ssize_t n_x_items = (TB + GRAD_ROWS - 1) // GRAD_ROWS
     cdef Py_ssize_t scratch_len = K.chunk * (K.hidden_out + 2 * H + K.four_h)
     cdef Py_ssize_t wide_len = D * K.batch * (K.hidden_out + 2 * H + K.four_h)
+    # split mode as in the forward (same conditions), with more than one thread
+    cdef bint split_ok = (K.pk_hh != NULL and D == 1 and P == 0 and H % 32 == 0
+                          and batch_chunk(K.batch) >= K.batch and K.batch < 8 and reverse[0] == 0)
     if mode == 0:
         # the forward's rule, so training and inference split the work the same way
-        mode = 2 if recurrence_mode(K.batch, H, K.hidden_out, sizeof(floating), K.pk_hh != NULL,
-                                    D) == "wide" else 1
+        if split_ok and H >= 64 and n_threads > 1:
+            mode = 3
+        else:
+            mode = 2 if recurrence_mode(K.batch, H, K.hidden_out, sizeof(floating),
+                                        K.pk_hh != NULL, D) == "wide" else 1
+    elif mode == 3 and not split_ok:
+        mode = 1
     cdef floating* scratch = NULL
     cdef Py_ssize_t item
     cdef int failed = 0
@@ -569,7 +661,15 @@ def backward_layer(const floating[:, :, ::1] x,            # IN  (T, B, I) the l
             pk2 = lf_alloc_aligned(K.pk_x_len + D * (K.pk_hp_len + K.pk_hraw_len), &pk2_raw)
 
     with nogil:
-        if mode == 2:
+        if mode == 3:
+            if floating is float:
+                scratch = <floating*> malloc(11 * K.batch * H * sizeof(floating))
+                if scratch == NULL:
+                    failed = 1
+                else:
+                    _back_split(&K, scratch, n_threads)
+                    free(scratch)
+        elif mode == 2:
             scratch = <floating*> malloc(wide_len * sizeof(floating))
             if scratch == NULL:
                 failed = 1

@@ -34,8 +34,9 @@ from libc.string cimport memcpy
 from _blas cimport gemm_rm, gemv_rm
 from _pgemm cimport (lf_alloc_big, lf_pack_len, lf_alloc_aligned, lf_pack_w, lf_pgemm_available, lf_pgemm,
                      lf_pgemv, lf_pgemv_dir, lf_pgemv_gates, lf_prefetch)
+from _split cimport lf_barrier, lf_team_size, lf_team_rank, lf_barrier_init, lf_barrier_wait
 from _gates cimport (CellSpec, cell_row_standard, cell_row_cached, cell_row_general, sigmoid,
-                     tanh_, activate, lf_matvec_t_f32, lf_matvec_t_f64)
+                     tanh_, activate, lf_matvec_t_f32, lf_matvec_t_f64, lf_cell_units_avx512)
 
 import numpy as np
 
@@ -76,16 +77,6 @@ cdef enum:
     MODE_SPLIT = 3
 
 
-cdef extern from "lf_split.h" nogil:
-    ctypedef struct lf_barrier:
-        int arrived
-    int lf_team_size()
-    int lf_team_rank()
-    void lf_barrier_init(lf_barrier* b)
-    void lf_barrier_wait(lf_barrier* b, int n_threads)
-    void lf_cell_units_avx512(size_t hidden, size_t u0, size_t u1, const float* gh,
-                              const float* gx, const float* bias, float* c, float* h_raw,
-                              float* gates_out, float* c_out)
 
 
 ctypedef struct Layer:

@@ -156,6 +156,9 @@ cdef extern from "lf_cell_avx512.h" nogil:
     int lf_pgemm_available()
     void lf_cell_row_avx512(size_t hidden, const float* gh, const float* gx, const float* bias,
                             float* c, float* h_raw, float* gates_out, float* c_out)
+    void lf_cell_units_avx512(size_t hidden, size_t u0, size_t u1, const float* gh,
+                              const float* gx, const float* bias, float* c, float* h_raw,
+                              float* gates_out, float* c_out)
 
 
 cdef inline floating sigmoid(floating x) noexcept nogil:
