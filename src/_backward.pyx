@@ -20,7 +20,7 @@ from libc.stdlib cimport malloc, free, calloc
 from libc.string cimport memcpy, memset
 
 from _blas cimport gemm_rm, gemm_rm_tn, gemv_rm
-from _pgemm cimport lf_alloc_big, lf_pack_len, lf_alloc_aligned, lf_pack_wt, lf_pgemm, lf_pgemm_at, lf_pgemv
+from _pgemm cimport lf_ws_get, lf_ws_release, lf_ws_aligned, lf_pack_len, lf_pack_wt, lf_pgemm, lf_pgemm_at, lf_pgemv
 from _gates cimport lf_tanhf
 from _split cimport lf_barrier, lf_team_size, lf_team_rank, lf_barrier_init, lf_barrier_wait   # brings the vectorisable float32 tanh into this module's C
 
@@ -65,6 +65,15 @@ cdef extern from *:
                                 const float*, const float*, const float*, float*, float*) noexcept nogil
     void lf_cell_back_f64(Py_ssize_t, const double*, double*, const double*, const double*,
                           const double*, double*, double*) noexcept nogil
+
+cdef enum:
+    # work-buffer slots (lf_ws_get): kept per thread from call to call
+    WS_DZ = 0
+    WS_H_PREV = 1
+    WS_H_RAW = 2
+    WS_DH_PROJ = 3
+    WS_PACKED = 4
+    WS_PACKED_GRAD = 5
 
 cdef enum:
     GRAD_ROWS = 256       # rows of dx per GEMM item
@@ -424,12 +433,19 @@ cdef inline Py_ssize_t _active(const Back* K, Py_ssize_t s) noexcept nogil:
     return rows
 
 
-cdef void* _zeroed(size_t n_bytes) noexcept nogil:
-    # a zero-filled work buffer (huge pages for large ones, see lf_alloc_big); NULL on failure
-    cdef void* p = lf_alloc_big(n_bytes)
+cdef void* _zeroed(int slot, size_t n_bytes) noexcept nogil:
+    # a zero-filled work buffer from slot `slot` (lf_ws_get); NULL on failure
+    cdef void* p = lf_ws_get(slot, n_bytes)
     if p != NULL:
         memset(p, 0, n_bytes)
     return p
+
+
+cdef void _release_all(void* dz, void* h_prev, void* h_raw, void* dh_proj) noexcept nogil:
+    lf_ws_release(WS_DZ, dz)
+    lf_ws_release(WS_H_PREV, h_prev)
+    lf_ws_release(WS_H_RAW, h_raw)
+    lf_ws_release(WS_DH_PROJ, dh_proj)
 
 
 cdef inline Py_ssize_t _grad_block(Py_ssize_t rows) noexcept nogil:
@@ -558,12 +574,12 @@ def backward_layer(const floating[:, :, ::1] x,            # IN  (T, B, I) the l
     K.n_chunks = (K.batch + K.chunk - 1) // K.chunk
     cdef Py_ssize_t D = K.n_dirs, TB = K.seq_len * K.batch
     cdef Py_ssize_t H = K.hidden, P = K.proj
-    cdef floating* dz = <floating*> _zeroed(D * TB * K.four_h * sizeof(floating))
-    cdef floating* h_prev = <floating*> _zeroed(D * TB * K.hidden_out * sizeof(floating))
-    cdef floating* h_raw = <floating*> _zeroed((D * TB * H if P > 0 else 1) * sizeof(floating))
-    cdef floating* dh_proj = <floating*> _zeroed((D * TB * P if P > 0 else 1) * sizeof(floating))
+    cdef floating* dz = <floating*> _zeroed(WS_DZ, D * TB * K.four_h * sizeof(floating))
+    cdef floating* h_prev = <floating*> _zeroed(WS_H_PREV, D * TB * K.hidden_out * sizeof(floating))
+    cdef floating* h_raw = <floating*> _zeroed(WS_H_RAW, (D * TB * H if P > 0 else 1) * sizeof(floating))
+    cdef floating* dh_proj = <floating*> _zeroed(WS_DH_PROJ, (D * TB * P if P > 0 else 1) * sizeof(floating))
     if dz == NULL or h_prev == NULL or h_raw == NULL or dh_proj == NULL:
-        free(dz); free(h_prev); free(h_raw); free(dh_proj)
+        _release_all(dz, h_prev, h_raw, dh_proj)
         raise MemoryError(f"cannot allocate the backward workspace ({D} x {TB} x {K.four_h} values)")
     K.w_hh = &w_hh[0, 0, 0]
     K.w_hr = &w_hr[0, 0, 0] if P > 0 else NULL
@@ -578,9 +594,9 @@ def backward_layer(const floating[:, :, ::1] x,            # IN  (T, B, I) the l
             K.pk_hh_len = lf_pack_len(K.hidden_out, K.four_h)
             K.pk_ih_len = lf_pack_len(K.input_size, K.four_h)
             K.pk_hr_len = lf_pack_len(H, P) if P > 0 else 0
-            pk = lf_alloc_aligned(D * (K.pk_hh_len + K.pk_ih_len + K.pk_hr_len), &pk_raw)
+            pk = lf_ws_aligned(WS_PACKED, D * (K.pk_hh_len + K.pk_ih_len + K.pk_hr_len), &pk_raw)
             if pk == NULL:
-                free(dz); free(h_prev); free(h_raw); free(dh_proj)
+                _release_all(dz, h_prev, h_raw, dh_proj)
                 raise MemoryError("cannot allocate the packed weights of backward")
             with nogil:
                 for dd in range(D):
@@ -658,7 +674,7 @@ def backward_layer(const floating[:, :, ::1] x,            # IN  (T, B, I) the l
             K.pk_x_len = lf_pack_len(K.input_size, TB)
             K.pk_hp_len = lf_pack_len(K.hidden_out, TB)
             K.pk_hraw_len = lf_pack_len(H, TB) if P > 0 else 0
-            pk2 = lf_alloc_aligned(K.pk_x_len + D * (K.pk_hp_len + K.pk_hraw_len), &pk2_raw)
+            pk2 = lf_ws_aligned(WS_PACKED_GRAD, K.pk_x_len + D * (K.pk_hp_len + K.pk_hraw_len), &pk2_raw)
 
     with nogil:
         if mode == 3:
@@ -718,11 +734,8 @@ def backward_layer(const floating[:, :, ::1] x,            # IN  (T, B, I) the l
                                       n_gate_blocks, n_proj_blocks)
                 for item in prange(n_x_items, num_threads=threads_grad, schedule='static'):
                     _input_grad_item(item, &K, w_ih_ptr, g_x)
-        free(dz)
-        free(h_prev)
-        free(h_raw)
-        free(dh_proj)
-        free(pk_raw)
-        free(pk2_raw)
+        _release_all(dz, h_prev, h_raw, dh_proj)
+        lf_ws_release(WS_PACKED, pk_raw)
+        lf_ws_release(WS_PACKED_GRAD, pk2_raw)
     if failed:
         raise MemoryError("cannot allocate the per-thread scratch of the backward recurrence")

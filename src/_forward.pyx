@@ -32,7 +32,7 @@ from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
 
 from _blas cimport gemm_rm, gemv_rm
-from _pgemm cimport (lf_alloc_big, lf_pack_len, lf_alloc_aligned, lf_pack_w, lf_pgemm_available, lf_pgemm,
+from _pgemm cimport (lf_ws_get, lf_ws_release, lf_ws_aligned, lf_pack_len, lf_pack_w, lf_pgemm_available, lf_pgemm,
                      lf_pgemv, lf_pgemv_dir, lf_pgemv_gates, lf_prefetch)
 from _split cimport lf_barrier, lf_team_size, lf_team_rank, lf_barrier_init, lf_barrier_wait
 from _gates cimport (CellSpec, cell_row_standard, cell_row_cached, cell_row_general, sigmoid,
@@ -69,6 +69,11 @@ cdef enum:
     # sleeping libgomp worker takes tens of microseconds to wake). The thread count never changes
     # the bits, so it may follow the size of the work.
     MIN_FLOPS_PER_THREAD = 200000
+
+cdef enum:
+    # work-buffer slots (lf_ws_get): kept per thread from call to call
+    WS_PACKED = 0
+    WS_GX = 1
 
 cdef enum:
     MODE_AUTO = 0
@@ -652,7 +657,7 @@ def forward_layer(const floating[:, :, ::1] x,          # IN  (T, B, I) layer in
         scratch_len += L.chunk * (L.four_h + L.input_size)
     cdef floating* gx_all = NULL
     if not L.fused:
-        gx_all = <floating*> lf_alloc_big(L.n_dirs * total_rows * L.four_h * sizeof(floating))
+        gx_all = <floating*> lf_ws_get(WS_GX, L.n_dirs * total_rows * L.four_h * sizeof(floating))
         if gx_all == NULL:
             raise MemoryError(f"cannot allocate the input projection buffer "
                               f"({L.n_dirs} x {total_rows} x {L.four_h} values)")
@@ -712,9 +717,9 @@ def forward_layer(const floating[:, :, ::1] x,          # IN  (T, B, I) layer in
             L.pk_ih_len = lf_pack_len(L.four_h, L.input_size)
             L.pk_hh_len = lf_pack_len(L.four_h, L.hidden_out)
             L.pk_hr_len = lf_pack_len(L.proj, L.hidden) if L.proj > 0 else 0
-            pk = lf_alloc_aligned(L.n_dirs * (L.pk_ih_len + L.pk_hh_len + L.pk_hr_len), &pk_raw)
+            pk = lf_ws_aligned(WS_PACKED, L.n_dirs * (L.pk_ih_len + L.pk_hh_len + L.pk_hr_len), &pk_raw)
             if pk == NULL:
-                free(gx_all)
+                lf_ws_release(WS_GX, gx_all)
                 free(w_hh_t)
                 raise MemoryError("cannot allocate the packed weights")
             with nogil:
@@ -775,9 +780,9 @@ def forward_layer(const floating[:, :, ::1] x,          # IN  (T, B, I) layer in
                     else:
                         _run_chunk(item, &L, scratch)
                 free(scratch)
-        free(gx_all)
+        lf_ws_release(WS_GX, gx_all)
         free(w_hh_t)
-        free(pk_raw)
+        lf_ws_release(WS_PACKED, pk_raw)
     if failed:
         raise MemoryError("cannot allocate the workspace of the LSTM recurrence")
 
