@@ -34,7 +34,8 @@ from libc.string cimport memcpy
 from _blas cimport gemm_rm, gemv_rm
 from _pgemm cimport (lf_ws_get, lf_ws_release, lf_ws_aligned, lf_pack_len, lf_pack_w, lf_pgemm_available, lf_pgemm,
                      lf_pgemv, lf_pgemv_dir, lf_pgemv_gates, lf_prefetch)
-from _split cimport lf_barrier, lf_team_size, lf_team_rank, lf_barrier_init, lf_barrier_wait
+from _split cimport (lf_barrier, lf_team_size, lf_team_rank, lf_barrier_init, lf_barrier_wait,
+                    lf_split_allowed, lf_split_report, lf_add_long, lf_ticks)
 from _gates cimport (CellSpec, cell_row_standard, cell_row_cached, cell_row_general, sigmoid,
                      tanh_, activate, lf_matvec_t_f32, lf_matvec_t_f64, lf_cell_units_avx512)
 
@@ -491,20 +492,32 @@ cdef void _run_split(const Layer* L, float* state, int n_threads) noexcept nogil
     cdef Py_ssize_t n_panels = H // 32
     cdef lf_barrier barrier
     cdef int team, rank
+    cdef long totals[2]                    # work and wait ticks of all threads (shared)
+    cdef long* totals_ptr = totals
+    cdef long work, wait, t0
     cdef Py_ssize_t per, u0, u1, s
     _gather_state(L, 0, L.order, B, h_bufs, cs, False)
     lf_barrier_init(&barrier)
+    totals[0] = totals[1] = 0
     with parallel(num_threads=n_threads):
         team = lf_team_size()
         rank = lf_team_rank()
         per = (n_panels + team - 1) // team
         u0 = min(rank * per, n_panels) * 32
         u1 = min((rank + 1) * per, n_panels) * 32
+        wait = 0
+        work = lf_ticks()
         for s in range(max_len):
             if u1 > u0:
                 _split_step(L, s, B, u0, u1, h_bufs + (s % 2) * B * H, h_bufs + ((s + 1) % 2) * B * H,
                             cs, gh)
+            t0 = lf_ticks()
             lf_barrier_wait(&barrier, team)
+            wait = wait + (lf_ticks() - t0)
+        work = lf_ticks() - work - wait
+        lf_add_long(totals_ptr, work)
+        lf_add_long(totals_ptr + 1, wait)
+    lf_split_report(totals[0], totals[1])
     _gather_state(L, 0, L.order, B, h_bufs + (max_len % 2) * B * H, cs, True)
 
 
@@ -630,7 +643,7 @@ def forward_layer(const floating[:, :, ::1] x,          # IN  (T, B, I) layer in
     cdef bint split_ok = (use_packed and L.n_dirs == 1 and L.proj == 0 and L.spec.standard
                           and L.hidden % 32 == 0 and batch_chunk(L.batch) >= L.batch and L.batch < 8)
     if mode == MODE_AUTO:
-        if split_ok and L.hidden >= SPLIT_MIN_HIDDEN and n_threads > 1:
+        if split_ok and L.hidden >= SPLIT_MIN_HIDDEN and n_threads > 1 and lf_split_allowed():
             mode = MODE_SPLIT    # same bits as chunked: the choice may follow the thread count
         else:
             mode = MODE_WIDE if recurrence_mode(L.batch, L.hidden, L.hidden_out, sizeof(floating),

@@ -64,4 +64,39 @@ static inline void lf_barrier_wait(lf_barrier* b, int n_threads) {
     }
 }
 
+/* a cycle counter for the split mode's own bookkeeping (0 where there is none) */
+static inline long lf_ticks(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    return (long) __rdtsc();
+#else
+    return 0;
+#endif
+}
+
+/* Split mode needs every thread of its team running at once. Where that fails (a busy machine,
+   a virtual machine whose cores are not all scheduled) it is slower than one thread: with two
+   threads it wins while each waits at the barrier less than it works. A call whose threads
+   waited longer in all than they worked turns split mode off for the next LF_SPLIT_BACKOFF
+   calls of the process (the bits are the same either way). */
+#define LF_SPLIT_BACKOFF 200
+static int lf_split_backoff = 0;
+
+static inline int lf_split_allowed(void) {
+    int left = __atomic_load_n(&lf_split_backoff, __ATOMIC_RELAXED);
+    if (left > 0) {
+        __atomic_store_n(&lf_split_backoff, left - 1, __ATOMIC_RELAXED);
+        return 0;
+    }
+    return 1;
+}
+
+static inline void lf_split_report(long work_ticks, long wait_ticks) {
+    if (wait_ticks > work_ticks)
+        __atomic_store_n(&lf_split_backoff, LF_SPLIT_BACKOFF, __ATOMIC_RELAXED);
+}
+
+static inline void lf_add_long(long* target, long value) {
+    __atomic_add_fetch(target, value, __ATOMIC_RELAXED);
+}
+
 #endif
