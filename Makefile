@@ -29,7 +29,7 @@ info: build
 
 bench: build
 	$(PY) -m pip install --quiet -r requirements/bench.txt
-	$(PY) -m lstm_fast bench --compare
+	$(PY) -m lstm_fast bench --compare --out docs/bench.md --plot docs/bench.png
 
 # One quick pass of every asv benchmark against the installed build, so they cannot rot.
 asv-quick: build
