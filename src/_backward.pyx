@@ -16,16 +16,17 @@ Rows past a sequence's length keep dG = 0, so padding contributes nothing.
 """
 from cython cimport floating
 from cython.parallel cimport prange, parallel
-from libc.stdlib cimport malloc, free, calloc
+from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy, memset
 
 from _blas cimport gemm_rm, gemm_rm_tn, gemv_rm
 from _pgemm cimport lf_ws_get, lf_ws_release, lf_ws_aligned, lf_pack_len, lf_pack_wt, lf_pgemm, lf_pgemm_at, lf_pgemv
-from _gates cimport lf_tanhf
-from _split cimport (lf_barrier, lf_team_size, lf_team_rank, lf_barrier_init, lf_barrier_wait,
-                    lf_split_allowed, lf_split_report, lf_add_long, lf_ticks)   # brings the vectorisable float32 tanh into this module's C
+from _gates cimport lf_tanhf   # brings the vectorisable float32 tanh into this module's C
+from _split cimport (lf_barrier, lf_barrier_init, lf_team_size, lf_team_unit_begin,
+                     lf_team_unit_end, lf_barrier_wait_timed, lf_ticks, lf_split_account,
+                     lf_split_allowed, lf_split_report)
 
-from lstm_fast._forward import batch_chunk, recurrence_mode, packed_gemm_active
+from lstm_fast._forward import batch_chunk, recurrence_mode, packed_gemm_active, split_mode_ok
 
 cdef extern from *:
     """
@@ -311,41 +312,33 @@ cdef void _back_split(const Back* K, float* state, int n_threads) noexcept nogil
     cdef float* throwaway = dc + B * H
     cdef float* dz_bufs = throwaway + B * H
     cdef Py_ssize_t max_len = K.lengths[K.order[0]]
-    cdef Py_ssize_t n_panels = H // 32
     cdef lf_barrier barrier
-    cdef int team, rank
-    cdef long totals[2]                    # work and wait ticks of all threads (shared)
-    cdef long* totals_ptr = totals
-    cdef long work, wait, t0
-    cdef Py_ssize_t per, u0, u1, s, n_active
+    cdef long totals[2]                    # work and wait ticks of all threads (lf_split_account)
+    cdef long start, wait
+    cdef int team
+    cdef Py_ssize_t u0, u1, s, n_active
     cdef float* dzb
     _load_grad_state(K, 0, K.order, B, dh, dc)
     lf_barrier_init(&barrier)
     totals[0] = totals[1] = 0
     with parallel(num_threads=n_threads):
         team = lf_team_size()
-        rank = lf_team_rank()
-        per = (n_panels + team - 1) // team
-        u0 = min(rank * per, n_panels) * 32
-        u1 = min((rank + 1) * per, n_panels) * 32
+        u0 = lf_team_unit_begin(H)
+        u1 = lf_team_unit_end(H)
         wait = 0
-        work = lf_ticks()
+        start = lf_ticks()
         for s in range(max_len - 1, -1, -1):
             n_active = _active(K, s)
             dzb = dz_bufs + (s % 2) * B * four_h
             if u1 > u0:
                 _split_rows(K, s, n_active, u0, u1, dh, dc, dzb, throwaway)
-            t0 = lf_ticks()
-            lf_barrier_wait(&barrier, team)
-            wait = wait + (lf_ticks() - t0)
+            wait = lf_barrier_wait_timed(&barrier, team, wait)
             if u1 > u0:
                 if n_active == 1:
                     lf_pgemv(u0, u1 - u0, four_h, dzb, K.pk_hh, dh)
                 else:
                     lf_pgemm(n_active, u0, u1 - u0, four_h, dzb, four_h, K.pk_hh, dh, H, 0)
-        work = lf_ticks() - work - wait
-        lf_add_long(totals_ptr, work)
-        lf_add_long(totals_ptr + 1, wait)
+        lf_split_account(totals, start, wait)
     lf_split_report(totals[0], totals[1])
     _store_grad_state(K, 0, K.order, B, dh, dc)
 
@@ -655,11 +648,11 @@ def backward_layer(const floating[:, :, ::1] x,            # IN  (T, B, I) the l
     cdef Py_ssize_t scratch_len = K.chunk * (K.hidden_out + 2 * H + K.four_h)
     cdef Py_ssize_t wide_len = D * K.batch * (K.hidden_out + 2 * H + K.four_h)
     # split mode as in the forward (same conditions), with more than one thread
-    cdef bint split_ok = (K.pk_hh != NULL and D == 1 and P == 0 and H % 32 == 0
-                          and batch_chunk(K.batch) >= K.batch and K.batch < 8 and reverse[0] == 0)
+    # the forward's rule (a reversed lone direction, ONNX's, never trains here: kept out anyway)
+    cdef bint split_ok = split_mode_ok(K.batch, H, D, P, True, K.pk_hh != NULL) and reverse[0] == 0
     if mode == 0:
         # the forward's rule, so training and inference split the work the same way
-        if split_ok and H >= 64 and n_threads > 1 and lf_split_allowed():
+        if split_ok and n_threads > 1 and lf_split_allowed():
             mode = 3
         else:
             mode = 2 if recurrence_mode(K.batch, H, K.hidden_out, sizeof(floating),

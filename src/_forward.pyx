@@ -34,8 +34,9 @@ from libc.string cimport memcpy
 from _blas cimport gemm_rm, gemv_rm
 from _pgemm cimport (lf_ws_get, lf_ws_release, lf_ws_aligned, lf_pack_len, lf_pack_w, lf_pgemm_available, lf_pgemm,
                      lf_pgemv, lf_pgemv_dir, lf_pgemv_gates, lf_prefetch)
-from _split cimport (lf_barrier, lf_team_size, lf_team_rank, lf_barrier_init, lf_barrier_wait,
-                    lf_split_allowed, lf_split_report, lf_add_long, lf_ticks)
+from _split cimport (lf_barrier, lf_barrier_init, lf_team_size, lf_team_unit_begin,
+                     lf_team_unit_end, lf_barrier_wait_timed, lf_ticks, lf_split_account,
+                     lf_split_allowed, lf_split_report)
 from _gates cimport (CellSpec, cell_row_standard, cell_row_cached, cell_row_general, sigmoid,
                      tanh_, activate, lf_matvec_t_f32, lf_matvec_t_f64, lf_cell_units_avx512)
 
@@ -61,7 +62,7 @@ cdef enum:
     # ... and always from this size, where each chunk's pass over W_hh comes from L3 or memory:
     # one pass per step over all rows ((25,128,1024,1024): 553 vs 568 ms on one thread)
     PACKED_WIDE_MAX_BYTES = 8 * 1024 * 1024
-    # Split mode (batch < 8, one direction) from this hidden size, with more than one thread
+    # Split mode (batch < 8, one direction) from this hidden size (split_mode_ok)
     SPLIT_MIN_HIDDEN = 64
     # Wide mode: gate columns and rows per work item of a step.
     WIDE_COL_BLOCKS = 8
@@ -81,8 +82,6 @@ cdef enum:
     MODE_CHUNKED = 1
     MODE_WIDE = 2
     MODE_SPLIT = 3
-
-
 
 
 ctypedef struct Layer:
@@ -489,34 +488,26 @@ cdef void _run_split(const Layer* L, float* state, int n_threads) noexcept nogil
     cdef float* cs = state + 2 * B * H
     cdef float* gh = cs + B * H
     cdef Py_ssize_t max_len = L.lengths[L.order[0]]
-    cdef Py_ssize_t n_panels = H // 32
     cdef lf_barrier barrier
-    cdef int team, rank
-    cdef long totals[2]                    # work and wait ticks of all threads (shared)
-    cdef long* totals_ptr = totals
-    cdef long work, wait, t0
-    cdef Py_ssize_t per, u0, u1, s
+    cdef long totals[2]                    # work and wait ticks of all threads (lf_split_account)
+    cdef long start, wait
+    cdef int team
+    cdef Py_ssize_t u0, u1, s
     _gather_state(L, 0, L.order, B, h_bufs, cs, False)
     lf_barrier_init(&barrier)
     totals[0] = totals[1] = 0
     with parallel(num_threads=n_threads):
         team = lf_team_size()
-        rank = lf_team_rank()
-        per = (n_panels + team - 1) // team
-        u0 = min(rank * per, n_panels) * 32
-        u1 = min((rank + 1) * per, n_panels) * 32
+        u0 = lf_team_unit_begin(H)
+        u1 = lf_team_unit_end(H)
         wait = 0
-        work = lf_ticks()
+        start = lf_ticks()
         for s in range(max_len):
             if u1 > u0:
                 _split_step(L, s, B, u0, u1, h_bufs + (s % 2) * B * H, h_bufs + ((s + 1) % 2) * B * H,
                             cs, gh)
-            t0 = lf_ticks()
-            lf_barrier_wait(&barrier, team)
-            wait = wait + (lf_ticks() - t0)
-        work = lf_ticks() - work - wait
-        lf_add_long(totals_ptr, work)
-        lf_add_long(totals_ptr + 1, wait)
+            wait = lf_barrier_wait_timed(&barrier, team, wait)
+        lf_split_account(totals, start, wait)
     lf_split_report(totals[0], totals[1])
     _gather_state(L, 0, L.order, B, h_bufs + (max_len % 2) * B * H, cs, True)
 
@@ -566,6 +557,15 @@ cdef CellSpec _make_spec(object spec) except *:
         out.clip = clip
         out.input_forget = input_forget
     return out
+
+
+cpdef bint split_mode_ok(Py_ssize_t batch, Py_ssize_t hidden, Py_ssize_t n_dirs, Py_ssize_t proj,
+                        bint standard, bint packed) noexcept:
+    """Whether split mode can run these shapes, forward and backward: the packed kernel and the
+    AVX-512 cell, one direction, no projection, the standard cell, whole 32-unit panels (at
+    least SPLIT_MIN_HIDDEN units) and one batch chunk (batch < 8)."""
+    return (packed and n_dirs == 1 and proj == 0 and standard and hidden % 32 == 0
+            and hidden >= SPLIT_MIN_HIDDEN and batch < 8)
 
 
 def recurrence_mode(Py_ssize_t batch, Py_ssize_t hidden, Py_ssize_t hidden_out, Py_ssize_t itemsize,
@@ -639,11 +639,10 @@ def forward_layer(const floating[:, :, ::1] x,          # IN  (T, B, I) layer in
     cdef bint use_packed = False
     if floating is float:
         use_packed = _packed_enabled and lf_pgemm_available()
-    # split mode needs the packed kernel and AVX-512 cell, whole 32-unit panels and a lone chunk
-    cdef bint split_ok = (use_packed and L.n_dirs == 1 and L.proj == 0 and L.spec.standard
-                          and L.hidden % 32 == 0 and batch_chunk(L.batch) >= L.batch and L.batch < 8)
+    cdef bint split_ok = split_mode_ok(L.batch, L.hidden, L.n_dirs, L.proj, L.spec.standard,
+                                       use_packed)
     if mode == MODE_AUTO:
-        if split_ok and L.hidden >= SPLIT_MIN_HIDDEN and n_threads > 1 and lf_split_allowed():
+        if split_ok and n_threads > 1 and lf_split_allowed():
             mode = MODE_SPLIT    # same bits as chunked: the choice may follow the thread count
         else:
             mode = MODE_WIDE if recurrence_mode(L.batch, L.hidden, L.hidden_out, sizeof(floating),
@@ -749,14 +748,12 @@ def forward_layer(const floating[:, :, ::1] x,          # IN  (T, B, I) layer in
             L.pk_hh = pk + L.n_dirs * L.pk_ih_len
             L.pk_hr = (pk + L.n_dirs * (L.pk_ih_len + L.pk_hh_len)) if L.proj > 0 else NULL
     n_proj_items = 0 if L.fused else n_blocks * n_col_groups * L.n_dirs
-    threads_proj = threads_for(n_threads, n_proj_items, proj_flops / 10)
-    if mode == MODE_CHUNKED and threads_rec <= 1:
-        # the workers would wake for the projection alone: only for a projection long enough
-        # ((1000,1,16,32), 4 MFLOP, ran 0.30 ms on two threads against 0.26 on one in the bench)
-        threads_proj = threads_for(n_threads, n_proj_items, proj_flops / 20)
-    if mode == MODE_SPLIT:
-        # split mode wakes every thread right after: they may as well share the projection
-        threads_proj = threads_for(n_threads, n_proj_items, proj_flops)
+    # How much more work per thread than a step phase the projection asks for: split mode wakes
+    # every thread right after anyway (1); a recurrence on one thread would wake the workers for
+    # the projection alone ((1000,1,16,32), 4 MFLOP: 0.30 ms on two threads against 0.26 on one
+    # in the bench) (20); otherwise 10 (see above).
+    threads_proj = threads_for(n_threads, n_proj_items, proj_flops / (
+        1 if mode == MODE_SPLIT else 20 if (mode == MODE_CHUNKED and threads_rec <= 1) else 10))
     with nogil:
         if threads_proj <= 1:
             for item in range(n_proj_items):

@@ -2,11 +2,9 @@
 cdef extern from "lf_pgemm.h" nogil:
     void lf_prefetch(const void* p, size_t bytes)
     size_t lf_pack_len(size_t n, size_t k)
-    void* lf_alloc_big(size_t bytes)
     void* lf_ws_get(int slot, size_t bytes)
     void lf_ws_release(int slot, void* p)
     float* lf_ws_aligned(int slot, size_t n_floats, void** raw)
-    float* lf_alloc_aligned(size_t n_floats, void** raw)
     void lf_pack_w(const float* w, size_t ldw, size_t n, size_t k, float* packed)
     void lf_pack_wt(const float* wt, size_t ldw, size_t n, size_t k, float* packed)
     int lf_pgemm_available()

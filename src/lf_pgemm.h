@@ -123,15 +123,8 @@ static inline void* lf_ws_get(int slot, size_t bytes) { (void) slot; return lf_a
 static inline void lf_ws_release(int slot, void* p) { (void) slot; free(p); }
 #endif
 
-/* n_floats floats at a 64-byte boundary (panels are read with aligned loads); free(*raw) */
-static inline float* lf_alloc_aligned(size_t n_floats, void** raw) {
-    *raw = lf_alloc_big(n_floats * sizeof(float) + 64);
-    if (*raw == NULL)
-        return NULL;
-    return (float*) (((uintptr_t) *raw + 63) & ~(uintptr_t) 63);
-}
-
-/* the same from work-buffer slot `slot`: hand *raw back with lf_ws_release(slot, *raw) */
+/* n_floats floats at a 64-byte boundary (panels are read with aligned loads) from work-buffer
+   slot `slot`: hand *raw back with lf_ws_release(slot, *raw) */
 static inline float* lf_ws_aligned(int slot, size_t n_floats, void** raw) {
     *raw = lf_ws_get(slot, n_floats * sizeof(float) + 64);
     if (*raw == NULL)

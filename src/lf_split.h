@@ -64,6 +64,7 @@ static inline void lf_barrier_wait(lf_barrier* b, int n_threads) {
     }
 }
 
+
 /* a cycle counter for the split mode's own bookkeeping (0 where there is none) */
 static inline long lf_ticks(void) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -71,6 +72,33 @@ static inline long lf_ticks(void) {
 #else
     return 0;
 #endif
+}
+
+/* This thread's share of `hidden` units in split mode: whole 32-unit panels, split as evenly
+   as the panel count allows (first unit; lf_team_unit_end for one past the last). */
+static inline long lf_team_unit_begin(long hidden) {
+    long n_panels = hidden / 32, team = lf_team_size(), rank = lf_team_rank();
+    long per = (n_panels + team - 1) / team;
+    return (rank * per < n_panels ? rank * per : n_panels) * 32;
+}
+static inline long lf_team_unit_end(long hidden) {
+    long n_panels = hidden / 32, team = lf_team_size(), rank = lf_team_rank();
+    long per = (n_panels + team - 1) / team;
+    return ((rank + 1) * per < n_panels ? (rank + 1) * per : n_panels) * 32;
+}
+
+/* the barrier, returning `wait` plus the ticks spent in it */
+static inline long lf_barrier_wait_timed(lf_barrier* b, int n_threads, long wait) {
+    long t0 = lf_ticks();
+    lf_barrier_wait(b, n_threads);
+    return wait + (lf_ticks() - t0);
+}
+
+/* a thread's end of a split run begun at tick `start`: its work (the ticks since, less its
+   waits) and its waits added to totals[0] and totals[1] */
+static inline void lf_split_account(long* totals, long start, long wait) {
+    __atomic_add_fetch(&totals[0], lf_ticks() - start - wait, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&totals[1], wait, __ATOMIC_RELAXED);
 }
 
 /* Split mode needs every thread of its team running at once. Where that fails (a busy machine,
@@ -93,10 +121,6 @@ static inline int lf_split_allowed(void) {
 static inline void lf_split_report(long work_ticks, long wait_ticks) {
     if (wait_ticks > work_ticks)
         __atomic_store_n(&lf_split_backoff, LF_SPLIT_BACKOFF, __ATOMIC_RELAXED);
-}
-
-static inline void lf_add_long(long* target, long value) {
-    __atomic_add_fetch(target, value, __ATOMIC_RELAXED);
 }
 
 #endif
