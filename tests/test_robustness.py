@@ -276,3 +276,37 @@ def test_no_leaks_over_many_calls():
     grown_rss = _rss_kb() - rss_before
     assert grown_py < 200_000, f"Python allocations grew by {grown_py} bytes"
     assert grown_rss < 8_000, f"RSS grew by {grown_rss} kB over 10,000 rounds"
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc")
+def test_work_buffers_are_reused_and_freed_with_their_thread():
+    """Work buffers (packed weights, projection buffer, backward's dz, ...) are kept per thread
+    between calls: a larger call in between changes no bits of a smaller one, and the buffers of
+    threads that have exited are freed (60 threads x several MB would otherwise stay)."""
+    import threading
+    small = lf.LSTM(8, 64, seed=0)
+    big = lf.LSTM(64, 256, seed=1)
+    x_small = np.random.default_rng(0).standard_normal((7, 3, 8)).astype(np.float32)
+    x_big = np.random.default_rng(1).standard_normal((20, 16, 64)).astype(np.float32)
+    first = small(x_small)[0]
+    out, _, cache = big.forward_train(x_big)
+    big.backward(cache, out)
+    assert_array_equal(small(x_small)[0], first)
+
+    def train_once():
+        out, _, cache = big.forward_train(x_big)
+        big.backward(cache, out)
+
+    for _ in range(5):                 # warm the allocator
+        t = threading.Thread(target=train_once)
+        t.start()
+        t.join()
+    gc.collect()
+    rss_before = _rss_kb()
+    for _ in range(60):
+        t = threading.Thread(target=train_once)
+        t.start()
+        t.join()
+    gc.collect()
+    grown_rss = _rss_kb() - rss_before
+    assert grown_rss < 40_000, f"RSS grew by {grown_rss} kB over 60 short-lived threads"
