@@ -33,7 +33,7 @@ from libc.string cimport memcpy
 
 from _blas cimport gemm_rm, gemv_rm
 from _pgemm cimport (lf_ws_get, lf_ws_release, lf_ws_aligned, lf_pack_len, lf_pack_w, lf_pgemm_available, lf_pgemm,
-                     lf_pgemv, lf_pgemv_dir, lf_pgemv_gates, lf_prefetch)
+                     lf_pgemv, lf_pgemv_dir, lf_pgemv_gates, lf_pgemv_gates_tiles, lf_prefetch)
 from _split cimport (lf_barrier, lf_barrier_init, lf_team_size, lf_team_unit_begin,
                      lf_team_unit_end, lf_barrier_wait_timed, lf_ticks, lf_split_account,
                      lf_split_allowed, lf_split_report)
@@ -64,6 +64,13 @@ cdef enum:
     PACKED_WIDE_MAX_BYTES = 8 * 1024 * 1024
     # Split mode (batch < 8, one direction) from this hidden size (split_mode_ok)
     SPLIT_MIN_HIDDEN = 64
+    # Batch-1 steps project the inputs of later steps in blocks of this many (one 8-row tile of
+    # lf_pgemm, _gates_interleaved), where a thread's share of W_hh is at least INTERLEAVE_MIN_BYTES.
+    # Measured (1 thread, up-front -> interleaved): H=128 (256 KB) 0.42 -> 0.35 ms, H=96 1.11x,
+    # H=64 (64 KB) 1.00x; 2 threads (split): H=128 (128 KB a thread) 1.08x, H=96 1.04x, H=64
+    # (32 KB, in L1) 0.91x.
+    INTERLEAVE_ROWS = 8
+    INTERLEAVE_MIN_BYTES = 96 * 1024
     # Wide mode: gate columns and rows per work item of a step.
     WIDE_COL_BLOCKS = 8
     WIDE_ROWS = 8
@@ -96,6 +103,7 @@ ctypedef struct Layer:
     const void* gx               # (D, T*B, 4H) projected inputs, or NULL when fused (below)
     const void* x                # (T, B, I) layer input
     int fused                    # chunked + packed: each step projects its own rows' inputs
+    int interleave               # packed, batch 1: steps project later steps' inputs
     const void* w_hh
     const void* w_hh_t           # (D, H_out, 4H) transposed W_hh for batch-1 steps, or NULL
     # float32 weights packed for lf_pgemm (one block of pk_*_len floats per direction), or NULL
@@ -125,6 +133,16 @@ def set_packed_gemm(bint enabled):
     """Turn the packed float32 GEMM kernel on or off (for tests and A/B benchmarks; not thread-safe)."""
     global _packed_enabled
     _packed_enabled = 1 if enabled else 0
+
+
+cdef int _interleave_enabled = 1
+
+
+def set_interleaved_projection(bint enabled):
+    """Turn the batch-1 interleaved input projection (_gates_interleaved) on or off; off projects
+    every input up front (same bits; for tests and A/B benchmarks; not thread-safe)."""
+    global _interleave_enabled
+    _interleave_enabled = 1 if enabled else 0
 
 
 def packed_gemm_active():
@@ -319,6 +337,45 @@ cdef void _step_inputs(const Layer* L, Py_ssize_t d, Py_ssize_t s, const Py_ssiz
         lf_pgemm(rows, 0, L.four_h, I, src, I, L.pk_ih + d * L.pk_ih_len, gxs, L.four_h, 0)
 
 
+cdef inline Py_ssize_t _block_time(const Layer* L, Py_ssize_t d, Py_ssize_t length, Py_ssize_t block,
+                                    Py_ssize_t n) noexcept nogil:
+    # first time index of the n steps block*INTERLEAVE_ROWS.. of a batch-1 sequence (times ascend
+    # in memory either way; a reversed direction visits them from the top)
+    return length - block * INTERLEAVE_ROWS - n if L.reverse[d] else block * INTERLEAVE_ROWS
+
+
+cdef void _gates_interleaved(const Layer* L, Py_ssize_t d, Py_ssize_t s, Py_ssize_t length,
+                             Py_ssize_t u0, Py_ssize_t u1, const float* h_prev,
+                             float* gh) noexcept nogil:
+    # Batch 1 (L.interleave), units u0..u1 of step s: their four gate columns of gh = h_prev @ W_hh.T,
+    # with the input projection of the same columns for the next block of INTERLEAVE_ROWS steps
+    # done inside the same loop (lf_pgemv_gates_tiles), an eighth of its panels per step. A block
+    # whose steps come first, or that is short (the last), is projected on its own at its start.
+    # Same sums, so same bits, as the up-front projection.
+    cdef Py_ssize_t I = L.input_size, H = L.hidden, four_h = L.four_h
+    cdef float* gx = (<float*> L.gx) + d * L.seq_len * four_h
+    cdef const float* x = <const float*> L.x
+    cdef const float* pk_ih = L.pk_ih + d * L.pk_ih_len
+    cdef const float* pk_hh = L.pk_hh + d * L.pk_hh_len
+    cdef Py_ssize_t block = s // INTERLEAVE_ROWS, part = s % INTERLEAVE_ROWS
+    cdef Py_ssize_t n = length - block * INTERLEAVE_ROWS
+    cdef Py_ssize_t n_panels = 4 * (u1 - u0) // 32
+    cdef Py_ssize_t t0, g
+    if n > INTERLEAVE_ROWS:
+        n = INTERLEAVE_ROWS
+    if part == 0 and (block == 0 or n < INTERLEAVE_ROWS):
+        t0 = _block_time(L, d, length, block, n)
+        for g in range(4):
+            lf_pgemm(n, g * H + u0, u1 - u0, I, x + t0 * I, I, pk_ih, gx + t0 * four_h, four_h, 0)
+    if (block + 2) * INTERLEAVE_ROWS <= length:
+        t0 = _block_time(L, d, length, block + 1, INTERLEAVE_ROWS)
+        lf_pgemv_gates_tiles(H, u0, u1, L.hidden_out, h_prev, pk_hh, gh, s & 1, I, x + t0 * I, I,
+                             pk_ih, part * n_panels // INTERLEAVE_ROWS,
+                             (part + 1) * n_panels // INTERLEAVE_ROWS, gx + t0 * four_h, four_h)
+    else:
+        lf_pgemv_gates(H, u0, u1, L.hidden_out, h_prev, pk_hh, gh, s & 1)
+
+
 cdef void _run_chunk(Py_ssize_t item, const Layer* L, floating* scratch) noexcept nogil:
     """Chunked mode: one (chunk, direction) item through all of its time steps."""
     cdef Py_ssize_t d = item % L.n_dirs
@@ -350,9 +407,12 @@ cdef void _run_chunk(Py_ssize_t item, const Layer* L, floating* scratch) noexcep
         if L.fused:
             if floating is float:
                 _step_inputs(L, d, s, order, n_active, x_contiguous, xs, gxs)
-        else:
+        elif not L.interleave:
             _prefetch_gx(L, d, s, order, n_active)
-        if n_active == 1 and L.w_hh_t != NULL and L.pk_hh == NULL:                      # gh = W_hh @ h_prev, own axpys
+        if L.interleave:
+            if floating is float:
+                _gates_interleaved(L, d, s, max_len, 0, L.hidden, hs, gh)
+        elif n_active == 1 and L.w_hh_t != NULL and L.pk_hh == NULL:                      # gh = W_hh @ h_prev, own axpys
             if floating is float:
                 lf_matvec_t_f32(H_out_of(L), L.four_h,
                                 (<const float*> L.w_hh_t) + d * L.four_h * L.hidden_out, hs, gh)
@@ -457,7 +517,9 @@ cdef void _split_step(const Layer* L, Py_ssize_t s, Py_ssize_t rows, Py_ssize_t 
     cdef Py_ssize_t g, r, b, t, at
     cdef const float* gx_all = <const float*> L.gx
     cdef float* y = <float*> L.y
-    if n_active == 1:
+    if L.interleave:
+        _gates_interleaved(L, 0, s, L.lengths[0], u0, u1, h_cur, gh)
+    elif n_active == 1:
         lf_pgemv_gates(H, u0, u1, H, h_cur, L.pk_hh, gh, s & 1)
     else:
         for g in range(4):
@@ -664,6 +726,13 @@ def forward_layer(const floating[:, :, ::1] x,          # IN  (T, B, I) layer in
     # (fused), unless W_ih and W_hh together would crowd the L3 cache that every step reads them from
     L.fused = (use_packed and mode == MODE_CHUNKED and L.chunk >= 8
                and L.four_h * (L.input_size + L.hidden_out) * sizeof(floating) <= FUSED_MAX_BYTES)
+    # batch 1, gate columns in whole groups of 4 panels, W_hh (a thread's share of it) well beyond
+    # L1: the input projection runs inside the steps' row products (_gates_interleaved)
+    L.interleave = (use_packed and _interleave_enabled and L.batch == 1 and L.four_h % 128 == 0
+                    and (mode == MODE_CHUNKED or mode == MODE_SPLIT)
+                    and L.seq_len >= 2 * INTERLEAVE_ROWS
+                    and L.four_h * L.hidden_out * sizeof(floating)
+                    >= INTERLEAVE_MIN_BYTES * (n_threads if mode == MODE_SPLIT else 1))
     scratch_len = L.chunk * (L.four_h + L.hidden_out + 2 * L.hidden)
     if L.fused:
         scratch_len += L.chunk * (L.four_h + L.input_size)
@@ -747,7 +816,7 @@ def forward_layer(const floating[:, :, ::1] x,          # IN  (T, B, I) layer in
             n_col_groups = (L.four_h + PROJ_COLS - 1) // PROJ_COLS
             L.pk_hh = pk + L.n_dirs * L.pk_ih_len
             L.pk_hr = (pk + L.n_dirs * (L.pk_ih_len + L.pk_hh_len)) if L.proj > 0 else NULL
-    n_proj_items = 0 if L.fused else n_blocks * n_col_groups * L.n_dirs
+    n_proj_items = 0 if (L.fused or L.interleave) else n_blocks * n_col_groups * L.n_dirs
     # How much more work per thread than a step phase the projection asks for: split mode wakes
     # every thread right after anyway (1); a recurrence on one thread would wake the workers for
     # the projection alone ((1000,1,16,32), 4 MFLOP: 0.30 ms on two threads against 0.26 on one

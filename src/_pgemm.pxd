@@ -18,3 +18,7 @@ cdef extern from "lf_pgemm.h" nogil:
                       float* c, int backwards)
     void lf_pgemv(size_t col0, size_t n_cols, size_t k, const float* a, const float* packed,
                   float* c)
+    void lf_pgemv_gates_tiles(size_t hidden, size_t u0, size_t u1, size_t k, const float* a,
+                              const float* packed, float* c, int backwards, size_t tk,
+                              const float* ta, size_t tlda, const float* t_packed, size_t tv0,
+                              size_t tv1, float* tc, size_t tldc)

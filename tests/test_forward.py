@@ -404,6 +404,55 @@ def test_packed_rows_do_not_depend_on_their_batch(mode):
         assert_array_equal(alone[:, 0], whole[:, b])
 
 
+@pytest.mark.parametrize("shape", [(100, 32, 128), (41, 128, 96), (30, 300, 96), (19, 8, 160)])
+def test_batch1_interleaved_projection_gives_the_up_front_bits(shape):
+    # batch 1, W_hh beyond L1: each step projects an eighth of the next 8 steps' inputs inside its
+    # W_hh product (_gates_interleaved); wide mode, and chunked mode with the interleaving off,
+    # project all inputs up front with the same sums. Lengths cover a lone short block, one block,
+    # blocks projected in steps and short tails; I=300 > H runs tile work past the row product.
+    from lstm_fast import _forward
+    if not _forward.packed_gemm_active():
+        pytest.skip("the interleaved projection needs the packed kernel (AVX-512F)")
+    T, I, H = shape
+    m = lf.LSTM(I, H, num_layers=2, bidirectional=True, dtype=np.float32, seed=7)
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((T, 1, I)).astype(np.float32)
+    hx = (rng.standard_normal((4, 1, H)).astype(np.float32), rng.standard_normal((4, 1, H)).astype(np.float32))
+
+    def run(model, mode, interleave, length, h0, inputs=x):
+        _forward.set_interleaved_projection(interleave)
+        try:
+            model._recurrence_mode = mode
+            return model(inputs, h0, lengths=[length])
+        finally:
+            _forward.set_interleaved_projection(True)
+
+    def run_clobbered(model, length, h0):
+        # the projection buffer is kept between calls: fill it with other inputs' values first,
+        # so that a projection the interleaved steps skip cannot read the right ones by chance
+        run(model, 2, False, length, h0, inputs=-x)
+        return run(model, 3 if model is one else 1, True, length, h0)
+
+    one = lf.LSTM(I, H, dtype=np.float32, seed=9)
+    for length in [n for n in (1, 7, 8, 15, 16, 17, 24, 33) if n < T] + [T]:
+        got = run_clobbered(m, length, hx)
+        for want in (run(m, 2, True, length, hx), run(m, 1, False, length, hx)):
+            assert_array_equal(got[0], want[0], err_msg=f"length {length}")
+            assert_array_equal(got[1][0], want[1][0])
+            assert_array_equal(got[1][1], want[1][1])
+    ref_out, (ref_h, ref_c) = reference.lstm(x.astype(np.float64), m.state_dict(), 2, True, hx[0], hx[1])
+    out, (h_n, c_n) = got                    # chunked at full length
+    assert_allclose(out, ref_out, **tol(np.float32))
+    assert_allclose(c_n, ref_c, **tol(np.float32))
+    # split mode on two threads: each thread projects its own units' gate columns
+    with lf.threads(2):
+        for length in (5, 17, T):
+            got = run_clobbered(one, length, None)
+            want = run(one, 2, True, length, None)
+            assert_array_equal(got[0], want[0], err_msg=f"split, length {length}")
+            assert_array_equal(got[1][1], want[1][1])
+
+
 @pytest.mark.parametrize("shape", [(40, 1, 32, 64), (30, 1, 128, 128), (25, 3, 16, 96), (12, 5, 8, 256)])
 def test_split_mode_gives_the_chunked_bits(shape):
     # split mode shares each step's 32-unit panels between the threads and meets at a spin barrier;
