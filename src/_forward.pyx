@@ -104,9 +104,12 @@ ctypedef struct Layer:
     const void* x                # (T, B, I) layer input
     int fused                    # chunked + packed: each step projects its own rows' inputs
     int interleave               # packed, batch 1: steps project later steps' inputs
+    const void* w_ih
     const void* w_hh
     const void* w_hh_t           # (D, H_out, 4H) transposed W_hh for batch-1 steps, or NULL
-    # float32 weights packed for lf_pgemm (one block of pk_*_len floats per direction), or NULL
+    # float32 weights packed for lf_pgemm (one block of pk_*_len floats per direction), or NULL;
+    # in split mode each thread packs its own units' panels of W_hh (and W_ih when interleaved)
+    int split_packs
     const float* pk_ih
     const float* pk_hh
     const float* pk_hr
@@ -537,6 +540,18 @@ cdef void _split_step(const Layer* L, Py_ssize_t s, Py_ssize_t rows, Py_ssize_t 
         memcpy(h_next + r * H + u0, h_cur + r * H + u0, (u1 - u0) * sizeof(float))
 
 
+cdef void _split_pack(const Layer* L, Py_ssize_t u0, Py_ssize_t u1) noexcept nogil:
+    # split mode: the W_hh panels of units u0..u1 (and their W_ih panels when the steps project
+    # the inputs), packed by the thread that reads them every step, so they start in its own L2
+    # rather than in the core that packed them ((100,1,128,128) on 2 threads: 13 us a call)
+    cdef Py_ssize_t g, row, I = L.input_size, H = L.hidden
+    for g in range(4):
+        row = g * H + u0
+        lf_pack_w((<const float*> L.w_hh) + row * H, H, u1 - u0, H, L.pk_hh + row * H)
+        if L.interleave:
+            lf_pack_w((<const float*> L.w_ih) + row * I, I, u1 - u0, I, L.pk_ih + row * I)
+
+
 cdef void _run_split(const Layer* L, float* state, int n_threads) noexcept nogil:
     """Split mode (float32, packed kernel, one direction, one batch chunk, no projection, standard
     cell): each step's hidden units are shared by the threads, 32-unit panels each; a thread
@@ -564,6 +579,8 @@ cdef void _run_split(const Layer* L, float* state, int n_threads) noexcept nogil
         u1 = lf_team_unit_end(H)
         wait = 0
         start = lf_ticks()
+        if L.split_packs and u1 > u0:
+            _split_pack(L, u0, u1)
         for s in range(max_len):
             if u1 > u0:
                 _split_step(L, s, B, u0, u1, h_bufs + (s % 2) * B * H, h_bufs + ((s + 1) % 2) * B * H,
@@ -745,6 +762,7 @@ def forward_layer(const floating[:, :, ::1] x,          # IN  (T, B, I) layer in
     L.gx = gx_all
     L.x = &x[0, 0, 0]
     L.gx_itemsize = sizeof(floating)
+    L.w_ih = &w_ih[0, 0, 0]
     L.w_hh = &w_hh[0, 0, 0]
     L.w_hh_t = NULL
     L.bias = &bias[0, 0]
@@ -793,6 +811,7 @@ def forward_layer(const floating[:, :, ::1] x,          # IN  (T, B, I) layer in
     L.pk_hh = NULL
     L.pk_hr = NULL
     L.pk_ih_len = L.pk_hh_len = L.pk_hr_len = 0
+    L.split_packs = 0
     if floating is float:
         if use_packed:
             L.pk_ih_len = lf_pack_len(L.four_h, L.input_size)
@@ -803,12 +822,16 @@ def forward_layer(const floating[:, :, ::1] x,          # IN  (T, B, I) layer in
                 lf_ws_release(WS_GX, gx_all)
                 free(w_hh_t)
                 raise MemoryError("cannot allocate the packed weights")
+            # split mode: the threads pack their own panels into their own caches (_split_pack)
+            L.split_packs = mode == MODE_SPLIT
             with nogil:
                 for dd in range(L.n_dirs):
-                    lf_pack_w(&w_ih[dd, 0, 0], L.input_size, L.four_h, L.input_size,
-                              pk + dd * L.pk_ih_len)
-                    lf_pack_w(&w_hh[dd, 0, 0], L.hidden_out, L.four_h, L.hidden_out,
-                              pk + L.n_dirs * L.pk_ih_len + dd * L.pk_hh_len)
+                    if not (L.split_packs and L.interleave):
+                        lf_pack_w(&w_ih[dd, 0, 0], L.input_size, L.four_h, L.input_size,
+                                  pk + dd * L.pk_ih_len)
+                    if not L.split_packs:
+                        lf_pack_w(&w_hh[dd, 0, 0], L.hidden_out, L.four_h, L.hidden_out,
+                                  pk + L.n_dirs * L.pk_ih_len + dd * L.pk_hh_len)
                     if L.proj > 0:
                         lf_pack_w(&w_hr[dd, 0, 0], L.hidden, L.proj, L.hidden,
                                   pk + L.n_dirs * (L.pk_ih_len + L.pk_hh_len) + dd * L.pk_hr_len)
