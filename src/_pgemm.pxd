@@ -22,3 +22,4 @@ cdef extern from "lf_pgemm.h" nogil:
                               const float* packed, float* c, int backwards, size_t tk,
                               const float* ta, size_t tlda, const float* t_packed, size_t tv0,
                               size_t tv1, float* tc, size_t tldc)
+    void lf_gemv_rows(size_t n, size_t k, const float* w, size_t ldw, const float* x, float* y)

@@ -11,6 +11,7 @@ from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
 
 from _blas cimport gemm_rm, gemv_rm
+from _pgemm cimport lf_gemv_rows, lf_pgemm_available
 from _gates cimport cell_row_standard
 
 
@@ -105,6 +106,10 @@ cdef void _step_layers(int n_layers, Py_ssize_t input_size, Py_ssize_t H, Py_ssi
     cdef const floating* w_hh
     cdef const floating* b_ih
     cdef const floating* b_hh
+    # float32 single rows: our own AVX-512 gemv over the unpacked weights
+    cdef bint fast_gemv = False
+    if floating is float:
+        fast_gemv = lf_pgemm_available()
     for k in range(n_layers):
         in_size = input_size if k == 0 else H_out
         h_k = h + k * batch * H_out
@@ -115,7 +120,10 @@ cdef void _step_layers(int n_layers, Py_ssize_t input_size, Py_ssize_t H, Py_ssi
         b_hh = <const floating*> b_hh_k[k]
         for j in range(four_h):
             bias[j] = (b_ih[j] + b_hh[j]) if b_ih != NULL else 0
-        if batch == 1:
+        if batch == 1 and fast_gemv:
+            lf_gemv_rows(four_h, in_size, <const float*> w_ih, in_size, <const float*> inp, <float*> gx)
+            lf_gemv_rows(four_h, H_out, <const float*> w_hh, H_out, <const float*> h_k, <float*> gh)
+        elif batch == 1:
             gemv_rm(c'N', <int> four_h, <int> in_size, <floating> 1, w_ih, <int> in_size, inp,
                     <floating> 0, gx)
             gemv_rm(c'N', <int> four_h, <int> H_out, <floating> 1, w_hh, <int> H_out, h_k,
@@ -129,7 +137,9 @@ cdef void _step_layers(int n_layers, Py_ssize_t input_size, Py_ssize_t H, Py_ssi
             cell_row_standard(H, gh + r * four_h, gx + r * four_h, bias, c_k + r * H,
                               (hraw + r * H) if P > 0 else (h_k + r * H_out))
         if P > 0:
-            if batch == 1:
+            if batch == 1 and fast_gemv:
+                lf_gemv_rows(P, H, <const float*> w_hr_k[k], H, <const float*> hraw, <float*> h_k)
+            elif batch == 1:
                 gemv_rm(c'N', <int> P, <int> H, <floating> 1, <const floating*> w_hr_k[k],
                         <int> H, hraw, <floating> 0, h_k)
             else:

@@ -7,6 +7,7 @@ import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
 import lstm_fast as lf
+from lstm_fast import reference
 
 from conftest import tol
 
@@ -150,6 +151,23 @@ def test_steps_equal_the_whole_sequence(dtype, num_layers, proj_size, bias, batc
     assert_allclose(np.stack(outputs, axis=1), out, **tol(dtype))
     assert_allclose(state[0], h_n, **tol(dtype))
     assert_allclose(state[1], c_n, **tol(dtype))
+
+
+@pytest.mark.parametrize("input_size, hidden, proj", [(37, 20, 7), (128, 128, 0), (16, 9, 0)])
+def test_float32_single_row_steps_match_the_reference(input_size, hidden, proj):
+    # batch-1 float32 steps run lf_gemv_rows (AVX-512): rows in fours and a remainder, k in
+    # 16-lane chunks and a masked tail
+    m = lf.LSTM(input_size, hidden, num_layers=2, proj_size=proj, dtype=np.float32, seed=2)
+    x = np.random.default_rng(3).standard_normal((6, 1, input_size)).astype(np.float32)
+    state = m.zero_state(1)
+    outputs = []
+    for t in range(6):
+        y, state = m.step(x[t], state)
+        outputs.append(y.copy())
+    ref_out, (ref_h, ref_c) = reference.lstm(x.astype(np.float64), m.state_dict(), 2, False)
+    assert_allclose(np.stack(outputs), ref_out, **tol(np.float32))
+    assert_allclose(state[0], ref_h, **tol(np.float32))
+    assert_allclose(state[1], ref_c, **tol(np.float32))
 
 
 def test_step_unbatched_and_errors():
