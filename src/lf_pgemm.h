@@ -352,10 +352,25 @@ lf_pgemm_at(size_t m, size_t n, size_t k, const float* at, size_t ldat, const fl
             __mmask16 mask0 = lf_mask_lo(width), mask1 = lf_mask_hi(width);
             const float* bp = packed + (p * k + k0) * LF_NR;
             const float* a = at + k0 * ldat;
+            /* the next block of A (kb_next rows of ldat floats) and of this panel, asked into L2
+               a slice per row tile: a long k (T*B) puts A beyond the caches, and its tiles' 32-byte
+               reads at a stride of ldat floats came from memory at latency ((100,256,64,64) dW:
+               78 -> GF/s) */
+            size_t kb_next = k0 + LF_KC < k ? (k - k0 - LF_KC < LF_KC ? k - k0 - LF_KC : LF_KC) : 0;
+            size_t n_tiles = (m + LF_MR - 1) / LF_MR;
+            size_t next_bytes = p == 0 ? kb_next * ldat * sizeof(float) : 0;
+            size_t slice = (next_bytes / n_tiles + 63) / 64 * 64;
+            const char* next_a = (const char*) (a + LF_KC * ldat);
             size_t r = 0;
-            for (; r + LF_MR <= m; r += LF_MR)
+            for (; r + LF_MR <= m; r += LF_MR) {
+                size_t off = r / LF_MR * slice;
+                if (off < next_bytes)
+                    lf_prefetch(next_a + off, off + slice <= next_bytes ? slice : next_bytes - off);
                 lf_tile_avx512_ex(LF_MR, 1, kb, a + r, ldat, bp, c + r * ldc + j0, ldc, mask0,
                                   mask1, 0, cont);
+            }
+            if (kb_next > 0)
+                lf_prefetch(bp + LF_KC * LF_NR, kb_next * LF_NR * sizeof(float));
             if (r < m)
                 lf_tile_at_any((int) (m - r), kb, a + r, ldat, bp, c + r * ldc + j0, ldc, mask0,
                                mask1, cont);

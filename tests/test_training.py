@@ -128,6 +128,31 @@ def test_float32_weight_gradients_over_long_sequences(packed):
         assert_allclose(g.params[name], value, err_msg=name, rtol=1e-4, atol=1e-5 * scale)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_padded_rows_read_zero_after_a_full_length_backward(dtype):
+    # backward keeps its work buffers between calls and zeroes them only for padded batches (the
+    # recurrence writes every row of a full-length one): a padded call after a full-length call of
+    # the same shape, whose rows fill the buffers, gives the same bits as before it
+    config = (1, False, 0, False, True)
+    m, x, hx, grads, _ = _case(dtype, config, batch=5, seq_len=12, hidden=16)
+    lengths = np.array([12, 3, 7, 1, 9])
+
+    def padded_grads():
+        _, _, cache = m.forward_train(x, hx, lengths=lengths)
+        return m.backward(cache, grads[0], grads[1:])
+
+    before = padded_grads()
+    _, _, cache = m.forward_train(x * 3 + 1, hx)
+    m.backward(cache, grads[0] + 1, grads[1:])
+    after = padded_grads()
+    for name, value in before.params.items():
+        assert_array_equal(after.params[name], value, err_msg=name)
+    assert_array_equal(after.input, before.input)
+    _, t_dx, _, t_params = _torch_grads(m, x, hx, grads, lengths)
+    for name, value in t_params.items():
+        assert_allclose(after.params[name], value, err_msg=name, **GRAD_TOL[dtype])
+
+
 def test_unbatched_gradients_match_torch():
     torch = _torch()
     m = lf.LSTM(3, 5, num_layers=2, bidirectional=True, dtype=np.float64, seed=1)
