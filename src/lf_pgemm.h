@@ -355,7 +355,7 @@ lf_pgemm_at(size_t m, size_t n, size_t k, const float* at, size_t ldat, const fl
             /* the next block of A (kb_next rows of ldat floats) and of this panel, asked into L2
                a slice per row tile: a long k (T*B) puts A beyond the caches, and its tiles' 32-byte
                reads at a stride of ldat floats came from memory at latency ((100,256,64,64) dW:
-               78 -> GF/s) */
+               82 -> 91 GF/s in a C benchmark of that shape) */
             size_t kb_next = k0 + LF_KC < k ? (k - k0 - LF_KC < LF_KC ? k - k0 - LF_KC : LF_KC) : 0;
             size_t n_tiles = (m + LF_MR - 1) / LF_MR;
             size_t next_bytes = p == 0 ? kb_next * ldat * sizeof(float) : 0;
