@@ -23,8 +23,8 @@ from _blas cimport gemm_rm, gemm_rm_tn, gemv_rm
 from _pgemm cimport lf_ws_get, lf_ws_release, lf_ws_aligned, lf_pack_len, lf_pack_wt, lf_pgemm, lf_pgemm_at, lf_pgemv
 from _gates cimport lf_tanhf   # brings the vectorisable float32 tanh into this module's C
 from _split cimport (lf_barrier, lf_barrier_init, lf_team_size, lf_team_unit_begin,
-                     lf_team_unit_end, lf_barrier_wait_timed, lf_ticks, lf_split_account,
-                     lf_split_allowed, lf_split_report)
+                     lf_team_unit_end, lf_barrier_wait, lf_ticks, lf_split_choose,
+                     lf_split_record, lf_split_key)
 
 from lstm_fast._forward import batch_chunk, recurrence_mode, packed_gemm_active, split_mode_ok
 
@@ -313,33 +313,26 @@ cdef void _back_split(const Back* K, float* state, int n_threads) noexcept nogil
     cdef float* dz_bufs = throwaway + B * H
     cdef Py_ssize_t max_len = K.lengths[K.order[0]]
     cdef lf_barrier barrier
-    cdef long totals[2]                    # work and wait ticks of all threads (lf_split_account)
-    cdef long start, wait
     cdef int team
     cdef Py_ssize_t u0, u1, s, n_active
     cdef float* dzb
     _load_grad_state(K, 0, K.order, B, dh, dc)
     lf_barrier_init(&barrier)
-    totals[0] = totals[1] = 0
     with parallel(num_threads=n_threads):
         team = lf_team_size()
         u0 = lf_team_unit_begin(H)
         u1 = lf_team_unit_end(H)
-        wait = 0
-        start = lf_ticks()
         for s in range(max_len - 1, -1, -1):
             n_active = _active(K, s)
             dzb = dz_bufs + (s % 2) * B * four_h
             if u1 > u0:
                 _split_rows(K, s, n_active, u0, u1, dh, dc, dzb, throwaway)
-            wait = lf_barrier_wait_timed(&barrier, team, wait)
+            lf_barrier_wait(&barrier, team)
             if u1 > u0:
                 if n_active == 1:
                     lf_pgemv(u0, u1 - u0, four_h, dzb, K.pk_hh, dh)
                 else:
                     lf_pgemm(n_active, u0, u1 - u0, four_h, dzb, four_h, K.pk_hh, dh, H, 0)
-        lf_split_account(totals, start, wait)
-    lf_split_report(totals[0], totals[1])
     _store_grad_state(K, 0, K.order, B, dh, dc)
 
 
@@ -661,9 +654,14 @@ def backward_layer(const floating[:, :, ::1] x,            # IN  (T, B, I) the l
     # split mode as in the forward (same conditions), with more than one thread
     # the forward's rule (a reversed lone direction, ONNX's, never trains here: kept out anyway)
     cdef bint split_ok = split_mode_ok(K.batch, H, D, P, True, K.pk_hh != NULL) and reverse[0] == 0
+    # split or one thread by the measured speed of each (lf_split_choose), as in the forward
+    cdef long choice_key = 0
+    cdef int choice = 0
+    if mode == 0 and split_ok and n_threads > 1:
+        choice_key = lf_split_key(K.batch, H, K.input_size, n_threads, 2)
+        choice = lf_split_choose(choice_key)
     if mode == 0:
-        # the forward's rule, so training and inference split the work the same way
-        if split_ok and n_threads > 1 and lf_split_allowed():
+        if choice & 1:
             mode = 3
         else:
             mode = 2 if recurrence_mode(K.batch, H, K.hidden_out, sizeof(floating),
@@ -693,6 +691,7 @@ def backward_layer(const floating[:, :, ::1] x,            # IN  (T, B, I) the l
             K.pk_hraw_len = lf_pack_len(H, TB) if P > 0 else 0
             pk2 = lf_ws_aligned(WS_PACKED_GRAD, K.pk_x_len + D * (K.pk_hp_len + K.pk_hraw_len), &pk2_raw)
 
+    cdef long ticks = lf_ticks()          # the recurrence's time, for lf_split_record
     with nogil:
         if mode == 3:
             if floating is float:
@@ -726,6 +725,8 @@ def backward_layer(const floating[:, :, ::1] x,            # IN  (T, B, I) the l
                     else:
                         _back_chunk(item, &K, scratch)
                 free(scratch)
+        if choice & 2:
+            lf_split_record(choice_key, mode == 3, lf_ticks() - ticks, K.seq_len)
         if not failed and pk2 != NULL:
             if floating is float:
                 lf_pack_wt(x_ptr, K.input_size, K.input_size, TB, pk2)

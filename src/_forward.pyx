@@ -35,8 +35,8 @@ from _blas cimport gemm_rm, gemv_rm
 from _pgemm cimport (lf_ws_get, lf_ws_release, lf_ws_aligned, lf_pack_len, lf_pack_w, lf_pgemm_available, lf_pgemm,
                      lf_pgemv, lf_pgemv_dir, lf_pgemv_gates, lf_pgemv_gates_tiles, lf_prefetch)
 from _split cimport (lf_barrier, lf_barrier_init, lf_team_size, lf_team_unit_begin,
-                     lf_team_unit_end, lf_barrier_wait_timed, lf_ticks, lf_split_account,
-                     lf_split_allowed, lf_split_report)
+                     lf_team_unit_end, lf_barrier_wait, lf_ticks, lf_split_choose,
+                     lf_split_record, lf_split_key)
 from _gates cimport (CellSpec, cell_row_standard, cell_row_cached, cell_row_general, sigmoid,
                      tanh_, activate, lf_matvec_t_f32, lf_matvec_t_f64, lf_cell_units_avx512)
 
@@ -566,28 +566,21 @@ cdef void _run_split(const Layer* L, float* state, int n_threads) noexcept nogil
     cdef float* gh = cs + B * H
     cdef Py_ssize_t max_len = L.lengths[L.order[0]]
     cdef lf_barrier barrier
-    cdef long totals[2]                    # work and wait ticks of all threads (lf_split_account)
-    cdef long start, wait
     cdef int team
     cdef Py_ssize_t u0, u1, s
     _gather_state(L, 0, L.order, B, h_bufs, cs, False)
     lf_barrier_init(&barrier)
-    totals[0] = totals[1] = 0
     with parallel(num_threads=n_threads):
         team = lf_team_size()
         u0 = lf_team_unit_begin(H)
         u1 = lf_team_unit_end(H)
-        wait = 0
-        start = lf_ticks()
         if L.split_packs and u1 > u0:
             _split_pack(L, u0, u1)
         for s in range(max_len):
             if u1 > u0:
                 _split_step(L, s, B, u0, u1, h_bufs + (s % 2) * B * H, h_bufs + ((s + 1) % 2) * B * H,
                             cs, gh)
-            wait = lf_barrier_wait_timed(&barrier, team, wait)
-        lf_split_account(totals, start, wait)
-    lf_split_report(totals[0], totals[1])
+            lf_barrier_wait(&barrier, team)
     _gather_state(L, 0, L.order, B, h_bufs + (max_len % 2) * B * H, cs, True)
 
 
@@ -720,14 +713,21 @@ def forward_layer(const floating[:, :, ::1] x,          # IN  (T, B, I) layer in
         use_packed = _packed_enabled and lf_pgemm_available()
     cdef bint split_ok = split_mode_ok(L.batch, L.hidden, L.n_dirs, L.proj, L.spec.standard,
                                        use_packed)
+    # split or one thread, by the measured speed of each for this shape (lf_split_choose)
+    cdef long choice_key = 0
+    cdef int choice = 0
+    if mode == MODE_AUTO and split_ok and n_threads > 1:
+        choice_key = lf_split_key(L.batch, L.hidden, L.input_size, n_threads, L.keep_cache)
+        choice = lf_split_choose(choice_key)
     if mode == MODE_AUTO:
-        if split_ok and n_threads > 1 and lf_split_allowed():
+        if choice & 1:
             mode = MODE_SPLIT    # same bits as chunked: the choice may follow the thread count
         else:
             mode = MODE_WIDE if recurrence_mode(L.batch, L.hidden, L.hidden_out, sizeof(floating),
                                                 use_packed, L.n_dirs) == "wide" else MODE_CHUNKED
     elif mode == MODE_SPLIT and not split_ok:
         mode = MODE_CHUNKED
+    cdef long ticks = lf_ticks()          # the call's time from here, for lf_split_record
 
     cdef Py_ssize_t total_rows = L.seq_len * L.batch
     cdef Py_ssize_t n_blocks = (total_rows + PROJ_ROWS - 1) // PROJ_ROWS
@@ -886,11 +886,29 @@ def forward_layer(const floating[:, :, ::1] x,          # IN  (T, B, I) layer in
                     else:
                         _run_chunk(item, &L, scratch)
                 free(scratch)
+        if choice & 2:
+            lf_split_record(choice_key, mode == MODE_SPLIT, lf_ticks() - ticks, L.seq_len)
         lf_ws_release(WS_GX, gx_all)
         free(w_hh_t)
         lf_ws_release(WS_PACKED, pk_raw)
     if failed:
         raise MemoryError("cannot allocate the workspace of the LSTM recurrence")
+
+
+def split_choice_trace(long key, list ticks_split, list ticks_one):
+    """Test twin of the split/one-thread choice (lf_split_choose, lf_split_record): one choice
+    per entry of the lists for shape `key`, each measured call recorded as taking
+    ticks_split[i] (split) or ticks_one[i] (one thread) ticks for its one step. Returns the
+    choices, 1 for split."""
+    cdef list ways = []
+    cdef Py_ssize_t i
+    cdef int choice
+    for i in range(len(ticks_split)):
+        choice = lf_split_choose(key)
+        if choice & 2:
+            lf_split_record(key, choice & 1, ticks_split[i] if choice & 1 else ticks_one[i], 1)
+        ways.append(choice & 1)
+    return ways
 
 
 def gate_math_py(floating[::1] values, str function):

@@ -87,40 +87,76 @@ static inline long lf_team_unit_end(long hidden) {
     return ((rank + 1) * per < n_panels ? (rank + 1) * per : n_panels) * 32;
 }
 
-/* the barrier, returning `wait` plus the ticks spent in it */
-static inline long lf_barrier_wait_timed(lf_barrier* b, int n_threads, long wait) {
-    long t0 = lf_ticks();
-    lf_barrier_wait(b, n_threads);
-    return wait + (lf_ticks() - t0);
+/* Split mode or one thread, by measurement. Split mode needs every thread of its team running
+   at once on a core of its own: where that fails it is slower than one thread. Seen here (2-vCPU
+   VM, (100,1,128,128)): for minutes at a time the same split calls took 0.41-0.47 ms instead of
+   0.23, longer than one thread's 0.355, with the threads' barrier waits as short as in the good
+   state (their work itself ran 1.8x slower: cores shared on the host), so the waits cannot tell.
+   Instead each shape (a key from the caller) keeps the measured ticks per step of both ways and
+   runs the faster; every LF_CHOICE_EXPLORE calls, a run of LF_CHOICE_RUN calls takes the other
+   way, so that a change of the machine's state is seen. Only the last half of a run is measured:
+   right after split calls, OpenMP's idle worker still spins for a while and slows a one-thread
+   call on a shared core. Only the speed depends on the choice: both ways give the same bits.
+   The table is shared by the callers' threads without locks: a lost update only costs a choice. */
+#define LF_CHOICE_SLOTS 8
+#define LF_CHOICE_EXPLORE 128
+#define LF_CHOICE_RUN 8
+typedef struct {
+    long key;
+    long calls;
+    long ticks_per_step[2];   /* [0]: one thread, [1]: split; 0 = not measured yet */
+} lf_choice;
+static lf_choice lf_choices[LF_CHOICE_SLOTS];
+static long lf_choice_next = 0;
+
+/* the key of a shape's measurements (never 0); tag tells calls of one shape apart that do
+   different work (the forward with and without the training cache, the backward) */
+static inline long lf_split_key(long batch, long hidden, long input_size, long n_threads, long tag) {
+    return ((((hidden * 65536 + input_size) * 16 + batch) * 256 + n_threads) * 4 + tag) * 2 + 1;
 }
 
-/* a thread's end of a split run begun at tick `start`: its work (the ticks since, less its
-   waits) and its waits added to totals[0] and totals[1] */
-static inline void lf_split_account(long* totals, long start, long wait) {
-    __atomic_add_fetch(&totals[0], lf_ticks() - start - wait, __ATOMIC_RELAXED);
-    __atomic_add_fetch(&totals[1], wait, __ATOMIC_RELAXED);
+static inline lf_choice* lf_choice_find(long key) {
+    for (int i = 0; i < LF_CHOICE_SLOTS; i++)
+        if (__atomic_load_n(&lf_choices[i].key, __ATOMIC_RELAXED) == key)
+            return &lf_choices[i];
+    return NULL;
 }
 
-/* Split mode needs every thread of its team running at once. Where that fails (a busy machine,
-   a virtual machine whose cores are not all scheduled) it is slower than one thread: with two
-   threads it wins while each waits at the barrier less than it works. A call whose threads
-   waited longer in all than they worked turns split mode off for the next LF_SPLIT_BACKOFF
-   calls of the process (the bits are the same either way). */
-#define LF_SPLIT_BACKOFF 200
-static int lf_split_backoff = 0;
-
-static inline int lf_split_allowed(void) {
-    int left = __atomic_load_n(&lf_split_backoff, __ATOMIC_RELAXED);
-    if (left > 0) {
-        __atomic_store_n(&lf_split_backoff, left - 1, __ATOMIC_RELAXED);
-        return 0;
+/* for a call of shape `key` (!= 0): bit 0 set to run it in split mode (else on one thread),
+   bit 1 set to measure it (lf_split_record) */
+static inline int lf_split_choose(long key) {
+    lf_choice* c = lf_choice_find(key);
+    if (c == NULL) {                          /* a new shape takes the oldest slot */
+        long slot = __atomic_fetch_add(&lf_choice_next, 1, __ATOMIC_RELAXED) % LF_CHOICE_SLOTS;
+        c = &lf_choices[slot];
+        __atomic_store_n(&c->ticks_per_step[0], 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&c->ticks_per_step[1], 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&c->calls, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&c->key, key, __ATOMIC_RELAXED);
     }
-    return 1;
+    long calls = __atomic_fetch_add(&c->calls, 1, __ATOMIC_RELAXED);
+    long one = __atomic_load_n(&c->ticks_per_step[0], __ATOMIC_RELAXED);
+    long split = __atomic_load_n(&c->ticks_per_step[1], __ATOMIC_RELAXED);
+    if (calls < 2 * LF_CHOICE_RUN)            /* first a run of each way */
+        return (calls < LF_CHOICE_RUN) | (calls % LF_CHOICE_RUN >= LF_CHOICE_RUN / 2 ? 2 : 0);
+    if (split == 0 || one == 0)               /* no clock to measure with */
+        return 1;
+    int best = split <= one;
+    long phase = calls % LF_CHOICE_EXPLORE;
+    if (phase >= LF_CHOICE_EXPLORE - LF_CHOICE_RUN)
+        return !best | (phase >= LF_CHOICE_EXPLORE - LF_CHOICE_RUN / 2 ? 2 : 0);
+    return best | 2;
 }
 
-static inline void lf_split_report(long work_ticks, long wait_ticks) {
-    if (wait_ticks > work_ticks)
-        __atomic_store_n(&lf_split_backoff, LF_SPLIT_BACKOFF, __ATOMIC_RELAXED);
+/* a measured call of the way `split` took `ticks` for `steps` steps: a moving average per way */
+static inline void lf_split_record(long key, int split, long ticks, long steps) {
+    lf_choice* c = lf_choice_find(key);
+    if (c == NULL || ticks <= 0)
+        return;
+    long now = ticks / (steps > 0 ? steps : 1) + 1;
+    long old = __atomic_load_n(&c->ticks_per_step[split != 0], __ATOMIC_RELAXED);
+    __atomic_store_n(&c->ticks_per_step[split != 0], old == 0 ? now : (7 * old + 3 * now) / 10,
+                     __ATOMIC_RELAXED);
 }
 
 #endif

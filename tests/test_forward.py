@@ -453,6 +453,27 @@ def test_batch1_interleaved_projection_gives_the_up_front_bits(shape):
             assert_array_equal(got[1][1], want[1][1])
 
 
+def test_split_choice_follows_the_measured_speed():
+    # auto mode picks split mode or one thread per shape from the measured ticks per step of each
+    # (lf_split_choose): a run of 8 calls of each way first, then the faster, with a run of 8 calls
+    # of the other way every 128 calls, of which only the last 4 are measured
+    from lstm_fast import _forward
+    n = 2000
+    split = [100] * n                       # split twice as fast as one thread ...
+    one = [200] * n
+    for i in range(1000, n):                # ... then twice as slow (a busy machine)
+        split[i] = 400
+    ways = _forward.split_choice_trace(123457, split, one)
+    assert ways[:16] == [1] * 8 + [0] * 8
+    assert sum(ways[16:1000]) / len(ways[16:1000]) > 0.9        # mostly split
+    assert ways[120:128] == [0] * 8 and ways[248:256] == [0] * 8   # runs exploring one thread
+    assert sum(ways[1400:]) / len(ways[1400:]) < 0.1           # switched to one thread
+    assert ways[1528:1536] == [1] * 8                          # and now explores split
+    # a shape where one thread is slightly faster from the start runs on one thread
+    ways = _forward.split_choice_trace(987653, [100] * 600, [90] * 600)
+    assert sum(ways[16:]) / 584 < 0.1
+
+
 @pytest.mark.parametrize("shape", [(40, 1, 32, 64), (30, 1, 128, 128), (25, 3, 16, 96), (12, 5, 8, 256)])
 def test_split_mode_gives_the_chunked_bits(shape):
     # split mode shares each step's 32-unit panels between the threads and meets at a spin barrier;
