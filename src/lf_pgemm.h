@@ -404,38 +404,6 @@ lf_row_panels(const int np, size_t k, const float* a, const float* bp, float* c,
     }
 }
 
-/* the four gate panels of units u..u+32 of one row at once (8 independent chains, where a lone
-   panel per call would wait on FMA latency): c[g*hidden + u0 .. g*hidden + u1] for g = 0..3;
-   hidden and u0 are multiples of LF_NR; the same sums as lf_pgemv's */
-__attribute__((target("avx512f"))) static void
-lf_pgemv_gates(size_t hidden, size_t u0, size_t u1, size_t k, const float* a, const float* packed,
-               float* c, int backwards) {
-    size_t n_groups = (u1 - u0) / LF_NR;
-    for (size_t q = 0; q < n_groups; q++) {
-        size_t u = u0 + (backwards ? n_groups - 1 - q : q) * LF_NR;   /* see lf_pgemv_dir */
-        const float* bp[4];
-        __m512 acc[8];
-        for (int g = 0; g < 4; g++) {
-            bp[g] = packed + (g * hidden + u) / LF_NR * k * LF_NR;
-            acc[2 * g] = _mm512_setzero_ps();
-            acc[2 * g + 1] = _mm512_setzero_ps();
-        }
-#pragma GCC unroll 2
-        for (size_t kk = 0; kk < k; kk++) {
-            __m512 av = _mm512_set1_ps(a[kk]);
-            for (int g = 0; g < 4; g++) {
-                const float* b = bp[g] + kk * LF_NR;
-                acc[2 * g] = _mm512_fmadd_ps(av, _mm512_load_ps(b), acc[2 * g]);
-                acc[2 * g + 1] = _mm512_fmadd_ps(av, _mm512_load_ps(b + 16), acc[2 * g + 1]);
-            }
-        }
-        for (int g = 0; g < 4; g++) {
-            _mm512_storeu_ps(c + g * hidden + u, acc[2 * g]);
-            _mm512_storeu_ps(c + g * hidden + u + 16, acc[2 * g + 1]);
-        }
-    }
-}
-
 /* the panels p .. p + np - 1 of one row (np <= 4) */
 __attribute__((target("avx512f"))) static inline void
 lf_row_group(size_t np, size_t p, size_t k, const float* a, const float* packed, float* c,
@@ -555,6 +523,14 @@ lf_pgemv_gates_tiles(size_t hidden, size_t u0, size_t u1, size_t k, const float*
 #undef LF_TILE_STEP
 #undef LF_TILE_PANEL
 }
+/* the four gate panels of units u..u+32 of one row at once (8 independent chains, where a lone
+   panel per call would wait on FMA latency): c[g*hidden + u0 .. g*hidden + u1] for g = 0..3;
+   hidden and u0 are multiples of LF_NR; the same sums as lf_pgemv's */
+static void lf_pgemv_gates(size_t hidden, size_t u0, size_t u1, size_t k, const float* a,
+                           const float* packed, float* c, int backwards) {
+    lf_pgemv_gates_tiles(hidden, u0, u1, k, a, packed, c, backwards, 0, NULL, 0, NULL, 0, 0, NULL, 0);
+}
+
 /* y[0:n] = W(n, k) @ x with W row-major (leading dimension ldw), unpacked: four rows at a time,
    each a 16-lane partial sum over k reduced at the end. For the streaming step, which reads each
    weight once per call, so packing would cost more than it saves; the loads stream from L2 at
