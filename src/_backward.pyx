@@ -79,6 +79,7 @@ cdef enum:
 
 cdef enum:
     GRAD_ROWS = 256       # rows of dx per GEMM item
+    GRAD_X_COLS = 32      # columns of dx per item when there are few row blocks (one panel)
     GRAD_BLOCKS = 4       # weight gradients: output rows (of 4H or P) in 4 blocks per direction;
                           # each block's GEMM packs all T*B rows of x / h_prev again, so few and big
     WIDE_COL_BLOCKS = 8   # wide mode (as the forward's): column blocks of a step's products
@@ -511,25 +512,30 @@ cdef void _weight_grad_item(Py_ssize_t item, const Back* K, const floating* x,
                    g_w_hr + (d * K.proj + row0) * K.hidden, <int> K.hidden)
 
 
-cdef void _input_grad_item(Py_ssize_t item, const Back* K, const floating* w_ih,
-                           floating* g_x) noexcept nogil:
-    # dx[rows] = sum_d dz[d, rows] @ W_ih[d]   (directions added in order 0, 1)
-    cdef Py_ssize_t TB = K.seq_len * K.batch
-    cdef Py_ssize_t row0 = item * GRAD_ROWS
+cdef void _input_grad_item(Py_ssize_t item, Py_ssize_t n_col_groups, const Back* K,
+                           const floating* w_ih, floating* g_x) noexcept nogil:
+    # dx[rows, cols] = sum_d dz[d, rows] @ W_ih[d][:, cols]   (directions added in order 0, 1)
+    # for one block of GRAD_ROWS rows and one of n_col_groups groups of GRAD_X_COLS columns;
+    # each output is the same sum whatever the split
+    cdef Py_ssize_t TB = K.seq_len * K.batch, I = K.input_size
+    cdef Py_ssize_t row0 = (item // n_col_groups) * GRAD_ROWS
     cdef Py_ssize_t n_rows = GRAD_ROWS if row0 + GRAD_ROWS <= TB else TB - row0
+    cdef Py_ssize_t col0 = 0, n_cols = I
     cdef Py_ssize_t d
+    if n_col_groups > 1:
+        col0 = (item % n_col_groups) * GRAD_X_COLS
+        n_cols = GRAD_X_COLS if col0 + GRAD_X_COLS <= I else I - col0
     for d in range(K.n_dirs):
         if floating is float:
             if K.pk_ih != NULL:
-                lf_pgemm(n_rows, 0, K.input_size, K.four_h,
+                lf_pgemm(n_rows, col0, n_cols, K.four_h,
                          (<const float*> K.dz) + (d * TB + row0) * K.four_h, K.four_h,
-                         K.pk_ih + d * K.pk_ih_len, g_x + row0 * K.input_size, K.input_size,
-                         0 if d == 0 else 1)
+                         K.pk_ih + d * K.pk_ih_len, g_x + row0 * I, I, 0 if d == 0 else 1)
                 continue
-        gemm_rm(c'N', <int> n_rows, <int> K.input_size, <int> K.four_h, <floating> 1,
+        gemm_rm(c'N', <int> n_rows, <int> n_cols, <int> K.four_h, <floating> 1,
                 (<const floating*> K.dz) + (d * TB + row0) * K.four_h, <int> K.four_h,
-                w_ih + d * K.four_h * K.input_size, <int> K.input_size,
-                <floating> (0 if d == 0 else 1), g_x + row0 * K.input_size, <int> K.input_size)
+                w_ih + d * K.four_h * I + col0, <int> I,
+                <floating> (0 if d == 0 else 1), g_x + row0 * I + col0, <int> I)
 
 
 def backward_layer(const floating[:, :, ::1] x,            # IN  (T, B, I) the layer's input
@@ -649,6 +655,12 @@ def backward_layer(const floating[:, :, ::1] x,            # IN  (T, B, I) the l
     cdef Py_ssize_t n_proj_blocks = (P + _grad_block(P) - 1) // _grad_block(P) if P > 0 else 0
     cdef Py_ssize_t n_weight_items = D * (n_gate_blocks + n_proj_blocks)
     cdef Py_ssize_t n_x_items = (TB + GRAD_ROWS - 1) // GRAD_ROWS
+    # few row blocks (short sequences, batch 1): dx split by columns too, so that every thread
+    # gets a share ((100,1,128,128): one item of 13 MFLOP before)
+    cdef Py_ssize_t n_x_col_groups = 1
+    if n_x_items < 4:
+        n_x_col_groups = (K.input_size + GRAD_X_COLS - 1) // GRAD_X_COLS
+    n_x_items *= n_x_col_groups
     cdef Py_ssize_t scratch_len = K.chunk * (K.hidden_out + 2 * H + K.four_h)
     cdef Py_ssize_t wide_len = D * K.batch * (K.hidden_out + 2 * H + K.four_h)
     # split mode as in the forward (same conditions), with more than one thread
@@ -745,13 +757,17 @@ def backward_layer(const floating[:, :, ::1] x,            # IN  (T, B, I) the l
                     _weight_grad_item(item, &K, x_ptr, w_ih_ptr, g_w_ih, g_w_hh, g_bias, g_w_hr,
                                       n_gate_blocks, n_proj_blocks)
                 for item in range(n_x_items):
-                    _input_grad_item(item, &K, w_ih_ptr, g_x)
+                    _input_grad_item(item, n_x_col_groups, &K, w_ih_ptr, g_x)
             else:
-                for item in prange(n_weight_items, num_threads=threads_grad, schedule='dynamic'):
-                    _weight_grad_item(item, &K, x_ptr, w_ih_ptr, g_w_ih, g_w_hh, g_bias, g_w_hr,
-                                      n_gate_blocks, n_proj_blocks)
-                for item in prange(n_x_items, num_threads=threads_grad, schedule='static'):
-                    _input_grad_item(item, &K, w_ih_ptr, g_x)
+                # one team for both kinds of items (the larger weight items first), so that no
+                # thread idles while another finishes the last items of the first kind
+                for item in prange(n_weight_items + n_x_items, num_threads=threads_grad,
+                                   schedule='dynamic'):
+                    if item < n_weight_items:
+                        _weight_grad_item(item, &K, x_ptr, w_ih_ptr, g_w_ih, g_w_hh, g_bias,
+                                          g_w_hr, n_gate_blocks, n_proj_blocks)
+                    else:
+                        _input_grad_item(item - n_weight_items, n_x_col_groups, &K, w_ih_ptr, g_x)
         _release_all(dz, h_prev, h_raw, dh_proj)
         lf_ws_release(WS_PACKED, pk_raw)
         lf_ws_release(WS_PACKED_GRAD, pk2_raw)
