@@ -129,6 +129,26 @@ def test_float32_weight_gradients_over_long_sequences(packed):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_input_gradients_split_by_columns(dtype, bidirectional):
+    # few rows (T*B < 4 * 256): dx runs in groups of 32 columns (70 = 32 + 32 + 6), on two threads
+    # in one team with the weight gradients, directions added in order into each group
+    config = (1, bidirectional, 0, False, False)
+    m, x, hx, grads, _ = _case(dtype, config, batch=2, seq_len=30, input_size=70, hidden=16)
+    with lf.threads(2):
+        _, _, cache = m.forward_train(x, hx)
+        g = m.backward(cache, grads[0], grads[1:])
+    with lf.threads(1):
+        _, _, cache = m.forward_train(x, hx)
+        g1 = m.backward(cache, grads[0], grads[1:])
+    assert_array_equal(g.input, g1.input)
+    _, t_dx, _, t_params = _torch_grads(m, x, hx, grads, None)
+    assert_allclose(g.input, t_dx, **GRAD_TOL[dtype])
+    for name, value in t_params.items():
+        assert_allclose(g.params[name], value, err_msg=name, **GRAD_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_padded_rows_read_zero_after_a_full_length_backward(dtype):
     # backward keeps its work buffers between calls and zeroes them only for padded batches (the
     # recurrence writes every row of a full-length one): a padded call after a full-length call of
