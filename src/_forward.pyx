@@ -8,7 +8,9 @@ How the work is split (chosen by measurement, see README "Design"):
 1. Input projection of every time step, gx[d] = x @ W_ih[d].T, as one GEMM per block of about
    PROJ_ROWS rows of the (T*B, I) input (and PROJ_COLS gate columns with the packed kernel);
    blocks of all directions are spread over the threads. Skipped when the chunked recurrence
-   projects each step's rows itself (fused, below).
+   projects each step's rows itself (fused, below), and at batch 1 when W_hh (a thread's share)
+   is beyond L1: each step's W_hh product then projects part of the next steps' inputs in its
+   idle FMA slots (_gates_interleaved).
 2. The recurrence, in one of three modes:
    - chunked: work items are (batch chunk, direction). Each OpenMP thread takes an item and runs
      its rows through all time steps with its own single-threaded products: no barrier per step,
@@ -19,8 +21,9 @@ How the work is split (chosen by measurement, see README "Design"):
      direction over the whole batch, its gate columns split in fixed blocks over the threads,
      then the cell update split by rows.
    - split (packed kernel, batch < 8, one direction, more than one thread): every thread owns
-     whole 32-unit panels of the hidden units and computes their gates and cell update; one spin
-     barrier per step.
+     whole 32-unit panels of the hidden units, packs their weights and computes their gates and
+     cell update; one spin barrier per step. Auto mode runs it or the one-thread mode, whichever
+     was measured faster for the shape (lf_split_choose in lf_split.h).
    Rows are visited longest first (`order`), so at step s the rows still running are a prefix:
    finished sequences cost no work, and the reverse direction starts each row at its own last step.
 Every block size depends on the shapes only, never on the thread count, so every thread count
