@@ -453,6 +453,42 @@ def test_batch1_interleaved_projection_gives_the_up_front_bits(shape):
             assert_array_equal(got[1][1], want[1][1])
 
 
+def test_batch1_random_configurations_give_one_set_of_bits():
+    # batch 1 runs the most paths (interleaved projection, split mode with per-thread packing,
+    # chunked, wide): random sizes, projections, layers, directions and lengths must give the
+    # same bits in every mode and thread count as wide mode with every input projected up front,
+    # and match the float64 reference
+    from lstm_fast import _forward
+    rng = np.random.default_rng(11)
+    for trial in range(40):
+        H = int(rng.choice([32, 64, 96, 128, 160, 192]))
+        I = int(rng.integers(1, 300))
+        P = int(rng.choice([0, 0, 0, 16, 40]))
+        L, bi, T = int(rng.integers(1, 3)), bool(rng.integers(0, 2)), int(rng.integers(1, 60))
+        m = lf.LSTM(I, H, num_layers=L, bidirectional=bi, proj_size=P if P < H else 0,
+                    dtype=np.float32, seed=trial)
+        x = rng.standard_normal((T, 1, I)).astype(np.float32)
+        length = [int(rng.integers(1, T + 1))]
+        _forward.set_interleaved_projection(False)
+        try:
+            m._recurrence_mode = 2
+            want, (want_h, want_c) = m(x, lengths=length)
+        finally:
+            _forward.set_interleaved_projection(True)
+        for n_threads in (1, 2):
+            with lf.threads(n_threads):
+                for mode in (0, 1, 3):
+                    m._recurrence_mode = mode
+                    out, (h_n, c_n) = m(x, lengths=length)
+                    where = f"trial {trial}: H={H} I={I} L={L} bi={bi} T={T} {n_threads} threads mode {mode}"
+                    assert_array_equal(out, want, err_msg=where)
+                    assert_array_equal(h_n, want_h, err_msg=where)
+                    assert_array_equal(c_n, want_c, err_msg=where)
+        ref_out, _ = reference.lstm(x.astype(np.float64), m.state_dict(), L, bi,
+                                    lengths=np.array(length))
+        assert_allclose(want, ref_out, **tol(np.float32))
+
+
 def test_split_choice_follows_the_measured_speed():
     # auto mode picks split mode or one thread per shape from the measured ticks per step of each
     # (lf_split_choose): a run of 8 calls of each way first, then the faster, with a run of 8 calls
