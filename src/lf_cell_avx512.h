@@ -66,8 +66,39 @@ __attribute__((target("avx512f"))) static void
 lf_cell_units_avx512(size_t hidden, size_t u0, size_t u1, const float* gh, const float* gx,
                      const float* bias, float* c, float* h_raw, float* gates_out, float* c_out) {
     /* units u0..u1 of the row (u0 a multiple of 16, or 0): every unit takes the same lane-wise
-       instructions whichever range holds it, so a split over threads keeps the bits */
-    for (size_t j = u0; j < u1; j += 16) {
+       instructions whichever range holds it, so a split over threads keeps the bits. Two
+       vectors of 16 units at a time: their independent chains (exp, reciprocal, tanh of c) fill
+       each other's latencies, 37.2 -> 32.3 ns per 16 units here (C benchmark, same bits). */
+    size_t j = u0;
+    for (; j + 32 <= u1; j += 32) {
+        __m512 z[8];
+        for (int q = 0; q < 4; q++) {
+            size_t o = q * hidden + j;
+            z[q] = _mm512_add_ps(_mm512_add_ps(_mm512_loadu_ps(gh + o), _mm512_loadu_ps(gx + o)),
+                                 _mm512_loadu_ps(bias + o));
+            z[4 + q] = _mm512_add_ps(_mm512_add_ps(_mm512_loadu_ps(gh + o + 16),
+                                                   _mm512_loadu_ps(gx + o + 16)),
+                                     _mm512_loadu_ps(bias + o + 16));
+        }
+        __m512 g[8], cn[2];
+        for (int q = 0; q < 4; q++)              /* the two vectors' chains side by side */
+            for (int v = 0; v < 2; v++)
+                g[4 * v + q] = q == 2 ? lf_tanh512(z[4 * v + q]) : lf_sigmoid512(z[4 * v + q]);
+        for (int v = 0; v < 2; v++)
+            cn[v] = _mm512_fmadd_ps(g[4 * v + 1], _mm512_loadu_ps(c + j + 16 * v),
+                                    _mm512_mul_ps(g[4 * v], g[4 * v + 2]));
+        for (int v = 0; v < 2; v++) {
+            size_t u = j + 16 * v;
+            _mm512_storeu_ps(c + u, cn[v]);
+            _mm512_storeu_ps(h_raw + u, _mm512_mul_ps(g[4 * v + 3], lf_tanh512(cn[v])));
+            if (gates_out != NULL) {
+                for (int q = 0; q < 4; q++)
+                    _mm512_storeu_ps(gates_out + q * hidden + u, g[4 * v + q]);
+                _mm512_storeu_ps(c_out + u, cn[v]);
+            }
+        }
+    }
+    for (; j < u1; j += 16) {
         __mmask16 m = u1 - j >= 16 ? (__mmask16) 0xFFFF : (__mmask16) ((1u << (u1 - j)) - 1u);
         __m512 z[4];
         for (int q = 0; q < 4; q++) {
