@@ -96,15 +96,20 @@ static inline long lf_team_unit_end(long hidden) {
    runs the faster; every LF_CHOICE_EXPLORE calls, a run of LF_CHOICE_RUN calls takes the other
    way, so that a change of the machine's state is seen. Only the last half of a run is measured:
    right after split calls, OpenMP's idle worker still spins for a while and slows a one-thread
-   call on a shared core. Only the speed depends on the choice: both ways give the same bits.
+   call on a shared core. A call that follows a pause of the shape's calls (LF_CHOICE_IDLE_TICKS)
+   is not measured either: its threads were asleep, and waking them cost 0.3-0.5 ms here, which
+   in one sample made split mode look slower than one thread for the next 128 calls. Only the
+   speed depends on the choice: both ways give the same bits.
    The table is shared by the callers' threads without locks: a lost update only costs a choice. */
 #define LF_CHOICE_SLOTS 8
 #define LF_CHOICE_EXPLORE 128
 #define LF_CHOICE_RUN 8
+#define LF_CHOICE_IDLE_TICKS (1L << 21)   /* about a millisecond at the cycle counter's rate */
 typedef struct {
     long key;
     long calls;
     long ticks_per_step[2];   /* [0]: one thread, [1]: split; 0 = not measured yet */
+    long last_tick;           /* when the shape's last call was chosen */
 } lf_choice;
 static lf_choice lf_choices[LF_CHOICE_SLOTS];
 static long lf_choice_next = 0;
@@ -132,20 +137,24 @@ static inline int lf_split_choose(long key) {
         __atomic_store_n(&c->ticks_per_step[0], 0, __ATOMIC_RELAXED);
         __atomic_store_n(&c->ticks_per_step[1], 0, __ATOMIC_RELAXED);
         __atomic_store_n(&c->calls, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&c->last_tick, 0, __ATOMIC_RELAXED);
         __atomic_store_n(&c->key, key, __ATOMIC_RELAXED);
     }
+    long now = lf_ticks();
+    long gap = now - __atomic_exchange_n(&c->last_tick, now, __ATOMIC_RELAXED);
+    int measure = gap < LF_CHOICE_IDLE_TICKS ? 2 : 0;
     long calls = __atomic_fetch_add(&c->calls, 1, __ATOMIC_RELAXED);
     long one = __atomic_load_n(&c->ticks_per_step[0], __ATOMIC_RELAXED);
     long split = __atomic_load_n(&c->ticks_per_step[1], __ATOMIC_RELAXED);
     if (calls < 2 * LF_CHOICE_RUN)            /* first a run of each way */
-        return (calls < LF_CHOICE_RUN) | (calls % LF_CHOICE_RUN >= LF_CHOICE_RUN / 2 ? 2 : 0);
+        return (calls < LF_CHOICE_RUN) | (calls % LF_CHOICE_RUN >= LF_CHOICE_RUN / 2 ? measure : 0);
     if (split == 0 || one == 0)               /* no clock to measure with */
-        return 1;
+        return 1 | measure;
     int best = split <= one;
     long phase = calls % LF_CHOICE_EXPLORE;
     if (phase >= LF_CHOICE_EXPLORE - LF_CHOICE_RUN)
-        return !best | (phase >= LF_CHOICE_EXPLORE - LF_CHOICE_RUN / 2 ? 2 : 0);
-    return best | 2;
+        return !best | (phase >= LF_CHOICE_EXPLORE - LF_CHOICE_RUN / 2 ? measure : 0);
+    return best | measure;
 }
 
 /* a measured call of the way `split` took `ticks` for `steps` steps: a moving average per way */
