@@ -443,6 +443,7 @@ __attribute__((target("avx512f"))) static void
 lf_pgemv(size_t col0, size_t n_cols, size_t k, const float* a, const float* packed, float* c) {
     lf_pgemv_dir(col0, n_cols, k, a, packed, c, 0);
 }
+
 /* One step's row product of a batch-1 recurrence, c = a(k) @ W.T for units u0..u1 (multiples of
    32; lf_pgemv_gates' order, the four gate panels of 32 units at a time), with the input
    projection of later steps folded in: an 8-row tile C_t = A_t(8, tk) @ W_t.T over the panels
@@ -523,6 +524,7 @@ lf_pgemv_gates_tiles(size_t hidden, size_t u0, size_t u1, size_t k, const float*
 #undef LF_TILE_STEP
 #undef LF_TILE_PANEL
 }
+
 /* the four gate panels of units u..u+32 of one row at once (8 independent chains, where a lone
    panel per call would wait on FMA latency): c[g*hidden + u0 .. g*hidden + u1] for g = 0..3;
    hidden and u0 are multiples of LF_NR; the same sums as lf_pgemv's */

@@ -76,15 +76,16 @@ static inline long lf_ticks(void) {
 
 /* This thread's share of `hidden` units in split mode: whole 32-unit panels, split as evenly
    as the panel count allows (first unit; lf_team_unit_end for one past the last). */
-static inline long lf_team_unit_begin(long hidden) {
-    long n_panels = hidden / 32, team = lf_team_size(), rank = lf_team_rank();
+static inline long lf_team_unit_of(long hidden, long rank) {
+    long n_panels = hidden / 32, team = lf_team_size();
     long per = (n_panels + team - 1) / team;
     return (rank * per < n_panels ? rank * per : n_panels) * 32;
 }
+static inline long lf_team_unit_begin(long hidden) {
+    return lf_team_unit_of(hidden, lf_team_rank());
+}
 static inline long lf_team_unit_end(long hidden) {
-    long n_panels = hidden / 32, team = lf_team_size(), rank = lf_team_rank();
-    long per = (n_panels + team - 1) / team;
-    return ((rank + 1) * per < n_panels ? (rank + 1) * per : n_panels) * 32;
+    return lf_team_unit_of(hidden, lf_team_rank() + 1);
 }
 
 /* Split mode or one thread, by measurement. Split mode needs every thread of its team running
