@@ -30,6 +30,14 @@ def _empty(dtype, ndim):
     return _EMPTY[key]
 
 
+# per dtype: the kernel specialised for it (skips the fused-type dispatch, ~0.4 us a call) and
+# its 2-, 3- and 4-D placeholders
+_FORWARD_BY_DTYPE = {
+    np.dtype(dt): (_forward.forward_layer[name], _empty(dt, 2), _empty(dt, 3), _empty(dt, 4))
+    for dt, name in ((np.float32, "float"), (np.float64, "double"))
+}
+
+
 _REVERSE = {1: np.zeros(1, dtype=np.intc), 2: np.array([0, 1], dtype=np.intc)}
 _FULL = {}
 
@@ -57,17 +65,19 @@ def run_layer(x, w_ih, w_hh, bias, w_hr, order, lengths, h, c, y, n_threads,
     mode: 0 lets the kernel pick its recurrence strategy from the shapes; 1 (chunked) and 2 (wide)
     force one, for tests and benchmarks.
     """
-    dtype = x.dtype
-    n_dirs = w_ih.shape[0]
-    _forward.forward_layer(
+    kernel = _FORWARD_BY_DTYPE.get(x.dtype)
+    if kernel is None:
+        raise TypeError(f"the forward kernel takes float32 or float64 arrays, got {x.dtype}")
+    forward_layer, empty2, empty3, empty4 = kernel
+    forward_layer(
         x, w_ih, w_hh, bias,
-        w_hr if w_hr is not None else _empty(dtype, 3),
-        peephole if peephole is not None else _empty(dtype, 2),
+        w_hr if w_hr is not None else empty3,
+        peephole if peephole is not None else empty2,
         order, lengths,
-        reverse if reverse is not None else _REVERSE[n_dirs],
+        reverse if reverse is not None else _REVERSE[w_ih.shape[0]],
         h, c, y,
-        cache_gates if cache_gates is not None else _empty(dtype, 4),
-        cache_c if cache_c is not None else _empty(dtype, 4),
+        cache_gates if cache_gates is not None else empty4,
+        cache_c if cache_c is not None else empty4,
         spec, n_threads, mode,
     )
 
@@ -323,9 +333,9 @@ class LSTM:
                 cache_g = cache_c = None
                 if caches is not None:
                     cache_g, cache_c = caches[k]
+                h_k, c_k = (h_n, c_n) if self.num_layers == 1 else (h_n[k * D:(k + 1) * D], c_n[k * D:(k + 1) * D])
                 run_layer(layer_input, self._w_ih[k], self._w_hh[k], self._bias_sums(k),
-                          self._w_hr[k] if self.proj_size else None, order, lens,
-                          h_n[k * D:(k + 1) * D], c_n[k * D:(k + 1) * D], y, n_threads,
+                          self._w_hr[k] if self.proj_size else None, order, lens, h_k, c_k, y, n_threads,
                           cache_gates=cache_g, cache_c=cache_c, mode=self._recurrence_mode)
                 layer_input = y
         return layer_input

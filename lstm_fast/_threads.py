@@ -15,7 +15,12 @@ from typing import Iterator
 
 from . import _threading
 
-_local = threading.local()
+class _ThreadOverride(threading.local):
+    # a class default, so a thread without an override reads None without a failed lookup
+    n_threads = None
+
+
+_local = _ThreadOverride()
 
 
 def _available_cores():
@@ -89,7 +94,7 @@ def get_num_threads() -> int:
     """The number of threads the next kernel call from this Python thread will use."""
     if _in_forked_child:
         return 1
-    override = getattr(_local, "n_threads", None)
+    override = _local.n_threads
     if override is not None:
         return override
     return _global_threads if _global_threads is not None else _default_threads()
@@ -102,7 +107,7 @@ def threads(n_threads: int | None) -> Iterator[int]:
     >>> with lstm_fast.threads(1):
     ...     out, _ = model(x)
     """
-    previous = getattr(_local, "n_threads", None)
+    previous = _local.n_threads
     _local.n_threads = _resolve(n_threads)
     try:
         yield _local.n_threads

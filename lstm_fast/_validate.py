@@ -1,4 +1,5 @@
 """Argument checks, in one place, with messages that name the argument, what was expected and what came."""
+import math
 import numbers
 
 import numpy as np
@@ -73,9 +74,7 @@ _INTP_MAX = int(np.iinfo(np.intp).max)
 
 def check_size_product(*dims, name="the workspace"):
     """Refuse sizes whose element count overflows the index type before anything is allocated."""
-    total = 1
-    for d in dims:
-        total *= int(d)
+    total = math.prod(map(int, dims))
     if total > _INTP_MAX // 8:
         raise MemoryError(f"{name} would need {total} values, more than can be addressed")
     return total
