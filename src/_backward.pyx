@@ -20,7 +20,8 @@ from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy, memset
 
 from _blas cimport gemm_rm, gemm_rm_tn, gemv_rm
-from _pgemm cimport lf_ws_get, lf_ws_release, lf_ws_aligned, lf_pack_len, lf_pack_wt, lf_pgemm, lf_pgemm_at, lf_pgemv
+from _pgemm cimport (lf_ws_get, lf_ws_release, lf_ws_aligned, lf_pack_len, lf_pack_wt, lf_pgemm,
+                     lf_pgemm_at, lf_pgemm_at2, lf_pgemv)
 from _gates cimport lf_tanhf   # brings the vectorisable float32 tanh into this module's C
 from _split cimport (lf_barrier, lf_barrier_init, lf_team_size, lf_team_unit_begin,
                      lf_team_unit_end, lf_barrier_wait, lf_ticks, lf_split_choose,
@@ -480,12 +481,13 @@ cdef void _weight_grad_item(Py_ssize_t item, const Back* K, const floating* x,
         n_rows = _grad_block(K.four_h) if row0 + _grad_block(K.four_h) <= K.four_h else K.four_h - row0
         if floating is float:
             if K.pk_x != NULL:
-                lf_pgemm_at(n_rows, K.input_size, TB, dz + row0, K.four_h, K.pk_x,
-                            g_w_ih + (d * K.four_h + row0) * K.input_size, K.input_size)
-                lf_pgemm_at(n_rows, K.hidden_out, TB, dz + row0, K.four_h,
-                            K.pk_hp + d * K.pk_hp_len,
-                            g_w_hh + (d * K.four_h + row0) * K.hidden_out, K.hidden_out)
-                _bias_grad(K, d, dz, row0, n_rows, TB, g_bias)
+                # dW_ih, dW_hh and db of these rows in one pass over dz (the same sums as apart)
+                lf_pgemm_at2(n_rows, TB, dz + row0, K.four_h,
+                             K.input_size, K.pk_x, g_w_ih + (d * K.four_h + row0) * K.input_size,
+                             K.input_size,
+                             K.hidden_out, K.pk_hp + d * K.pk_hp_len,
+                             g_w_hh + (d * K.four_h + row0) * K.hidden_out, K.hidden_out,
+                             g_bias + d * K.four_h + row0)
                 return
         # dW_ih[rows] = dz[:, rows].T @ x ; dW_hh[rows] = dz[:, rows].T @ h_prev
         gemm_rm_tn(<int> n_rows, <int> K.input_size, <int> TB, <floating> 1, dz + row0,
