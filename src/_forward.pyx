@@ -68,10 +68,11 @@ cdef enum:
     # Split mode (batch < 8, one direction) from this hidden size (split_mode_ok)
     SPLIT_MIN_HIDDEN = 64
     # Batch-1 steps project the inputs of later steps in blocks of this many (one 8-row tile of
-    # lf_pgemm, _gates_interleaved), where a thread's share of W_hh is at least INTERLEAVE_MIN_BYTES.
+    # lf_pgemm, _gates_interleaved), where a thread's share of W_hh is at least INTERLEAVE_MIN_BYTES,
+    # or where the tile work fits in the groups after a step's first (_tiles_from_group).
     # Measured (1 thread, up-front -> interleaved): H=128 (256 KB) 0.42 -> 0.35 ms, H=96 1.11x,
-    # H=64 (64 KB) 1.00x; 2 threads (split): H=128 (128 KB a thread) 1.08x, H=96 1.04x, H=64
-    # (32 KB, in L1) 0.91x.
+    # H=64 (64 KB) 1.00x with tiles from the first group; 2 threads (split): H=128 (128 KB a
+    # thread) 1.08x, H=96 1.04x, H=64 (32 KB, in L1) 0.91x.
     INTERLEAVE_ROWS = 8
     INTERLEAVE_MIN_BYTES = 96 * 1024
     # Wide mode: gate columns and rows per work item of a step.
@@ -350,6 +351,16 @@ cdef inline Py_ssize_t _block_time(const Layer* L, Py_ssize_t d, Py_ssize_t leng
     return length - block * INTERLEAVE_ROWS - n if L.reverse[d] else block * INTERLEAVE_ROWS
 
 
+cdef inline Py_ssize_t _tiles_from_group(Py_ssize_t units, Py_ssize_t k,
+                                         Py_ssize_t input_size) noexcept nogil:
+    # 1 when a step's tile k-steps (its largest share of the 4*units/32 gate panels, input_size
+    # each) fit into every second row k-step of the groups after the first, whose products stream
+    # W_hh from L2 (lf_pgemv_gates_tiles: the first is FMA-bound, partly in L1); else 0
+    cdef Py_ssize_t n_groups = units // 32
+    cdef Py_ssize_t per_step = (4 * n_groups + INTERLEAVE_ROWS - 1) // INTERLEAVE_ROWS * input_size
+    return 1 if n_groups >= 2 and per_step <= (n_groups - 1) * (k // 2) else 0
+
+
 cdef void _gates_interleaved(const Layer* L, Py_ssize_t d, Py_ssize_t s, Py_ssize_t length,
                              Py_ssize_t u0, Py_ssize_t u1, const float* h_prev,
                              float* gh) noexcept nogil:
@@ -377,7 +388,8 @@ cdef void _gates_interleaved(const Layer* L, Py_ssize_t d, Py_ssize_t s, Py_ssiz
         t0 = _block_time(L, d, length, block + 1, INTERLEAVE_ROWS)
         lf_pgemv_gates_tiles(H, u0, u1, L.hidden_out, h_prev, pk_hh, gh, s & 1, I, x + t0 * I, I,
                              pk_ih, part * n_panels // INTERLEAVE_ROWS,
-                             (part + 1) * n_panels // INTERLEAVE_ROWS, gx + t0 * four_h, four_h)
+                             (part + 1) * n_panels // INTERLEAVE_ROWS, gx + t0 * four_h, four_h,
+                             _tiles_from_group(u1 - u0, L.hidden_out, I))
     else:
         lf_pgemv_gates(H, u0, u1, L.hidden_out, h_prev, pk_hh, gh, s & 1)
 
@@ -751,8 +763,10 @@ def forward_layer(const floating[:, :, ::1] x,          # IN  (T, B, I) layer in
     L.interleave = (use_packed and _interleave_enabled and L.batch == 1 and L.four_h % 128 == 0
                     and (mode == MODE_CHUNKED or mode == MODE_SPLIT)
                     and L.seq_len >= 2 * INTERLEAVE_ROWS
-                    and L.four_h * L.hidden_out * sizeof(floating)
-                    >= INTERLEAVE_MIN_BYTES * (n_threads if mode == MODE_SPLIT else 1))
+                    and (L.four_h * L.hidden_out * sizeof(floating)
+                         >= INTERLEAVE_MIN_BYTES * (n_threads if mode == MODE_SPLIT else 1)
+                         or _tiles_from_group(L.hidden // (n_threads if mode == MODE_SPLIT else 1),
+                                              L.hidden_out, L.input_size)))
     scratch_len = L.chunk * (L.four_h + L.hidden_out + 2 * L.hidden)
     if L.fused:
         scratch_len += L.chunk * (L.four_h + L.input_size)

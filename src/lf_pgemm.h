@@ -490,12 +490,16 @@ lf_pgemv(size_t col0, size_t n_cols, size_t k, const float* a, const float* pack
    tldc). The row product streams W from L2 at about 32 B/cycle and leaves the FMA units mostly
    idle; the tile is FMA work on data in L1, one tile k-step every second row k-step. Measured
    (Zen 4, H=128, I=128, a step's product and its share of the projection): 3.53 -> 2.74 us.
-   Every output is still one FMA chain over k in order: the bits of lf_pgemv_gates and lf_pgemm. */
+   Every output is still one FMA chain over k in order: the bits of lf_pgemv_gates and lf_pgemm.
+   Tile k-steps start at the tile_from-th group of the step: the first group is still partly in
+   L1 from the previous step (alternating order, lf_pgemv_dir), so its product is FMA-bound and
+   has no slots to give; (H=64, I=32, product + cell a step: up front 0.77, tiles from group 0
+   0.75, from group 1 0.72 us; H=128: from group 1 slower, 3.00 -> 3.15 us). */
 __attribute__((target("avx512f"))) static void
 lf_pgemv_gates_tiles(size_t hidden, size_t u0, size_t u1, size_t k, const float* a,
                      const float* packed, float* c, int backwards, size_t tk, const float* ta,
                      size_t tlda, const float* t_packed, size_t tv0, size_t tv1, float* tc,
-                     size_t tldc) {
+                     size_t tldc, size_t tile_from) {
     size_t n_groups = (u1 - u0) / LF_NR;
 #define LF_TILE_PANEL(v) ((v) / n_groups * (hidden / LF_NR) + u0 / LF_NR + (v) % n_groups)
     __m512 t0[LF_MR], t1[LF_MR];
@@ -549,7 +553,7 @@ lf_pgemv_gates_tiles(size_t hidden, size_t u0, size_t u1, size_t k, const float*
                 acc[2 * g] = _mm512_fmadd_ps(av, _mm512_load_ps(b), acc[2 * g]);
                 acc[2 * g + 1] = _mm512_fmadd_ps(av, _mm512_load_ps(b + 16), acc[2 * g + 1]);
             }
-            if ((kk & 1) && t_left)
+            if ((kk & 1) && t_left && q >= tile_from)
                 LF_TILE_STEP();
         }
         for (int g = 0; g < 4; g++) {
@@ -568,7 +572,8 @@ lf_pgemv_gates_tiles(size_t hidden, size_t u0, size_t u1, size_t k, const float*
    hidden and u0 are multiples of LF_NR; the same sums as lf_pgemv's */
 static void lf_pgemv_gates(size_t hidden, size_t u0, size_t u1, size_t k, const float* a,
                            const float* packed, float* c, int backwards) {
-    lf_pgemv_gates_tiles(hidden, u0, u1, k, a, packed, c, backwards, 0, NULL, 0, NULL, 0, 0, NULL, 0);
+    lf_pgemv_gates_tiles(hidden, u0, u1, k, a, packed, c, backwards, 0, NULL, 0, NULL, 0, 0, NULL, 0,
+                         0);
 }
 
 /* y[0:n] = W(n, k) @ x with W row-major (leading dimension ldw), unpacked: four rows at a time,
@@ -650,10 +655,10 @@ static void lf_pgemm_at2(size_t m, size_t k, const float* at, size_t ldat, size_
 static void lf_pgemv_gates_tiles(size_t hidden, size_t u0, size_t u1, size_t k, const float* a,
                                  const float* packed, float* c, int backwards, size_t tk,
                                  const float* ta, size_t tlda, const float* t_packed, size_t tv0,
-                                 size_t tv1, float* tc, size_t tldc) {
+                                 size_t tv1, float* tc, size_t tldc, size_t tile_from) {
     (void) hidden; (void) u0; (void) u1; (void) k; (void) a; (void) packed; (void) c;
     (void) backwards; (void) tk; (void) ta; (void) tlda; (void) t_packed; (void) tv0; (void) tv1;
-    (void) tc; (void) tldc;
+    (void) tc; (void) tldc; (void) tile_from;
 }
 static void lf_gemv_rows(size_t n, size_t k, const float* w, size_t ldw, const float* x, float* y) {
     (void) n; (void) k; (void) w; (void) ldw; (void) x; (void) y;

@@ -404,7 +404,8 @@ def test_packed_rows_do_not_depend_on_their_batch(mode):
         assert_array_equal(alone[:, 0], whole[:, b])
 
 
-@pytest.mark.parametrize("shape", [(100, 32, 128), (41, 128, 96), (30, 300, 96), (19, 8, 160)])
+@pytest.mark.parametrize("shape", [(100, 32, 128), (41, 128, 96), (30, 300, 96), (19, 8, 160),
+                                   (100, 32, 64), (41, 20, 64)])
 def test_batch1_interleaved_projection_gives_the_up_front_bits(shape):
     # batch 1, W_hh beyond L1: each step projects an eighth of the next 8 steps' inputs inside its
     # W_hh product (_gates_interleaved); wide mode, and chunked mode with the interleaving off,
