@@ -318,6 +318,13 @@ class LSTM:
         out : ndarray of shape (T, B, D*H_out) ((B, T, D*H_out) with batch_first, (T, D*H_out) unbatched)
         (h_n, c_n) : ndarrays of shapes (L*D, B, H_out) and (L*D, B, H)
         """
+        if hx is None and lengths is None and not self.batch_first:
+            with BLAS_SINGLE:
+                plain = _forward.forward_plain(x, self._w_ih, self._w_hh, self._b_ih, self._b_hh,
+                                               self._w_hr, _threads.get_num_threads(),
+                                               self._recurrence_mode)
+            if plain is not None:    # a C-contiguous (T, B, I) array of the model's dtype
+                return plain[0], (plain[1], plain[2])
         x, h_n, c_n, lens, order, padded, batched = self._prepare(x, hx, lengths)
         out = self._forward(x, h_n, c_n, lens, order, padded, _threads.get_num_threads())
         return self._finish(out, h_n, c_n, batched)

@@ -33,6 +33,7 @@ from cython cimport floating
 from cython.parallel cimport prange, parallel
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
+from cpython.pyport cimport PY_SSIZE_T_MAX
 
 from _blas cimport gemm_rm, gemv_rm
 from _pgemm cimport (lf_ws_get, lf_ws_release, lf_ws_aligned, lf_pack_len, lf_pack_w, lf_pgemm_available, lf_pgemm,
@@ -44,6 +45,9 @@ from _gates cimport (CellSpec, cell_row_standard, cell_row_cached, cell_row_gene
                      tanh_, activate, lf_matvec_t_f32, lf_matvec_t_f64, lf_cell_units_avx512)
 
 import numpy as np
+cimport numpy as cnp
+
+cnp.import_array()
 
 cdef enum:
     # Rows of the (T*B, I) input per projection GEMM: big enough for BLAS to run near peak,
@@ -681,41 +685,12 @@ def recurrence_mode(Py_ssize_t batch, Py_ssize_t hidden, Py_ssize_t hidden_out, 
     return "chunked"
 
 
-def forward_layer(const floating[:, :, ::1] x,          # IN  (T, B, I) layer input
-                  const floating[:, :, ::1] w_ih,       # IN  (D, 4H, I)
-                  const floating[:, :, ::1] w_hh,       # IN  (D, 4H, H_out)
-                  const floating[:, ::1] bias,          # IN  (D, 4H) b_ih + b_hh
-                  const floating[:, :, ::1] w_hr,       # IN  (D, P, H); (D, 0, H) without projection
-                  const floating[:, ::1] peephole,      # IN  (D, 3H) [p_i|p_f|p_o], or (D, 0): none
-                  const Py_ssize_t[::1] order,          # IN  (B,) rows by length, longest first
-                  const Py_ssize_t[::1] lengths,        # IN  (B,) valid steps per row, 0..T
-                  const int[::1] reverse,               # IN  (D,) 1: direction d runs backwards
-                  floating[:, :, ::1] h,                # IN/OUT (D, B, H_out) initial -> final
-                  floating[:, :, ::1] c,                # IN/OUT (D, B, H)
-                  floating[:, :, ::1] y,                # OUT (T, B, D*H_out); padding untouched
-                  floating[:, :, :, ::1] cache_gates,   # OUT (D, T, B, 4H) activated gates, or size 0
-                  floating[:, :, :, ::1] cache_c,       # OUT (D, T, B, H) cell states, or size 0
-                  object spec,                          # None (standard) or ONNX cell options
-                  int n_threads,
-                  int mode=MODE_AUTO):                  # 1: chunked, 2: wide, 3: split (tests, benchmarks)
-    """Run one layer (all directions) over a batch of sequences; see the module docstring."""
-    cdef Layer L
-    L.spec = _make_spec(spec)
-    L.seq_len = x.shape[0]
-    L.batch = x.shape[1]
-    L.input_size = x.shape[2]
-    L.n_dirs = w_ih.shape[0]
-    L.four_h = w_ih.shape[1]
-    L.hidden = L.four_h // 4
-    L.proj = w_hr.shape[1]
-    L.hidden_out = L.proj if L.proj > 0 else L.hidden
-    L.y_stride = y.shape[2]
-    L.keep_cache = cache_gates.shape[1] > 0 and cache_c.shape[1] > 0
-    L.spec.has_peephole = peephole.shape[1] > 0
-    if L.spec.has_peephole:
-        L.spec.standard = 0          # peepholes run in the general cell
-    if L.seq_len == 0 or L.batch == 0:
-        return
+cdef int _forward_run(const Layer* layer, const floating* x_ptr, int n_threads,
+                      int mode) except -1:
+    """The layer `layer` describes (shapes, spec and the arrays' pointers set; seq_len, batch > 0)
+    with x_ptr its input (typing the call); see the module docstring."""
+    cdef Layer L = layer[0]
+    cdef const floating* w_hh_all = <const floating*> L.w_hh
     L.chunk = batch_chunk(L.batch)
     L.n_chunks = (L.batch + L.chunk - 1) // L.chunk
     # gate columns in WIDE_COL_BLOCKS blocks, each a multiple of 32 (one lf_pgemm panel)
@@ -777,24 +752,9 @@ def forward_layer(const floating[:, :, ::1] x,          # IN  (T, B, I) layer in
             raise MemoryError(f"cannot allocate the input projection buffer "
                               f"({L.n_dirs} x {total_rows} x {L.four_h} values)")
     L.gx = gx_all
-    L.x = &x[0, 0, 0]
     L.gx_itemsize = sizeof(floating)
-    L.w_ih = &w_ih[0, 0, 0]
-    L.w_hh = &w_hh[0, 0, 0]
     L.w_hh_t = NULL
-    L.bias = &bias[0, 0]
-    L.w_hr = &w_hr[0, 0, 0] if L.proj > 0 else NULL
-    L.peephole = &peephole[0, 0] if L.spec.has_peephole else NULL
-    L.cache_gates = &cache_gates[0, 0, 0, 0] if L.keep_cache else NULL
-    L.cache_c = &cache_c[0, 0, 0, 0] if L.keep_cache else NULL
-    L.h = &h[0, 0, 0]
-    L.c = &c[0, 0, 0]
-    L.y = &y[0, 0, 0]
-    L.order = &order[0]
-    L.lengths = &lengths[0]
-    L.reverse = &reverse[0]
-    cdef const floating* x_ptr = &x[0, 0, 0]
-    cdef const floating* w_ih_ptr = &w_ih[0, 0, 0]
+    cdef const floating* w_ih_ptr = <const floating*> L.w_ih
     cdef floating* scratch = NULL
     cdef Py_ssize_t item
     cdef int failed = 0
@@ -819,7 +779,7 @@ def forward_layer(const floating[:, :, ::1] x,          # IN  (T, B, I) layer in
             for dd in range(L.n_dirs):
                 for q in range(L.four_h):
                     for p in range(L.hidden_out):
-                        w_hh_t[(dd * L.hidden_out + p) * L.four_h + q] = w_hh[dd, q, p]
+                        w_hh_t[(dd * L.hidden_out + p) * L.four_h + q] = w_hh_all[(dd * L.four_h + q) * L.hidden_out + p]
             L.w_hh_t = w_hh_t
     # float32: pack the weights once per call for lf_pgemm (cost ~ one step's product per matrix)
     cdef void* pk_raw = NULL
@@ -844,13 +804,13 @@ def forward_layer(const floating[:, :, ::1] x,          # IN  (T, B, I) layer in
             with nogil:
                 for dd in range(L.n_dirs):
                     if not (L.split_packs and L.interleave):
-                        lf_pack_w(&w_ih[dd, 0, 0], L.input_size, L.four_h, L.input_size,
+                        lf_pack_w((<const float*> L.w_ih) + dd * L.four_h * L.input_size, L.input_size, L.four_h, L.input_size,
                                   pk + dd * L.pk_ih_len)
                     if not L.split_packs:
-                        lf_pack_w(&w_hh[dd, 0, 0], L.hidden_out, L.four_h, L.hidden_out,
+                        lf_pack_w((<const float*> L.w_hh) + dd * L.four_h * L.hidden_out, L.hidden_out, L.four_h, L.hidden_out,
                                   pk + L.n_dirs * L.pk_ih_len + dd * L.pk_hh_len)
                     if L.proj > 0:
-                        lf_pack_w(&w_hr[dd, 0, 0], L.hidden, L.proj, L.hidden,
+                        lf_pack_w((<const float*> L.w_hr) + dd * L.proj * L.hidden, L.hidden, L.proj, L.hidden,
                                   pk + L.n_dirs * (L.pk_ih_len + L.pk_hh_len) + dd * L.pk_hr_len)
             L.pk_ih = pk
             n_col_groups = (L.four_h + PROJ_COLS - 1) // PROJ_COLS
@@ -910,6 +870,171 @@ def forward_layer(const floating[:, :, ::1] x,          # IN  (T, B, I) layer in
         lf_ws_release(WS_PACKED, pk_raw)
     if failed:
         raise MemoryError("cannot allocate the workspace of the LSTM recurrence")
+    return 0
+
+
+def forward_layer(const floating[:, :, ::1] x,          # IN  (T, B, I) layer input
+                  const floating[:, :, ::1] w_ih,       # IN  (D, 4H, I)
+                  const floating[:, :, ::1] w_hh,       # IN  (D, 4H, H_out)
+                  const floating[:, ::1] bias,          # IN  (D, 4H) b_ih + b_hh
+                  const floating[:, :, ::1] w_hr,       # IN  (D, P, H); (D, 0, H) without projection
+                  const floating[:, ::1] peephole,      # IN  (D, 3H) [p_i|p_f|p_o], or (D, 0): none
+                  const Py_ssize_t[::1] order,          # IN  (B,) rows by length, longest first
+                  const Py_ssize_t[::1] lengths,        # IN  (B,) valid steps per row, 0..T
+                  const int[::1] reverse,               # IN  (D,) 1: direction d runs backwards
+                  floating[:, :, ::1] h,                # IN/OUT (D, B, H_out) initial -> final
+                  floating[:, :, ::1] c,                # IN/OUT (D, B, H)
+                  floating[:, :, ::1] y,                # OUT (T, B, D*H_out); padding untouched
+                  floating[:, :, :, ::1] cache_gates,   # OUT (D, T, B, 4H) activated gates, or size 0
+                  floating[:, :, :, ::1] cache_c,       # OUT (D, T, B, H) cell states, or size 0
+                  object spec,                          # None (standard) or ONNX cell options
+                  int n_threads,
+                  int mode=MODE_AUTO):                  # 1: chunked, 2: wide, 3: split (tests, benchmarks)
+    """Run one layer (all directions) over a batch of sequences; see the module docstring."""
+    cdef Layer L
+    L.spec = _make_spec(spec)
+    L.seq_len = x.shape[0]
+    L.batch = x.shape[1]
+    L.input_size = x.shape[2]
+    L.n_dirs = w_ih.shape[0]
+    L.four_h = w_ih.shape[1]
+    L.hidden = L.four_h // 4
+    L.proj = w_hr.shape[1]
+    L.hidden_out = L.proj if L.proj > 0 else L.hidden
+    L.y_stride = y.shape[2]
+    L.keep_cache = cache_gates.shape[1] > 0 and cache_c.shape[1] > 0
+    L.spec.has_peephole = peephole.shape[1] > 0
+    if L.spec.has_peephole:
+        L.spec.standard = 0          # peepholes run in the general cell
+    if L.seq_len == 0 or L.batch == 0:
+        return
+    L.x = &x[0, 0, 0]
+    L.w_ih = &w_ih[0, 0, 0]
+    L.w_hh = &w_hh[0, 0, 0]
+    L.bias = &bias[0, 0]
+    L.w_hr = &w_hr[0, 0, 0] if L.proj > 0 else NULL
+    L.peephole = &peephole[0, 0] if L.spec.has_peephole else NULL
+    L.cache_gates = &cache_gates[0, 0, 0, 0] if L.keep_cache else NULL
+    L.cache_c = &cache_c[0, 0, 0, 0] if L.keep_cache else NULL
+    L.h = &h[0, 0, 0]
+    L.c = &c[0, 0, 0]
+    L.y = &y[0, 0, 0]
+    L.order = &order[0]
+    L.lengths = &lengths[0]
+    L.reverse = &reverse[0]
+    _forward_run(&L, &x[0, 0, 0], n_threads, mode)
+
+
+cdef object _forward_plain(const floating* tag, cnp.ndarray x, list w_ih, list w_hh, object b_ih,
+                          object b_hh, object w_hr, int n_threads, int mode):
+    # forward_plain for one dtype (tag types the call and is not read)
+    cdef int typenum = cnp.PyArray_TYPE(x)
+    cdef Py_ssize_t T = x.shape[0], B = x.shape[1], n_layers = len(w_ih), k, d, j
+    cdef cnp.ndarray w_ih_k = w_ih[0], w_hh_k = w_hh[0], w_hr_k = None, b_ih_k, b_hh_k
+    cdef Py_ssize_t D = w_ih_k.shape[0], four_h = w_ih_k.shape[1], H_out = w_hh_k.shape[2]
+    cdef Py_ssize_t P = (<cnp.ndarray> w_hr[0]).shape[1] if w_hr is not None else 0
+    cdef cnp.npy_intp dims[3]
+    dims[0] = n_layers * D
+    dims[1] = B
+    dims[2] = H_out
+    h_n = cnp.PyArray_ZEROS(3, dims, typenum, 0)
+    dims[2] = four_h // 4
+    c_n = cnp.PyArray_ZEROS(3, dims, typenum, 0)
+    dims[0] = T
+    dims[2] = D * H_out
+    cdef Py_ssize_t* rows = <Py_ssize_t*> malloc(2 * B * sizeof(Py_ssize_t))
+    cdef floating* bias = <floating*> malloc(D * four_h * sizeof(floating))
+    cdef int reverse[2]
+    cdef const floating* b1
+    cdef const floating* b2
+    cdef Layer L
+    reverse[0] = 0
+    reverse[1] = 1
+    if rows == NULL or bias == NULL:
+        free(rows)
+        free(bias)
+        raise MemoryError("cannot allocate the call's lengths and biases")
+    try:
+        for j in range(B):
+            rows[j] = j           # order: no padding, rows as they come
+            rows[B + j] = T       # lengths
+        y = x
+        for k in range(n_layers):
+            w_ih_k = w_ih[k]
+            w_hh_k = w_hh[k]
+            if b_ih is not None:
+                b_ih_k = b_ih[k]
+                b_hh_k = b_hh[k]
+                b1 = <const floating*> cnp.PyArray_DATA(b_ih_k)
+                b2 = <const floating*> cnp.PyArray_DATA(b_hh_k)
+                for j in range(D * four_h):
+                    bias[j] = b1[j] + b2[j]
+            else:
+                for j in range(D * four_h):
+                    bias[j] = 0
+            L.spec = _make_spec(None)
+            L.seq_len = T
+            L.batch = B
+            L.input_size = w_ih_k.shape[2]
+            L.n_dirs = D
+            L.four_h = four_h
+            L.hidden = four_h // 4
+            L.proj = P
+            L.hidden_out = H_out
+            L.y_stride = D * H_out
+            L.keep_cache = 0
+            layer_input = y       # held until the layer has run
+            L.x = cnp.PyArray_DATA(<cnp.ndarray> layer_input)
+            y = cnp.PyArray_EMPTY(3, dims, typenum, 0)
+            L.w_ih = cnp.PyArray_DATA(w_ih_k)
+            L.w_hh = cnp.PyArray_DATA(w_hh_k)
+            L.bias = bias
+            if P > 0:
+                w_hr_k = w_hr[k]
+                L.w_hr = cnp.PyArray_DATA(w_hr_k)
+            else:
+                L.w_hr = NULL
+            L.peephole = NULL
+            L.cache_gates = NULL
+            L.cache_c = NULL
+            L.h = (<floating*> cnp.PyArray_DATA(<cnp.ndarray> h_n)) + k * D * B * H_out
+            L.c = (<floating*> cnp.PyArray_DATA(<cnp.ndarray> c_n)) + k * D * B * L.hidden
+            L.y = cnp.PyArray_DATA(<cnp.ndarray> y)
+            L.order = rows
+            L.lengths = rows + B
+            L.reverse = reverse
+            _forward_run(&L, <const floating*> L.x, n_threads, mode)
+    finally:
+        free(rows)
+        free(bias)
+    return y, h_n, c_n
+
+
+def forward_plain(object x, list w_ih, list w_hh, object b_ih, object b_hh, object w_hr,
+                  int n_threads, int mode=MODE_AUTO):
+    """LSTM.__call__ without states or lengths, for a C-contiguous (T, B, I) ndarray of the
+    parameters' dtype: (y, h_n, c_n) of all layers in one call, zero initial states. The general
+    path (validation, allocations, one forward_layer call per layer through typed memoryviews)
+    costs several microseconds a call, a tenth of a (100,1,32,64) call. Returns None for any other
+    x: the caller then takes the general path, which converts or explains. The parameters are the
+    model's own lists (per layer: (D, 4H, in), (D, 4H, H_out), biases (D, 4H) or None, W_hr or
+    None), C-contiguous arrays of one dtype."""
+    if not cnp.PyArray_CheckExact(x):
+        return None
+    cdef cnp.ndarray xa = <cnp.ndarray> x
+    cdef cnp.ndarray w0 = w_ih[0]
+    if (cnp.PyArray_NDIM(xa) != 3 or not cnp.PyArray_IS_C_CONTIGUOUS(xa)
+            or not cnp.PyArray_ISALIGNED(xa) or cnp.PyArray_TYPE(xa) != cnp.PyArray_TYPE(w0)
+            or xa.shape[2] != w0.shape[2] or xa.shape[0] == 0 or xa.shape[1] == 0):
+        return None
+    # the general path explains sizes beyond the index type (check_size_product)
+    if xa.shape[0] * xa.shape[1] > (PY_SSIZE_T_MAX // 8) // (w0.shape[0] * w0.shape[1]):
+        return None
+    if cnp.PyArray_TYPE(xa) == cnp.NPY_FLOAT32:
+        return _forward_plain(<const float*> NULL, xa, w_ih, w_hh, b_ih, b_hh, w_hr, n_threads, mode)
+    if cnp.PyArray_TYPE(xa) == cnp.NPY_FLOAT64:
+        return _forward_plain(<const double*> NULL, xa, w_ih, w_hh, b_ih, b_hh, w_hr, n_threads, mode)
+    return None
 
 
 def split_choice_trace(long key, list ticks_split, list ticks_one):

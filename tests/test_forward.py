@@ -295,6 +295,60 @@ def test_layouts_give_the_same_result():
     assert_array_equal(m(x[::-1].copy()[::-1])[0], expected)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("config", CONFIGS + [(3, True, 0)], ids=CONFIG_IDS + ["L3-bi-p0"])
+@pytest.mark.parametrize("batch", [1, 7], ids=["b1", "b7"])
+@pytest.mark.parametrize("mode", [0, 1, 2], ids=["auto", "chunked", "wide"])
+def test_plain_call_gives_the_general_path_bits(dtype, config, batch, mode):
+    # m(x) with no states or lengths runs forward_plain (one Cython call for every layer); given
+    # full lengths or zero states, the same model takes the general path (validation, one
+    # forward_layer call per layer): the same operations, so the same bits. Each layer's input
+    # is the previous layer's fresh output, so layers >= 2 check it is held while it is read.
+    m, x = _model_and_input(dtype, *config, seq_len=23, batch=batch, hidden=40)
+    m._recurrence_mode = mode
+    n_states = m.num_layers * m.num_directions
+    zeros = (np.zeros((n_states, batch, m.hidden_out), dtype), np.zeros((n_states, batch, m.hidden_size), dtype))
+    out, (h_n, c_n) = m(x)
+    for general in (m(x, lengths=[x.shape[0]] * batch), m(x, zeros)):
+        assert_array_equal(out, general[0])
+        assert_array_equal(h_n, general[1][0])
+        assert_array_equal(c_n, general[1][1])
+    assert out.shape == (23, batch, m.num_directions * m.hidden_out) and out.dtype == dtype
+    assert h_n.shape == (n_states, batch, m.hidden_out) and c_n.shape == (n_states, batch, m.hidden_size)
+    ref_out, (ref_h, ref_c) = reference.lstm(x.astype(np.float64), m.state_dict(),
+                                             num_layers=config[0], bidirectional=config[1])
+    assert_allclose(out, ref_out, **tol(dtype))
+    assert_allclose(c_n, ref_c, **tol(dtype))
+
+
+def test_plain_call_leaves_other_inputs_to_the_general_path():
+    # forward_plain takes only C-contiguous (T, B, I) ndarrays of the model's dtype; everything
+    # else is converted or refused by the general path exactly as before
+    m = lf.LSTM(4, 6, num_layers=2, dtype=np.float32, seed=0)
+    x = np.random.default_rng(0).standard_normal((5, 3, 4)).astype(np.float32)
+    expected, (h_n, c_n) = m(x)
+
+    class Sub(np.ndarray):
+        pass
+
+    for other in (x.astype(np.float64), x.tolist(), x.view(Sub), np.asfortranarray(x)):
+        got, (got_h, got_c) = m(other)
+        assert type(got) is np.ndarray
+        assert_array_equal(got, expected)
+        assert_array_equal(got_c, c_n)
+    assert_array_equal(m(x[:, 1])[0], expected[:, 1])                   # unbatched (T, I)
+    with pytest.raises(ValueError, match="features"):
+        m(np.zeros((5, 3, 3), np.float32))
+    with pytest.raises(ValueError, match="0 time steps"):
+        m(np.zeros((0, 3, 4), np.float32))
+    with pytest.raises(ValueError, match="batch of 0"):
+        m(np.zeros((5, 0, 4), np.float32))
+    with pytest.raises(TypeError):
+        m(x.astype(np.int32))
+    bf = lf.LSTM(4, 6, num_layers=2, dtype=np.float32, seed=0, batch_first=True)
+    assert_array_equal(bf(np.ascontiguousarray(x.transpose(1, 0, 2)))[0], expected.transpose(1, 0, 2))
+
+
 def test_float_inputs_are_cast_to_model_dtype():
     m = lf.LSTM(4, 6, dtype=np.float32, seed=0)
     x = np.random.default_rng(0).standard_normal((5, 3, 4))
