@@ -370,9 +370,9 @@ cdef void _gates_interleaved(const Layer* L, Py_ssize_t d, Py_ssize_t s, Py_ssiz
                              float* gh) noexcept nogil:
     # Batch 1 (L.interleave), units u0..u1 of step s: their four gate columns of gh = h_prev @ W_hh.T,
     # with the input projection of the same columns for the next block of INTERLEAVE_ROWS steps
-    # done inside the same loop (lf_pgemv_gates_tiles), an eighth of its panels per step. A block
-    # whose steps come first, or that is short (the last), is projected on its own at its start.
-    # Same sums, so same bits, as the up-front projection.
+    # done inside the same loop (lf_pgemv_gates_tiles), an eighth of its panels per step. The
+    # first block is projected on its own at its start. Same sums, so same bits, as the up-front
+    # projection.
     cdef Py_ssize_t I = L.input_size, H = L.hidden, four_h = L.four_h
     cdef float* gx = (<float*> L.gx) + d * L.seq_len * four_h
     cdef const float* x = <const float*> L.x
@@ -384,12 +384,17 @@ cdef void _gates_interleaved(const Layer* L, Py_ssize_t d, Py_ssize_t s, Py_ssiz
     cdef Py_ssize_t t0, g
     if n > INTERLEAVE_ROWS:
         n = INTERLEAVE_ROWS
-    if part == 0 and (block == 0 or n < INTERLEAVE_ROWS):
+    if part == 0 and block == 0:
         t0 = _block_time(L, d, length, block, n)
         for g in range(4):
             lf_pgemm(n, g * H + u0, u1 - u0, I, x + t0 * I, I, pk_ih, gx + t0 * four_h, four_h, 0)
-    if (block + 2) * INTERLEAVE_ROWS <= length:
-        t0 = _block_time(L, d, length, block + 1, INTERLEAVE_ROWS)
+    if (block + 1) * INTERLEAVE_ROWS < length:
+        if (block + 2) * INTERLEAVE_ROWS <= length:
+            t0 = _block_time(L, d, length, block + 1, INTERLEAVE_ROWS)
+        else:
+            # the next block is the short last one: the 8 steps that end with it (begin with it
+            # when reversed), the others this block's own, projected again to the same bits
+            t0 = 0 if L.reverse[d] else length - INTERLEAVE_ROWS
         lf_pgemv_gates_tiles(H, u0, u1, L.hidden_out, h_prev, pk_hh, gh, s & 1, I, x + t0 * I, I,
                              pk_ih, part * n_panels // INTERLEAVE_ROWS,
                              (part + 1) * n_panels // INTERLEAVE_ROWS, gx + t0 * four_h, four_h,
