@@ -9,8 +9,9 @@ How the work is split (chosen by measurement, see README "Design"):
    PROJ_ROWS rows of the (T*B, I) input (and PROJ_COLS gate columns with the packed kernel);
    blocks of all directions are spread over the threads. Skipped when the chunked recurrence
    projects each step's rows itself (fused, below), and at batch 1 when W_hh (a thread's share)
-   is beyond L1: each step's W_hh product then projects part of the next steps' inputs in its
-   idle FMA slots (_gates_interleaved).
+   is beyond L1 or that work fits in the part of each step that streams W_hh from L2: each
+   step's W_hh product then projects part of the next steps' inputs in its idle FMA slots
+   (_gates_interleaved).
 2. The recurrence, in one of three modes:
    - chunked: work items are (batch chunk, direction). Each OpenMP thread takes an item and runs
      its rows through all time steps with its own single-threaded products: no barrier per step,
