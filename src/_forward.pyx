@@ -785,7 +785,8 @@ cdef int _forward_run(const Layer* layer, const floating* x_ptr, int n_threads,
             for dd in range(L.n_dirs):
                 for q in range(L.four_h):
                     for p in range(L.hidden_out):
-                        w_hh_t[(dd * L.hidden_out + p) * L.four_h + q] = w_hh_all[(dd * L.four_h + q) * L.hidden_out + p]
+                        w_hh_t[(dd * L.hidden_out + p) * L.four_h + q] = \
+                            w_hh_all[(dd * L.four_h + q) * L.hidden_out + p]
             L.w_hh_t = w_hh_t
     # float32: pack the weights once per call for lf_pgemm (cost ~ one step's product per matrix)
     cdef void* pk_raw = NULL
@@ -810,13 +811,15 @@ cdef int _forward_run(const Layer* layer, const floating* x_ptr, int n_threads,
             with nogil:
                 for dd in range(L.n_dirs):
                     if not (L.split_packs and L.interleave):
-                        lf_pack_w((<const float*> L.w_ih) + dd * L.four_h * L.input_size, L.input_size, L.four_h, L.input_size,
-                                  pk + dd * L.pk_ih_len)
+                        lf_pack_w((<const float*> L.w_ih) + dd * L.four_h * L.input_size,
+                                  L.input_size, L.four_h, L.input_size, pk + dd * L.pk_ih_len)
                     if not L.split_packs:
-                        lf_pack_w((<const float*> L.w_hh) + dd * L.four_h * L.hidden_out, L.hidden_out, L.four_h, L.hidden_out,
+                        lf_pack_w((<const float*> L.w_hh) + dd * L.four_h * L.hidden_out,
+                                  L.hidden_out, L.four_h, L.hidden_out,
                                   pk + L.n_dirs * L.pk_ih_len + dd * L.pk_hh_len)
                     if L.proj > 0:
-                        lf_pack_w((<const float*> L.w_hr) + dd * L.proj * L.hidden, L.hidden, L.proj, L.hidden,
+                        lf_pack_w((<const float*> L.w_hr) + dd * L.proj * L.hidden,
+                                  L.hidden, L.proj, L.hidden,
                                   pk + L.n_dirs * (L.pk_ih_len + L.pk_hh_len) + dd * L.pk_hr_len)
             L.pk_ih = pk
             n_col_groups = (L.four_h + PROJ_COLS - 1) // PROJ_COLS
