@@ -21,7 +21,7 @@ from libc.string cimport memcpy, memset
 
 from _blas cimport gemm_rm, gemm_rm_tn, gemv_rm
 from _pgemm cimport (lf_ws_get, lf_ws_release, lf_ws_aligned, lf_pack_len, lf_pack_wt, lf_pgemm,
-                     lf_pgemm_at, lf_pgemm_at2, lf_pgemv)
+                     lf_pgemm_at, lf_pgemm_at2, lf_pgemv, lf_pgemv_gates, lf_pgemv_gates_tiles)
 from _gates cimport lf_tanhf   # brings the vectorisable float32 tanh into this module's C
 from _split cimport (lf_barrier, lf_barrier_init, lf_team_size, lf_team_unit_begin,
                      lf_team_unit_end, lf_barrier_wait, lf_ticks, lf_split_choose,
@@ -85,6 +85,7 @@ cdef enum:
                           # each block's GEMM packs all T*B rows of x / h_prev again, so few and big
     WIDE_COL_BLOCKS = 8   # wide mode (as the forward's): column blocks of a step's products
     WIDE_ROWS = 8         # wide mode: rows per item of a step's row phases
+    FOLD_ROWS = 8         # batch 1: input-gradient rows per tile, one block of steps (_dh_prev_folded)
 
 
 ctypedef struct Back:
@@ -102,6 +103,9 @@ ctypedef struct Back:
     const float* pk_hp
     const float* pk_hraw
     size_t pk_x_len, pk_hp_len, pk_hraw_len
+    # batch 1, float32: the input gradient's rows computed inside the recurrence (_dh_prev_folded)
+    # into this (T, I) array, or NULL
+    float* fold_dx
     const void* gates        # (D, T, B, 4H) activated gates from the forward
     const void* cs           # (D, T, B, H) c_t from the forward
     const void* y            # (T, B, D*H_out) the layer's output (h_t)
@@ -119,6 +123,16 @@ ctypedef struct Back:
     void* dh_proj            # OUT (D, T, B, P) gradient of the projected h (for dW_hr)
     void* grad_h0            # OUT (D, B, H_out)
     void* grad_c0            # OUT (D, B, H)
+
+
+cdef int _fold_enabled = 1
+
+
+def set_backward_input_fold(bint enabled):
+    """Turn the batch-1 input gradient inside the recurrence (_dh_prev_folded) on or off; off
+    computes it after the recurrence (tests compare the bits, benchmarks the times)."""
+    global _fold_enabled
+    _fold_enabled = 1 if enabled else 0
 
 
 cdef inline Py_ssize_t _prev_time(const Back* K, Py_ssize_t d, Py_ssize_t t) noexcept nogil:
@@ -212,6 +226,34 @@ cdef inline void _dh_prev_product(Py_ssize_t rows, Py_ssize_t d, Py_ssize_t col0
                 <int> K.four_h, w_hh_cols, <int> K.hidden_out, <floating> 0, dh, <int> K.hidden_out)
 
 
+cdef void _dh_prev_folded(const Back* K, Py_ssize_t i, const float* dz_row,
+                          float* dh) noexcept nogil:
+    # batch 1 (K.fold_dx), iteration i of the recurrence (time T-1-i): dh = dz_t @ W_hh, and in the
+    # same loop an eighth of the input gradient dx = dz @ W_ih of the previous block of FOLD_ROWS
+    # iterations' times (lf_pgemv_gates_tiles, one 8-row tile k-step every second k-step of the
+    # row). The row streams W_hh from L2 and leaves the FMA units half idle, as in the forward.
+    # Every output is the FMA chain of lf_pgemv and _input_grad_item's lf_pgemm: the same bits.
+    cdef Py_ssize_t four_h = K.four_h, I = K.input_size, quarter = K.hidden_out // 4
+    cdef Py_ssize_t block = i // FOLD_ROWS, part = i % FOLD_ROWS, n_panels = I // 32, t0
+    # each iteration's share: whole panels, or with fewer panels than iterations an equal k-range
+    # of one (the tiles carry the partial sums over), so that every share fits the row's slots
+    cdef Py_ssize_t v0 = part * n_panels // FOLD_ROWS, v1 = (part + 1) * n_panels // FOLD_ROWS
+    cdef Py_ssize_t k0 = 0, k1 = four_h, chunks
+    if n_panels < FOLD_ROWS and FOLD_ROWS % n_panels == 0:
+        chunks = FOLD_ROWS // n_panels
+        v0 = part // chunks
+        v1 = v0 + 1
+        k0 = (part % chunks) * four_h // chunks
+        k1 = (part % chunks + 1) * four_h // chunks
+    if block >= 1 and (block + 1) * FOLD_ROWS <= K.seq_len:
+        t0 = K.seq_len - FOLD_ROWS * block
+        lf_pgemv_gates_tiles(quarter, 0, quarter, four_h, dz_row, K.pk_hh, dh, 0, four_h,
+                             (<const float*> K.dz) + t0 * four_h, four_h, K.pk_ih, v0, v1,
+                             K.fold_dx + t0 * I, I, 0, k0, k1)
+    else:
+        lf_pgemv_gates(quarter, 0, quarter, four_h, dz_row, K.pk_hh, dh, 0)
+
+
 cdef void _load_grad_state(const Back* K, Py_ssize_t d, const Py_ssize_t* order, Py_ssize_t rows,
                            floating* dh, floating* dc) noexcept nogil:
     cdef Py_ssize_t r, b
@@ -263,6 +305,10 @@ cdef void _back_chunk(Py_ssize_t item, const Back* K, floating* scratch) noexcep
         for r in range(n_active):
             _back_row_cell(K, d, s, order[r], (dh_raw + r * H) if K.proj > 0 else (dh + r * H_out),
                            dc + r * H, dz_rows + r * four_h, dh_raw + r * H)
+        if floating is float:
+            if K.fold_dx != NULL:
+                _dh_prev_folded(K, max_len - 1 - s, dz_rows, dh)
+                continue
         _dh_prev_product(n_active, d, 0, H_out, K, dz_rows, dh)
     _store_grad_state(K, d, order, rows, dh, dc)
 
@@ -682,6 +728,15 @@ def backward_layer(const floating[:, :, ::1] x,            # IN  (T, B, I) the l
                                         K.pk_hh != NULL, D) == "wide" else 1
     elif mode == 3 and not split_ok:
         mode = 1
+    # batch 1 on one thread (chunked: one item), W_hh at least 256 KB: the input gradient's rows
+    # come out of the recurrence's L2-bound products (_dh_prev_folded), not a GEMM after it
+    K.fold_dx = NULL
+    if floating is float:
+        if (_fold_enabled and mode == 1 and K.pk_hh != NULL and D == 1 and P == 0 and K.batch == 1
+                and not padded and reverse[0] == 0 and K.seq_len >= 2 * FOLD_ROWS
+                and K.hidden_out % 128 == 0 and K.input_size % 32 == 0):
+            K.fold_dx = g_x
+            n_x_items = 0
     cdef floating* scratch = NULL
     cdef Py_ssize_t item
     cdef int failed = 0
@@ -741,6 +796,12 @@ def backward_layer(const floating[:, :, ::1] x,            # IN  (T, B, I) the l
                 free(scratch)
         if choice & 2:
             lf_split_record(choice_key, mode == 3, lf_ticks() - ticks, K.seq_len)
+        if floating is float:
+            if not failed and K.fold_dx != NULL:
+                # the rows no block's tiles took: the first times, which the recurrence ends with
+                lf_pgemm(K.seq_len - FOLD_ROWS * (K.seq_len // FOLD_ROWS - 1), 0, K.input_size,
+                         K.four_h, <const float*> K.dz, K.four_h, K.pk_ih, K.fold_dx,
+                         K.input_size, 0)
         if not failed and pk2 != NULL:
             if floating is float:
                 lf_pack_wt(x_ptr, K.input_size, K.input_size, TB, pk2)

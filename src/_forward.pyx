@@ -399,7 +399,7 @@ cdef void _gates_interleaved(const Layer* L, Py_ssize_t d, Py_ssize_t s, Py_ssiz
         lf_pgemv_gates_tiles(H, u0, u1, L.hidden_out, h_prev, pk_hh, gh, s & 1, I, x + t0 * I, I,
                              pk_ih, part * n_panels // INTERLEAVE_ROWS,
                              (part + 1) * n_panels // INTERLEAVE_ROWS, gx + t0 * four_h, four_h,
-                             _tiles_from_group(u1 - u0, L.hidden_out, I))
+                             _tiles_from_group(u1 - u0, L.hidden_out, I), 0, I)
     else:
         lf_pgemv_gates(H, u0, u1, L.hidden_out, h_prev, pk_hh, gh, s & 1)
 

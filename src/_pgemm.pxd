@@ -24,5 +24,6 @@ cdef extern from "lf_pgemm.h" nogil:
     void lf_pgemv_gates_tiles(size_t hidden, size_t u0, size_t u1, size_t k, const float* a,
                               const float* packed, float* c, int backwards, size_t tk,
                               const float* ta, size_t tlda, const float* t_packed, size_t tv0,
-                              size_t tv1, float* tc, size_t tldc, size_t tile_from)
+                              size_t tv1, float* tc, size_t tldc, size_t tile_from, size_t tk0,
+                              size_t tk1)
     void lf_gemv_rows(size_t n, size_t k, const float* w, size_t ldw, const float* x, float* y)

@@ -494,25 +494,37 @@ lf_pgemv(size_t col0, size_t n_cols, size_t k, const float* a, const float* pack
    Tile k-steps start at the tile_from-th group of the step: the first group is still partly in
    L1 from the previous step (alternating order, lf_pgemv_dir), so its product is FMA-bound and
    has no slots to give; (H=64, I=32, product + cell a step: up front 0.77, tiles from group 0
-   0.75, from group 1 0.72 us; H=128: from group 1 slower, 3.00 -> 3.15 us). */
+   0.75, from group 1 0.72 us; H=128: from group 1 slower, 3.00 -> 3.15 us).
+   The tiles run k-steps tk0..tk1 of their panels (0..tk: all); from tk0 > 0 they continue the
+   partial sums a call before left in C_t, the same chains, so that a share of the work smaller
+   than a panel can be spread over steps. */
 __attribute__((target("avx512f"))) static void
 lf_pgemv_gates_tiles(size_t hidden, size_t u0, size_t u1, size_t k, const float* a,
                      const float* packed, float* c, int backwards, size_t tk, const float* ta,
                      size_t tlda, const float* t_packed, size_t tv0, size_t tv1, float* tc,
-                     size_t tldc, size_t tile_from) {
+                     size_t tldc, size_t tile_from, size_t tk0, size_t tk1) {
     size_t n_groups = (u1 - u0) / LF_NR;
 #define LF_TILE_PANEL(v) ((v) / n_groups * (hidden / LF_NR) + u0 / LF_NR + (v) % n_groups)
+#define LF_TILE_START() do {                    /* zero, or C_t's partial sums from tk0 > 0 */  \
+        for (int r = 0; r < LF_MR; r++) {                                                       \
+            t0[r] = tk0 > 0 ? _mm512_loadu_ps(tcp + r * tldc) : _mm512_setzero_ps();            \
+            t1[r] = tk0 > 0 ? _mm512_loadu_ps(tcp + r * tldc + 16) : _mm512_setzero_ps();       \
+        }                                                                                       \
+    } while (0)
     __m512 t0[LF_MR], t1[LF_MR];
-    for (int r = 0; r < LF_MR; r++) {
-        t0[r] = _mm512_setzero_ps();
-        t1[r] = _mm512_setzero_ps();
-    }
-    size_t t_left = tv0 < tv1 && n_groups > 0 ? (tv1 - tv0) * tk : 0, t_kk = 0, tv = tv0;
+    size_t t_left = tv0 < tv1 && n_groups > 0 && tk0 < tk1 ? (tv1 - tv0) * (tk1 - tk0) : 0;
+    size_t t_kk = tk0, tv = tv0;
     const float* tbp = t_packed;
     float* tcp = tc;
     if (t_left) {
-        tbp += LF_TILE_PANEL(tv) * tk * LF_NR;
+        tbp += (LF_TILE_PANEL(tv) * tk + tk0) * LF_NR;
         tcp += LF_TILE_PANEL(tv) * LF_NR;
+        LF_TILE_START();
+    } else {
+        for (int r = 0; r < LF_MR; r++) {
+            t0[r] = _mm512_setzero_ps();
+            t1[r] = _mm512_setzero_ps();
+        }
     }
 #define LF_TILE_STEP() do {                                                                     \
         __m512 b0 = _mm512_load_ps(tbp), b1 = _mm512_load_ps(tbp + 16);                         \
@@ -523,17 +535,16 @@ lf_pgemv_gates_tiles(size_t hidden, size_t u0, size_t u1, size_t k, const float*
             t1[r] = _mm512_fmadd_ps(tv_, b1, t1[r]);                                            \
         }                                                                                       \
         t_left--;                                                                               \
-        if (++t_kk == tk) {                      /* a panel done: store it, start the next */  \
+        if (++t_kk == tk1) {                  /* a panel's share done: store it, start the next */ \
             for (int r = 0; r < LF_MR; r++) {                                                   \
                 _mm512_storeu_ps(tcp + r * tldc, t0[r]);                                        \
                 _mm512_storeu_ps(tcp + r * tldc + 16, t1[r]);                                   \
-                t0[r] = _mm512_setzero_ps();                                                    \
-                t1[r] = _mm512_setzero_ps();                                                    \
             }                                                                                   \
-            t_kk = 0;                                                                           \
+            t_kk = tk0;                                                                         \
             if (++tv < tv1) {                                                                   \
-                tbp = t_packed + LF_TILE_PANEL(tv) * tk * LF_NR;                                \
+                tbp = t_packed + (LF_TILE_PANEL(tv) * tk + tk0) * LF_NR;                        \
                 tcp = tc + LF_TILE_PANEL(tv) * LF_NR;                                           \
+                LF_TILE_START();                                                                \
             }                                                                                   \
         }                                                                                       \
     } while (0)
@@ -564,6 +575,7 @@ lf_pgemv_gates_tiles(size_t hidden, size_t u0, size_t u1, size_t k, const float*
     while (t_left)              /* tile work beyond half the row's k-steps (I much larger than H) */
         LF_TILE_STEP();
 #undef LF_TILE_STEP
+#undef LF_TILE_START
 #undef LF_TILE_PANEL
 }
 
@@ -573,7 +585,7 @@ lf_pgemv_gates_tiles(size_t hidden, size_t u0, size_t u1, size_t k, const float*
 static void lf_pgemv_gates(size_t hidden, size_t u0, size_t u1, size_t k, const float* a,
                            const float* packed, float* c, int backwards) {
     lf_pgemv_gates_tiles(hidden, u0, u1, k, a, packed, c, backwards, 0, NULL, 0, NULL, 0, 0, NULL, 0,
-                         0);
+                         0, 0, 0);
 }
 
 /* y[0:n] = W(n, k) @ x with W row-major (leading dimension ldw), unpacked: four rows at a time,
@@ -655,10 +667,11 @@ static void lf_pgemm_at2(size_t m, size_t k, const float* at, size_t ldat, size_
 static void lf_pgemv_gates_tiles(size_t hidden, size_t u0, size_t u1, size_t k, const float* a,
                                  const float* packed, float* c, int backwards, size_t tk,
                                  const float* ta, size_t tlda, const float* t_packed, size_t tv0,
-                                 size_t tv1, float* tc, size_t tldc, size_t tile_from) {
+                                 size_t tv1, float* tc, size_t tldc, size_t tile_from,
+                                 size_t tk0, size_t tk1) {
     (void) hidden; (void) u0; (void) u1; (void) k; (void) a; (void) packed; (void) c;
     (void) backwards; (void) tk; (void) ta; (void) tlda; (void) t_packed; (void) tv0; (void) tv1;
-    (void) tc; (void) tldc; (void) tile_from;
+    (void) tc; (void) tldc; (void) tile_from; (void) tk0; (void) tk1;
 }
 static void lf_gemv_rows(size_t n, size_t k, const float* w, size_t ldw, const float* x, float* y) {
     (void) n; (void) k; (void) w; (void) ldw; (void) x; (void) y;

@@ -148,6 +148,38 @@ def test_input_gradients_split_by_columns(dtype, bidirectional):
         assert_allclose(g.params[name], value, err_msg=name, **GRAD_TOL[dtype])
 
 
+@pytest.mark.parametrize("shape", [(100, 128, 128), (37, 32, 128), (16, 64, 128), (41, 160, 256),
+                                   (24, 256, 128)])
+def test_batch1_input_gradient_inside_the_recurrence_gives_the_same_bits(shape):
+    # batch 1 on one thread, H_out a multiple of 128: dx = dz @ W_ih runs in the recurrence's
+    # products, 8-row tiles of the previous 8 iterations' times (_dh_prev_folded); with fewer than
+    # 8 panels of dx columns each iteration takes a k-range of one (I=128: halves, I=32: eighths,
+    # I=64: quarters), I=160 gives uneven whole panels, T=37 and 41 leave rows for after the loop.
+    # Off, dx is one GEMM after the recurrence: the same sums, so the same bits; and torch agrees.
+    from lstm_fast import _backward, _forward
+    if not _forward.packed_gemm_active():
+        pytest.skip("the folded input gradient needs the packed kernel (AVX-512F)")
+    T, I, H = shape
+    m, x, hx, grads, _ = _case(np.float32, (1, False, 0, False, False), batch=1, seq_len=T,
+                               input_size=I, hidden=H)
+    m._recurrence_mode = 1
+    got = {}
+    with lf.threads(1):
+        for fold in (True, False):
+            _backward.set_backward_input_fold(fold)
+            try:
+                _, _, cache = m.forward_train(x, hx)
+                got[fold] = m.backward(cache, grads[0], grads[1:])
+            finally:
+                _backward.set_backward_input_fold(True)
+    assert_array_equal(got[True].input, got[False].input)
+    assert_array_equal(got[True].hx[0], got[False].hx[0])
+    for name in got[False].params:
+        assert_array_equal(got[True].params[name], got[False].params[name], err_msg=name)
+    _, t_dx, _, _ = _torch_grads(m, x, hx, grads, None)
+    assert_allclose(got[True].input, t_dx, rtol=1e-4, atol=1e-5 * np.abs(t_dx).max())
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_padded_rows_read_zero_after_a_full_length_backward(dtype):
     # backward keeps its work buffers between calls and zeroes them only for padded batches (the
