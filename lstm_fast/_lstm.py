@@ -340,9 +340,9 @@ class LSTM:
                 cache_g = cache_c = None
                 if caches is not None:
                     cache_g, cache_c = caches[k]
-                h_k, c_k = (h_n, c_n) if self.num_layers == 1 else (h_n[k * D:(k + 1) * D], c_n[k * D:(k + 1) * D])
                 run_layer(layer_input, self._w_ih[k], self._w_hh[k], self._bias_sums(k),
-                          self._w_hr[k] if self.proj_size else None, order, lens, h_k, c_k, y, n_threads,
+                          self._w_hr[k] if self.proj_size else None, order, lens,
+                          h_n[k * D:(k + 1) * D], c_n[k * D:(k + 1) * D], y, n_threads,
                           cache_gates=cache_g, cache_c=cache_c, mode=self._recurrence_mode)
                 layer_input = y
         return layer_input

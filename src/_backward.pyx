@@ -21,7 +21,7 @@ from libc.string cimport memcpy, memset
 
 from _blas cimport gemm_rm, gemm_rm_tn, gemv_rm
 from _pgemm cimport (lf_ws_get, lf_ws_release, lf_ws_aligned, lf_pack_len, lf_pack_wt, lf_pgemm,
-                     lf_pgemm_at, lf_pgemm_at2, lf_pgemv, lf_pgemv_gates, lf_pgemv_gates_tiles)
+                     lf_pgemm_at, lf_pgemm_at2, lf_pgemv, lf_pgemv_gates_tiles)
 from _gates cimport lf_tanhf   # brings the vectorisable float32 tanh into this module's C
 from _split cimport (lf_barrier, lf_barrier_init, lf_team_size, lf_team_unit_begin,
                      lf_team_unit_end, lf_barrier_wait, lf_ticks, lf_split_choose,
@@ -226,13 +226,14 @@ cdef inline void _dh_prev_product(Py_ssize_t rows, Py_ssize_t d, Py_ssize_t col0
                 <int> K.four_h, w_hh_cols, <int> K.hidden_out, <floating> 0, dh, <int> K.hidden_out)
 
 
-cdef void _dh_prev_folded(const Back* K, Py_ssize_t i, const float* dz_row,
+cdef bint _dh_prev_folded(const Back* K, Py_ssize_t i, const float* dz_row,
                           float* dh) noexcept nogil:
     # batch 1 (K.fold_dx), iteration i of the recurrence (time T-1-i): dh = dz_t @ W_hh, and in the
     # same loop an eighth of the input gradient dx = dz @ W_ih of the previous block of FOLD_ROWS
     # iterations' times (lf_pgemv_gates_tiles, one 8-row tile k-step every second k-step of the
     # row). The row streams W_hh from L2 and leaves the FMA units half idle, as in the forward.
     # Every output is the FMA chain of lf_pgemv and _input_grad_item's lf_pgemm: the same bits.
+    # False (nothing done) in the iterations with no tiles: the first block's and a short last one.
     cdef Py_ssize_t four_h = K.four_h, I = K.input_size, quarter = K.hidden_out // 4
     cdef Py_ssize_t block = i // FOLD_ROWS, part = i % FOLD_ROWS, n_panels = I // 32, t0
     # each iteration's share: whole panels, or with fewer panels than iterations an equal k-range
@@ -250,8 +251,8 @@ cdef void _dh_prev_folded(const Back* K, Py_ssize_t i, const float* dz_row,
         lf_pgemv_gates_tiles(quarter, 0, quarter, four_h, dz_row, K.pk_hh, dh, 0, four_h,
                              (<const float*> K.dz) + t0 * four_h, four_h, K.pk_ih, v0, v1,
                              K.fold_dx + t0 * I, I, 0, k0, k1)
-    else:
-        lf_pgemv_gates(quarter, 0, quarter, four_h, dz_row, K.pk_hh, dh, 0)
+        return True
+    return False
 
 
 cdef void _load_grad_state(const Back* K, Py_ssize_t d, const Py_ssize_t* order, Py_ssize_t rows,
@@ -306,8 +307,7 @@ cdef void _back_chunk(Py_ssize_t item, const Back* K, floating* scratch) noexcep
             _back_row_cell(K, d, s, order[r], (dh_raw + r * H) if K.proj > 0 else (dh + r * H_out),
                            dc + r * H, dz_rows + r * four_h, dh_raw + r * H)
         if floating is float:
-            if K.fold_dx != NULL:
-                _dh_prev_folded(K, max_len - 1 - s, dz_rows, dh)
+            if K.fold_dx != NULL and _dh_prev_folded(K, max_len - 1 - s, dz_rows, dh):
                 continue
         _dh_prev_product(n_active, d, 0, H_out, K, dz_rows, dh)
     _store_grad_state(K, d, order, rows, dh, dc)

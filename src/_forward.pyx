@@ -882,6 +882,21 @@ cdef int _forward_run(const Layer* layer, const floating* x_ptr, int n_threads,
     return 0
 
 
+cdef void _layer_shapes(Layer* L, Py_ssize_t seq_len, Py_ssize_t batch, Py_ssize_t input_size,
+                        Py_ssize_t n_dirs, Py_ssize_t four_h, Py_ssize_t proj,
+                        Py_ssize_t y_stride) noexcept nogil:
+    # the shapes a Layer derives everything else from
+    L.seq_len = seq_len
+    L.batch = batch
+    L.input_size = input_size
+    L.n_dirs = n_dirs
+    L.four_h = four_h
+    L.hidden = four_h // 4
+    L.proj = proj
+    L.hidden_out = proj if proj > 0 else L.hidden
+    L.y_stride = y_stride
+
+
 def forward_layer(const floating[:, :, ::1] x,          # IN  (T, B, I) layer input
                   const floating[:, :, ::1] w_ih,       # IN  (D, 4H, I)
                   const floating[:, :, ::1] w_hh,       # IN  (D, 4H, H_out)
@@ -901,16 +916,9 @@ def forward_layer(const floating[:, :, ::1] x,          # IN  (T, B, I) layer in
                   int mode=MODE_AUTO):                  # 1: chunked, 2: wide, 3: split (tests, benchmarks)
     """Run one layer (all directions) over a batch of sequences; see the module docstring."""
     cdef Layer L
+    _layer_shapes(&L, x.shape[0], x.shape[1], x.shape[2], w_ih.shape[0], w_ih.shape[1],
+                  w_hr.shape[1], y.shape[2])
     L.spec = _make_spec(spec)
-    L.seq_len = x.shape[0]
-    L.batch = x.shape[1]
-    L.input_size = x.shape[2]
-    L.n_dirs = w_ih.shape[0]
-    L.four_h = w_ih.shape[1]
-    L.hidden = L.four_h // 4
-    L.proj = w_hr.shape[1]
-    L.hidden_out = L.proj if L.proj > 0 else L.hidden
-    L.y_stride = y.shape[2]
     L.keep_cache = cache_gates.shape[1] > 0 and cache_c.shape[1] > 0
     L.spec.has_peephole = peephole.shape[1] > 0
     if L.spec.has_peephole:
@@ -938,7 +946,7 @@ cdef object _forward_plain(const floating* tag, cnp.ndarray x, list w_ih, list w
                           object b_hh, object w_hr, int n_threads, int mode):
     # forward_plain for one dtype (tag types the call and is not read)
     cdef int typenum = cnp.PyArray_TYPE(x)
-    cdef Py_ssize_t T = x.shape[0], B = x.shape[1], n_layers = len(w_ih), k, d, j
+    cdef Py_ssize_t T = x.shape[0], B = x.shape[1], n_layers = len(w_ih), k, j
     cdef cnp.ndarray w_ih_k = w_ih[0], w_hh_k = w_hh[0], w_hr_k = None, b_ih_k, b_hh_k
     cdef Py_ssize_t D = w_ih_k.shape[0], four_h = w_ih_k.shape[1], H_out = w_hh_k.shape[2]
     cdef Py_ssize_t P = (<cnp.ndarray> w_hr[0]).shape[1] if w_hr is not None else 0
@@ -957,6 +965,7 @@ cdef object _forward_plain(const floating* tag, cnp.ndarray x, list w_ih, list w
     cdef const floating* b1
     cdef const floating* b2
     cdef Layer L
+    cdef CellSpec standard = _make_spec(None)
     reverse[0] = 0
     reverse[1] = 1
     if rows == NULL or bias == NULL:
@@ -981,16 +990,8 @@ cdef object _forward_plain(const floating* tag, cnp.ndarray x, list w_ih, list w
             else:
                 for j in range(D * four_h):
                     bias[j] = 0
-            L.spec = _make_spec(None)
-            L.seq_len = T
-            L.batch = B
-            L.input_size = w_ih_k.shape[2]
-            L.n_dirs = D
-            L.four_h = four_h
-            L.hidden = four_h // 4
-            L.proj = P
-            L.hidden_out = H_out
-            L.y_stride = D * H_out
+            _layer_shapes(&L, T, B, w_ih_k.shape[2], D, four_h, P, D * H_out)
+            L.spec = standard
             L.keep_cache = 0
             layer_input = y       # held until the layer has run
             L.x = cnp.PyArray_DATA(<cnp.ndarray> layer_input)

@@ -507,25 +507,16 @@ lf_pgemv_gates_tiles(size_t hidden, size_t u0, size_t u1, size_t k, const float*
 #define LF_TILE_PANEL(v) ((v) / n_groups * (hidden / LF_NR) + u0 / LF_NR + (v) % n_groups)
 #define LF_TILE_START() do {                    /* zero, or C_t's partial sums from tk0 > 0 */  \
         for (int r = 0; r < LF_MR; r++) {                                                       \
-            t0[r] = tk0 > 0 ? _mm512_loadu_ps(tcp + r * tldc) : _mm512_setzero_ps();            \
-            t1[r] = tk0 > 0 ? _mm512_loadu_ps(tcp + r * tldc + 16) : _mm512_setzero_ps();       \
+            t0[r] = tk0 > 0 && tcp ? _mm512_loadu_ps(tcp + r * tldc) : _mm512_setzero_ps();     \
+            t1[r] = tk0 > 0 && tcp ? _mm512_loadu_ps(tcp + r * tldc + 16) : _mm512_setzero_ps(); \
         }                                                                                       \
     } while (0)
     __m512 t0[LF_MR], t1[LF_MR];
     size_t t_left = tv0 < tv1 && n_groups > 0 && tk0 < tk1 ? (tv1 - tv0) * (tk1 - tk0) : 0;
     size_t t_kk = tk0, tv = tv0;
-    const float* tbp = t_packed;
-    float* tcp = tc;
-    if (t_left) {
-        tbp += (LF_TILE_PANEL(tv) * tk + tk0) * LF_NR;
-        tcp += LF_TILE_PANEL(tv) * LF_NR;
-        LF_TILE_START();
-    } else {
-        for (int r = 0; r < LF_MR; r++) {
-            t0[r] = _mm512_setzero_ps();
-            t1[r] = _mm512_setzero_ps();
-        }
-    }
+    const float* tbp = t_left ? t_packed + (LF_TILE_PANEL(tv) * tk + tk0) * LF_NR : NULL;
+    float* tcp = t_left ? tc + LF_TILE_PANEL(tv) * LF_NR : NULL;
+    LF_TILE_START();
 #define LF_TILE_STEP() do {                                                                     \
         __m512 b0 = _mm512_load_ps(tbp), b1 = _mm512_load_ps(tbp + 16);                         \
         tbp += LF_NR;                                                                           \
