@@ -8,7 +8,7 @@
 """
 from ._version import __version__
 from ._threads import get_num_threads, set_num_threads, threads
-from ._lstm import LSTM, LSTMCell
+from ._lstm import LSTM, FrozenLSTM, LSTMCell
 from ._config import show_config
 from . import dask, nn, onnx, optim
 from .nn import Linear, cross_entropy_loss, mse_loss
@@ -18,6 +18,7 @@ from ._io import load
 
 __all__ = [
     "LSTM",
+    "FrozenLSTM",
     "LSTMCell",
     "get_num_threads",
     "set_num_threads",

@@ -4,7 +4,9 @@ Every system runs the same float32 weights and inputs, at the same thread count,
 each shape (round-robin over the systems, repeated), and the table reports medians. The GEMM
 column is the time the same BLAS takes, in the same run, for the matrix products alone (the input
 projection and T recurrent products per layer and direction); its ratio to lstm_fast's time says
-how close the whole LSTM comes to the machine's GEMM limit.
+how close the whole LSTM comes to the machine's GEMM limit. The "frozen" column is the same model
+after ``freeze()`` (weights packed once, as ONNX Runtime does when it makes a session), the
+lstm_fast columns the model as trained (weights packed anew by every call).
 """
 import os
 import platform
@@ -239,7 +241,8 @@ def run(compare=False, quick=False, thread_counts=(1, 2), repeats=5, min_time=0.
             T, B, I, H, layers, bi = shape
             model = LSTM(I, H, num_layers=layers, bidirectional=bi, seed=0)
             x = np.random.default_rng(0).standard_normal((T, B, I)).astype(np.float32)
-            runners = {"lstm_fast": lambda: model(x),
+            frozen = model.freeze()
+            runners = {"lstm_fast": lambda: model(x), "frozen": lambda: frozen(x),
                        "gemm": _gemm_runner(T, B, I, H, layers, bi, n_threads)}
             if "torch" in systems:
                 runners["torch"] = _torch_runner(model, x, n_threads)
@@ -258,7 +261,9 @@ def run(compare=False, quick=False, thread_counts=(1, 2), repeats=5, min_time=0.
                        gemm_fraction=med["gemm"] / med["lstm_fast"],
                        torch_ms=med.get("torch", np.nan) * 1e3,
                        ort_ms=med.get("onnxruntime", np.nan) * 1e3,
-                       speedup=(min(peers) / med["lstm_fast"]) if peers else np.nan)
+                       speedup=(min(peers) / med["lstm_fast"]) if peers else np.nan,
+                       frozen_ms=med["frozen"] * 1e3,
+                       frozen_speedup=(min(peers) / med["frozen"]) if peers else np.nan)
             rows.append(row)
             print(_format_row(row), flush=True)
     table = _markdown(rows)
@@ -277,17 +282,18 @@ def _shape_name(shape):
 def _format_row(r):
     return (f"{r['threads']} thr  {_shape_name(r['shape']):<28} lstm_fast {r['ms']:9.3f} ms "
             f"{r['gflops']:6.1f} GF/s  torch {r['torch_ms']:9.3f}  ort {r['ort_ms']:9.3f}  "
-            f"speedup vs fastest peer {r['speedup']:5.2f}x  GEMM fraction {r['gemm_fraction']:.2f}")
+            f"speedup vs fastest peer {r['speedup']:5.2f}x  GEMM fraction {r['gemm_fraction']:.2f}  "
+            f"frozen {r['frozen_ms']:9.3f} ms {r['frozen_speedup']:5.2f}x")
 
 
 def _markdown(rows):
     lines = ["| threads | T, B, I, H, layers | lstm_fast ms | GFLOP/s | torch ms | ORT ms | "
-             "speedup vs fastest peer | GEMM-limit fraction |",
-             "|---|---|---|---|---|---|---|---|"]
+             "speedup vs fastest peer | GEMM-limit fraction | frozen ms | frozen speedup |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['threads']} | {_shape_name(r['shape'])} | {r['ms']:.3f} | {r['gflops']:.1f} | "
                      f"{r['torch_ms']:.3f} | {r['ort_ms']:.3f} | {r['speedup']:.2f}x | "
-                     f"{r['gemm_fraction']:.2f} |")
+                     f"{r['gemm_fraction']:.2f} | {r['frozen_ms']:.3f} | {r['frozen_speedup']:.2f}x |")
     return "\n".join(lines)
 
 
@@ -305,11 +311,14 @@ def _plot(rows, path):
         sel = [r for r in rows if r["threads"] == n_threads]
         labels = [_shape_name(r["shape"]) for r in sel]
         y = np.arange(len(sel))
-        ax.barh(y, [r["speedup"] for r in sel], color="C0")
+        ax.barh(y - 0.2, [r["speedup"] for r in sel], height=0.4, color="C0", label="LSTM")
+        ax.barh(y + 0.2, [r["frozen_speedup"] for r in sel], height=0.4, color="C1",
+                label="LSTM.freeze()")
         ax.axvline(1.0, color="k", lw=1)
         ax.set_yticks(y, labels, fontsize=7)
         ax.set_title(f"{n_threads} thread{'s' if n_threads > 1 else ''}")
         ax.set_xlabel("speedup over the fastest of torch / ONNX Runtime")
+        ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

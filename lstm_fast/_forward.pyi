@@ -23,5 +23,20 @@ def forward_layer(
     spec: tuple[Any, ...] | None,
     n_threads: int,
     mode: int = ...,
+    prepacked: npt.NDArray[np.float32] | None = ...,
 ) -> None: ...
+def pack_weights(
+    w_ih: npt.NDArray[np.float32], w_hh: npt.NDArray[np.float32], w_hr: npt.NDArray[np.float32]
+) -> npt.NDArray[np.float32] | None: ...
+def forward_plain(
+    x: Any,
+    w_ih: list[npt.NDArray[np.floating[Any]]],
+    w_hh: list[npt.NDArray[np.floating[Any]]],
+    b_ih: list[npt.NDArray[np.floating[Any]]] | None,
+    b_hh: list[npt.NDArray[np.floating[Any]]] | None,
+    w_hr: list[npt.NDArray[np.floating[Any]]] | None,
+    n_threads: int,
+    mode: int = ...,
+    packed: list[npt.NDArray[np.float32] | None] | None = ...,
+) -> tuple[npt.NDArray[np.floating[Any]], npt.NDArray[np.floating[Any]], npt.NDArray[np.floating[Any]]] | None: ...
 def gate_math_py(values: npt.NDArray[np.floating[Any]], function: str) -> npt.NDArray[np.floating[Any]]: ...

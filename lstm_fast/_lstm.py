@@ -59,11 +59,13 @@ def _full_lengths(batch, seq_len):
 
 
 def run_layer(x, w_ih, w_hh, bias, w_hr, order, lengths, h, c, y, n_threads,
-              cache_gates=None, cache_c=None, reverse=None, peephole=None, spec=None, mode=0):
+              cache_gates=None, cache_c=None, reverse=None, peephole=None, spec=None, mode=0,
+              prepacked=None):
     """One layer, all directions: y and (h, c) in place. The single door to the forward kernel.
 
     mode: 0 lets the kernel pick its recurrence strategy from the shapes; 1 (chunked) and 2 (wide)
-    force one, for tests and benchmarks.
+    force one, for tests and benchmarks. prepacked: _forward.pack_weights of these weights (a
+    frozen model's), or None.
     """
     kernel = _FORWARD_BY_DTYPE.get(x.dtype)
     if kernel is None:
@@ -78,7 +80,7 @@ def run_layer(x, w_ih, w_hh, bias, w_hr, order, lengths, h, c, y, n_threads,
         h, c, y,
         cache_gates if cache_gates is not None else empty4,
         cache_c if cache_c is not None else empty4,
-        spec, n_threads, mode,
+        spec, n_threads, mode, prepacked,
     )
 
 
@@ -138,7 +140,13 @@ class LSTM:
     Differences from torch: inputs are numpy arrays; floating inputs of another precision are
     converted to ``dtype`` (torch raises); variable lengths are given as ``lengths=`` instead of a
     PackedSequence; outputs are new C-contiguous arrays.
+
+    For serving, ``freeze()`` returns an inference-only copy with fixed, prepacked weights.
     """
+
+    # per layer, the weights packed for the float32 kernel once and for all (FrozenLSTM); None:
+    # every call packs them (the parameters are live arrays that may change between calls)
+    _packed: list | None = None
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
@@ -243,7 +251,7 @@ class LSTM:
             extra += ", bidirectional=True"
         if self.proj_size:
             extra += f", proj_size={self.proj_size}"
-        return f"LSTM({self.input_size}, {self.hidden_size}{extra}, dtype={self.dtype.name})"
+        return f"{type(self).__name__}({self.input_size}, {self.hidden_size}{extra}, dtype={self.dtype.name})"
 
     # ----------------------------------------------------------------- inputs
     def _prepare(self, x, hx, lengths):
@@ -322,7 +330,7 @@ class LSTM:
             with BLAS_SINGLE:
                 plain = _forward.forward_plain(x, self._w_ih, self._w_hh, self._b_ih, self._b_hh,
                                                self._w_hr, _threads.get_num_threads(),
-                                               self._recurrence_mode)
+                                               self._recurrence_mode, self._packed)
             if plain is not None:    # a C-contiguous (T, B, I) array of the model's dtype
                 return plain[0], (plain[1], plain[2])
         x, h_n, c_n, lens, order, padded, batched = self._prepare(x, hx, lengths)
@@ -343,7 +351,8 @@ class LSTM:
                 run_layer(layer_input, self._w_ih[k], self._w_hh[k], self._bias_sums(k),
                           self._w_hr[k] if self.proj_size else None, order, lens,
                           h_n[k * D:(k + 1) * D], c_n[k * D:(k + 1) * D], y, n_threads,
-                          cache_gates=cache_g, cache_c=cache_c, mode=self._recurrence_mode)
+                          cache_gates=cache_g, cache_c=cache_c, mode=self._recurrence_mode,
+                          prepacked=self._packed[k] if self._packed is not None else None)
                 layer_input = y
         return layer_input
 
@@ -355,6 +364,20 @@ class LSTM:
         return out, (h_n, c_n)
 
     forward = __call__
+
+    def freeze(self) -> FrozenLSTM:
+        """An inference-only copy of this model with fixed weights, for serving.
+
+        The weights are copied now (later changes to this model do not reach the copy), made
+        read-only, and packed once for the float32 kernels: every call of an LSTM packs W_ih and
+        W_hh anew, because its parameters are live arrays that may have changed since the last
+        call; a frozen model skips that (ONNX Runtime likewise packs weights once, when a session
+        is made). That is most of a short batch-1 call's fixed cost: about 14 us of a
+        (100, 1, 128, 128) call on one thread here. Calls, ``step``, ``save`` and ``to_onnx``
+        work as for this model and give the same outputs bit for bit; training and writing
+        parameters raise.
+        """
+        return FrozenLSTM._copy_of(self)
 
     # ----------------------------------------------------------------- training
     def forward_train(self, x: npt.ArrayLike, hx: tuple[npt.ArrayLike, npt.ArrayLike] | None = None,
@@ -505,6 +528,68 @@ class LSTM:
         from ._io import setstate
 
         setstate(self, state)
+
+
+class FrozenLSTM(LSTM):
+    """What ``LSTM.freeze()`` returns: an LSTM for inference whose weights are fixed (a read-only
+    copy, packed once for the float32 kernels). It is an LSTM for everything that reads the
+    model (calls, ``step``, ``parameters``, ``state_dict``, ``save``, ``to_onnx``, pickling);
+    ``forward_train``, ``backward``, ``load_state_dict`` and ``reset_parameters`` raise
+    TypeError, and writing into its parameters raises ValueError (read-only arrays). To change
+    the weights, change the LSTM it came from and freeze it again."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("a FrozenLSTM is made by LSTM.freeze(): build or load an LSTM, then freeze it")
+
+    @classmethod
+    def _copy_of(cls, model):
+        frozen = cls.__new__(cls)
+        frozen.__dict__.update(model.__dict__)
+        frozen._step_plan = None          # pointers into the model's arrays, not these
+        frozen._allocate()
+        for name, p in frozen._params.items():
+            p[...] = model._params[name]
+        frozen._seal()
+        return frozen
+
+    def _seal(self):
+        for group in (self._w_ih, self._w_hh, self._b_ih, self._b_hh, self._w_hr):
+            for a in group or ():
+                a.flags.writeable = False
+        for p in self._params.values():   # views made before the flag change keep their own
+            p.flags.writeable = False
+        packed = None
+        if self.dtype == np.float32:
+            placeholder = _empty(np.float32, 3)
+            packed = [_forward.pack_weights(self._w_ih[k], self._w_hh[k],
+                                            self._w_hr[k] if self.proj_size else placeholder)
+                      for k in range(self.num_layers)]
+        # None where the packed kernel is off or missing: the calls then take BLAS as usual
+        self._packed = packed if packed is not None and packed[0] is not None else None
+
+    def freeze(self) -> FrozenLSTM:
+        """This model itself: it is frozen already."""
+        return self
+
+    def _refuse(self, what):
+        raise TypeError(f"{what}: a FrozenLSTM's weights are fixed (inference only); change the "
+                        f"LSTM it was frozen from and call its freeze() again")
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True) -> None:
+        self._refuse("load_state_dict")
+
+    def reset_parameters(self, seed=None):
+        self._refuse("reset_parameters")
+
+    def forward_train(self, x: Any, hx: Any = None, lengths: Any = None, rng: Any = None) -> Any:
+        self._refuse("forward_train")
+
+    def backward(self, cache: Any, grad_out: Any, grad_state: Any = None) -> Any:
+        self._refuse("backward")
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._seal()
 
 
 class LSTMCell:

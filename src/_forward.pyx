@@ -692,9 +692,10 @@ def recurrence_mode(Py_ssize_t batch, Py_ssize_t hidden, Py_ssize_t hidden_out, 
 
 
 cdef int _forward_run(const Layer* layer, const floating* x_ptr, int n_threads,
-                      int mode) except -1:
+                      int mode, const float* prepacked=NULL) except -1:
     """The layer `layer` describes (shapes, spec and the arrays' pointers set; seq_len, batch > 0)
-    with x_ptr its input (typing the call); see the module docstring."""
+    with x_ptr its input (typing the call); see the module docstring. prepacked: the layer's
+    float32 weights as pack_weights lays them out (checked by the caller), or NULL: packed here."""
     cdef Layer L = layer[0]
     cdef const floating* w_hh_all = <const floating*> L.w_hh
     L.chunk = batch_chunk(L.batch)
@@ -801,6 +802,12 @@ cdef int _forward_run(const Layer* layer, const floating* x_ptr, int n_threads,
             L.pk_ih_len = lf_pack_len(L.four_h, L.input_size)
             L.pk_hh_len = lf_pack_len(L.four_h, L.hidden_out)
             L.pk_hr_len = lf_pack_len(L.proj, L.hidden) if L.proj > 0 else 0
+            n_col_groups = (L.four_h + PROJ_COLS - 1) // PROJ_COLS
+        if use_packed and prepacked != NULL:
+            # a frozen model's weights, packed once when it was frozen (pack_weights): no packing
+            # per call, which is most of a short batch-1 call's fixed cost
+            pk = <float*> prepacked
+        elif use_packed:
             pk = lf_ws_aligned(WS_PACKED, L.n_dirs * (L.pk_ih_len + L.pk_hh_len + L.pk_hr_len), &pk_raw)
             if pk == NULL:
                 lf_ws_release(WS_GX, gx_all)
@@ -821,8 +828,8 @@ cdef int _forward_run(const Layer* layer, const floating* x_ptr, int n_threads,
                         lf_pack_w((<const float*> L.w_hr) + dd * L.proj * L.hidden,
                                   L.hidden, L.proj, L.hidden,
                                   pk + L.n_dirs * (L.pk_ih_len + L.pk_hh_len) + dd * L.pk_hr_len)
+        if use_packed:
             L.pk_ih = pk
-            n_col_groups = (L.four_h + PROJ_COLS - 1) // PROJ_COLS
             L.pk_hh = pk + L.n_dirs * L.pk_ih_len
             L.pk_hr = (pk + L.n_dirs * (L.pk_ih_len + L.pk_hh_len)) if L.proj > 0 else NULL
     n_proj_items = 0 if (L.fused or L.interleave) else n_blocks * n_col_groups * L.n_dirs
@@ -897,6 +904,62 @@ cdef void _layer_shapes(Layer* L, Py_ssize_t seq_len, Py_ssize_t batch, Py_ssize
     L.y_stride = y_stride
 
 
+cdef Py_ssize_t _packed_floats(const Layer* L) noexcept nogil:
+    # floats of a layer's packed weights: [W_ih of each direction | W_hh ... | W_hr ...]
+    return L.n_dirs * (lf_pack_len(L.four_h, L.input_size) + lf_pack_len(L.four_h, L.hidden_out)
+                       + (lf_pack_len(L.proj, L.hidden) if L.proj > 0 else 0))
+
+
+cdef int _prepacked_pointer(object prepacked, const Layer* L, const float** out) except -1:
+    # out = the data of pack_weights' array for this layer, or NULL for None
+    cdef const float[::1] view
+    out[0] = NULL
+    if prepacked is None:
+        return 0
+    view = prepacked
+    if view.shape[0] != _packed_floats(L) or (<size_t> &view[0]) % 64 != 0:
+        raise ValueError(f"prepacked weights: expected the 64-byte aligned array of "
+                         f"{_packed_floats(L)} floats that pack_weights makes for this layer, got "
+                         f"{view.shape[0]} floats at address {<size_t> &view[0]:#x}")
+    out[0] = &view[0]
+    return 0
+
+
+def pack_weights(const float[:, :, ::1] w_ih,         # IN  (D, 4H, I)
+                 const float[:, :, ::1] w_hh,         # IN  (D, 4H, H_out)
+                 const float[:, :, ::1] w_hr):        # IN  (D, P, H); (D, 0, H) without projection
+    """One float32 layer's weights packed as every call would pack them for lf_pgemm, for the
+    `prepacked` argument of forward_layer and forward_plain (a frozen model's calls then skip
+    that packing): a read-only 64-byte aligned 1-D float32 array. None where the packed kernel
+    is off or missing (the calls then run BLAS, which takes the weights as they are)."""
+    cdef Layer L
+    cdef Py_ssize_t D = w_ih.shape[0], four_h = w_ih.shape[1], P = w_hr.shape[1], n, dd
+    if (four_h % 4 or w_hh.shape[0] != D or w_hh.shape[1] != four_h
+            or w_hh.shape[2] != (P if P > 0 else four_h // 4)
+            or (P > 0 and (w_hr.shape[0] != D or w_hr.shape[2] != four_h // 4))):
+        raise ValueError(f"pack_weights: W_ih {tuple(w_ih.shape)[:3]}, W_hh {tuple(w_hh.shape)[:3]} "
+                         f"and W_hr {tuple(w_hr.shape)[:3]} are not one layer's (D, 4H, I), "
+                         f"(D, 4H, H_out) and (D, P, H)")
+    if not (_packed_enabled and lf_pgemm_available()):
+        return None
+    _layer_shapes(&L, 1, 1, w_ih.shape[2], D, four_h, P, D * (P if P > 0 else four_h // 4))
+    n = _packed_floats(&L)
+    buf = np.empty(n + 16, dtype=np.float32)
+    cdef Py_ssize_t skip = ((64 - (<size_t> cnp.PyArray_DATA(buf)) % 64) % 64) // 4
+    out = buf[skip:skip + n]
+    cdef float* pk = <float*> cnp.PyArray_DATA(out)
+    cdef Py_ssize_t ih = lf_pack_len(four_h, L.input_size), hh = lf_pack_len(four_h, L.hidden_out)
+    cdef Py_ssize_t hr = lf_pack_len(P, L.hidden) if P > 0 else 0
+    with nogil:
+        for dd in range(D):
+            lf_pack_w(&w_ih[dd, 0, 0], L.input_size, four_h, L.input_size, pk + dd * ih)
+            lf_pack_w(&w_hh[dd, 0, 0], L.hidden_out, four_h, L.hidden_out, pk + D * ih + dd * hh)
+            if P > 0:
+                lf_pack_w(&w_hr[dd, 0, 0], L.hidden, P, L.hidden, pk + D * (ih + hh) + dd * hr)
+    out.flags.writeable = False
+    return out
+
+
 def forward_layer(const floating[:, :, ::1] x,          # IN  (T, B, I) layer input
                   const floating[:, :, ::1] w_ih,       # IN  (D, 4H, I)
                   const floating[:, :, ::1] w_hh,       # IN  (D, 4H, H_out)
@@ -913,7 +976,8 @@ def forward_layer(const floating[:, :, ::1] x,          # IN  (T, B, I) layer in
                   floating[:, :, :, ::1] cache_c,       # OUT (D, T, B, H) cell states, or size 0
                   object spec,                          # None (standard) or ONNX cell options
                   int n_threads,
-                  int mode=MODE_AUTO):                  # 1: chunked, 2: wide, 3: split (tests, benchmarks)
+                  int mode=MODE_AUTO,                   # 1: chunked, 2: wide, 3: split (tests, benchmarks)
+                  object prepacked=None):               # IN  pack_weights(w_ih, w_hh, w_hr), float32
     """Run one layer (all directions) over a batch of sequences; see the module docstring."""
     cdef Layer L
     _layer_shapes(&L, x.shape[0], x.shape[1], x.shape[2], w_ih.shape[0], w_ih.shape[1],
@@ -939,11 +1003,16 @@ def forward_layer(const floating[:, :, ::1] x,          # IN  (T, B, I) layer in
     L.order = &order[0]
     L.lengths = &lengths[0]
     L.reverse = &reverse[0]
-    _forward_run(&L, &x[0, 0, 0], n_threads, mode)
+    cdef const float* pk = NULL
+    if floating is float:
+        _prepacked_pointer(prepacked, &L, &pk)
+    elif prepacked is not None:
+        raise TypeError("prepacked weights are float32; this layer is float64")
+    _forward_run(&L, &x[0, 0, 0], n_threads, mode, pk)
 
 
 cdef object _forward_plain(const floating* tag, cnp.ndarray x, list w_ih, list w_hh, object b_ih,
-                          object b_hh, object w_hr, int n_threads, int mode):
+                          object b_hh, object w_hr, int n_threads, int mode, list packed):
     # forward_plain for one dtype (tag types the call and is not read)
     cdef int typenum = cnp.PyArray_TYPE(x)
     cdef Py_ssize_t T = x.shape[0], B = x.shape[1], n_layers = len(w_ih), k, j
@@ -966,6 +1035,7 @@ cdef object _forward_plain(const floating* tag, cnp.ndarray x, list w_ih, list w
     cdef const floating* b2
     cdef Layer L
     cdef CellSpec standard = _make_spec(None)
+    cdef const float* pk = NULL
     reverse[0] = 0
     reverse[1] = 1
     if rows == NULL or bias == NULL:
@@ -1013,7 +1083,10 @@ cdef object _forward_plain(const floating* tag, cnp.ndarray x, list w_ih, list w
             L.order = rows
             L.lengths = rows + B
             L.reverse = reverse
-            _forward_run(&L, <const floating*> L.x, n_threads, mode)
+            if floating is float:
+                if packed is not None:
+                    _prepacked_pointer(packed[k], &L, &pk)
+            _forward_run(&L, <const floating*> L.x, n_threads, mode, pk)
     finally:
         free(rows)
         free(bias)
@@ -1021,14 +1094,15 @@ cdef object _forward_plain(const floating* tag, cnp.ndarray x, list w_ih, list w
 
 
 def forward_plain(object x, list w_ih, list w_hh, object b_ih, object b_hh, object w_hr,
-                  int n_threads, int mode=MODE_AUTO):
+                  int n_threads, int mode=MODE_AUTO, list packed=None):
     """LSTM.__call__ without states or lengths, for a C-contiguous (T, B, I) ndarray of the
     parameters' dtype: (y, h_n, c_n) of all layers in one call, zero initial states. The general
     path (validation, allocations, one forward_layer call per layer through typed memoryviews)
     costs several microseconds a call, a tenth of a (100,1,32,64) call. Returns None for any other
     x: the caller then takes the general path, which converts or explains. The parameters are the
     model's own lists (per layer: (D, 4H, in), (D, 4H, H_out), biases (D, 4H) or None, W_hr or
-    None), C-contiguous arrays of one dtype."""
+    None), C-contiguous arrays of one dtype; `packed` None or, per layer, pack_weights' array of
+    it (or None)."""
     if not cnp.PyArray_CheckExact(x):
         return None
     cdef cnp.ndarray xa = <cnp.ndarray> x
@@ -1041,9 +1115,11 @@ def forward_plain(object x, list w_ih, list w_hh, object b_ih, object b_hh, obje
     if xa.shape[0] * xa.shape[1] > (PY_SSIZE_T_MAX // 8) // (w0.shape[0] * w0.shape[1]):
         return None
     if cnp.PyArray_TYPE(xa) == cnp.NPY_FLOAT32:
-        return _forward_plain(<const float*> NULL, xa, w_ih, w_hh, b_ih, b_hh, w_hr, n_threads, mode)
+        return _forward_plain(<const float*> NULL, xa, w_ih, w_hh, b_ih, b_hh, w_hr, n_threads, mode,
+                              packed)
     if cnp.PyArray_TYPE(xa) == cnp.NPY_FLOAT64:
-        return _forward_plain(<const double*> NULL, xa, w_ih, w_hh, b_ih, b_hh, w_hr, n_threads, mode)
+        return _forward_plain(<const double*> NULL, xa, w_ih, w_hh, b_ih, b_hh, w_hr, n_threads, mode,
+                              None)
     return None
 
 

@@ -29,6 +29,7 @@ def test_bench_quick_runs(tmp_path):
     assert result.returncode == 0, result.stderr
     table = (tmp_path / "b.md").read_text()
     assert "GEMM-limit fraction" in table and "T100 B16 I128 H128 L1 bi" in table
+    assert "frozen speedup" in table
 
 
 def test_unknown_command_fails():

@@ -608,3 +608,178 @@ def test_split_mode_gives_the_chunked_bits(shape):
     ref_out64, _ = reference.lstm(x.astype(np.float64), m.state_dict(), 1, False,
                                   h0=hx[0].astype(np.float64), c0=hx[1].astype(np.float64), lengths=lengths)
     assert_allclose(out, ref_out64, **tol(np.float32))
+
+
+# ---------------------------------------------------------------------------- frozen models
+FROZEN_SHAPES = [
+    # (num_layers, bidirectional, proj_size, input_size, hidden, batch): interleaved batch 1
+    # (H=128, and H=64 with I <= 32), split-capable batch 3, batched, projection, stacks
+    (1, False, 0, 20, 128, 1),
+    (1, False, 0, 16, 64, 1),
+    (1, False, 0, 12, 64, 3),
+    (2, True, 0, 9, 40, 7),
+    (2, False, 5, 9, 32, 1),
+    (3, True, 3, 6, 8, 33),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", FROZEN_SHAPES, ids=[str(s) for s in FROZEN_SHAPES])
+@pytest.mark.parametrize("mode", [0, 1, 2, 3], ids=["auto", "chunked", "wide", "split"])
+def test_frozen_model_gives_the_same_bits(dtype, shape, mode):
+    # a frozen model reads its weights packed once (float32, packed kernel); every call path
+    # (plain, states, lengths, unbatched, batch_first, step) gives the source model's bits
+    layers, bi, proj, I, H, B = shape
+    m = lf.LSTM(I, H, num_layers=layers, bidirectional=bi, proj_size=proj, dtype=dtype, seed=3)
+    m._recurrence_mode = mode
+    f = m.freeze()
+    assert isinstance(f, lf.FrozenLSTM) and isinstance(f, lf.LSTM)
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((21, B, I)).astype(dtype)
+    n_states = layers * (2 if bi else 1)
+    hx = (rng.standard_normal((n_states, B, m.hidden_out)).astype(dtype),
+          rng.standard_normal((n_states, B, H)).astype(dtype))
+    lengths = rng.integers(1, 22, size=B)
+    for n_threads in (1, 2):
+        with lf.threads(n_threads):
+            for args, kwargs in (((x,), {}), ((x, hx), {}), ((x,), {"lengths": lengths}),
+                                 ((x[:, 0],), {})):
+                want, (want_h, want_c) = m(*args, **kwargs)
+                got, (got_h, got_c) = f(*args, **kwargs)
+                assert_array_equal(got, want)
+                assert_array_equal(got_h, want_h)
+                assert_array_equal(got_c, want_c)
+    if not bi:
+        state = m.zero_state(B)
+        assert_array_equal(f.step(x[0], state)[0], m.step(x[0], state)[0])
+    ref_out, (_, ref_c) = reference.lstm(x.astype(np.float64), m.state_dict(), num_layers=layers,
+                                         bidirectional=bi)
+    out, (_, c_n) = f(x)
+    assert_allclose(out, ref_out, **tol(dtype))
+    assert_allclose(c_n, ref_c, **tol(dtype))
+
+
+@pytest.mark.parametrize("shape", FROZEN_SHAPES, ids=[str(s) for s in FROZEN_SHAPES])
+@pytest.mark.parametrize("mode", [0, 1, 2, 3], ids=["auto", "chunked", "wide", "split"])
+def test_frozen_model_reads_the_weights_it_packed(shape, mode):
+    # Rewrite a frozen model's arrays behind its back: with the packed kernel its products read
+    # only the copy packed when it was frozen, so its outputs stay those of the old weights on
+    # every path. (Were any path to read the arrays or to pack anew, it would see the new ones.)
+    from lstm_fast import _forward
+    if not _forward.packed_gemm_active():
+        pytest.skip("the packed kernel needs AVX-512F")
+    layers, bi, proj, I, H, B = shape
+    m = lf.LSTM(I, H, num_layers=layers, bidirectional=bi, proj_size=proj, dtype=np.float32, seed=3)
+    m._recurrence_mode = mode
+    f = m.freeze()
+    assert f._packed is not None and len(f._packed) == layers
+    x = np.random.default_rng(12).standard_normal((21, B, I)).astype(np.float32)
+    lengths = np.random.default_rng(13).integers(1, 22, size=B)
+    want = [m(x), m(x, lengths=lengths)]
+    weights = f._w_ih + f._w_hh + (f._w_hr or [])
+    for w in weights:
+        w.flags.writeable = True
+        w *= -0.5
+    other = lf.LSTM(I, H, num_layers=layers, bidirectional=bi, proj_size=proj, seed=0)
+    other.load_state_dict(f.state_dict())
+    assert not np.allclose(other(x)[0], want[0][0])           # the arrays did change
+    with lf.threads(2):
+        for (w_out, (w_h, w_c)), (g_out, (g_h, g_c)) in zip(want, [f(x), f(x, lengths=lengths)]):
+            assert_array_equal(g_out, w_out)
+            assert_array_equal(g_h, w_h)
+            assert_array_equal(g_c, w_c)
+
+
+def test_frozen_model_is_a_fixed_copy():
+    m = lf.LSTM(6, 32, num_layers=2, proj_size=4, dtype=np.float32, seed=0)
+    x = np.random.default_rng(0).standard_normal((17, 1, 6)).astype(np.float32)
+    f = m.freeze()
+    before = f(x)[0]
+    m.parameters()["weight_hh_l0"][...] *= 2          # the source model changes ...
+    m.reset_parameters(5)
+    assert_array_equal(f(x)[0], before)                # ... its frozen copy does not
+    assert not np.array_equal(m(x)[0], before)
+    assert_array_equal(m.freeze()(x)[0], m(x)[0])     # freezing again takes the new weights
+    assert f.freeze() is f
+    for name, p in f.parameters().items():
+        assert not p.flags.writeable, name
+        with pytest.raises(ValueError, match="read-only"):
+            p[...] = 0
+    for call in (lambda: f.load_state_dict(m.state_dict()), lambda: f.reset_parameters(1),
+                 lambda: f.forward_train(x), lambda: f.backward(None, x)):
+        with pytest.raises(TypeError, match="FrozenLSTM's weights are fixed"):
+            call()
+    with pytest.raises(TypeError, match="LSTM.freeze"):
+        lf.FrozenLSTM(6, 32)
+    assert repr(f).startswith("FrozenLSTM(6, 32, num_layers=2, proj_size=4")
+    assert_array_equal(f(x)[0], before)
+
+
+def test_frozen_model_pickles_copies_and_saves(tmp_path):
+    import copy
+    import pickle
+
+    m = lf.LSTM(5, 64, bidirectional=True, dtype=np.float32, seed=1)
+    f = m.freeze()
+    x = np.random.default_rng(1).standard_normal((19, 2, 5)).astype(np.float32)
+    want = f(x)[0]
+    for g in (pickle.loads(pickle.dumps(f)), copy.deepcopy(f), copy.copy(f)):
+        assert type(g) is lf.FrozenLSTM
+        assert all(not p.flags.writeable for p in g.parameters().values())
+        assert (g._packed is None) == (f._packed is None)
+        assert_array_equal(g(x)[0], want)
+    path = tmp_path / "frozen.npz"
+    f.save(path)
+    loaded = lf.load(path)                             # files hold weights: loaded as an LSTM
+    assert type(loaded) is lf.LSTM
+    assert_array_equal(loaded(x)[0], want)
+
+
+def test_frozen_model_calls_from_threads_agree():
+    from concurrent.futures import ThreadPoolExecutor
+
+    f = lf.LSTM(16, 64, dtype=np.float32, seed=2).freeze()
+    xs = [np.random.default_rng(i).standard_normal((20, 1 + i % 3, 16)).astype(np.float32)
+          for i in range(8)]
+    want = [f(x)[0] for x in xs]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda x: f(x)[0], xs * 4))
+    for i, g in enumerate(got):
+        assert_array_equal(g, want[i % len(xs)])
+
+
+def test_prepacked_weights_are_checked():
+    from lstm_fast import _forward
+    from lstm_fast._lstm import run_layer
+    if not _forward.packed_gemm_active():
+        pytest.skip("the packed kernel needs AVX-512F")
+    m = lf.LSTM(4, 32, dtype=np.float32, seed=0)
+    no_proj = np.empty((1, 0, 32), np.float32)
+    packed = _forward.pack_weights(m._w_ih[0], m._w_hh[0], no_proj)
+    assert packed.ctypes.data % 64 == 0 and not packed.flags.writeable
+    with pytest.raises(ValueError, match="not one layer's"):
+        _forward.pack_weights(m._w_ih[0], m._w_ih[0][:, :, :3].copy(), no_proj)
+    x = np.random.default_rng(0).standard_normal((6, 2, 4)).astype(np.float32)
+    lens, order = np.full(2, 6, np.intp), np.arange(2, dtype=np.intp)
+
+    def run(prepacked, dtype=np.float32):
+        h, c = np.zeros((1, 2, 32), dtype), np.zeros((1, 2, 32), dtype)
+        y = np.empty((6, 2, 32), dtype)
+        run_layer(x.astype(dtype), m._w_ih[0].astype(dtype), m._w_hh[0].astype(dtype),
+                  m._bias_sums(0).astype(dtype), None, order, lens, h, c, y, 1,
+                  prepacked=prepacked)
+        return y
+
+    assert_array_equal(run(packed), m(x)[0])
+    with pytest.raises(ValueError, match="64-byte aligned array of"):
+        run(packed[:-32])                                  # wrong size
+    unaligned = np.empty(packed.size + 16, np.float32)
+    start = 1 if unaligned.ctypes.data % 64 == 0 else 0
+    unaligned = unaligned[start:start + packed.size]
+    unaligned[...] = packed
+    with pytest.raises(ValueError, match="64-byte aligned array of"):
+        run(unaligned)                                     # misaligned
+    with pytest.raises(TypeError, match="float32"):
+        run(packed, np.float64)
+    with pytest.raises(ValueError, match="64-byte aligned array of"):
+        _forward.forward_plain(x, m._w_ih, m._w_hh, m._b_ih, m._b_hh, None, 1, 0, [packed[32:]])

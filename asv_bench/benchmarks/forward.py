@@ -34,6 +34,26 @@ class Forward:
     track_gflops.unit = "GFLOP/s"
 
 
+class FrozenForward:
+    """float32 inference of LSTM.freeze()'s model (weights packed once), next to Forward's."""
+
+    params = (SHAPES, THREADS)
+    param_names = ["shape", "threads"]
+    timeout = 300
+
+    def setup(self, shape, threads):
+        model, self.x = make(shape, np.float32)
+        self.model = model.freeze()
+        self.source = model
+        lf.set_num_threads(threads)
+
+    def time_forward(self, shape, threads):
+        self.model(self.x)
+
+    def time_freeze(self, shape, threads):
+        self.source.freeze()
+
+
 class VariableLengths:
     """A padded batch with lengths against the same batch at full length."""
 
