@@ -37,7 +37,7 @@ from libc.string cimport memcpy
 from cpython.pyport cimport PY_SSIZE_T_MAX
 
 from _blas cimport gemm_rm, gemv_rm
-from _pgemm cimport (lf_ws_get, lf_ws_release, lf_ws_aligned, lf_pack_len, lf_pack_w, lf_pgemm_available, lf_pgemm,
+from _pgemm cimport (lf_malloc64, lf_ws_get, lf_ws_release, lf_ws_aligned, lf_pack_len, lf_pack_w, lf_pgemm_available, lf_pgemm,
                      lf_pgemv, lf_pgemv_dir, lf_pgemv_gates, lf_pgemv_gates_tiles, lf_prefetch)
 from _split cimport (lf_barrier, lf_barrier_init, lf_team_size, lf_team_unit_begin,
                      lf_team_unit_end, lf_barrier_wait, lf_ticks, lf_split_choose,
@@ -404,8 +404,38 @@ cdef void _gates_interleaved(const Layer* L, Py_ssize_t d, Py_ssize_t s, Py_ssiz
         lf_pgemv_gates(H, u0, u1, L.hidden_out, h_prev, pk_hh, gh, s & 1)
 
 
+cdef void _run_row_interleaved(const Layer* L, Py_ssize_t d, float* scratch) noexcept nogil:
+    # _run_chunk's loop for its commonest batch-1 case (interleaved projection, standard cell, no
+    # projection, float32 on AVX-512): the same kernels on the same operands, so the same bits,
+    # without the per-row bookkeeping of the general loop ((100,1,32,64): a few us of 90)
+    cdef Py_ssize_t H = L.hidden, four_h = L.four_h, T = L.seq_len
+    cdef Py_ssize_t length = L.lengths[0], s, t
+    cdef float* gh = scratch
+    cdef float* hs = gh + four_h
+    cdef float* cs = hs + H
+    cdef const float* gx = (<const float*> L.gx) + d * T * four_h
+    cdef const float* bias = (<const float*> L.bias) + d * four_h
+    cdef float* y = (<float*> L.y) + d * H
+    cdef float* cache_gates = (<float*> L.cache_gates) + d * T * four_h if L.keep_cache else NULL
+    cdef float* cache_c = (<float*> L.cache_c) + d * T * H if L.keep_cache else NULL
+    _gather_state(L, d, L.order, 1, hs, cs, False)
+    for s in range(length):
+        _gates_interleaved(L, d, s, length, 0, H, hs, gh)
+        t = length - 1 - s if L.reverse[d] else s
+        lf_cell_units_avx512(H, 0, H, gh, gx + t * four_h, bias, cs, hs,
+                             (cache_gates + t * four_h) if cache_gates != NULL else NULL,
+                             (cache_c + t * H) if cache_c != NULL else NULL)
+        memcpy(y + t * L.y_stride, hs, H * sizeof(float))
+    _gather_state(L, d, L.order, 1, hs, cs, True)
+
+
 cdef void _run_chunk(Py_ssize_t item, const Layer* L, floating* scratch) noexcept nogil:
     """Chunked mode: one (chunk, direction) item through all of its time steps."""
+    if floating is float:
+        if (L.interleave and L.batch == 1 and L.proj == 0 and L.spec.standard
+                and lf_pgemm_available()):
+            _run_row_interleaved(L, item % L.n_dirs, scratch)
+            return
     cdef Py_ssize_t d = item % L.n_dirs
     cdef Py_ssize_t start = (item // L.n_dirs) * L.chunk
     cdef Py_ssize_t rows = L.chunk if start + L.chunk <= L.batch else L.batch - start
@@ -849,21 +879,21 @@ cdef int _forward_run(const Layer* layer, const floating* x_ptr, int n_threads,
 
         if mode == MODE_SPLIT:
             if floating is float:
-                scratch = <floating*> malloc(7 * L.batch * L.hidden * sizeof(floating))
+                scratch = <floating*> lf_malloc64(7 * L.batch * L.hidden * sizeof(floating))
                 if scratch == NULL:
                     failed = 1
                 else:
                     _run_split(&L, scratch, n_threads)
                     free(scratch)
         elif mode == MODE_WIDE:
-            scratch = <floating*> malloc(wide_len * sizeof(floating))
+            scratch = <floating*> lf_malloc64(wide_len * sizeof(floating))
             if scratch == NULL:
                 failed = 1
             else:
                 _run_wide(&L, scratch, threads_wide)
                 free(scratch)
         elif threads_rec <= 1:
-            scratch = <floating*> malloc(scratch_len * sizeof(floating))
+            scratch = <floating*> lf_malloc64(scratch_len * sizeof(floating))
             if scratch == NULL:
                 failed = 1
             else:
@@ -872,7 +902,7 @@ cdef int _forward_run(const Layer* layer, const floating* x_ptr, int n_threads,
                 free(scratch)
         else:
             with parallel(num_threads=threads_rec):
-                scratch = <floating*> malloc(scratch_len * sizeof(floating))   # one per thread
+                scratch = <floating*> lf_malloc64(scratch_len * sizeof(floating))   # one per thread
                 for item in prange(n_items, schedule='dynamic'):
                     if scratch == NULL:
                         failed_ptr[0] = 1
@@ -1029,7 +1059,7 @@ cdef object _forward_plain(const floating* tag, cnp.ndarray x, list w_ih, list w
     dims[0] = T
     dims[2] = D * H_out
     cdef Py_ssize_t* rows = <Py_ssize_t*> malloc(2 * B * sizeof(Py_ssize_t))
-    cdef floating* bias = <floating*> malloc(D * four_h * sizeof(floating))
+    cdef floating* bias = <floating*> lf_malloc64(D * four_h * sizeof(floating))
     cdef int reverse[2]
     cdef const floating* b1
     cdef const floating* b2

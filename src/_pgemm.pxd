@@ -1,6 +1,7 @@
 # The packed-panel float32 GEMM of lf_pgemm.h (see there for the layout and why).
 cdef extern from "lf_pgemm.h" nogil:
     void lf_prefetch(const void* p, size_t bytes)
+    void* lf_malloc64(size_t bytes)
     size_t lf_pack_len(size_t n, size_t k)
     void* lf_ws_get(int slot, size_t bytes)
     void lf_ws_release(int slot, void* p)

@@ -180,6 +180,44 @@ def test_batch1_input_gradient_inside_the_recurrence_gives_the_same_bits(shape):
     assert_allclose(got[True].input, t_dx, rtol=1e-4, atol=1e-5 * np.abs(t_dx).max())
 
 
+@pytest.mark.parametrize("shape", [(20, 16, 64, True, None), (19, 8, 128, True, 13),
+                                   (17, 8, 96, False, None), (30, 24, 64, False, 23)])
+def test_batch1_interleaved_forward_keeps_what_backward_needs(shape):
+    # Training's forward at batch 1 with the interleaved projection (H=64 with I <= 32, or W_hh
+    # of 96 KB and more; T >= 16) keeps the activated gates and c_t of each real time index, the
+    # reverse direction's from the end of the row's own length: the same bits as with every
+    # input projected up front, and torch's gradients.
+    from lstm_fast import _forward
+    if not _forward.packed_gemm_active():
+        pytest.skip("the interleaved projection needs the packed kernel (AVX-512F)")
+    T, I, H, bi, length = shape
+    m, x, hx, grads, _ = _case(np.float32, (1, bi, 0, False, False), batch=1, seq_len=T,
+                               input_size=I, hidden=H)
+    lengths = None if length is None else np.array([length])
+    got = {}
+    with lf.threads(1):
+        for interleave in (True, False):
+            _forward.set_interleaved_projection(interleave)
+            try:
+                out, _, cache = m.forward_train(x, hx, lengths=lengths)
+                got[interleave] = out, m.backward(cache, grads[0], grads[1:])
+            finally:
+                _forward.set_interleaved_projection(True)
+    assert_array_equal(got[True][0], got[False][0])
+    on, off = got[True][1], got[False][1]
+    assert_array_equal(on.input, off.input)
+    assert_array_equal(on.hx[0], off.hx[0])
+    assert_array_equal(on.hx[1], off.hx[1])
+    for name in off.params:
+        assert_array_equal(on.params[name], off.params[name], err_msg=name)
+    t_out, t_dx, _, t_params = _torch_grads(m, x, hx, grads, lengths)
+    assert_allclose(got[True][0], t_out, rtol=2e-5, atol=2e-6)
+    assert_allclose(on.input, t_dx, rtol=1e-4, atol=1e-5 * np.abs(t_dx).max())
+    for name, value in t_params.items():
+        assert_allclose(on.params[name], value, rtol=1e-4, atol=1e-5 * np.abs(value).max(),
+                        err_msg=name)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_padded_rows_read_zero_after_a_full_length_backward(dtype):
     # backward keeps its work buffers between calls and zeroes them only for padded batches (the
