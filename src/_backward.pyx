@@ -81,8 +81,10 @@ cdef enum:
 cdef enum:
     GRAD_ROWS = 256       # rows of dx per GEMM item
     GRAD_X_COLS = 32      # columns of dx per item when there are few row blocks (one panel)
-    GRAD_BLOCKS = 4       # weight gradients: output rows (of 4H or P) in 4 blocks per direction;
-                          # each block's GEMM packs all T*B rows of x / h_prev again, so few and big
+    GRAD_BLOCKS = 4       # weight gradients through BLAS: output rows (of 4H or P) in 4 blocks
+                          # per direction (a function of the shape only: BLAS's bits may follow it)
+    GRAD_MAX_ROWS = 1024  # ... through the packed kernel: at most this many rows per block
+    GRAD_IN_PLACE_MAX = 128   # weight gradients read x / h_prev in place up to this many columns
     WIDE_COL_BLOCKS = 8   # wide mode (as the forward's): column blocks of a step's products
     WIDE_ROWS = 8         # wide mode: rows per item of a step's row phases
     FOLD_ROWS = 8         # batch 1: input-gradient rows per tile, one block of steps (_dh_prev_folded)
@@ -99,10 +101,16 @@ ctypedef struct Back:
     const float* pk_ih
     size_t pk_hh_len, pk_hr_len, pk_ih_len
     # float32 weight gradients: x, h_prev and h_raw packed along T*B (lf_pgemm_at), or NULL
-    const float* pk_x
-    const float* pk_hp
-    const float* pk_hraw
-    size_t pk_x_len, pk_hp_len, pk_hraw_len
+    # float32 weight gradients through lf_pgemm_at2 (grad_packed): x and h_prev as W.T operands,
+    # each packed along T*B (ld 0) or read in place (ld = its row length); per direction, h_prev's
+    # operand starts b_hp_dir floats further
+    int grad_packed
+    const float* b_x
+    const float* b_hp
+    size_t ld_x, ld_hp, b_hp_dir
+    const float* pk_hraw     # float32: h_raw packed along T*B for dW_hr (lf_pgemm_at), or NULL
+    size_t pk_hraw_len
+    Py_ssize_t grad_rows_gate, grad_rows_proj   # rows of 4H and of P per weight-gradient item
     # batch 1, float32: the input gradient's rows computed inside the recurrence (_dh_prev_folded)
     # into this (T, I) array, or NULL
     float* fold_dx
@@ -495,9 +503,18 @@ cdef void _release_all(void* dz, void* h_prev, void* h_raw, void* dh_proj) noexc
     lf_ws_release(WS_DH_PROJ, dh_proj)
 
 
-cdef inline Py_ssize_t _grad_block(Py_ssize_t rows) noexcept nogil:
-    # rows per weight-gradient block: a quarter, rounded up to 16 (a function of the shape only)
-    return ((rows + GRAD_BLOCKS - 1) // GRAD_BLOCKS + 15) // 16 * 16
+cdef inline Py_ssize_t _grad_block(Py_ssize_t rows, bint packed, Py_ssize_t n_threads) noexcept nogil:
+    # rows per weight-gradient block, rounded up to 16. BLAS: a quarter. Packed kernel (every
+    # output one FMA chain over T*B whatever the blocks, so the bits never depend on them): one
+    # block per thread of at most GRAD_MAX_ROWS rows, as each block streams all T*B rows of x and
+    # h_prev ((100,256,64,64) dW_ih + dW_hh in a C benchmark: one thread 79 -> 93 GF/s with one
+    # block instead of 4, two threads 155 -> 183; (100,64,256,256) on two: 157 -> 207)
+    cdef Py_ssize_t n = GRAD_BLOCKS
+    if packed:
+        n = (rows + GRAD_MAX_ROWS - 1) // GRAD_MAX_ROWS
+        if n < n_threads:
+            n = n_threads
+    return ((rows + n - 1) // n + 15) // 16 * 16
 
 
 cdef inline void _bias_grad(const Back* K, Py_ssize_t d, const floating* dz, Py_ssize_t row0,
@@ -523,15 +540,15 @@ cdef void _weight_grad_item(Py_ssize_t item, const Back* K, const floating* x,
     cdef const floating* dz = (<const floating*> K.dz) + d * TB * K.four_h
     cdef floating acc
     if k < n_gate_blocks:
-        row0 = k * _grad_block(K.four_h)
-        n_rows = _grad_block(K.four_h) if row0 + _grad_block(K.four_h) <= K.four_h else K.four_h - row0
+        row0 = k * K.grad_rows_gate
+        n_rows = K.grad_rows_gate if row0 + K.grad_rows_gate <= K.four_h else K.four_h - row0
         if floating is float:
-            if K.pk_x != NULL:
+            if K.grad_packed:
                 # dW_ih, dW_hh and db of these rows in one pass over dz (the same sums as apart)
                 lf_pgemm_at2(n_rows, TB, dz + row0, K.four_h,
-                             K.input_size, K.pk_x, g_w_ih + (d * K.four_h + row0) * K.input_size,
-                             K.input_size,
-                             K.hidden_out, K.pk_hp + d * K.pk_hp_len,
+                             K.input_size, K.b_x, K.ld_x,
+                             g_w_ih + (d * K.four_h + row0) * K.input_size, K.input_size,
+                             K.hidden_out, K.b_hp + d * K.b_hp_dir, K.ld_hp,
                              g_w_hh + (d * K.four_h + row0) * K.hidden_out, K.hidden_out,
                              g_bias + d * K.four_h + row0)
                 return
@@ -545,8 +562,8 @@ cdef void _weight_grad_item(Py_ssize_t item, const Back* K, const floating* x,
                    g_w_hh + (d * K.four_h + row0) * K.hidden_out, <int> K.hidden_out)
         _bias_grad(K, d, dz, row0, n_rows, TB, g_bias)
     else:
-        row0 = (k - n_gate_blocks) * _grad_block(K.proj)
-        n_rows = _grad_block(K.proj) if row0 + _grad_block(K.proj) <= K.proj else K.proj - row0
+        row0 = (k - n_gate_blocks) * K.grad_rows_proj
+        n_rows = K.grad_rows_proj if row0 + K.grad_rows_proj <= K.proj else K.proj - row0
         if floating is float:
             if K.pk_hraw != NULL:
                 lf_pgemm_at(n_rows, K.hidden, TB, (<const float*> K.dh_proj) + d * TB * K.proj + row0,
@@ -698,9 +715,42 @@ def backward_layer(const floating[:, :, ::1] x,            # IN  (T, B, I) the l
     cdef floating* g_w_hh = &grad_w_hh[0, 0, 0]
     cdef floating* g_bias = &grad_bias[0, 0]
     cdef floating* g_w_hr = &grad_w_hr[0, 0, 0] if P > 0 else NULL
+    # float32 weight gradients through the packed kernel. x and h_prev are W.T operands already
+    # (rows along T*B): up to GRAD_IN_PLACE_MAX columns they are read in place, wider ones are
+    # packed along T*B (a k-block's panel would span too many pages: (50,64,512,512) backward
+    # 254 -> 267 ms in place), and so is h_raw for dW_hr. Without the memory for the packed
+    # copies, BLAS computes these gradients.
+    cdef void* pk2_raw = NULL
+    cdef float* pk2 = NULL
+    cdef size_t pk_x_len = 0, pk_hp_len = 0
+    K.grad_packed = 0
+    K.pk_hraw = NULL
+    K.pk_hraw_len = 0
+    K.ld_x = K.input_size if K.input_size <= GRAD_IN_PLACE_MAX else 0
+    K.ld_hp = K.hidden_out if K.hidden_out <= GRAD_IN_PLACE_MAX else 0
+    if floating is float:
+        if K.pk_hh != NULL and TB > 0:
+            pk_x_len = 0 if K.ld_x else lf_pack_len(K.input_size, TB)
+            pk_hp_len = 0 if K.ld_hp else lf_pack_len(K.hidden_out, TB)
+            K.pk_hraw_len = lf_pack_len(H, TB) if P > 0 else 0
+            if pk_x_len + pk_hp_len + K.pk_hraw_len == 0:
+                K.grad_packed = 1
+            else:
+                pk2 = lf_ws_aligned(WS_PACKED_GRAD, pk_x_len + D * (pk_hp_len + K.pk_hraw_len),
+                                    &pk2_raw)
+                K.grad_packed = pk2 != NULL
+    K.b_x = (<const float*> x_ptr) if K.ld_x else pk2
+    K.b_hp = (<const float*> K.h_prev) if K.ld_hp else (pk2 + pk_x_len if pk2 != NULL else NULL)
+    K.b_hp_dir = TB * K.hidden_out if K.ld_hp else pk_hp_len
     cdef Py_ssize_t n_items = K.n_chunks * D
-    cdef Py_ssize_t n_gate_blocks = (K.four_h + _grad_block(K.four_h) - 1) // _grad_block(K.four_h)
-    cdef Py_ssize_t n_proj_blocks = (P + _grad_block(P) - 1) // _grad_block(P) if P > 0 else 0
+    cdef double grad_flops = 2.0 * D * TB * K.four_h * (K.input_size + K.hidden_out) * 2
+    # the threads the weight gradients can use, per direction (the directions' items run side by side)
+    cdef Py_ssize_t grad_threads_per_dir = (<Py_ssize_t> min(n_threads, max(1.0, grad_flops / 200000))
+                                            + D - 1) // D
+    K.grad_rows_gate = _grad_block(K.four_h, K.grad_packed, grad_threads_per_dir)
+    K.grad_rows_proj = _grad_block(P, pk2 != NULL, grad_threads_per_dir) if P > 0 else 1
+    cdef Py_ssize_t n_gate_blocks = (K.four_h + K.grad_rows_gate - 1) // K.grad_rows_gate
+    cdef Py_ssize_t n_proj_blocks = (P + K.grad_rows_proj - 1) // K.grad_rows_proj if P > 0 else 0
     cdef Py_ssize_t n_weight_items = D * (n_gate_blocks + n_proj_blocks)
     cdef Py_ssize_t n_x_items = (TB + GRAD_ROWS - 1) // GRAD_ROWS
     # few row blocks (short sequences, batch 1): dx split by columns too, so that every thread
@@ -743,22 +793,9 @@ def backward_layer(const floating[:, :, ::1] x,            # IN  (T, B, I) the l
     cdef int* failed_ptr = &failed
     # threads only where there is work for them (the bits never depend on the count)
     cdef double rec_flops = 4.0 * D * TB * K.four_h * K.hidden_out
-    cdef double grad_flops = 2.0 * D * TB * K.four_h * (K.input_size + K.hidden_out) * 2
     cdef int threads_rec = <int> min(n_threads, n_items, max(1.0, rec_flops / 200000))
     cdef int threads_grad = <int> min(n_threads, n_weight_items, max(1.0, grad_flops / 200000))
     cdef int threads_wide = <int> min(n_threads, D * 8, max(1.0, rec_flops / K.seq_len / 200000))
-    # float32 weight gradients through lf_pgemm_at: x, h_prev and h_raw packed along T*B once
-    # (without the memory for it, BLAS computes them)
-    cdef void* pk2_raw = NULL
-    cdef float* pk2 = NULL
-    K.pk_x = K.pk_hp = K.pk_hraw = NULL
-    K.pk_x_len = K.pk_hp_len = K.pk_hraw_len = 0
-    if floating is float:
-        if K.pk_hh != NULL and TB > 0:
-            K.pk_x_len = lf_pack_len(K.input_size, TB)
-            K.pk_hp_len = lf_pack_len(K.hidden_out, TB)
-            K.pk_hraw_len = lf_pack_len(H, TB) if P > 0 else 0
-            pk2 = lf_ws_aligned(WS_PACKED_GRAD, K.pk_x_len + D * (K.pk_hp_len + K.pk_hraw_len), &pk2_raw)
 
     cdef long ticks = lf_ticks()          # the recurrence's time, for lf_split_record
     with nogil:
@@ -804,16 +841,16 @@ def backward_layer(const floating[:, :, ::1] x,            # IN  (T, B, I) the l
                          K.input_size, 0)
         if not failed and pk2 != NULL:
             if floating is float:
-                lf_pack_wt(x_ptr, K.input_size, K.input_size, TB, pk2)
+                if not K.ld_x:
+                    lf_pack_wt(x_ptr, K.input_size, K.input_size, TB, pk2)
                 for dd in range(D):
-                    lf_pack_wt((<const float*> K.h_prev) + dd * TB * K.hidden_out, K.hidden_out,
-                               K.hidden_out, TB, pk2 + K.pk_x_len + dd * K.pk_hp_len)
+                    if not K.ld_hp:
+                        lf_pack_wt((<const float*> K.h_prev) + dd * TB * K.hidden_out, K.hidden_out,
+                                   K.hidden_out, TB, pk2 + pk_x_len + dd * pk_hp_len)
                     if P > 0:
                         lf_pack_wt((<const float*> K.h_raw) + dd * TB * H, H, H, TB,
-                                   pk2 + K.pk_x_len + D * K.pk_hp_len + dd * K.pk_hraw_len)
-                K.pk_x = pk2
-                K.pk_hp = pk2 + K.pk_x_len
-                K.pk_hraw = (pk2 + K.pk_x_len + D * K.pk_hp_len) if P > 0 else NULL
+                                   pk2 + pk_x_len + D * pk_hp_len + dd * K.pk_hraw_len)
+                K.pk_hraw = (pk2 + pk_x_len + D * pk_hp_len) if P > 0 else NULL
         if not failed:
             if threads_grad <= 1:
                 for item in range(n_weight_items):

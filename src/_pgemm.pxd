@@ -14,8 +14,8 @@ cdef extern from "lf_pgemm.h" nogil:
     void lf_pgemm_at(size_t m, size_t n, size_t k, const float* at, size_t ldat,
                      const float* packed, float* c, size_t ldc)
     void lf_pgemm_at2(size_t m, size_t k, const float* at, size_t ldat, size_t n1,
-                      const float* packed1, float* c1, size_t ldc1, size_t n2,
-                      const float* packed2, float* c2, size_t ldc2, float* colsum)
+                      const float* b1, size_t ldb1, float* c1, size_t ldc1, size_t n2,
+                      const float* b2, size_t ldb2, float* c2, size_t ldc2, float* colsum)
     void lf_pgemv_gates(size_t hidden, size_t u0, size_t u1, size_t k, const float* a,
                         const float* packed, float* c, int backwards)
     void lf_pgemv_dir(size_t col0, size_t n_cols, size_t k, const float* a, const float* packed,

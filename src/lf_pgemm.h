@@ -248,14 +248,16 @@ static inline __mmask16 lf_mask_hi(size_t width) {
          : width > 16 ? (__mmask16) ((1u << (width - 16)) - 1u) : (__mmask16) 0;
 }
 
-/* One tile: MR rows of A times one panel, over k values; mr and a_trans are constants after
-   inlining. a_trans: A is read from its transpose stored (k, m), a[kk * lda + r]. continue_c: the
-   accumulators start from C's values, the partial sums of an earlier block of k (the same FMA
-   chain carried on, so blocking k does not change the bits). */
+/* One tile: MR rows of A times one panel, over k values; mr, a_trans and b_rows are constants
+   after inlining. a_trans: A is read from its transpose stored (k, m), a[kk * lda + r]. b_rows:
+   the panel is read in place from a row-major (k, n) matrix with leading dimension ldb (masked
+   to the panel's width: no read past a row), instead of packed (aligned, zero-padded, ldb =
+   LF_NR). continue_c: the accumulators start from C's values, the partial sums of an earlier
+   block of k (the same FMA chain carried on, so blocking k does not change the bits). */
 __attribute__((target("avx512f"), always_inline)) static inline void
-lf_tile_avx512_ex(const int mr, const int a_trans, size_t k, const float* a, size_t lda,
-                  const float* bp, float* c, size_t ldc, __mmask16 mask0, __mmask16 mask1,
-                  int accumulate, int continue_c) {
+lf_tile_avx512_bx(const int mr, const int a_trans, const int b_rows, size_t k, const float* a,
+                  size_t lda, const float* bp, size_t ldb, float* c, size_t ldc, __mmask16 mask0,
+                  __mmask16 mask1, int accumulate, int continue_c) {
     __m512 acc0[LF_MR], acc1[LF_MR];
     for (int r = 0; r < mr; r++) {
         if (continue_c) {
@@ -268,9 +270,9 @@ lf_tile_avx512_ex(const int mr, const int a_trans, size_t k, const float* a, siz
     }
 #pragma GCC unroll 2
     for (size_t kk = 0; kk < k; kk++) {
-        __m512 b0 = _mm512_load_ps(bp);
-        __m512 b1 = _mm512_load_ps(bp + 16);
-        bp += LF_NR;
+        __m512 b0 = b_rows ? _mm512_maskz_loadu_ps(mask0, bp) : _mm512_load_ps(bp);
+        __m512 b1 = b_rows ? _mm512_maskz_loadu_ps(mask1, bp + 16) : _mm512_load_ps(bp + 16);
+        bp += b_rows ? ldb : LF_NR;
         for (int r = 0; r < mr; r++) {
             __m512 av = _mm512_set1_ps(a_trans ? a[kk * lda + r] : a[r * lda + kk]);
             acc0[r] = _mm512_fmadd_ps(av, b0, acc0[r]);
@@ -286,6 +288,14 @@ lf_tile_avx512_ex(const int mr, const int a_trans, size_t k, const float* a, siz
         _mm512_mask_storeu_ps(cr, mask0, acc0[r]);
         _mm512_mask_storeu_ps(cr + 16, mask1, acc1[r]);
     }
+}
+
+__attribute__((target("avx512f"), always_inline)) static inline void
+lf_tile_avx512_ex(const int mr, const int a_trans, size_t k, const float* a, size_t lda,
+                  const float* bp, float* c, size_t ldc, __mmask16 mask0, __mmask16 mask1,
+                  int accumulate, int continue_c) {
+    lf_tile_avx512_bx(mr, a_trans, 0, k, a, lda, bp, LF_NR, c, ldc, mask0, mask1, accumulate,
+                      continue_c);
 }
 
 __attribute__((target("avx512f"), always_inline)) static inline void
@@ -328,11 +338,14 @@ lf_pgemm(size_t m, size_t col0, size_t n_cols, size_t k, const float* a, size_t 
     }
 }
 
-#define LF_TILE_AT_CASE(R) case R: lf_tile_avx512_ex(R, 1, k, a, lda, bp, c, ldc, mask0, mask1, 0, \
-                                                    continue_c); break;
+#define LF_TILE_AT_CASE(R) case R: if (ldb) lf_tile_avx512_bx(R, 1, 1, k, a, lda, bp, ldb, c, ldc, \
+                                                              mask0, mask1, 0, continue_c); \
+                                   else lf_tile_avx512_ex(R, 1, k, a, lda, bp, c, ldc, mask0, \
+                                                          mask1, 0, continue_c); break;
 
+/* ldb: 0 for a packed panel, else B's rows in place (lf_tile_avx512_bx) */
 __attribute__((target("avx512f"))) static void
-lf_tile_at_any(int mr, size_t k, const float* a, size_t lda, const float* bp, float* c,
+lf_tile_at_any(int mr, size_t k, const float* a, size_t lda, const float* bp, size_t ldb, float* c,
                size_t ldc, __mmask16 mask0, __mmask16 mask1, int continue_c) {
     switch (mr) {
         LF_TILE_AT_CASE(1) LF_TILE_AT_CASE(2) LF_TILE_AT_CASE(3) LF_TILE_AT_CASE(4)
@@ -345,39 +358,47 @@ lf_tile_at_any(int mr, size_t k, const float* a, size_t lda, const float* bp, fl
    while every row tile runs over it */
 #define LF_KC 256
 
-/* One k-block (k0, kb) of lf_pgemm_at, every panel. prefetch_next: the next block of A is asked
+/* One k-block (k0, kb) of lf_pgemm_at, every panel. ldb 0: W packed (lf_pack_w/lf_pack_wt);
+   else W.T's rows in place, row-major (k, n) with leading dimension ldb (no packing: x and
+   h_prev for the weight gradients are already laid out so). prefetch_next: the next block of A is asked
    into L2, a slice per row tile of the first panel: a long k (T*B) puts A beyond the caches, and
    its tiles' 32-byte reads at a stride of ldat floats came from memory at latency ((100,256,64,64)
    dW: 82 -> 91 GF/s in a C benchmark of that shape). */
 __attribute__((target("avx512f"), always_inline)) static inline void
-lf_pgemm_at_block(size_t m, size_t n, size_t k, size_t k0, const float* at, size_t ldat,
-                  const float* packed, float* c, size_t ldc, int prefetch_next) {
+lf_pgemm_at_block(size_t m, size_t n, size_t k, size_t k0, size_t kc, const float* at, size_t ldat,
+                  const float* packed, size_t ldb, float* c, size_t ldc, int prefetch_next) {
     size_t n_panels = (n + LF_NR - 1) / LF_NR;
-    size_t kb = k - k0 < LF_KC ? k - k0 : LF_KC;
+    size_t kb = k - k0 < kc ? k - k0 : kc;
     int cont = k0 > 0;
-    size_t kb_next = k0 + LF_KC < k ? (k - k0 - LF_KC < LF_KC ? k - k0 - LF_KC : LF_KC) : 0;
+    size_t kb_next = k0 + kc < k ? (k - k0 - kc < kc ? k - k0 - kc : kc) : 0;
     for (size_t p = 0; p < n_panels; p++) {
         size_t j0 = p * LF_NR;
         size_t width = n - j0 < LF_NR ? n - j0 : LF_NR;
         __mmask16 mask0 = lf_mask_lo(width), mask1 = lf_mask_hi(width);
-        const float* bp = packed + (p * k + k0) * LF_NR;
+        const float* bp = ldb ? packed + k0 * ldb + j0 : packed + (p * k + k0) * LF_NR;
         const float* a = at + k0 * ldat;
         size_t n_tiles = (m + LF_MR - 1) / LF_MR;
         size_t next_bytes = p == 0 && prefetch_next ? kb_next * ldat * sizeof(float) : 0;
         size_t slice = (next_bytes / n_tiles + 63) / 64 * 64;
-        const char* next_a = (const char*) (a + LF_KC * ldat);
+        const char* next_a = (const char*) (a + kc * ldat);
         size_t r = 0;
         for (; r + LF_MR <= m; r += LF_MR) {
             size_t off = r / LF_MR * slice;
             if (off < next_bytes)
                 lf_prefetch(next_a + off, off + slice <= next_bytes ? slice : next_bytes - off);
-            lf_tile_avx512_ex(LF_MR, 1, kb, a + r, ldat, bp, c + r * ldc + j0, ldc, mask0,
-                              mask1, 0, cont);
+            if (ldb)
+                lf_tile_avx512_bx(LF_MR, 1, 1, kb, a + r, ldat, bp, ldb, c + r * ldc + j0, ldc,
+                                  mask0, mask1, 0, cont);
+            else
+                lf_tile_avx512_ex(LF_MR, 1, kb, a + r, ldat, bp, c + r * ldc + j0, ldc, mask0,
+                                  mask1, 0, cont);
         }
-        if (kb_next > 0)
-            lf_prefetch(bp + LF_KC * LF_NR, kb_next * LF_NR * sizeof(float));
+        if (kb_next > 0 && !ldb)
+            lf_prefetch(bp + kc * LF_NR, kb_next * LF_NR * sizeof(float));
+        else if (kb_next > 0 && p == 0)      /* the next block's rows, all panels at once */
+            lf_prefetch(packed + (k0 + kc) * ldb, kb_next * ldb * sizeof(float));
         if (r < m)
-            lf_tile_at_any((int) (m - r), kb, a + r, ldat, bp, c + r * ldc + j0, ldc, mask0,
+            lf_tile_at_any((int) (m - r), kb, a + r, ldat, bp, ldb, c + r * ldc + j0, ldc, mask0,
                            mask1, cont);
     }
 }
@@ -392,18 +413,23 @@ lf_pgemm_at(size_t m, size_t n, size_t k, const float* at, size_t ldat, const fl
         for (size_t r = 0; r < m; r++)
             memset(c + r * ldc, 0, n * sizeof(float));
     for (size_t k0 = 0; k0 < k; k0 += LF_KC)
-        lf_pgemm_at_block(m, n, k, k0, at, ldat, packed, c, ldc, 1);
+        lf_pgemm_at_block(m, n, k, k0, LF_KC, at, ldat, packed, 0, c, ldc, 1);
 }
 
-/* Two lf_pgemm_at products of one A, C1 = A @ W1.T and C2 = A @ W2.T, block by block over k, and
+/* Two lf_pgemm_at products of one A, C1 = A @ W1.T and C2 = A @ W2.T (each W packed, ldb 0, or
+   given as W.T's rows in place, see lf_pgemm_at_block), block by block over k, and
    the sums of A's columns over k in order (colsum[i] = sum of at[q * ldat + i], or NULL): each
    block of A, read from memory once, serves all three while it is in L2. For dW_ih, dW_hh and
    db from dZ, where separate passes read dZ three times: (100,256,64,64) in 64-row blocks, both
-   products 65 -> 87 GF/s in a C benchmark. Each output is the same FMA chain (or sum) as alone. */
+   products 65 -> 87 GF/s in a C benchmark. Each output is the same FMA chain (or sum) as alone.
+   With at most 64 columns in W1 and W2, k runs in blocks of 64: a block's slice of a panel
+   (8 KB) then stays in L1 while every row tile of m runs over it ((100,256,64,64) dW_ih + dW_hh,
+   all 256 rows in one call: 93 -> 103 GF/s in a C benchmark; with more columns the partial sums
+   in C cost more than that saves). */
 __attribute__((target("avx512f"))) static void
-lf_pgemm_at2(size_t m, size_t k, const float* at, size_t ldat, size_t n1, const float* packed1,
-             float* c1, size_t ldc1, size_t n2, const float* packed2, float* c2, size_t ldc2,
-             float* colsum) {
+lf_pgemm_at2(size_t m, size_t k, const float* at, size_t ldat, size_t n1, const float* b1,
+             size_t ldb1, float* c1, size_t ldc1, size_t n2, const float* b2, size_t ldb2,
+             float* c2, size_t ldc2, float* colsum) {
     if (k == 0) {
         for (size_t r = 0; r < m; r++) {
             memset(c1 + r * ldc1, 0, n1 * sizeof(float));
@@ -412,11 +438,12 @@ lf_pgemm_at2(size_t m, size_t k, const float* at, size_t ldat, size_t n1, const 
     }
     if (colsum != NULL)
         memset(colsum, 0, m * sizeof(float));
-    for (size_t k0 = 0; k0 < k; k0 += LF_KC) {
-        lf_pgemm_at_block(m, n1, k, k0, at, ldat, packed1, c1, ldc1, 1);
-        lf_pgemm_at_block(m, n2, k, k0, at, ldat, packed2, c2, ldc2, 0);
+    size_t kc = n1 <= 64 && n2 <= 64 ? 64 : LF_KC;
+    for (size_t k0 = 0; k0 < k; k0 += kc) {
+        lf_pgemm_at_block(m, n1, k, k0, kc, at, ldat, b1, ldb1, c1, ldc1, 1);
+        lf_pgemm_at_block(m, n2, k, k0, kc, at, ldat, b2, ldb2, c2, ldc2, 0);
         if (colsum != NULL) {
-            size_t kb = k - k0 < LF_KC ? k - k0 : LF_KC;
+            size_t kb = k - k0 < kc ? k - k0 : kc;
             for (size_t i = 0; i < m; i += 16) {
                 __mmask16 lanes = m - i >= 16 ? (__mmask16) 0xFFFF : (__mmask16) ((1u << (m - i)) - 1u);
                 __m512 acc = _mm512_maskz_loadu_ps(lanes, colsum + i);
@@ -662,10 +689,10 @@ static void lf_pgemm_at(size_t m, size_t n, size_t k, const float* at, size_t ld
     (void) m; (void) n; (void) k; (void) at; (void) ldat; (void) packed; (void) c; (void) ldc;
 }
 static void lf_pgemm_at2(size_t m, size_t k, const float* at, size_t ldat, size_t n1,
-                         const float* packed1, float* c1, size_t ldc1, size_t n2,
-                         const float* packed2, float* c2, size_t ldc2, float* colsum) {
-    (void) m; (void) k; (void) at; (void) ldat; (void) n1; (void) packed1; (void) c1; (void) ldc1;
-    (void) n2; (void) packed2; (void) c2; (void) ldc2; (void) colsum;
+                         const float* b1, size_t ldb1, float* c1, size_t ldc1, size_t n2,
+                         const float* b2, size_t ldb2, float* c2, size_t ldc2, float* colsum) {
+    (void) m; (void) k; (void) at; (void) ldat; (void) n1; (void) b1; (void) ldb1; (void) c1;
+    (void) ldc1; (void) n2; (void) b2; (void) ldb2; (void) c2; (void) ldc2; (void) colsum;
 }
 static void lf_pgemv_gates_tiles(size_t hidden, size_t u0, size_t u1, size_t k, const float* a,
                                  const float* packed, float* c, int backwards, size_t tk,
