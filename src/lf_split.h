@@ -100,10 +100,13 @@ static inline long lf_team_unit_end(long hidden) {
    call on a shared core. A call that follows a pause of the shape's calls (LF_CHOICE_IDLE_TICKS)
    is not measured either: its threads were asleep, and waking them cost 0.3-0.5 ms here, which
    in one sample made split mode look slower than one thread for the next 128 calls. Only the
-   speed depends on the choice: both ways give the same bits.
+   speed depends on the choice: both ways give the same bits. Exploring costs its share of calls
+   times how much slower the other way is: with 8 calls in 128, (100,1,128,128) on two shared
+   cores ran 0.355 ms against one thread's 0.335 (split mode 1.8x slower there); 8 in 512 keep
+   that near 1 % and still notice a change within a few hundred calls.
    The table is shared by the callers' threads without locks: a lost update only costs a choice. */
 #define LF_CHOICE_SLOTS 8
-#define LF_CHOICE_EXPLORE 128
+#define LF_CHOICE_EXPLORE 512
 #define LF_CHOICE_RUN 8
 #define LF_CHOICE_IDLE_TICKS (1L << 21)   /* about a millisecond at the cycle counter's rate */
 typedef struct {

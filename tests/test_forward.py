@@ -547,19 +547,20 @@ def test_batch1_random_configurations_give_one_set_of_bits():
 def test_split_choice_follows_the_measured_speed():
     # auto mode picks split mode or one thread per shape from the measured ticks per step of each
     # (lf_split_choose): a run of 8 calls of each way first, then the faster, with a run of 8 calls
-    # of the other way every 128 calls, of which only the last 4 are measured
+    # of the other way every 512 calls, of which only the last 4 are measured
     from lstm_fast import _forward
-    n = 2000
+    n = 4000
     split = [100] * n                       # split twice as fast as one thread ...
     one = [200] * n
-    for i in range(1000, n):                # ... then twice as slow (a busy machine)
+    for i in range(2000, n):                # ... then twice as slow (a busy machine)
         split[i] = 400
     ways = _forward.split_choice_trace(123457, split, one)
     assert ways[:16] == [1] * 8 + [0] * 8
-    assert sum(ways[16:1000]) / len(ways[16:1000]) > 0.9        # mostly split
-    assert ways[120:128] == [0] * 8 and ways[248:256] == [0] * 8   # runs exploring one thread
-    assert sum(ways[1400:]) / len(ways[1400:]) < 0.1           # switched to one thread
-    assert ways[1528:1536] == [1] * 8                          # and now explores split
+    assert sum(ways[16:2000]) / len(ways[16:2000]) > 0.95       # mostly split
+    assert ways[504:512] == [0] * 8 and ways[1016:1024] == [0] * 8  # runs exploring one thread
+    assert sum(ways[16:504]) == len(ways[16:504])                 # and none between
+    assert sum(ways[2100:]) / len(ways[2100:]) < 0.05          # switched to one thread
+    assert ways[2552:2560] == [1] * 8                          # and now explores split
     # a shape where one thread is slightly faster from the start runs on one thread
     ways = _forward.split_choice_trace(987653, [100] * 600, [90] * 600)
     assert sum(ways[16:]) / 584 < 0.1
