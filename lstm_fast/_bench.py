@@ -318,7 +318,7 @@ def _plot(rows, path):
         ax.set_yticks(y, labels, fontsize=7)
         ax.set_title(f"{n_threads} thread{'s' if n_threads > 1 else ''}")
         ax.set_xlabel("speedup over the fastest of torch / ONNX Runtime")
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
