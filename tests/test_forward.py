@@ -714,6 +714,13 @@ def test_frozen_model_is_a_fixed_copy():
         lf.FrozenLSTM(6, 32)
     assert repr(f).startswith("FrozenLSTM(6, 32, num_layers=2, proj_size=4")
     assert_array_equal(f(x)[0], before)
+    bf = lf.LSTM(6, 32, batch_first=True, bidirectional=True, dtype=np.float32, seed=1)
+    x_bti = np.ascontiguousarray(x.transpose(1, 0, 2))
+    want, (want_h, _) = bf(x_bti)
+    got, (got_h, _) = bf.freeze()(x_bti)
+    assert got.shape == (1, 17, 64)
+    assert_array_equal(got, want)
+    assert_array_equal(got_h, want_h)
 
 
 def test_frozen_model_pickles_copies_and_saves(tmp_path):
