@@ -30,6 +30,7 @@ GRID = [
     (25, 128, 1024, 1024, 1, False),
 ]
 QUICK_GRID = [GRID[0], GRID[3], GRID[4]]
+GEMM_PAUSE = 0.3   # seconds after the threaded GEMM reference, before the next system runs
 
 
 def flops(T, B, I, H, layers, bidirectional):
@@ -250,10 +251,15 @@ def run(compare=False, quick=False, thread_counts=(1, 2), repeats=5, min_time=0.
                 runners["onnxruntime"] = _ort_runner(model, x, n_threads)
             times = {name: [] for name in runners}
             with threads(n_threads):
+                previous = None
                 for _ in range(repeats):          # interleaved: every system once per round
                     for name, fn in runners.items():
-                        time.sleep(pause)         # let the previous system's spinning threads idle
+                        # let the previous system's spinning threads idle; OpenBLAS's workers
+                        # spin for about 2^28 cycles (70 ms here) after a threaded call: with
+                        # 50 ms, the (100,1,128,128) call after it took 0.34 ms against 0.23
+                        time.sleep(GEMM_PAUSE if previous == "gemm" and n_threads > 1 else pause)
                         times[name].append(_timer(fn, min_time))
+                        previous = name
             med = {name: float(np.median(ts)) for name, ts in times.items()}
             peers = [med[p] for p in ("torch", "onnxruntime") if p in med]
             row = dict(threads=n_threads, shape=shape, ms=med["lstm_fast"] * 1e3,

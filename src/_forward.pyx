@@ -87,6 +87,9 @@ cdef enum:
     # sleeping libgomp worker takes tens of microseconds to wake). The thread count never changes
     # the bits, so it may follow the size of the work.
     MIN_FLOPS_PER_THREAD = 200000
+    # Packed weights of this many floats and more are packed by all threads ((25,128,1024,1024),
+    # 8M floats: a few ms of a call, serial before)
+    PACK_PARALLEL_FLOATS = 1 << 20
 
 cdef enum:
     # work-buffer slots (lf_ws_get): kept per thread from call to call
@@ -721,6 +724,39 @@ def recurrence_mode(Py_ssize_t batch, Py_ssize_t hidden, Py_ssize_t hidden_out, 
     return "chunked"
 
 
+cdef void _pack_part(const Layer* L, float* pk, Py_ssize_t item, Py_ssize_t n_parts) noexcept nogil:
+    # part item % n_parts (whole panels) of weight matrix (item // n_parts) % 3 (W_ih, W_hh, W_hr)
+    # of direction item // (3 * n_parts), packed where lf_pack_w of the whole matrix puts it
+    cdef Py_ssize_t part = item % n_parts, which = (item // n_parts) % 3
+    cdef Py_ssize_t dd = item // (3 * n_parts), rows, k, n_panels, p0, p1, end
+    cdef const float* w
+    cdef float* dst
+    if which == 0:
+        if L.split_packs and L.interleave:        # the threads pack their own (_split_pack)
+            return
+        rows, k = L.four_h, L.input_size
+        w = (<const float*> L.w_ih) + dd * rows * k
+        dst = pk + dd * L.pk_ih_len
+    elif which == 1:
+        if L.split_packs:
+            return
+        rows, k = L.four_h, L.hidden_out
+        w = (<const float*> L.w_hh) + dd * rows * k
+        dst = pk + L.n_dirs * L.pk_ih_len + dd * L.pk_hh_len
+    else:
+        if L.proj == 0:
+            return
+        rows, k = L.proj, L.hidden
+        w = (<const float*> L.w_hr) + dd * rows * k
+        dst = pk + L.n_dirs * (L.pk_ih_len + L.pk_hh_len) + dd * L.pk_hr_len
+    n_panels = (rows + 31) // 32
+    p0 = n_panels * part // n_parts
+    p1 = n_panels * (part + 1) // n_parts
+    end = p1 * 32 if p1 * 32 < rows else rows
+    if p1 > p0:
+        lf_pack_w(w + p0 * 32 * k, k, end - p0 * 32, k, dst + p0 * 32 * k)
+
+
 cdef int _forward_run(const Layer* layer, const floating* x_ptr, int n_threads,
                       int mode, const float* prepacked=NULL) except -1:
     """The layer `layer` describes (shapes, spec and the arrays' pointers set; seq_len, batch > 0)
@@ -801,6 +837,7 @@ cdef int _forward_run(const Layer* layer, const floating* x_ptr, int n_threads,
     # the projection is the call's first parallel region: its threads may be asleep (tens of
     # microseconds to wake), so it asks ten times the work per thread of the per-step phases
     cdef int threads_proj
+    cdef int threads_pack
     cdef int threads_rec = threads_for(n_threads, n_items,
                                        step_flops * L.seq_len + (proj_flops if L.fused else 0))
     cdef int threads_wide = threads_for(n_threads, L.n_dirs * L.n_col_blocks, step_flops)
@@ -845,19 +882,18 @@ cdef int _forward_run(const Layer* layer, const floating* x_ptr, int n_threads,
                 raise MemoryError("cannot allocate the packed weights")
             # split mode: the threads pack their own panels into their own caches (_split_pack)
             L.split_packs = mode == MODE_SPLIT
+            # weights of PACK_PARALLEL_FLOATS and more are packed by every thread, a share of
+            # the panels each (the same panels: the same packed copy)
+            threads_pack = n_threads if (L.n_dirs * (L.pk_ih_len + L.pk_hh_len + L.pk_hr_len)
+                                         >= PACK_PARALLEL_FLOATS) else 1
             with nogil:
-                for dd in range(L.n_dirs):
-                    if not (L.split_packs and L.interleave):
-                        lf_pack_w((<const float*> L.w_ih) + dd * L.four_h * L.input_size,
-                                  L.input_size, L.four_h, L.input_size, pk + dd * L.pk_ih_len)
-                    if not L.split_packs:
-                        lf_pack_w((<const float*> L.w_hh) + dd * L.four_h * L.hidden_out,
-                                  L.hidden_out, L.four_h, L.hidden_out,
-                                  pk + L.n_dirs * L.pk_ih_len + dd * L.pk_hh_len)
-                    if L.proj > 0:
-                        lf_pack_w((<const float*> L.w_hr) + dd * L.proj * L.hidden,
-                                  L.hidden, L.proj, L.hidden,
-                                  pk + L.n_dirs * (L.pk_ih_len + L.pk_hh_len) + dd * L.pk_hr_len)
+                if threads_pack <= 1:
+                    for item in range(3 * L.n_dirs):
+                        _pack_part(&L, pk, item, 1)
+                else:
+                    for item in prange(3 * L.n_dirs * threads_pack, num_threads=threads_pack,
+                                       schedule='static'):
+                        _pack_part(&L, pk, item, threads_pack)
         if use_packed:
             L.pk_ih = pk
             L.pk_hh = pk + L.n_dirs * L.pk_ih_len
