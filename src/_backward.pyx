@@ -100,7 +100,6 @@ ctypedef struct Back:
     const float* pk_hr
     const float* pk_ih
     size_t pk_hh_len, pk_hr_len, pk_ih_len
-    # float32 weight gradients: x, h_prev and h_raw packed along T*B (lf_pgemm_at), or NULL
     # float32 weight gradients through lf_pgemm_at2 (grad_packed): x and h_prev as W.T operands,
     # each packed along T*B (ld 0) or read in place (ld = its row length); per direction, h_prev's
     # operand starts b_hp_dir floats further
@@ -744,9 +743,10 @@ def backward_layer(const floating[:, :, ::1] x,            # IN  (T, B, I) the l
     K.b_hp_dir = TB * K.hidden_out if K.ld_hp else pk_hp_len
     cdef Py_ssize_t n_items = K.n_chunks * D
     cdef double grad_flops = 2.0 * D * TB * K.four_h * (K.input_size + K.hidden_out) * 2
-    # the threads the weight gradients can use, per direction (the directions' items run side by side)
-    cdef Py_ssize_t grad_threads_per_dir = (<Py_ssize_t> min(n_threads, max(1.0, grad_flops / 200000))
-                                            + D - 1) // D
+    # threads the weight gradients have work for; per direction (the directions' items run side
+    # by side), the row blocks a direction's gradients are cut into
+    cdef int grad_threads = <int> min(n_threads, max(1.0, grad_flops / 200000))
+    cdef Py_ssize_t grad_threads_per_dir = (grad_threads + D - 1) // D
     K.grad_rows_gate = _grad_block(K.four_h, K.grad_packed, grad_threads_per_dir)
     K.grad_rows_proj = _grad_block(P, pk2 != NULL, grad_threads_per_dir) if P > 0 else 1
     cdef Py_ssize_t n_gate_blocks = (K.four_h + K.grad_rows_gate - 1) // K.grad_rows_gate
@@ -794,7 +794,7 @@ def backward_layer(const floating[:, :, ::1] x,            # IN  (T, B, I) the l
     # threads only where there is work for them (the bits never depend on the count)
     cdef double rec_flops = 4.0 * D * TB * K.four_h * K.hidden_out
     cdef int threads_rec = <int> min(n_threads, n_items, max(1.0, rec_flops / 200000))
-    cdef int threads_grad = <int> min(n_threads, n_weight_items, max(1.0, grad_flops / 200000))
+    cdef int threads_grad = <int> min(grad_threads, n_weight_items)
     cdef int threads_wide = <int> min(n_threads, D * 8, max(1.0, rec_flops / K.seq_len / 200000))
 
     cdef long ticks = lf_ticks()          # the recurrence's time, for lf_split_record

@@ -410,7 +410,8 @@ cdef void _gates_interleaved(const Layer* L, Py_ssize_t d, Py_ssize_t s, Py_ssiz
 cdef void _run_row_interleaved(const Layer* L, Py_ssize_t d, float* scratch) noexcept nogil:
     # _run_chunk's loop for its commonest batch-1 case (interleaved projection, standard cell, no
     # projection, float32 on AVX-512): the same kernels on the same operands, so the same bits,
-    # without the per-row bookkeeping of the general loop ((100,1,32,64): a few us of 90)
+    # without the per-row bookkeeping of the general loop ((100,1,32,64): 88.4 -> 86.7 us, with
+    # 64-byte aligned buffers)
     cdef Py_ssize_t H = L.hidden, four_h = L.four_h, T = L.seq_len
     cdef Py_ssize_t length = L.lengths[0], s, t
     cdef float* gh = scratch
@@ -435,8 +436,7 @@ cdef void _run_row_interleaved(const Layer* L, Py_ssize_t d, float* scratch) noe
 cdef void _run_chunk(Py_ssize_t item, const Layer* L, floating* scratch) noexcept nogil:
     """Chunked mode: one (chunk, direction) item through all of its time steps."""
     if floating is float:
-        if (L.interleave and L.batch == 1 and L.proj == 0 and L.spec.standard
-                and lf_pgemm_available()):
+        if L.interleave and L.proj == 0 and L.spec.standard:    # interleave: packed, batch 1
             _run_row_interleaved(L, item % L.n_dirs, scratch)
             return
     cdef Py_ssize_t d = item % L.n_dirs
@@ -724,6 +724,15 @@ def recurrence_mode(Py_ssize_t batch, Py_ssize_t hidden, Py_ssize_t hidden_out, 
     return "chunked"
 
 
+cdef Py_ssize_t _packed_lens(Layer* L) noexcept nogil:
+    # sets the floats of one direction's packed W_ih, W_hh and W_hr; returns the floats of all:
+    # [W_ih of each direction | W_hh ... | W_hr ...] (_pack_part's layout)
+    L.pk_ih_len = lf_pack_len(L.four_h, L.input_size)
+    L.pk_hh_len = lf_pack_len(L.four_h, L.hidden_out)
+    L.pk_hr_len = lf_pack_len(L.proj, L.hidden) if L.proj > 0 else 0
+    return L.n_dirs * (L.pk_ih_len + L.pk_hh_len + L.pk_hr_len)
+
+
 cdef void _pack_part(const Layer* L, float* pk, Py_ssize_t item, Py_ssize_t n_parts) noexcept nogil:
     # part item % n_parts (whole panels) of weight matrix (item // n_parts) % 3 (W_ih, W_hh, W_hr)
     # of direction item // (3 * n_parts), packed where lf_pack_w of the whole matrix puts it
@@ -838,6 +847,7 @@ cdef int _forward_run(const Layer* layer, const floating* x_ptr, int n_threads,
     # microseconds to wake), so it asks ten times the work per thread of the per-step phases
     cdef int threads_proj
     cdef int threads_pack
+    cdef Py_ssize_t pk_floats = 0
     cdef int threads_rec = threads_for(n_threads, n_items,
                                        step_flops * L.seq_len + (proj_flops if L.fused else 0))
     cdef int threads_wide = threads_for(n_threads, L.n_dirs * L.n_col_blocks, step_flops)
@@ -866,16 +876,14 @@ cdef int _forward_run(const Layer* layer, const floating* x_ptr, int n_threads,
     L.split_packs = 0
     if floating is float:
         if use_packed:
-            L.pk_ih_len = lf_pack_len(L.four_h, L.input_size)
-            L.pk_hh_len = lf_pack_len(L.four_h, L.hidden_out)
-            L.pk_hr_len = lf_pack_len(L.proj, L.hidden) if L.proj > 0 else 0
+            pk_floats = _packed_lens(&L)
             n_col_groups = (L.four_h + PROJ_COLS - 1) // PROJ_COLS
         if use_packed and prepacked != NULL:
             # a frozen model's weights, packed once when it was frozen (pack_weights): no packing
             # per call, which is most of a short batch-1 call's fixed cost
             pk = <float*> prepacked
         elif use_packed:
-            pk = lf_ws_aligned(WS_PACKED, L.n_dirs * (L.pk_ih_len + L.pk_hh_len + L.pk_hr_len), &pk_raw)
+            pk = lf_ws_aligned(WS_PACKED, pk_floats, &pk_raw)
             if pk == NULL:
                 lf_ws_release(WS_GX, gx_all)
                 free(w_hh_t)
@@ -884,8 +892,7 @@ cdef int _forward_run(const Layer* layer, const floating* x_ptr, int n_threads,
             L.split_packs = mode == MODE_SPLIT
             # weights of PACK_PARALLEL_FLOATS and more are packed by every thread, a share of
             # the panels each (the same panels: the same packed copy)
-            threads_pack = n_threads if (L.n_dirs * (L.pk_ih_len + L.pk_hh_len + L.pk_hr_len)
-                                         >= PACK_PARALLEL_FLOATS) else 1
+            threads_pack = n_threads if pk_floats >= PACK_PARALLEL_FLOATS else 1
             with nogil:
                 if threads_pack <= 1:
                     for item in range(3 * L.n_dirs):
@@ -971,9 +978,9 @@ cdef void _layer_shapes(Layer* L, Py_ssize_t seq_len, Py_ssize_t batch, Py_ssize
 
 
 cdef Py_ssize_t _packed_floats(const Layer* L) noexcept nogil:
-    # floats of a layer's packed weights: [W_ih of each direction | W_hh ... | W_hr ...]
-    return L.n_dirs * (lf_pack_len(L.four_h, L.input_size) + lf_pack_len(L.four_h, L.hidden_out)
-                       + (lf_pack_len(L.proj, L.hidden) if L.proj > 0 else 0))
+    # floats of a layer's packed weights, its own lengths left as they are
+    cdef Layer shapes = L[0]
+    return _packed_lens(&shapes)
 
 
 cdef int _prepacked_pointer(object prepacked, const Layer* L, const float** out) except -1:
@@ -999,7 +1006,7 @@ def pack_weights(const float[:, :, ::1] w_ih,         # IN  (D, 4H, I)
     that packing): a read-only 64-byte aligned 1-D float32 array. None where the packed kernel
     is off or missing (the calls then run BLAS, which takes the weights as they are)."""
     cdef Layer L
-    cdef Py_ssize_t D = w_ih.shape[0], four_h = w_ih.shape[1], P = w_hr.shape[1], n, dd
+    cdef Py_ssize_t D = w_ih.shape[0], four_h = w_ih.shape[1], P = w_hr.shape[1], n, item
     if (four_h % 4 or w_hh.shape[0] != D or w_hh.shape[1] != four_h
             or w_hh.shape[2] != (P if P > 0 else four_h // 4)
             or (P > 0 and (w_hr.shape[0] != D or w_hr.shape[2] != four_h // 4))):
@@ -1009,19 +1016,19 @@ def pack_weights(const float[:, :, ::1] w_ih,         # IN  (D, 4H, I)
     if not (_packed_enabled and lf_pgemm_available()):
         return None
     _layer_shapes(&L, 1, 1, w_ih.shape[2], D, four_h, P, D * (P if P > 0 else four_h // 4))
-    n = _packed_floats(&L)
+    L.w_ih = &w_ih[0, 0, 0]
+    L.w_hh = &w_hh[0, 0, 0]
+    L.w_hr = &w_hr[0, 0, 0] if P > 0 else NULL
+    L.split_packs = 0
+    L.interleave = 0
+    n = _packed_lens(&L)
     buf = np.empty(n + 16, dtype=np.float32)
     cdef Py_ssize_t skip = ((64 - (<size_t> cnp.PyArray_DATA(buf)) % 64) % 64) // 4
     out = buf[skip:skip + n]
     cdef float* pk = <float*> cnp.PyArray_DATA(out)
-    cdef Py_ssize_t ih = lf_pack_len(four_h, L.input_size), hh = lf_pack_len(four_h, L.hidden_out)
-    cdef Py_ssize_t hr = lf_pack_len(P, L.hidden) if P > 0 else 0
     with nogil:
-        for dd in range(D):
-            lf_pack_w(&w_ih[dd, 0, 0], L.input_size, four_h, L.input_size, pk + dd * ih)
-            lf_pack_w(&w_hh[dd, 0, 0], L.hidden_out, four_h, L.hidden_out, pk + D * ih + dd * hh)
-            if P > 0:
-                lf_pack_w(&w_hr[dd, 0, 0], L.hidden, P, L.hidden, pk + D * (ih + hh) + dd * hr)
+        for item in range(3 * D):          # what a call's packing writes (_forward_run)
+            _pack_part(&L, pk, item, 1)
     out.flags.writeable = False
     return out
 

@@ -50,8 +50,8 @@ static inline size_t lf_pack_len(size_t n, size_t k) {
 }
 
 /* `bytes` at a 64-byte boundary, released with free(): vectors of a row that starts there never
-   straddle two cache lines. malloc's 16-byte alignment cost batch-1 steps 10-15 % (gate and
-   state rows of a few hundred bytes, read and written every step with 64-byte vectors). */
+   straddle two cache lines (gate and state rows, read and written every step with 64-byte
+   vectors). Measured with the batch-1 row loop: (100,1,32,64) 89.9 -> 88.4 us. */
 static inline void* lf_malloc64(size_t bytes) {
 #if defined(__unix__) || defined(__APPLE__)
     void* p = NULL;
