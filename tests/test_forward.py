@@ -658,6 +658,12 @@ def test_frozen_model_gives_the_same_bits(dtype, shape, mode):
     out, (_, c_n) = f(x)
     assert_allclose(out, ref_out, **tol(dtype))
     assert_allclose(c_n, ref_c, **tol(dtype))
+    if mode == 0:                                   # and torch.nn.LSTM with the same weights
+        torch = _torch()
+        with torch.no_grad():
+            t_out, (_, t_c) = _torch_lstm(f)(torch.from_numpy(x))
+        assert_allclose(out, t_out.numpy(), **tol(dtype))
+        assert_allclose(c_n, t_c.numpy(), **tol(dtype))
 
 
 @pytest.mark.parametrize("shape", FROZEN_SHAPES, ids=[str(s) for s in FROZEN_SHAPES])
