@@ -53,6 +53,11 @@ class Gradients:
     params: dict
 
 
+# the caches of full-length batches are left unfilled: zeroing them cost (100,256,64,64) 1.5 ms
+# of a 22 ms forward (a test fills them with NaN instead, to show every row is written)
+_uninitialised = np.empty
+
+
 def _signature(model):
     return (model.input_size, model.hidden_size, model.num_layers, model.bias, model.batch_first,
             model.bidirectional, model.proj_size, model.dtype.str)
@@ -65,7 +70,7 @@ def forward_train(model, x, hx=None, lengths=None, rng=None):
     D, H, L = model.num_directions, model.hidden_size, model.num_layers
     h_n, c_n = h0.copy(), c0.copy()
     n_threads = _threads.get_num_threads()
-    alloc = np.zeros if padded else np.empty
+    alloc = np.zeros if padded else _uninitialised   # full length: the kernel writes every row
     inputs, outputs, gates, cells, masks = [], [], [], [], []
     layer_input = x
     if model.dropout > 0 and L > 1 and rng is None:
@@ -73,8 +78,8 @@ def forward_train(model, x, hx=None, lengths=None, rng=None):
     with BLAS_SINGLE:
         for k in range(L):
             y = alloc((seq_len, batch, D * model.hidden_out), model.dtype)
-            g = np.zeros((D, seq_len, batch, 4 * H), model.dtype)
-            c = np.zeros((D, seq_len, batch, H), model.dtype)
+            g = alloc((D, seq_len, batch, 4 * H), model.dtype)
+            c = alloc((D, seq_len, batch, H), model.dtype)
             run_layer(layer_input, model._w_ih[k], model._w_hh[k], model._bias_sums(k),
                       model._w_hr[k] if model.proj_size else None, order, lens,
                       h_n[k * D:(k + 1) * D], c_n[k * D:(k + 1) * D], y, n_threads,

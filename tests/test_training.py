@@ -314,6 +314,34 @@ def test_gradients_are_the_same_bits_for_any_thread_count(dtype, mode):
             assert_array_equal(other.params[name], results[0].params[name])
 
 
+@pytest.mark.parametrize("n_threads", [1, 2])
+@pytest.mark.parametrize("mode", [0, 1, 2], ids=["auto", "chunked", "wide"])
+@pytest.mark.parametrize("shape", [(12, 1, 16, 128, 1, False, 0), (9, 9, 5, 64, 2, True, 0),
+                                   (9, 3, 5, 32, 2, False, 8)],
+                         ids=["b1-h128", "b9-bi-2L", "b3-proj"])
+def test_forward_train_writes_every_cache_row(monkeypatch, shape, mode, n_threads):
+    # full-length batches get unfilled caches: filled with NaN, the gradients must not change
+    import lstm_fast._train as train
+
+    T, B, I, H, L, bi, P = shape
+    m = lf.LSTM(I, H, num_layers=L, bidirectional=bi, proj_size=P, seed=3)
+    m._recurrence_mode = mode
+    x = np.random.default_rng(4).standard_normal((T, B, I)).astype(np.float32)
+    g_out = np.random.default_rng(5).standard_normal((T, B, m.num_directions * m.hidden_out)).astype(np.float32)
+    runs = []
+    for fill in (np.zeros, lambda shape, dtype: np.full(shape, np.nan, dtype)):
+        monkeypatch.setattr(train, "_uninitialised", fill)
+        with lf.threads(n_threads):
+            out, _, cache = m.forward_train(x)
+            runs.append((out, m.backward(cache, g_out)))
+    assert np.isfinite(runs[1][0]).all()
+    assert_array_equal(runs[1][0], runs[0][0])
+    assert_array_equal(runs[1][1].input, runs[0][1].input)
+    for name in runs[0][1].params:
+        assert np.isfinite(runs[1][1].params[name]).all(), name
+        assert_array_equal(runs[1][1].params[name], runs[0][1].params[name])
+
+
 @pytest.mark.parametrize("hidden", [20, 200], ids=["chunked", "wide"])
 def test_large_batch_thread_invariance(hidden):
     m = lf.LSTM(6, hidden, bidirectional=True, seed=0)
