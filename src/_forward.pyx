@@ -1235,6 +1235,29 @@ def gate_math_py(floating[::1] values, str function):
     return out
 
 
+def cell_gates_py(const floating[:, ::1] z, floating[::1] c):
+    """Test twin of the sequence kernels' cell (AVX-512 for float32 where the CPU has it): gate
+    pre-activations z (4, H) in [i|f|g|o] order and c (H,) updated in place; returns the
+    activated gates (4, H) and h_raw (H,)."""
+    cdef Py_ssize_t H = z.shape[1]
+    if z.shape[0] != 4 or c.shape[0] != H:
+        raise ValueError(f"cell_gates_py: z must be (4, H) and c (H,), got ({z.shape[0]}, {z.shape[1]}) and ({c.shape[0]},)")
+    dt = np.float32 if floating is float else np.float64
+    zeros = np.zeros(4 * H, dtype=dt)
+    gates = np.empty((4, H), dtype=dt)
+    h = np.empty(H, dtype=dt)
+    c_out = np.empty(H, dtype=dt)
+    cdef floating[::1] zero_v = zeros
+    cdef floating[:, ::1] g_v = gates
+    cdef floating[::1] h_v = h
+    cdef floating[::1] c_out_v = c_out
+    if H > 0:
+        with nogil:
+            cell_row_cached(H, &z[0, 0], &zero_v[0], &zero_v[0], &c[0], &h_v[0], &g_v[0, 0],
+                            &c_out_v[0])
+    return gates, h
+
+
 def gemm_repeat_py(const floating[:, ::1] a, const floating[:, ::1] b, floating[:, ::1] c,
                    Py_ssize_t repeats):
     """Benchmark twin: c = a @ b.T, `repeats` times through the kernels' own BLAS wrapper without

@@ -63,19 +63,25 @@ cdef extern from *:
         return 1.0f / (1.0f + lf_expf(-x));
     }
     static inline float lf_tanhf(float x) {
-        /* |x| < 0.25: odd Taylor polynomial to x^11 (no cancellation near 0);
-           else sign(x) * (1 - 2 / (e^(2|x|) + 1)). NaN fails the comparison and takes the second. */
-        float ax = fabsf(x);
-        float x2 = x * x;
-        float q = -8.86323552e-3f;            /* -1382/155925 */
-        q = q * x2 + 2.18694885e-2f;          /* 62/2835 */
-        q = q * x2 - 5.39682540e-2f;          /* -17/315 */
-        q = q * x2 + 1.33333333e-1f;          /* 2/15 */
-        q = q * x2 - 3.33333333e-1f;          /* -1/3 */
-        float small = x + x * x2 * q;
-        float big = 1.0f - 2.0f / (lf_expf(2.0f * ax) + 1.0f);
-        big = copysignf(big, x);
-        return ax < 0.25f ? small : big;
+        /* sign(x) * m / (m + 2), m = e^(2|x|) - 1 = 2^n (e^r - 1) + (2^n - 1) as in lf_expf: e^r - 1
+           keeps its relative accuracy near 0 (no cancellation, no second formula for small |x|).
+           2|x| is clamped to 20, where tanh is 1.0f; NaN fails the comparison and passes. */
+        float a = 2.0f * fabsf(x);
+        a = a > 20.0f ? 20.0f : a;
+        float n = (a * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+        float r = a - n * 0.693359375f;
+        r = r - n * -2.12194440e-4f;
+        float p = 1.98412698e-4f;
+        p = p * r + 1.38888889e-3f;
+        p = p * r + 8.33333333e-3f;
+        p = p * r + 4.16666667e-2f;
+        p = p * r + 1.66666667e-1f;
+        p = p * r + 0.5f;
+        float em_r = p * r * r + r;
+        union { int32_t i; float f; } scale;
+        scale.i = ((int32_t) n + 127) << 23;
+        float m = em_r * scale.f + (scale.f - 1.0f);
+        return copysignf(m / (m + 2.0f), x);
     }
     static inline double lf_sigmoid(double x) { return 1.0 / (1.0 + exp(-x)); }
 

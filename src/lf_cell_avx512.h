@@ -42,22 +42,29 @@ LF_AVX512 __m512 lf_sigmoid512(__m512 x) {
 }
 
 LF_AVX512 __m512 lf_tanh512(__m512 x) {
-    /* |x| < 0.25: odd polynomial (no cancellation near 0); else sign(x) * (1 - 2 / (e^2|x| + 1)) */
+    /* sign(x) * m / (m + 2) with m = e^(2|x|) - 1 = 2^n (e^r - 1) + (2^n - 1): e^r - 1 keeps its
+       relative accuracy near 0, so no second polynomial for small |x| (9.0 -> 5.4 ns per 16
+       values, worst error 5.5 -> 2.9 ulp over every float in [1e-30, 30]). 2|x| is clamped to 20,
+       where tanh is 1.0f; NaN passes the min. */
     __m512 sign = _mm512_castsi512_ps(_mm512_and_epi32(_mm512_castps_si512(x), _mm512_set1_epi32((int) 0x80000000u)));
     __m512 ax = _mm512_castsi512_ps(_mm512_and_epi32(_mm512_castps_si512(x), _mm512_set1_epi32(0x7FFFFFFF)));
-    __m512 x2 = _mm512_mul_ps(x, x);
-    __m512 q = _mm512_set1_ps(-8.86323552e-3f);
-    q = _mm512_fmadd_ps(q, x2, _mm512_set1_ps(2.18694885e-2f));
-    q = _mm512_fmadd_ps(q, x2, _mm512_set1_ps(-5.39682540e-2f));
-    q = _mm512_fmadd_ps(q, x2, _mm512_set1_ps(1.33333333e-1f));
-    q = _mm512_fmadd_ps(q, x2, _mm512_set1_ps(-3.33333333e-1f));
-    __m512 small = _mm512_fmadd_ps(_mm512_mul_ps(x, x2), q, x);
-    __m512 e = lf_exp512(_mm512_add_ps(ax, ax));
-    __m512 big = _mm512_fnmadd_ps(_mm512_set1_ps(2.0f), lf_recip512(_mm512_add_ps(e, _mm512_set1_ps(1.0f))),
-                                  _mm512_set1_ps(1.0f));
-    big = _mm512_castsi512_ps(_mm512_or_epi32(_mm512_castps_si512(big), _mm512_castps_si512(sign)));
-    __mmask16 is_small = _mm512_cmp_ps_mask(ax, _mm512_set1_ps(0.25f), _CMP_LT_OQ);
-    return _mm512_mask_blend_ps(is_small, big, small);
+    __m512 a = _mm512_min_ps(_mm512_set1_ps(20.0f), _mm512_add_ps(ax, ax));
+    __m512 shifter = _mm512_set1_ps(12582912.0f);
+    __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(a, _mm512_set1_ps(1.44269504088896341f), shifter),
+                             shifter);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), a);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.98412698e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.38888889e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.33333333e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.16666667e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.66666667e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    __m512 em_r = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r);
+    __m512 two_n = _mm512_scalef_ps(_mm512_set1_ps(1.0f), n);
+    __m512 m = _mm512_fmadd_ps(em_r, two_n, _mm512_sub_ps(two_n, _mm512_set1_ps(1.0f)));
+    __m512 t = _mm512_mul_ps(m, lf_recip512(_mm512_add_ps(m, _mm512_set1_ps(2.0f))));
+    return _mm512_castsi512_ps(_mm512_or_epi32(_mm512_castps_si512(t), _mm512_castps_si512(sign)));
 }
 
 /* units j..j+32 of a row (lf_cell_units_avx512), as two vectors of 16 whose independent chains
