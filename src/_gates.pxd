@@ -41,9 +41,8 @@ cdef extern from *:
        Clamping x to [-87, 88] keeps 2^n a normal float; comparisons are written so NaN passes through. */
     #include <stdint.h>
     #include <math.h>
-    static inline float lf_expf(float x) {
-        x = x > 88.0f ? 88.0f : x;
-        x = x < -87.0f ? -87.0f : x;
+    /* x = n*ln2 + r; returns p(r) with e^r = 1 + r + p(r) r^2 */
+    static inline float lf_exp_reduced(float x, float* n_out, float* r_out) {
         /* round to nearest by adding and removing 1.5 * 2^23 (vectorises, unlike floorf's libm call) */
         float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
         float r = x - n * 0.693359375f;
@@ -53,34 +52,35 @@ cdef extern from *:
         p = p * r + 8.33333333e-3f;           /* 1/120 */
         p = p * r + 4.16666667e-2f;           /* 1/24 */
         p = p * r + 1.66666667e-1f;           /* 1/6 */
-        p = p * r + 0.5f;
-        p = p * r * r + r + 1.0f;
+        *n_out = n;
+        *r_out = r;
+        return p * r + 0.5f;
+    }
+    static inline float lf_pow2f(float n) {   /* 2^n for a whole n in [-126, 127] */
         union { int32_t i; float f; } scale;
         scale.i = ((int32_t) n + 127) << 23;
-        return p * scale.f;
+        return scale.f;
+    }
+    static inline float lf_expf(float x) {
+        x = x > 88.0f ? 88.0f : x;
+        x = x < -87.0f ? -87.0f : x;
+        float n, r;
+        float p = lf_exp_reduced(x, &n, &r);
+        return (p * r * r + r + 1.0f) * lf_pow2f(n);
     }
     static inline float lf_sigmoidf(float x) {
         return 1.0f / (1.0f + lf_expf(-x));
     }
     static inline float lf_tanhf(float x) {
-        /* sign(x) * m / (m + 2), m = e^(2|x|) - 1 = 2^n (e^r - 1) + (2^n - 1) as in lf_expf: e^r - 1
-           keeps its relative accuracy near 0 (no cancellation, no second formula for small |x|).
+        /* sign(x) * m / (m + 2), m = e^(2|x|) - 1 = 2^n (e^r - 1) + (2^n - 1): e^r - 1 keeps its
+           relative accuracy near 0 (no cancellation, no second formula for small |x|).
            2|x| is clamped to 20, where tanh is 1.0f; NaN fails the comparison and passes. */
         float a = 2.0f * fabsf(x);
         a = a > 20.0f ? 20.0f : a;
-        float n = (a * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-        float r = a - n * 0.693359375f;
-        r = r - n * -2.12194440e-4f;
-        float p = 1.98412698e-4f;
-        p = p * r + 1.38888889e-3f;
-        p = p * r + 8.33333333e-3f;
-        p = p * r + 4.16666667e-2f;
-        p = p * r + 1.66666667e-1f;
-        p = p * r + 0.5f;
-        float em_r = p * r * r + r;
-        union { int32_t i; float f; } scale;
-        scale.i = ((int32_t) n + 127) << 23;
-        float m = em_r * scale.f + (scale.f - 1.0f);
+        float n, r;
+        float p = lf_exp_reduced(a, &n, &r);
+        float scale = lf_pow2f(n);
+        float m = (p * r * r + r) * scale + (scale - 1.0f);
         return copysignf(m / (m + 2.0f), x);
     }
     static inline double lf_sigmoid(double x) { return 1.0 / (1.0 + exp(-x)); }

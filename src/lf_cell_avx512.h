@@ -16,21 +16,27 @@ LF_AVX512 __m512 lf_recip512(__m512 d) {
     return _mm512_fmadd_ps(_mm512_fnmadd_ps(d, r, _mm512_set1_ps(1.0f)), r, r);
 }
 
+/* x = n ln2 + r, |r| <= ln2/2 (Cody-Waite split of ln2); returns the polynomial p(r) with
+   e^r = 1 + r + p(r) r^2 (Taylor to r^7). x must lie in [-87, 88]. */
+LF_AVX512 __m512 lf_exp_reduced512(__m512 x, __m512* n, __m512* r) {
+    __m512 shifter = _mm512_set1_ps(12582912.0f);
+    *n = _mm512_sub_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), shifter), shifter);
+    *r = _mm512_fnmadd_ps(*n, _mm512_set1_ps(0.693359375f), x);
+    *r = _mm512_fnmadd_ps(*n, _mm512_set1_ps(-2.12194440e-4f), *r);
+    __m512 p = _mm512_set1_ps(1.98412698e-4f);
+    p = _mm512_fmadd_ps(p, *r, _mm512_set1_ps(1.38888889e-3f));
+    p = _mm512_fmadd_ps(p, *r, _mm512_set1_ps(8.33333333e-3f));
+    p = _mm512_fmadd_ps(p, *r, _mm512_set1_ps(4.16666667e-2f));
+    p = _mm512_fmadd_ps(p, *r, _mm512_set1_ps(1.66666667e-1f));
+    return _mm512_fmadd_ps(p, *r, _mm512_set1_ps(0.5f));
+}
+
 LF_AVX512 __m512 lf_exp512(__m512 x) {
     /* min/max with the constant first return x when x is NaN, so NaN passes through */
     x = _mm512_min_ps(_mm512_set1_ps(88.0f), x);
     x = _mm512_max_ps(_mm512_set1_ps(-87.0f), x);
-    __m512 shifter = _mm512_set1_ps(12582912.0f);
-    __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), shifter),
-                             shifter);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.98412698e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.38888889e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.33333333e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.16666667e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.66666667e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    __m512 n, r;
+    __m512 p = lf_exp_reduced512(x, &n, &r);
     p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
     /* p * 2^n in one instruction: n is a whole number in [-126, 127] here, so this is the same
        exact product as multiplying by a float built from n's exponent bits */
@@ -49,17 +55,8 @@ LF_AVX512 __m512 lf_tanh512(__m512 x) {
     __m512 sign = _mm512_castsi512_ps(_mm512_and_epi32(_mm512_castps_si512(x), _mm512_set1_epi32((int) 0x80000000u)));
     __m512 ax = _mm512_castsi512_ps(_mm512_and_epi32(_mm512_castps_si512(x), _mm512_set1_epi32(0x7FFFFFFF)));
     __m512 a = _mm512_min_ps(_mm512_set1_ps(20.0f), _mm512_add_ps(ax, ax));
-    __m512 shifter = _mm512_set1_ps(12582912.0f);
-    __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(a, _mm512_set1_ps(1.44269504088896341f), shifter),
-                             shifter);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), a);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.98412698e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.38888889e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.33333333e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.16666667e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.66666667e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    __m512 n, r;
+    __m512 p = lf_exp_reduced512(a, &n, &r);
     __m512 em_r = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r);
     __m512 two_n = _mm512_scalef_ps(_mm512_set1_ps(1.0f), n);
     __m512 m = _mm512_fmadd_ps(em_r, two_n, _mm512_sub_ps(two_n, _mm512_set1_ps(1.0f)));
