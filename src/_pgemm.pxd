@@ -7,6 +7,7 @@ cdef extern from "lf_pgemm.h" nogil:
     void lf_ws_release(int slot, void* p)
     float* lf_ws_aligned(int slot, size_t n_floats, void** raw)
     void lf_pack_w(const float* w, size_t ldw, size_t n, size_t k, float* packed)
+    void lf_pack_w_for(const float* w, size_t ldw, size_t n, size_t k, float* packed, int shared)
     void lf_pack_wt(const float* wt, size_t ldw, size_t n, size_t k, float* packed)
     int lf_pgemm_available()
     void lf_pgemm(size_t m, size_t col0, size_t n_cols, size_t k, const float* a, size_t lda,

@@ -819,3 +819,28 @@ def test_weights_packed_by_every_thread_give_the_same_bits(shape):
         assert_array_equal(c_n, results[0][1][1])
     ref_out, _ = reference.lstm(x.astype(np.float64), m.state_dict(), 1, bi)
     assert_allclose(results[0][0], ref_out, **tol(np.float32))
+
+
+@pytest.mark.parametrize("mode", [0, 2], ids=["auto", "wide"])
+@pytest.mark.parametrize("shape", [(16, 32, 64, False, 0), (9, 40, 96, True, 24)])
+def test_packing_over_another_models_copy_reads_this_models_weights(shape, mode):
+    # with several threads, packing compares the kept packed copy and writes only what differs
+    # (lf_store_packed): after a call of a model whose weights differ in one value, and in the
+    # sign of a zero, each model must still compute with its own weights
+    B, I, H, bi, P = shape
+    a = lf.LSTM(I, H, bidirectional=bi, proj_size=P, dtype=np.float32, seed=8)
+    a.parameters()["weight_ih_l0"][0, 0] = 0.0
+    b = lf.LSTM(I, H, bidirectional=bi, proj_size=P, dtype=np.float32, seed=8)
+    b.parameters()["weight_ih_l0"][0, 0] = -0.0
+    b.parameters()["weight_hh_l0"][5, 3] += 1e-3
+    a._recurrence_mode = b._recurrence_mode = mode
+    x = np.random.default_rng(9).standard_normal((6, B, I)).astype(np.float32)
+    with lf.threads(1):
+        ref_a, ref_b = a(x)[0], b(x)[0]
+    assert not np.array_equal(ref_a, ref_b)
+    with lf.threads(2):
+        for _ in range(3):
+            assert_array_equal(a(x)[0], ref_a)
+            assert_array_equal(b(x)[0], ref_b)
+    ref_out, _ = reference.lstm(x.astype(np.float64), b.state_dict(), 1, bi)
+    assert_allclose(ref_b, ref_out, **tol(np.float32))
