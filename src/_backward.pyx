@@ -20,7 +20,7 @@ from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy, memset
 
 from _blas cimport gemm_rm, gemm_rm_tn, gemv_rm
-from _pgemm cimport (lf_ws_get, lf_ws_release, lf_ws_aligned, lf_pack_len, lf_pack_wt, lf_pgemm,
+from _pgemm cimport (lf_ws_get, lf_ws_release, lf_ws_aligned, lf_pack_len, lf_pack_wt, lf_pack_wt_for, lf_pgemm,
                      lf_pgemm_at, lf_pgemm_at2, lf_pgemv, lf_pgemv_gates_tiles)
 from _gates cimport lf_tanhf   # brings the vectorisable float32 tanh into this module's C
 from _split cimport (lf_barrier, lf_barrier_init, lf_team_size, lf_team_unit_begin,
@@ -678,15 +678,17 @@ def backward_layer(const floating[:, :, ::1] x,            # IN  (T, B, I) the l
             if pk == NULL:
                 _release_all(dz, h_prev, h_raw, dh_proj)
                 raise MemoryError("cannot allocate the packed weights of backward")
+            # with more threads, only what changed is written (lf_pack_w_for in the forward)
             with nogil:
                 for dd in range(D):
-                    lf_pack_wt(&w_hh[dd, 0, 0], K.hidden_out, K.hidden_out, K.four_h,
-                               pk + dd * K.pk_hh_len)
-                    lf_pack_wt(&w_ih[dd, 0, 0], K.input_size, K.input_size, K.four_h,
-                               pk + D * K.pk_hh_len + dd * K.pk_ih_len)
+                    lf_pack_wt_for(&w_hh[dd, 0, 0], K.hidden_out, K.hidden_out, K.four_h,
+                                   pk + dd * K.pk_hh_len, n_threads > 1)
+                    lf_pack_wt_for(&w_ih[dd, 0, 0], K.input_size, K.input_size, K.four_h,
+                                   pk + D * K.pk_hh_len + dd * K.pk_ih_len, n_threads > 1)
                     if P > 0:
-                        lf_pack_wt(&w_hr[dd, 0, 0], H, H, P,
-                                   pk + D * (K.pk_hh_len + K.pk_ih_len) + dd * K.pk_hr_len)
+                        lf_pack_wt_for(&w_hr[dd, 0, 0], H, H, P,
+                                       pk + D * (K.pk_hh_len + K.pk_ih_len) + dd * K.pk_hr_len,
+                                       n_threads > 1)
             K.pk_hh = pk
             K.pk_ih = pk + D * K.pk_hh_len
             K.pk_hr = (pk + D * (K.pk_hh_len + K.pk_ih_len)) if P > 0 else NULL

@@ -9,6 +9,7 @@ cdef extern from "lf_pgemm.h" nogil:
     void lf_pack_w(const float* w, size_t ldw, size_t n, size_t k, float* packed)
     void lf_pack_w_for(const float* w, size_t ldw, size_t n, size_t k, float* packed, int shared)
     void lf_pack_wt(const float* wt, size_t ldw, size_t n, size_t k, float* packed)
+    void lf_pack_wt_for(const float* wt, size_t ldw, size_t n, size_t k, float* packed, int shared)
     int lf_pgemm_available()
     void lf_pgemm(size_t m, size_t col0, size_t n_cols, size_t k, const float* a, size_t lda,
                   const float* packed, float* c, size_t ldc, int accumulate)

@@ -697,6 +697,30 @@ static void lf_pack_w_for(const float* w, size_t ldw, size_t n, size_t k, float*
 static void lf_pack_w(const float* w, size_t ldw, size_t n, size_t k, float* packed) {
     lf_pack_w_for(w, ldw, n, k, packed, 0);
 }
+/* lf_pack_wt for a copy other threads read too: the kept copy compared first (lf_store_packed) */
+__attribute__((target("avx512f"))) static void
+lf_pack_wt_shared_avx512(const float* wt, size_t ldw, size_t n, size_t k, float* packed) {
+    size_t n_panels = (n + LF_NR - 1) / LF_NR;
+    for (size_t p = 0; p < n_panels; p++) {
+        float* dst = packed + p * k * LF_NR;
+        size_t j0 = p * LF_NR, width = n - j0 < LF_NR ? n - j0 : LF_NR;
+        __mmask16 m0 = width >= 16 ? (__mmask16) 0xFFFF : (__mmask16) ((1u << width) - 1u);
+        __mmask16 m1 = width >= 32 ? (__mmask16) 0xFFFF
+                     : width > 16 ? (__mmask16) ((1u << (width - 16)) - 1u) : (__mmask16) 0;
+        for (size_t kk = 0; kk < k; kk++) {
+            const float* src = wt + kk * ldw + j0;
+            lf_store_packed(dst + kk * LF_NR, _mm512_maskz_loadu_ps(m0, src), 1);
+            lf_store_packed(dst + kk * LF_NR + 16, _mm512_maskz_loadu_ps(m1, src + 16), 1);
+        }
+    }
+}
+static void lf_pack_wt_for(const float* wt, size_t ldw, size_t n, size_t k, float* packed,
+                           int shared) {
+    if (shared && lf_pgemm_available())
+        lf_pack_wt_shared_avx512(wt, ldw, n, k, packed);
+    else
+        lf_pack_wt(wt, ldw, n, k, packed);
+}
 #else
 static int lf_pgemm_available(void) { return 0; }
 static void lf_pack_w_for(const float* w, size_t ldw, size_t n, size_t k, float* packed,
@@ -706,6 +730,11 @@ static void lf_pack_w_for(const float* w, size_t ldw, size_t n, size_t k, float*
 }
 static void lf_pack_w(const float* w, size_t ldw, size_t n, size_t k, float* packed) {
     lf_pack_w_scalar(w, ldw, n, k, packed);
+}
+static void lf_pack_wt_for(const float* wt, size_t ldw, size_t n, size_t k, float* packed,
+                           int shared) {
+    (void) shared;
+    lf_pack_wt(wt, ldw, n, k, packed);
 }
 static void lf_pgemv_dir(size_t col0, size_t n_cols, size_t k, const float* a,
                          const float* packed, float* c, int backwards) {

@@ -540,3 +540,29 @@ def test_learns_the_adding_problem():
     val_loss = float(np.mean((head(out[:, -1]) - y_val) ** 2))
     assert baseline > 0.1
     assert val_loss < 0.1 * baseline
+
+
+@pytest.mark.parametrize("shape", [(1, 24, 128, False, 0), (9, 40, 96, True, 24)])
+def test_backward_packing_over_another_models_copy_reads_this_models_weights(shape):
+    # with several threads backward packs W.T comparing the kept copy first (lf_pack_wt_for):
+    # after a backward of a model whose weights differ in one value and a zero's sign, each
+    # model's gradients must come from its own weights
+    B, I, H, bi, P = shape
+    models = [lf.LSTM(I, H, bidirectional=bi, proj_size=P, dtype=np.float32, seed=8) for _ in range(2)]
+    models[0].parameters()["weight_ih_l0"][0, 0] = 0.0
+    models[1].parameters()["weight_ih_l0"][0, 0] = -0.0
+    models[1].parameters()["weight_hh_l0"][5, 3] += 1e-3
+    x = np.random.default_rng(9).standard_normal((6, B, I)).astype(np.float32)
+    g_out = np.random.default_rng(10).standard_normal((6, B, models[0].num_directions * models[0].hidden_out)).astype(np.float32)
+    with lf.threads(1):
+        caches = [m.forward_train(x)[2] for m in models]
+        refs = [m.backward(c, g_out) for m, c in zip(models, caches)]
+    assert np.isfinite(refs[0].input).all() and np.isfinite(refs[1].input).all()
+    assert not np.array_equal(refs[0].input, refs[1].input)
+    with lf.threads(2):
+        for _ in range(3):
+            for m, c, ref in zip(models, caches, refs):
+                got = m.backward(c, g_out)
+                assert_array_equal(got.input, ref.input)
+                for name in ref.params:
+                    assert_array_equal(got.params[name], ref.params[name])
