@@ -704,9 +704,7 @@ lf_pack_wt_shared_avx512(const float* wt, size_t ldw, size_t n, size_t k, float*
     for (size_t p = 0; p < n_panels; p++) {
         float* dst = packed + p * k * LF_NR;
         size_t j0 = p * LF_NR, width = n - j0 < LF_NR ? n - j0 : LF_NR;
-        __mmask16 m0 = width >= 16 ? (__mmask16) 0xFFFF : (__mmask16) ((1u << width) - 1u);
-        __mmask16 m1 = width >= 32 ? (__mmask16) 0xFFFF
-                     : width > 16 ? (__mmask16) ((1u << (width - 16)) - 1u) : (__mmask16) 0;
+        __mmask16 m0 = lf_mask_lo(width), m1 = lf_mask_hi(width);
         for (size_t kk = 0; kk < k; kk++) {
             const float* src = wt + kk * ldw + j0;
             lf_store_packed(dst + kk * LF_NR, _mm512_maskz_loadu_ps(m0, src), 1);

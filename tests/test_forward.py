@@ -844,3 +844,7 @@ def test_packing_over_another_models_copy_reads_this_models_weights(shape, mode)
             assert_array_equal(b(x)[0], ref_b)
     ref_out, _ = reference.lstm(x.astype(np.float64), b.state_dict(), 1, bi)
     assert_allclose(ref_b, ref_out, **tol(np.float32))
+    torch = _torch()
+    with torch.no_grad():
+        t_out, _ = _torch_lstm(b)(torch.from_numpy(x))
+    assert_allclose(ref_b, t_out.numpy(), **tol(np.float32))

@@ -63,9 +63,9 @@ def test_sequence_cell_special_values(dtype):
     x = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 1e30, -1e30], dtype)
     gates, _ = cell_gates_py(np.ascontiguousarray(np.tile(x, (4, 1))), np.zeros(x.size, dtype))
     assert np.isnan(gates[:, 0]).all()
-    assert_sig = gates[0, 1:]
-    assert assert_sig[0] == 1.0 and 0 <= assert_sig[1] < 1e-37 and assert_sig[2] == 0.5
-    assert assert_sig[4] == 1.0 and 0 <= assert_sig[5] < 1e-37
+    sig = gates[0, 1:]
+    assert sig[0] == 1.0 and 0 <= sig[1] < 1e-37 and sig[2] == 0.5
+    assert sig[4] == 1.0 and 0 <= sig[5] < 1e-37
     assert list(gates[2, 1:]) == [1.0, -1.0, 0.0, 0.0, 1.0, -1.0]
 
 

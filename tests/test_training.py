@@ -559,6 +559,13 @@ def test_backward_packing_over_another_models_copy_reads_this_models_weights(sha
         refs = [m.backward(c, g_out) for m, c in zip(models, caches)]
     assert np.isfinite(refs[0].input).all() and np.isfinite(refs[1].input).all()
     assert not np.array_equal(refs[0].input, refs[1].input)
+    D = models[1].num_directions
+    h0 = np.zeros((D, B, models[1].hidden_out), np.float32)
+    c0 = np.zeros((D, B, H), np.float32)
+    _, t_dx, _, t_params = _torch_grads(models[1], x, (h0, c0), (g_out, h0, c0), None)
+    assert_allclose(refs[1].input, t_dx, **GRAD_TOL[np.float32])
+    for name, value in t_params.items():
+        assert_allclose(refs[1].params[name], value, err_msg=name, **GRAD_TOL[np.float32])
     with lf.threads(2):
         for _ in range(3):
             for m, c, ref in zip(models, caches, refs):
