@@ -214,7 +214,11 @@ class LSTM:
             p[...] = rng.uniform(-bound, bound, size=p.shape)
 
     def parameters(self) -> dict[str, Array]:
-        """The parameters by torch name, as live views: writing into them changes the model."""
+        """The parameters by torch name, as live views: writing into them changes the model.
+
+        The one documented exception to "no returned array aliases the model" (optimizers update
+        these views in place); ``state_dict()`` returns copies. A FrozenLSTM's views are read-only.
+        """
         return dict(self._params)
 
     def state_dict(self) -> dict[str, Array]:
@@ -629,9 +633,12 @@ class LSTMCell:
             p[...] = rng.uniform(-bound, bound, size=p.shape)
 
     def parameters(self):
+        """The parameters by torch name, as live views: writing into them changes the cell (the
+        one documented exception to "no result aliases the model"; ``state_dict()`` copies)."""
         return dict(self._params)
 
     def state_dict(self):
+        """A copy of the parameters by torch name."""
         return {name: p.copy() for name, p in self._params.items()}
 
     def load_state_dict(self, state_dict, strict=True):

@@ -65,7 +65,10 @@ def _signature(model):
 
 def forward_train(model, x, hx=None, lengths=None, rng=None):
     """See LSTM.forward_train."""
+    given = x
     x, h0, c0, lens, order, padded, batched = model._prepare(x, hx, lengths)
+    if isinstance(given, np.ndarray) and np.may_share_memory(x, given):
+        x = x.copy()   # the cache keeps x for backward: the caller may reuse its buffer meanwhile
     seq_len, batch, _ = x.shape
     D, H, L = model.num_directions, model.hidden_size, model.num_layers
     h_n, c_n = h0.copy(), c0.copy()
@@ -99,7 +102,10 @@ def forward_train(model, x, hx=None, lengths=None, rng=None):
                 layer_input = y
     cache = TrainCache(id(model), _signature(model), x, inputs, outputs, gates, cells, h0, c0,
                        masks, order, lens, padded, batched)
-    out, state = model._finish(layer_input, h_n, c_n, batched)
+    # the last layer's output stays in the cache (backward reads it): the caller gets a copy, so
+    # writing into `out` cannot change the gradients
+    out, state = model._finish(layer_input.copy() if layer_input is outputs[-1] else layer_input,
+                               h_n, c_n, batched)
     return out, state, cache
 
 

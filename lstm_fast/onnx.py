@@ -82,6 +82,8 @@ def lstm(X, W, R, B=None, sequence_lens=None, initial_h=None, initial_c=None, P=
 
     float32 and float64 (ONNX Runtime accepts only float32). Outputs past a sequence's length are
     0; Y_h and Y_c are the state at its last step, and 0 for a length of 0 (as ONNX Runtime).
+
+    No argument is written to (read-only arrays are accepted); Y, Y_h and Y_c are new arrays.
     """
     X = np.asarray(X)
     if X.dtype not in v.FLOAT_DTYPES:
@@ -126,7 +128,8 @@ def lstm(X, W, R, B=None, sequence_lens=None, initial_h=None, initial_c=None, P=
             value = v.float_array(value, name, dt)
             expected = (batch, n_dirs, hidden) if layout else (n_dirs, batch, hidden)
             v.shape(value, expected, name)
-            states.append(np.ascontiguousarray(value.transpose(1, 0, 2) if layout else value))
+            # a new array: the kernel writes the final state into it, never into the caller's
+            states.append(np.array(value.transpose(1, 0, 2) if layout else value, order="C"))
     h, c = states
     if sequence_lens is None:
         lengths = np.full(batch, seq_len, np.intp)
@@ -236,7 +239,10 @@ class Session:
         return [_IO(name, None) for name in self._outputs]
 
     def run(self, output_names, input_feed):
-        """Evaluate the graph: output_names (None for all) and a dict of input name -> array."""
+        """Evaluate the graph: output_names (None for all) and a dict of input name -> array.
+
+        The feeds are only read (read-only arrays are accepted) and every returned array is new:
+        running the same feed again gives the same outputs."""
         values = dict(self._init)
         for spec in self._inputs:
             if spec.name not in input_feed:
@@ -245,7 +251,14 @@ class Session:
         unknown = set(input_feed) - {i.name for i in self._inputs}
         if unknown:
             raise ValueError(f"unknown inputs {sorted(unknown)}; the graph takes {[i.name for i in self._inputs]}")
-        values.update({k: np.asarray(val) for k, val in input_feed.items()})
+        feeds = {}
+        for k, val in input_feed.items():
+            arr = np.asarray(val)
+            if isinstance(val, np.ndarray):   # a read-only view: no node may write into the feed
+                arr = arr.view()
+                arr.flags.writeable = False
+            feeds[k] = arr
+        values.update(feeds)
         for node in self.model.graph.node:
             args = [values[name] if name else None for name in node.input]
             outs = _run_node(node, args)
@@ -256,7 +269,10 @@ class Session:
         missing = [n for n in names if n not in values]
         if missing:
             raise ValueError(f"unknown outputs {missing}; the graph has {self._outputs}")
-        return [values[n] for n in names]
+        # outputs are the caller's own arrays: never a feed, an initializer or a view of one
+        sources = list(feeds.values()) + list(self._init.values())
+        return [np.array(values[n]) if any(np.may_share_memory(values[n], s) for s in sources)
+                else values[n] for n in names]
 
 
 class _IO:

@@ -31,6 +31,10 @@ def clip_grad_norm(grads: Params, max_norm: float) -> float:
     grads : dict or list of dicts of arrays. Returns the norm before clipping.
     """
     groups, _ = _as_groups(grads)
+    for i, name, g in _flatten(groups):
+        if not (isinstance(g, np.ndarray) and g.flags.writeable):
+            raise ValueError(f"clip_grad_norm scales the gradients in place; grads[{i}][{name!r}] "
+                             f"is not a writable ndarray (pass the arrays of backward's result)")
     if not max_norm > 0:
         raise ValueError(f"max_norm must be > 0, got {max_norm}")
     total = float(np.sqrt(sum(float(np.vdot(g, g)) for _, _, g in _flatten(groups))))
@@ -50,6 +54,12 @@ class Optimizer:
         self.lr = float(lr)
         self._groups, self._single = _as_groups(params)
         self._entries = _flatten(self._groups)
+        for i, name, p in self._entries:
+            if not isinstance(p, np.ndarray) or not p.flags.writeable:
+                what = "read-only" if isinstance(p, np.ndarray) else f"a {type(p).__name__}, not an ndarray"
+                raise ValueError(f"parameter {name!r} (group {i}) is {what}: an optimizer updates "
+                                 f"the live, writable arrays of model.parameters() in place "
+                                 f"(a FrozenLSTM's cannot be trained)")
         self.state = {}          # (group, name, slot) -> array
         self.steps = 0
 
@@ -74,7 +84,8 @@ class Optimizer:
         return self.state[key]
 
     def step(self, grads: Params) -> None:
-        """Update every parameter in place from grads (the structure of the parameters)."""
+        """Update every parameter in place from grads (the structure of the parameters); the
+        gradients are only read."""
         self.steps += 1
         for (i, name, p), g in zip(self._entries, self._grads(grads)):
             self._update(i, name, p, g.astype(p.dtype, copy=False))

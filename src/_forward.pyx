@@ -1216,7 +1216,7 @@ def split_choice_trace(long key, list ticks_split, list ticks_one):
     return ways
 
 
-def gate_math_py(floating[::1] values, str function):
+def gate_math_py(const floating[::1] values, str function):   # IN values
     """Test twin of the kernels' nonlinearities: applies "sigmoid", "tanh" or an ONNX activation
     code given as "act:<code>:<alpha>:<beta>" to every value, in the array's own precision."""
     out = np.empty(values.shape[0], dtype=np.float32 if floating is float else np.float64)

@@ -61,7 +61,9 @@ cdef class StepPlan:
     def __dealloc__(self):
         free(self.w_ih)
 
-    def run(self, floating[:, ::1] x, floating[:, :, ::1] h, floating[:, :, ::1] c):
+    def run(self, const floating[:, ::1] x,     # IN     (B, I) this step's input
+            floating[:, :, ::1] h,              # IN/OUT (L, B, H_out)
+            floating[:, :, ::1] c):             # IN/OUT (L, B, H)
         """One step: h, c updated in place; returns nothing (the output is h[-1])."""
         cdef bint is_double
         if floating is double:
