@@ -329,6 +329,8 @@ def _from_keras(ctx):
         states = [ctx.rand(2, 4) for _ in range(2 * n_dirs)]
         ctx.twice(lambda: conv(x))
         ctx.twice(lambda: conv(x, initial_state=states))
+        mask = ctx.arr(np.arange(5)[None, :] < np.array([[5], [2]]))
+        ctx.twice(lambda: conv(x, initial_state=states, mask=mask))
         conv.model.reset_parameters(1)
         assert all(np.array_equal(a, np.array(b)) for a, b in zip(before, layer.get_weights()))
 
