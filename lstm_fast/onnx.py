@@ -207,14 +207,263 @@ def _decode(value):
     return value
 
 
-SUPPORTED_OPS = ("LSTM", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Concat", "Identity")
+# ---------------------------------------------------------------------------- graph operators
+# (domain, op_type) -> function(args, attrs, ctx) returning the node's outputs. Everything but
+# LSTM is numpy; an operator is added by decorating its function with @_op("Name").
+OPS = {}
+
+
+def _op(name, domain=""):
+    def register(fn):
+        OPS[(domain, name)] = fn
+        return fn
+    return register
+
+
+class _Context:
+    """What an operator may need beside its inputs: the model's opset of the default domain."""
+
+    def __init__(self, opset):
+        self.opset = opset
+
+
+def _ints(value):
+    return [int(i) for i in np.asarray(value).reshape(-1)]
+
+
+def _axes(args, attrs):
+    """Squeeze/Unsqueeze/ReduceX axes: an input from opset 13 on, an attribute before."""
+    if len(args) > 1 and args[1] is not None:
+        return _ints(args[1])
+    axes = attrs.get("axes")
+    return None if axes is None else [int(i) for i in axes]
+
+
+@_op("LSTM")
+def _op_lstm(args, a, ctx):
+    X, W, R, B, seq, h0, c0, P = list(args) + [None] * (8 - len(args))
+    # the states are often views of one buffer (exporters slice them from one ConstantOfShape)
+    # or feeds: the operator gets copies of its own
+    h0, c0 = (None if s is None else np.array(s, copy=True) for s in (h0, c0))
+    return lstm(X, W, R, B, seq, h0, c0, P, hidden_size=a.get("hidden_size"),
+                direction=_decode(a.get("direction", b"forward")), layout=a.get("layout", 0),
+                clip=a.get("clip"), input_forget=a.get("input_forget", 0),
+                activations=_decode(a.get("activations")), activation_alpha=a.get("activation_alpha"),
+                activation_beta=a.get("activation_beta"))
+
+
+@_op("Constant")
+def _op_constant(args, a, ctx):
+    from onnx import numpy_helper
+
+    if "value" in a:
+        return [numpy_helper.to_array(a["value"])]
+    for key, dtype in (("value_float", np.float32), ("value_floats", np.float32),
+                       ("value_int", np.int64), ("value_ints", np.int64)):
+        if key in a:
+            return [np.array(a[key], dtype)]
+    raise ValueError(f"Constant with attributes {sorted(a)}: lstm_fast reads value, value_float(s) "
+                     f"and value_int(s)")
+
+
+@_op("Identity")
+def _op_identity(args, a, ctx):
+    return [args[0]]
+
+
+@_op("Shape")
+def _op_shape(args, a, ctx):
+    shape = np.array(np.shape(args[0]), np.int64)
+    start, end = a.get("start", 0), a.get("end")
+    return [shape[start:end]]
+
+
+@_op("Size")
+def _op_size(args, a, ctx):
+    return [np.array(np.size(args[0]), np.int64)]
+
+
+@_op("Gather")
+def _op_gather(args, a, ctx):
+    return [np.take(args[0], np.asarray(args[1]).astype(np.intp), axis=a.get("axis", 0))]
+
+
+@_op("ConstantOfShape")
+def _op_constant_of_shape(args, a, ctx):
+    from onnx import numpy_helper
+
+    value = numpy_helper.to_array(a["value"]).reshape(-1) if "value" in a else np.zeros(1, np.float32)
+    return [np.full(_ints(args[0]), value[0], value.dtype)]
+
+
+@_op("Expand")
+def _op_expand(args, a, ctx):   # two-way broadcasting, as the operator's spec
+    x = np.asarray(args[0])
+    return [x * np.ones(_ints(args[1]), x.dtype)]
+
+
+@_op("Slice")
+def _op_slice(args, a, ctx):
+    x = args[0]
+    if len(args) > 1:   # opset 10 on: starts, ends, axes, steps are inputs
+        starts, ends = _ints(args[1]), _ints(args[2])
+        axes = _ints(args[3]) if len(args) > 3 and args[3] is not None else list(range(len(starts)))
+        steps = _ints(args[4]) if len(args) > 4 and args[4] is not None else [1] * len(starts)
+    else:
+        starts, ends = list(a["starts"]), list(a["ends"])
+        axes = list(a.get("axes", range(len(starts))))
+        steps = [1] * len(starts)
+    index = [slice(None)] * x.ndim
+    for start, stop, axis, step in zip(starts, ends, axes, steps):
+        index[axis] = slice(start, stop, step)   # python slicing clamps as the spec does
+    return [x[tuple(index)]]
+
+
+@_op("Unsqueeze")
+def _op_unsqueeze(args, a, ctx):
+    axes = _axes(args, a)
+    out = np.asarray(args[0])
+    for ax in sorted(i % (out.ndim + len(axes)) for i in axes):
+        out = np.expand_dims(out, ax)
+    return [out]
+
+
+@_op("Squeeze")
+def _op_squeeze(args, a, ctx):
+    axes = _axes(args, a)
+    return [np.squeeze(args[0], axis=None if axes is None else tuple(axes))]
+
+
+@_op("Concat")
+def _op_concat(args, a, ctx):
+    return [np.concatenate([x for x in args if x is not None], axis=a["axis"])]
+
+
+@_op("Transpose")
+def _op_transpose(args, a, ctx):
+    return [np.transpose(args[0], a.get("perm"))]
+
+
+@_op("Reshape")
+def _op_reshape(args, a, ctx):
+    x, shape = args[0], _ints(args[1])
+    if not a.get("allowzero", 0):
+        shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
+    return [np.reshape(x, shape)]
+
+
+@_op("Flatten")
+def _op_flatten(args, a, ctx):
+    x = args[0]
+    axis = a.get("axis", 1) % (x.ndim or 1) if x.ndim else 0
+    return [np.reshape(x, (int(np.prod(x.shape[:axis])), -1))]
+
+
+@_op("Range")
+def _op_range(args, a, ctx):
+    start, limit, delta = (np.asarray(x) for x in args)
+    return [np.arange(start, limit, delta, dtype=start.dtype)]
+
+
+@_op("Cast")
+def _op_cast(args, a, ctx):
+    from onnx import helper
+
+    return [np.asarray(args[0]).astype(helper.tensor_dtype_to_np_dtype(a["to"]))]
+
+
+@_op("MatMul")
+def _op_matmul(args, a, ctx):
+    return [np.matmul(args[0], args[1])]
+
+
+@_op("Gemm")
+def _op_gemm(args, a, ctx):
+    A = args[0].T if a.get("transA", 0) else args[0]
+    Bm = args[1].T if a.get("transB", 0) else args[1]
+    out = A @ Bm
+    alpha, beta = a.get("alpha", 1.0), a.get("beta", 1.0)
+    if alpha != 1.0:
+        out = out * out.dtype.type(alpha)
+    if len(args) > 2 and args[2] is not None:
+        out = out + (args[2] if beta == 1.0 else args[2] * out.dtype.type(beta))
+    return [out]
+
+
+def _divide(x, y):   # integer division truncates, as the spec (shape arithmetic uses it)
+    x, y = np.asarray(x), np.asarray(y)
+    if x.dtype.kind in "iu" and y.dtype.kind in "iu":
+        return (np.trunc(x / y)).astype(np.result_type(x, y))
+    return np.divide(x, y)
+
+
+def _sigmoid(x):
+    return np.exp(-np.logaddexp(0, -x))   # no overflow for large negative x
+
+
+for _name, _fn in (("Add", np.add), ("Sub", np.subtract), ("Mul", np.multiply), ("Div", _divide)):
+    _op(_name)(lambda args, a, ctx, fn=_fn: [fn(args[0], args[1])])
+
+for _name, _fn in (("Sigmoid", _sigmoid), ("Tanh", np.tanh), ("Relu", lambda x: np.maximum(x, 0)),
+                   ("Neg", np.negative), ("Exp", np.exp), ("Sqrt", np.sqrt), ("Abs", np.abs)):
+    _op(_name)(lambda args, a, ctx, fn=_fn: [fn(np.asarray(args[0]))])
+
+
+def _softmax(x, axis, log):
+    shifted = x - np.max(x, axis=axis, keepdims=True)
+    norm = np.log(np.sum(np.exp(shifted), axis=axis, keepdims=True))
+    return shifted - norm if log else np.exp(shifted - norm)
+
+
+def _softmax_op(log):
+    def run(args, a, ctx):
+        x = np.asarray(args[0])
+        if ctx.opset >= 13:
+            return [_softmax(x, a.get("axis", -1), log)]
+        axis = a.get("axis", 1) % x.ndim   # before opset 13: over the flattened trailing axes
+        flat = x.reshape(int(np.prod(x.shape[:axis])), -1)
+        return [_softmax(flat, 1, log).reshape(x.shape)]
+    return run
+
+
+_op("Softmax")(_softmax_op(False))
+_op("LogSoftmax")(_softmax_op(True))
+
+# operators never evaluated at load even when their inputs are constants
+_RUN_TIME_ONLY = {("", "LSTM")}
+
+
+def _domain(node):
+    return "" if node.domain in ("", "ai.onnx") else node.domain
+
+
+def _op_names():
+    return ", ".join(sorted(name if not d else f"{d}.{name}" for d, name in OPS))
+
+
+def _unsupported(node, where=""):
+    what = node.op_type if not _domain(node) else f"{node.domain}.{node.op_type}"
+    return ValueError(
+        f"unsupported ONNX operator {what!r} (node {node.name!r}{where}); lstm_fast.onnx.load runs "
+        f"{_op_names()}. To take an LSTM out of a larger graph, list its LSTM nodes with "
+        f"lstm_fast.onnx.lstm_nodes(model) and convert one with lf.LSTM.from_onnx(model, node=...)")
+
+
+def _opset(model):
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            return o.version
+    return 1
 
 
 class Session:
-    """Runs an ONNX graph of LSTM nodes (plus Transpose, Reshape, Squeeze, Unsqueeze, Concat and
-    Identity glue) with ONNX Runtime's calling convention: ``sess.run(output_names, feeds)``.
+    """Runs an ONNX graph of LSTM nodes and the numpy operators of ``OPS`` (shape arithmetic,
+    layout changes, Linear heads, activations) with ONNX Runtime's calling convention:
+    ``sess.run(output_names, feeds)``.
 
-    Made by ``lstm_fast.onnx.load``. Weights may be initializers or graph inputs.
+    Made by ``lstm_fast.onnx.load``. Weights may be initializers or graph inputs. Nodes whose
+    inputs are all constant are evaluated once here; the others (the LSTM nodes and whatever
+    depends on the inputs or their shapes) at every ``run``.
     """
 
     def __init__(self, model):
@@ -223,12 +472,21 @@ class Session:
         self.model = model
         graph = model.graph
         for node in graph.node:
-            if node.op_type not in SUPPORTED_OPS or (node.domain not in ("", "ai.onnx")):
-                raise ValueError(f"unsupported ONNX operator {node.op_type!r} (node {node.name!r}); "
-                                 f"lstm_fast runs {', '.join(SUPPORTED_OPS)}")
-        self._init = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-        self._inputs = [i for i in graph.input if i.name not in self._init]
+            if (_domain(node), node.op_type) not in OPS:
+                raise _unsupported(node)
+        self._ctx = _Context(_opset(model))
+        consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        self._inputs = [i for i in graph.input if i.name not in consts]
         self._outputs = [o.name for o in graph.output]
+        self._plan = []
+        for node in graph.node:
+            key = (_domain(node), node.op_type)
+            if key not in _RUN_TIME_ONLY and all(not n or n in consts for n in node.input):
+                outs = self._run_node(node, [consts[n] if n else None for n in node.input])
+                consts.update((n, o) for n, o in zip(node.output, outs) if n)
+            else:
+                self._plan.append((node, OPS[key], _attrs(node)))
+        self._consts = consts
 
     def get_inputs(self):
         """The graph inputs to feed (name, shape as declared)."""
@@ -238,79 +496,57 @@ class Session:
     def get_outputs(self):
         return [_IO(name, None) for name in self._outputs]
 
-    def run(self, output_names, input_feed):
-        """Evaluate the graph: output_names (None for all) and a dict of input name -> array.
+    def _run_node(self, node, args, fn=None, attrs=None):
+        fn = fn or OPS[(_domain(node), node.op_type)]
+        try:
+            outs = fn(args, _attrs(node) if attrs is None else attrs, self._ctx)
+        except (ValueError, TypeError, IndexError, KeyError) as exc:
+            raise ValueError(f"ONNX node {node.name!r} ({node.op_type}) failed: {exc}") from None
+        return [np.asarray(o) for o in outs]
 
-        The feeds are only read (read-only arrays are accepted) and every returned array is new:
-        running the same feed again gives the same outputs."""
-        values = dict(self._init)
-        for spec in self._inputs:
-            if spec.name not in input_feed:
-                raise ValueError(f"missing input {spec.name!r}; the graph takes "
-                                 f"{[i.name for i in self._inputs]}")
-        unknown = set(input_feed) - {i.name for i in self._inputs}
+    def _evaluate(self, input_feed):
+        names = [i.name for i in self._inputs]
+        if not hasattr(input_feed, "items"):
+            raise TypeError(f"the feeds must be a dict of input name -> array, got {type(input_feed).__name__}")
+        for name in names:
+            if name not in input_feed:
+                raise ValueError(f"missing input {name!r}; the graph takes {names}")
+        unknown = set(input_feed) - set(names)
         if unknown:
-            raise ValueError(f"unknown inputs {sorted(unknown)}; the graph takes {[i.name for i in self._inputs]}")
-        feeds = {}
+            raise ValueError(f"unknown inputs {sorted(unknown)}; the graph takes {names}")
+        values = dict(self._consts)
         for k, val in input_feed.items():
             arr = np.asarray(val)
             if isinstance(val, np.ndarray):   # a read-only view: no node may write into the feed
                 arr = arr.view()
                 arr.flags.writeable = False
-            feeds[k] = arr
-        values.update(feeds)
-        for node in self.model.graph.node:
-            args = [values[name] if name else None for name in node.input]
-            outs = _run_node(node, args)
-            for name, value in zip(node.output, outs):
-                if name:
-                    values[name] = value
+            values[k] = arr
+        for node, fn, attrs in self._plan:
+            outs = self._run_node(node, [values[n] if n else None for n in node.input], fn, attrs)
+            values.update((n, o) for n, o in zip(node.output, outs) if n)
+        return values
+
+    def run(self, output_names, input_feed):
+        """Evaluate the graph: output_names (None for all) and a dict of input name -> array.
+        The outputs are new arrays (never the feeds or the session's constants)."""
         names = self._outputs if output_names is None else list(output_names)
-        missing = [n for n in names if n not in values]
+        missing = [n for n in names if n not in self._outputs]
         if missing:
             raise ValueError(f"unknown outputs {missing}; the graph has {self._outputs}")
-        # outputs are the caller's own arrays: never a feed, an initializer or a view of one
-        sources = list(feeds.values()) + list(self._init.values())
-        return [np.array(values[n]) if any(np.may_share_memory(values[n], s) for s in sources)
-                else values[n] for n in names]
+        values = self._evaluate(input_feed)
+        shared = [np.asarray(x) for x in input_feed.values()] + list(self._consts.values())
+        out = []
+        for n in names:
+            value = values[n]
+            if any(np.may_share_memory(value, s) for s in shared):
+                value = value.copy()
+            out.append(np.ascontiguousarray(value))
+        return out
 
 
 class _IO:
     def __init__(self, name, shape):
         self.name, self.shape = name, shape
-
-
-def _run_node(node, args):
-    a = _attrs(node)
-    op = node.op_type
-    if op == "LSTM":
-        args = args + [None] * (8 - len(args))
-        X, W, R, B, seq, h0, c0, P = args
-        return lstm(X, W, R, B, seq, h0, c0, P, hidden_size=a.get("hidden_size"),
-                    direction=_decode(a.get("direction", b"forward")), layout=a.get("layout", 0),
-                    clip=a.get("clip"), input_forget=a.get("input_forget", 0),
-                    activations=_decode(a.get("activations")), activation_alpha=a.get("activation_alpha"),
-                    activation_beta=a.get("activation_beta"))
-    if op == "Identity":
-        return [args[0]]
-    if op == "Transpose":
-        return [np.ascontiguousarray(np.transpose(args[0], a.get("perm")))]
-    if op == "Reshape":
-        shape = [int(s) for s in args[1]]
-        shape = [args[0].shape[i] if s == 0 else s for i, s in enumerate(shape)]
-        return [args[0].reshape(shape)]
-    if op == "Squeeze":
-        axes = a.get("axes") if len(args) < 2 or args[1] is None else [int(i) for i in args[1]]
-        return [np.squeeze(args[0], axis=tuple(axes) if axes is not None else None)]
-    if op == "Unsqueeze":
-        axes = a.get("axes") if len(args) < 2 or args[1] is None else [int(i) for i in args[1]]
-        out = args[0]
-        for ax in sorted(int(i) % (out.ndim + len(axes)) for i in axes):
-            out = np.expand_dims(out, ax)
-        return [out]
-    if op == "Concat":
-        return [np.concatenate(args, axis=a["axis"])]
-    raise ValueError(f"unsupported ONNX operator {op!r}")
 
 
 def load(path_or_model):
