@@ -2,9 +2,12 @@
 pickling of models as weights + configuration (for Dask and multiprocessing)."""
 from __future__ import annotations
 
+import hashlib
 import json
-from typing import Any
+import math
 import os
+import zipfile
+from typing import Any
 
 import numpy as np
 
@@ -13,6 +16,17 @@ from . import _validate as v
 CONFIG_KEYS = ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout",
                "bidirectional", "proj_size")
 FORMAT = "lstm_fast.LSTM/1"
+# the default cap on the parameters a model file may declare (2**28: 1 GiB of float32 weights);
+# lf.load(path, max_params=...) raises it
+DEFAULT_MAX_PARAMS = 2**28
+_MAX_CONFIG_CHARS = 1 << 16         # the JSON configuration, in characters
+_MAX_SAFETENSORS_HEADER = 1 << 24   # bytes of a safetensors JSON header
+_DIGEST_PREFIX = "sha256:"
+_NPY_DTYPES = {"float32": "<f4", "float64": "<f8"}
+_ST_DTYPES = {"float32": "F32", "float64": "F64"}
+# every dtype string the safetensors format defines (others are a malformed header)
+_ST_KNOWN = {"BOOL", "U8", "I8", "U16", "I16", "F16", "BF16", "U32", "I32", "F32", "U64", "I64",
+             "F64", "F8_E4M3", "F8_E5M2", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2", "C64"}
 
 
 def model_config(model):
@@ -22,15 +36,136 @@ def model_config(model):
     return config
 
 
-def _from_config(config, where):
-    from ._lstm import LSTM
+def _int(config, key, where, minimum):
+    value = config[key]
+    if type(value) is not int:     # JSON gives int, float, str, bool, list, dict or None
+        raise ValueError(f"{where}: the configuration's {key!r} must be an integer, got {value!r}")
+    if not minimum <= value <= v.MAX_DIM // 4:
+        raise ValueError(f"{where}: the configuration's {key!r}={value} is outside "
+                         f"{minimum}..{v.MAX_DIM // 4}")
+    return value
 
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
+
+def check_config(config, where, need_format=True):
+    """The configuration of a model file, with strict types: ints are ints (not "3", 3.0 or
+    True), bools are bools (not "no"), dtype is "float32" or "float64", nothing else is in it.
+    Raises ValueError naming `where`."""
+    if not isinstance(config, dict):
+        raise ValueError(f"{where}: the configuration must be a JSON object, got {type(config).__name__}")
+    keys = set(CONFIG_KEYS) | {"dtype"} | ({"format"} if need_format else set())
+    if need_format and config.get("format") != FORMAT:
         raise ValueError(f"{where} is not an lstm_fast model file (no '{FORMAT}' configuration)")
-    missing = [k for k in CONFIG_KEYS + ("dtype",) if k not in config]
-    if missing:
-        raise ValueError(f"{where}: the configuration lacks {missing}")
-    return LSTM(**{k: config[k] for k in CONFIG_KEYS}, dtype=config["dtype"])
+    missing = sorted(keys - set(config))
+    extra = sorted(map(str, set(config) - keys))
+    if missing or extra:
+        raise ValueError(f"{where}: the configuration " + "; ".join(
+            ([f"lacks {missing}"] if missing else []) + ([f"has unknown keys {extra[:8]}"] if extra else [])))
+    for key in ("input_size", "hidden_size", "num_layers"):
+        _int(config, key, where, 1)
+    _int(config, "proj_size", where, 0)
+    if config["proj_size"] >= config["hidden_size"]:
+        raise ValueError(f"{where}: the configuration's proj_size={config['proj_size']} must be "
+                         f"smaller than hidden_size={config['hidden_size']}")
+    for key in ("bias", "batch_first", "bidirectional"):
+        if type(config[key]) is not bool:
+            raise ValueError(f"{where}: the configuration's {key!r} must be true or false, "
+                             f"got {config[key]!r}")
+    dropout = config["dropout"]
+    if type(dropout) not in (int, float) or not 0.0 <= dropout <= 1.0:
+        raise ValueError(f"{where}: the configuration's 'dropout' must be a number in [0, 1], got {dropout!r}")
+    if config["dtype"] not in _NPY_DTYPES:
+        raise ValueError(f"{where}: the configuration's dtype must be 'float32' or 'float64', "
+                         f"got {config['dtype']!r}")
+    return config
+
+
+def count_parameters(config):
+    """The parameters a (checked) configuration declares, in O(1)."""
+    H, P, L = config["hidden_size"], config["proj_size"], config["num_layers"]
+    D = 2 if config["bidirectional"] else 1
+    H_out = P or H
+    per_dir = 4 * H * H_out + (8 * H if config["bias"] else 0) + (P * H if P else 0)
+    return D * (4 * H * config["input_size"] + (L - 1) * 4 * H * D * H_out + L * per_dir)
+
+
+def count_tensors(config):
+    D = 2 if config["bidirectional"] else 1
+    return config["num_layers"] * D * (2 + 2 * config["bias"] + (config["proj_size"] > 0))
+
+
+def expected_shapes(config):
+    """name -> shape of every tensor of the configuration, in state_dict order."""
+    H, P, L = config["hidden_size"], config["proj_size"], config["num_layers"]
+    D = 2 if config["bidirectional"] else 1
+    H_out = P or H
+    shapes = {}
+    for k in range(L):
+        in_k = config["input_size"] if k == 0 else D * H_out
+        for d in range(D):
+            sfx = f"_l{k}" + ("_reverse" if d else "")
+            shapes["weight_ih" + sfx] = (4 * H, in_k)
+            shapes["weight_hh" + sfx] = (4 * H, H_out)
+            if config["bias"]:
+                shapes["bias_ih" + sfx] = (4 * H,)
+                shapes["bias_hh" + sfx] = (4 * H,)
+            if P:
+                shapes["weight_hr" + sfx] = (P, H)
+    return shapes
+
+
+def _check_budget(config, where, max_params, n_tensors_in_file):
+    n = count_parameters(config)
+    if n > max_params:
+        raise ValueError(f"{where}: the configuration declares {n} parameters, more than "
+                         f"max_params={max_params} (pass a larger max_params= to load it)")
+    want = count_tensors(config)
+    if n_tensors_in_file != want:
+        raise ValueError(f"{where}: the file holds {n_tensors_in_file} tensors, the configuration "
+                         f"needs {want}")
+
+
+def digest(config, arrays):
+    """"sha256:<hex>" over the configuration (canonical JSON) and the tensors in name order
+    (name, dtype, shape and little-endian bytes of each)."""
+    h = hashlib.sha256(b"lstm_fast digest 1\n")
+    h.update(json.dumps(config, sort_keys=True, separators=(",", ":")).encode())
+    for name in sorted(arrays):
+        a = np.asarray(arrays[name])
+        a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
+        h.update(json.dumps([name, a.dtype.str, list(a.shape)]).encode())
+        h.update(memoryview(a).cast("B"))
+    return _DIGEST_PREFIX + h.hexdigest()
+
+
+def _verify_digest(stored, config, arrays, where):
+    if stored is None:
+        return   # a file from elsewhere: loads, with the other checks (see docs/files.md)
+    if not isinstance(stored, str) or not stored.startswith(_DIGEST_PREFIX):
+        raise ValueError(f"{where}: the stored digest {str(stored)[:80]!r} is not 'sha256:<hex>'")
+    actual = digest(config, arrays)
+    if actual != stored:
+        raise ValueError(f"{where}: the contents do not match the digest stored when it was saved "
+                         f"(stored {stored[:23]}..., contents {actual[:23]}...): the file is corrupt "
+                         f"or was changed")
+
+
+def _check_finite(arrays, where, allow_nonfinite):
+    if allow_nonfinite:
+        return
+    for name, a in arrays.items():
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+            raise ValueError(f"{where}: tensor {name!r} holds {bad} NaN/inf values (pass "
+                             f"allow_nonfinite=True to load it anyway)")
+
+
+def _json(text, where, what="the configuration"):
+    if len(text) > _MAX_CONFIG_CHARS:
+        raise ValueError(f"{where}: {what} is {len(text)} characters, more than {_MAX_CONFIG_CHARS}")
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        raise ValueError(f"{where}: {what} is not valid (or too deeply nested) JSON") from None
 
 
 def _suffix(path):
@@ -41,61 +176,310 @@ def _suffix(path):
 
 
 def save(model, path):
-    """Weights and configuration in one file; the format follows the suffix."""
+    """Weights, configuration and their digest in one file; the format follows the suffix."""
     state = model.state_dict()
-    config = json.dumps(model_config(model))
+    config = model_config(model)
+    stamp = digest(config, state)
+    text = json.dumps(config)
     if _suffix(path) == ".npz":
-        np.savez(path, __config__=np.array(config), **state)
+        np.savez(path, __config__=np.array(text), __digest__=np.array(stamp), **state)
     else:
         try:
             from safetensors.numpy import save_file
         except ImportError:
             raise ImportError("safetensors files need the safetensors package: pip install safetensors") from None
         save_file({k: np.ascontiguousarray(a) for k, a in state.items()}, str(path),
-                  metadata={"lstm_fast": config})
+                  metadata={"lstm_fast": text, "lstm_fast.digest": stamp})
 
 
-def load(path: Any) -> Any:
-    """An lf.LSTM from a file written by ``LSTM.save`` (.npz or .safetensors).
+# ---------------------------------------------------------------------------- npz reading
+_PASS = (FileNotFoundError, IsADirectoryError, PermissionError, MemoryError, KeyboardInterrupt)
 
-    Nothing is unpickled (``allow_pickle=False``): a model file cannot run code. Truncated,
-    corrupt or mismatched files raise ValueError.
+
+class NpzReader:
+    """An .npz (zip of .npy) read header first: the zip directory and each member's npy header
+    are checked before any data is read, and only the members asked for are read.
+
+    Duplicate member names, non-.npy members, object dtypes (nothing is unpickled) and members
+    whose data size disagrees with their header are refused with ValueError naming the file.
     """
-    path = str(path)
-    if _suffix(path) == ".npz":
+
+    def __init__(self, path):
+        self.path = path
+        self.where = repr(str(path))
         try:
-            with np.load(path, allow_pickle=False) as f:
-                arrays = {k: f[k] for k in f.files}
-        except FileNotFoundError:
-            raise
-        except Exception as exc:   # BadZipFile, EOFError, pickled objects, ...
-            raise ValueError(f"{path!r} is not a readable .npz model file: {exc}") from None
-        if "__config__" not in arrays:
-            raise ValueError(f"{path!r} is not an lstm_fast model file (no configuration)")
-        try:
-            config = json.loads(str(arrays.pop("__config__")))
-        except ValueError:
-            raise ValueError(f"{path!r}: the configuration is not valid JSON") from None
-    else:
-        try:
-            from safetensors import safe_open
-        except ImportError:
-            raise ImportError("safetensors files need the safetensors package: pip install safetensors") from None
-        try:
-            with safe_open(path, framework="numpy") as f:
-                meta = f.metadata() or {}
-                arrays = {k: f.get_tensor(k) for k in f.keys()}
-        except FileNotFoundError:
+            self.zf = zipfile.ZipFile(path)
+        except _PASS:
             raise
         except Exception as exc:
-            raise ValueError(f"{path!r} is not a readable .safetensors model file: {exc}") from None
+            raise ValueError(f"{self.where} is not a readable .npz model file: {exc}") from None
+        names = [info.filename for info in self.zf.infolist()]
+        seen, dups = set(), set()
+        for name in names:
+            (dups if name in seen else seen).add(name)
+        if dups:
+            self.close()
+            raise ValueError(f"{self.where}: members {sorted(dups)[:8]} appear more than once "
+                             f"(a file written by lstm_fast never has two members of one name)")
+        bad = [n for n in names if not n.endswith(".npy")]
+        if bad:
+            self.close()
+            raise ValueError(f"{self.where} is not an .npz of arrays: members {bad[:8]} are not .npy")
+        self.infos = {info.filename[:-4]: info for info in self.zf.infolist()}
+
+    def close(self):
+        self.zf.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    @property
+    def names(self):
+        return list(self.infos)
+
+    def _guard(self, fn, name):
         try:
-            config = json.loads(meta["lstm_fast"])
-        except (KeyError, ValueError):
-            raise ValueError(f"{path!r} is not an lstm_fast model file (no configuration)") from None
-    model = _from_config(config, repr(path))
+            return fn()
+        except _PASS:
+            raise
+        except ValueError as exc:
+            if str(exc).startswith(self.where):
+                raise
+            raise ValueError(f"{self.where} is not a readable .npz model file: member {name!r}: {exc}") from None
+        except Exception as exc:   # BadZipFile (CRC), EOFError, zlib.error, struct.error, ...
+            raise ValueError(f"{self.where} is not a readable .npz model file: member {name!r}: "
+                             f"{type(exc).__name__}: {exc}") from None
+
+    def _header(self, fp, name):
+        version = np.lib.format.read_magic(fp)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp, max_header_size=10000)
+        elif version in ((2, 0), (3, 0)):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp, max_header_size=10000)
+        else:
+            raise ValueError(f"npy format version {version} is not supported")
+        if dtype.hasobject:
+            raise ValueError(f"{self.where} is not a readable .npz model file: member {name!r} "
+                             f"holds Python objects (never unpickled)")
+        return tuple(shape), fortran, dtype
+
+    def header(self, name):
+        """(shape, fortran_order, dtype) of a member, reading only its npy header."""
+        def run():
+            with self.zf.open(self.infos[name]) as fp:
+                return self._header(fp, name)
+        return self._guard(run, name)
+
+    def read(self, name, check=None):
+        """The array of member `name`; `check(shape, dtype)` may refuse it (raise) from the header
+        alone, before its data is read."""
+        def run():
+            info = self.infos[name]
+            with self.zf.open(info) as fp:
+                shape, fortran, dtype = self._header(fp, name)
+                if check is not None:
+                    check(shape, dtype)
+                count = math.prod(shape)
+                nbytes = count * dtype.itemsize
+                if info.file_size > nbytes + 65536 + 16:
+                    raise ValueError(f"{self.where}: member {name!r} is {info.file_size} bytes, its "
+                                     f"header declares {nbytes} bytes of data")
+                data = fp.read(nbytes)
+                if len(data) != nbytes:
+                    raise ValueError(f"{self.where}: member {name!r} is truncated ({len(data)} of "
+                                     f"{nbytes} bytes)")
+                if fp.read(1):
+                    raise ValueError(f"{self.where}: member {name!r} has data past its array")
+            arr = np.frombuffer(data, dtype=dtype, count=count)
+            return arr.reshape(shape, order="F" if fortran else "C")
+        return self._guard(run, name)
+
+    def read_text(self, name):
+        """A 0-d unicode member (a configuration or a digest), at most _MAX_CONFIG_CHARS long."""
+        def check(shape, dtype):
+            if shape != () or dtype.kind != "U":
+                raise ValueError(f"{self.where}: member {name!r} must be a text scalar, got "
+                                 f"{dtype} of shape {shape}")
+            if dtype.itemsize > 4 * _MAX_CONFIG_CHARS:
+                raise ValueError(f"{self.where}: member {name!r} is longer than {_MAX_CONFIG_CHARS} characters")
+        return str(self.read(name, check)[()])
+
+    def read_tensors(self, specs, prefix=""):
+        """{name: array} of the members prefix+name, each checked against specs[name] =
+        (shape, allowed dtypes) before its data is read."""
+        out = {}
+        for name, (shape, dtypes) in specs.items():
+            def check(got_shape, got_dtype, name=name, shape=shape, dtypes=dtypes):
+                if got_dtype.str not in dtypes:
+                    raise ValueError(f"{self.where}: tensor {prefix + name!r} is {got_dtype}, "
+                                     f"expected {' or '.join(np.dtype(d).name for d in dtypes)}")
+                if got_shape != tuple(shape):
+                    raise ValueError(f"{self.where}: tensor {prefix + name!r} has shape {got_shape}, "
+                                     f"expected {tuple(shape)}")
+            out[name] = self.read(prefix + name, check)
+        return out
+
+
+def _names_diff(where, have, want, what="tensors"):
+    missing = [k for k in want if k not in have]
+    extra = [k for k in have if k not in want]
+    if missing or extra:
+        parts = ([f"lacks {missing[:8]}" + (" ..." if len(missing) > 8 else "")] if missing else []) + \
+                ([f"has unexpected {extra[:8]}" + (" ..." if len(extra) > 8 else "")] if extra else [])
+        raise ValueError(f"{where}: the {what} do not match the configuration: " + "; ".join(parts))
+
+
+def _load_npz(path, max_params):
+    with NpzReader(path) as f:
+        where = f.where
+        if "__config__" not in f.infos:
+            raise ValueError(f"{where} is not an lstm_fast model file (no configuration)")
+        config = check_config(_json(f.read_text("__config__"), where), where)
+        has_digest = "__digest__" in f.infos
+        tensors = [n for n in f.names if n not in ("__config__", "__digest__")]
+        _check_budget(config, where, max_params, len(tensors))
+        shapes = expected_shapes(config)
+        _names_diff(where, tensors, shapes)
+        dt = _NPY_DTYPES[config["dtype"]]
+        arrays = f.read_tensors({k: (s, (dt,)) for k, s in shapes.items()})
+        stored = f.read_text("__digest__") if has_digest else None
+    return config, arrays, stored, where
+
+
+# ---------------------------------------------------------------------------- safetensors reading
+def _load_safetensors(path, max_params):
+    where = repr(str(path))
+
+    def bad(what):
+        return ValueError(f"{where} is not a readable .safetensors model file: {what}")
+
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        head = fh.read(8)
+        if len(head) != 8:
+            raise bad(f"{size} bytes, shorter than the 8-byte header length")
+        n = int.from_bytes(head, "little")
+        if n > min(size - 8, _MAX_SAFETENSORS_HEADER):
+            raise bad(f"the header claims {n} bytes; the file has {size - 8} after the length"
+                      + (f" and headers are capped at {_MAX_SAFETENSORS_HEADER}" if n > _MAX_SAFETENSORS_HEADER else ""))
+        raw = fh.read(n)
+        try:
+            header = json.loads(raw.decode("utf-8"))
+        except (ValueError, RecursionError):
+            raise bad("the header is not valid (or too deeply nested) JSON") from None
+        if not isinstance(header, dict):
+            raise bad("the header is not a JSON object")
+        meta = header.pop("__metadata__", None)
+        if not isinstance(meta, dict) or not all(isinstance(x, str) for x in meta.values()):
+            raise ValueError(f"{where} is not an lstm_fast model file (no configuration in its metadata)")
+        if "lstm_fast" not in meta:
+            raise ValueError(f"{where} is not an lstm_fast model file (no configuration)")
+        config = check_config(_json(meta["lstm_fast"], where), where)
+        stored = meta.get("lstm_fast.digest")
+        _check_budget(config, where, max_params, len(header))
+        shapes = expected_shapes(config)
+        _names_diff(where, list(header), shapes)
+        want_dtype = _ST_DTYPES[config["dtype"]]
+        itemsize = np.dtype(_NPY_DTYPES[config["dtype"]]).itemsize
+        spans = []
+        for name, shape in shapes.items():
+            entry = header[name]
+            if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+                raise bad(f"tensor {name!r}: the entry must hold exactly dtype, shape and data_offsets")
+            if entry["dtype"] not in _ST_KNOWN:
+                raise bad(f"tensor {name!r}: unknown dtype {str(entry['dtype'])[:20]!r}")
+            if entry["dtype"] != want_dtype:
+                raise ValueError(f"{where}: tensor {name!r} is {entry['dtype']}, expected {want_dtype} "
+                                 f"(the configuration's {config['dtype']})")
+            got = entry["shape"]
+            if not isinstance(got, list) or not all(type(d) is int for d in got) or tuple(got) != shape:
+                raise ValueError(f"{where}: tensor {name!r} has shape {str(got)[:60]}, expected {shape}")
+            offs = entry["data_offsets"]
+            if not isinstance(offs, list) or len(offs) != 2 or not all(type(o) is int for o in offs) \
+                    or not 0 <= offs[0] <= offs[1]:
+                raise bad(f"tensor {name!r}: data_offsets {str(offs)[:60]} are not [begin, end]")
+            if offs[1] - offs[0] != math.prod(shape) * itemsize:
+                raise bad(f"tensor {name!r}: data_offsets span {offs[1] - offs[0]} bytes, its shape "
+                          f"needs {math.prod(shape) * itemsize}")
+            spans.append((offs[0], offs[1], name))
+        spans.sort()
+        pos = 0
+        for begin, end, name in spans:
+            if begin != pos:
+                raise bad(f"tensor {name!r} starts at byte {begin}, expected {pos} (tensors must "
+                          f"be contiguous, without gaps or overlaps)")
+            pos = end
+        if 8 + n + pos != size:
+            raise bad(f"the tensors end at byte {8 + n + pos}, the file has {size} bytes")
+        arrays = {}
+        for begin, end, name in spans:
+            fh.seek(8 + n + begin)
+            data = fh.read(end - begin)
+            if len(data) != end - begin:
+                raise bad(f"tensor {name!r} is truncated")
+            arrays[name] = np.frombuffer(data, dtype=_NPY_DTYPES[config["dtype"]]).reshape(shapes[name])
+    return config, arrays, stored, where
+
+
+def load(path: Any, *, max_params: int = DEFAULT_MAX_PARAMS, allow_nonfinite: bool = False) -> Any:
+    """An lf.LSTM from a file written by ``LSTM.save`` (.npz or .safetensors).
+
+    The file is checked before anything is built: its configuration (strict types), the names,
+    dtypes and shapes of its tensors (from the headers, without reading the data), a cap on the
+    parameter count, then the data: its digest (files without one, written elsewhere, load
+    without this check) and that every weight is finite. Nothing is unpickled: a model file
+    cannot run code. See docs/files.md.
+
+    Parameters
+    ----------
+    path : str or os.PathLike, ending in .npz or .safetensors
+    max_params : int, default 2**28
+        Refuse files whose configuration declares more parameters.
+    allow_nonfinite : bool, default False
+        Load weights holding NaN or inf (refused otherwise).
+
+    Raises
+    ------
+    ValueError
+        For every truncated, corrupt, hostile or mismatched file, naming the file and the fault.
+    """
+    max_params = v.size(max_params, "max_params")
+    if not isinstance(allow_nonfinite, (bool, np.bool_)):
+        raise TypeError(f"allow_nonfinite must be a bool, got {allow_nonfinite!r}")
+    path = os.fspath(path) if not isinstance(path, str) else path
+    if _suffix(path) == ".npz":
+        config, arrays, stored, where = _load_npz(path, max_params)
+    else:
+        try:
+            config, arrays, stored, where = _load_safetensors(path, max_params)
+        except _PASS:
+            raise
+        except ValueError:
+            raise
+        except Exception as exc:   # OSError of a device, ...
+            raise ValueError(f"{path!r} is not a readable .safetensors model file: {exc}") from None
+    _verify_digest(stored, config, arrays, where)
+    _check_finite(arrays, where, allow_nonfinite)
+    return _build(config, arrays)
+
+
+def _build(config, arrays):
+    from ._lstm import LSTM
+
+    model = LSTM(**{k: config[k] for k in CONFIG_KEYS}, dtype=config["dtype"])
     model.load_state_dict(arrays)
     return model
+
+
+def _from_config(config, where):
+    from ._lstm import LSTM
+
+    check_config(config, where)
+    return LSTM(**{k: config[k] for k in CONFIG_KEYS}, dtype=config["dtype"])
 
 
 def from_torch(module):

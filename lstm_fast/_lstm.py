@@ -7,7 +7,9 @@ updates what the kernel reads. The gate order everywhere is torch's: i, f, g, o.
 """
 from __future__ import annotations
 
+import itertools
 import math
+import weakref
 from typing import Any
 
 import numpy as np
@@ -20,6 +22,34 @@ from . import _forward, _step, _threading, _threads
 from . import _validate as v
 
 _EMPTY = {}
+
+# parameter versions: every in-place change of a model's parameters through the API takes the next
+# number, so a training cache made before the change is recognised as stale by backward (one global
+# counter: a model restored by pickling cannot reuse a number an old cache holds)
+_VERSIONS = itertools.count(1)
+
+
+class Parameters(dict):
+    """What ``LSTM.parameters()`` returns: a dict of name -> live view, which also tells its model
+    when an optimizer has updated the views (``lf.optim`` optimizers call ``mark_modified`` after
+    every step), so that ``backward`` refuses a training cache made with the old weights.
+
+    Writing into the views by hand is not seen: call ``mark_modified()`` after doing so (or run
+    ``forward_train`` again before ``backward``).
+    """
+
+    def __init__(self, params, owner):
+        super().__init__(params)
+        self._owner = weakref.ref(owner)
+
+    def mark_modified(self) -> None:
+        """Record that the parameters changed in place (a new parameter version of the model)."""
+        owner = self._owner()
+        if owner is not None:
+            owner._bump_version()
+
+    def __reduce__(self):   # pickles as the plain dict it is (the weak reference does not pickle)
+        return (dict, (dict(self),))
 
 
 def _empty(dtype, ndim):
@@ -147,6 +177,7 @@ class LSTM:
     # per layer, the weights packed for the float32 kernel once and for all (FrozenLSTM); None:
     # every call packs them (the parameters are live arrays that may change between calls)
     _packed: list | None = None
+    _version = 0    # see _VERSIONS; set by reset_parameters in __init__
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
@@ -212,14 +243,21 @@ class LSTM:
         bound = 1.0 / math.sqrt(self.hidden_size)
         for p in self._params.values():
             p[...] = rng.uniform(-bound, bound, size=p.shape)
+        self._bump_version()
+
+    def _bump_version(self):
+        self._version = next(_VERSIONS)
 
     def parameters(self) -> dict[str, Array]:
         """The parameters by torch name, as live views: writing into them changes the model.
 
-        The one documented exception to "no returned array aliases the model" (optimizers update
-        these views in place); ``state_dict()`` returns copies. A FrozenLSTM's views are read-only.
+        The dict is a `Parameters` (a dict subclass): lf.optim optimizers given it record each
+        step as a new parameter version, and ``backward`` then refuses caches from before the
+        step. Writing into the views by hand is the caller's business: call
+        ``params.mark_modified()`` afterwards, or run ``forward_train`` again.
+        ``state_dict()`` returns copies; a FrozenLSTM's views are read-only.
         """
-        return dict(self._params)
+        return Parameters(self._params, self)
 
     def state_dict(self) -> dict[str, Array]:
         """A copy of the parameters by torch name and shape (gate order i, f, g, o)."""
@@ -232,6 +270,7 @@ class LSTM:
         keys are an error too. Floating values are converted to the model's dtype.
         """
         _load_named(self._params, state_dict, strict, type(self).__name__)
+        self._bump_version()
 
     def num_parameters(self):
         return sum(p.size for p in self._params.values())
@@ -689,6 +728,16 @@ class LSTMCell:
 
 def _load_named(params, state_dict, strict, owner):
     """Copy `state_dict` into the live parameter views, checking names, shapes and dtypes first."""
+    _commit_named(params, _stage_named(params, state_dict, strict, owner))
+
+
+def _commit_named(params, staged):
+    for name, arr in staged.items():
+        params[name][...] = arr
+
+
+def _stage_named(params, state_dict, strict, owner):
+    """The checked, converted arrays of `state_dict` (nothing written yet)."""
     if not hasattr(state_dict, "keys"):
         raise TypeError(f"state_dict must be a mapping of names to arrays, got {type(state_dict).__name__}")
     missing = [k for k in params if k not in state_dict]
@@ -708,5 +757,4 @@ def _load_named(params, state_dict, strict, owner):
         arr = v.float_array(value, f"state_dict[{name!r}]", p.dtype)
         v.shape(arr, p.shape, f"state_dict[{name!r}]")
         staged[name] = arr
-    for name, arr in staged.items():   # all checked first: a bad entry leaves the model unchanged
-        params[name][...] = arr
+    return staged   # all checked first: a bad entry leaves the model unchanged

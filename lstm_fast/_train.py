@@ -37,6 +37,7 @@ class TrainCache:
     padded: bool
     batched: bool
     consumed: bool = field(default=False)
+    version: int = -1             # the model's parameter version at forward_train (see backward)
 
 
 @dataclass
@@ -63,12 +64,28 @@ def _signature(model):
             model.bidirectional, model.proj_size, model.dtype.str)
 
 
+def _aliases(ours, given):
+    """Whether `ours` may share memory with what the caller passed (an array, or any object
+    numpy views without copying: memoryviews, buffers, tensors)."""
+    if isinstance(given, (list, tuple)) or given is None:
+        return False
+    try:
+        return np.may_share_memory(ours, given if isinstance(given, np.ndarray) else np.asarray(given))
+    except Exception:   # something numpy cannot view: the conversion made a copy already
+        return False
+
+
 def forward_train(model, x, hx=None, lengths=None, rng=None):
     """See LSTM.forward_train."""
-    given = x
+    given_x, given_lengths = x, lengths
     x, h0, c0, lens, order, padded, batched = model._prepare(x, hx, lengths)
-    if isinstance(given, np.ndarray) and np.may_share_memory(x, given):
-        x = x.copy()   # the cache keeps x for backward: the caller may reuse its buffer meanwhile
+    # the cache owns what backward reads: _prepare returns the caller's own array when it is
+    # contiguous and of the model's dtype (and a view of it for unbatched x), which the caller
+    # may change before backward
+    if _aliases(x, given_x):
+        x = x.copy()
+    if lengths is not None and _aliases(lens, given_lengths):
+        lens = lens.copy()
     seq_len, batch, _ = x.shape
     D, H, L = model.num_directions, model.hidden_size, model.num_layers
     h_n, c_n = h0.copy(), c0.copy()
@@ -101,7 +118,7 @@ def forward_train(model, x, hx=None, lengths=None, rng=None):
                 masks.append(None)
                 layer_input = y
     cache = TrainCache(id(model), _signature(model), x, inputs, outputs, gates, cells, h0, c0,
-                       masks, order, lens, padded, batched)
+                       masks, order, lens, padded, batched, version=model._version)
     # the last layer's output stays in the cache (backward reads it): the caller gets a copy, so
     # writing into `out` cannot change the gradients
     out, state = model._finish(layer_input.copy() if layer_input is outputs[-1] else layer_input,
@@ -115,6 +132,12 @@ def backward(model, cache, grad_out, grad_state=None):
         raise TypeError(f"cache must be the third result of forward_train, got {type(cache).__name__}")
     if cache.model_id != id(model) or cache.signature != _signature(model):
         raise ValueError("cache comes from another model: pass the cache of this model's forward_train")
+    if cache.version != model._version:
+        raise ValueError(
+            "backward: the model's parameters were modified in place (an optimizer step, "
+            "load_state_dict, reset_parameters or load_checkpoint) after the forward_train that "
+            "made this cache, so its activations belong to the old weights; run forward_train "
+            "again with the current weights (torch: 'modified by an inplace operation')")
     seq_len, batch, _ = cache.x.shape
     D, H, L, H_out = model.num_directions, model.hidden_size, model.num_layers, model.hidden_out
     dt = model.dtype

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from typing import Any, Union
 
+import math
+import numbers
+
 import numpy as np
 
 Params = Union[dict[str, Any], list[dict[str, Any]]]
@@ -45,13 +48,34 @@ def clip_grad_norm(grads: Params, max_norm: float) -> float:
     return total
 
 
+def _real(value, name, low=None, high=None, low_open=False, high_open=False):
+    """A finite real number within the bounds (bools, strings, NaN and inf are refused)."""
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value[()]
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if low is not None and (value <= low if low_open else value < low):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
+    if high is not None and (value >= high if high_open else value > high):
+        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value}")
+    return value
+
+
 class Optimizer:
-    """Base: keeps the parameter views and a per-parameter state, saved and restored as arrays."""
+    """Base: keeps the parameter views and a per-parameter state, saved and restored as arrays.
+
+    After every ``step`` the optimizer tells the models whose ``parameters()`` dicts it was given
+    that their parameters changed (``Parameters.mark_modified``), so that ``LSTM.backward``
+    refuses a training cache made before the step.
+    """
+
+    SLOTS: tuple = ()    # the names of the per-parameter state arrays
 
     def __init__(self, params: Params, lr: float) -> None:
-        if not lr > 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
-        self.lr = float(lr)
+        self.lr = _real(lr, "lr", low=0.0, low_open=True)
         self._groups, self._single = _as_groups(params)
         self._entries = _flatten(self._groups)
         for i, name, p in self._entries:
@@ -86,9 +110,16 @@ class Optimizer:
     def step(self, grads: Params) -> None:
         """Update every parameter in place from grads (the structure of the parameters); the
         gradients are only read."""
+        checked = self._grads(grads)
         self.steps += 1
-        for (i, name, p), g in zip(self._entries, self._grads(grads)):
-            self._update(i, name, p, g.astype(p.dtype, copy=False))
+        try:
+            for (i, name, p), g in zip(self._entries, checked):
+                self._update(i, name, p, g.astype(p.dtype, copy=False))
+        finally:
+            for group in self._groups:
+                mark = getattr(group, "mark_modified", None)
+                if mark is not None:
+                    mark()
 
     def state_dict(self):
         """Flat dict of arrays (npz-friendly): hyper-parameters, step count and slots."""
@@ -97,27 +128,82 @@ class Optimizer:
             out[f"{i}/{name}/{slot}"] = arr.copy()
         return out
 
-    def load_state_dict(self, state):
-        self.steps = int(state["__steps"])
-        self.lr = float(state["__lr"])
-        known = {f"{i}/{name}" for i, name, _ in self._entries}
-        self.state = {}
+    def state_shapes(self):
+        """The keys ``state_dict`` may hold, with their shapes: ``__steps`` and ``__lr`` (always),
+        and ``group/name/slot`` for every parameter and slot (present once a step made them)."""
+        shapes = {"__steps": (), "__lr": ()}
+        for i, name, p in self._entries:
+            for slot in self.SLOTS:
+                shapes[f"{i}/{name}/{slot}"] = p.shape
+        return shapes
+
+    def check_state_dict(self, state, where="optimizer state"):
+        """Validate a ``state_dict`` as the constructor validates its arguments; returns
+        (steps, lr, slots) without changing the optimizer. Raises ValueError/TypeError."""
+        if not hasattr(state, "keys"):
+            raise TypeError(f"{where} must be a mapping of names to arrays, got {type(state).__name__}")
+        missing = [k for k in ("__steps", "__lr") if k not in state]
+        if missing:
+            raise ValueError(f"{where} lacks {missing}")
+        steps = np.asarray(state["__steps"])
+        if steps.shape != () or steps.dtype.kind not in "iu":
+            raise ValueError(f"{where}: __steps must be an integer scalar, got {steps.dtype} "
+                             f"of shape {steps.shape}")
+        steps = int(steps)
+        if steps < 0:
+            raise ValueError(f"{where}: __steps must be >= 0, got {steps}")
+        lr = np.asarray(state["__lr"])
+        if lr.shape != () or lr.dtype.kind not in "fiu":
+            raise ValueError(f"{where}: __lr must be a real scalar, got {lr.dtype} of shape {lr.shape}")
+        try:
+            lr = _real(lr[()], f"{where}: __lr", low=0.0, low_open=True)
+        except TypeError as exc:
+            raise ValueError(str(exc)) from None
+        params = {(str(i), name): p for i, name, p in self._entries}
+        slots = {}
         for key, arr in state.items():
-            if key.startswith("__"):
+            if key in ("__steps", "__lr"):
                 continue
-            i, name, slot = key.split("/", 2)
-            if f"{i}/{name}" not in known:
-                raise ValueError(f"optimizer state has {key!r}, which matches no parameter")
-            self.state[(int(i), name, slot)] = np.array(arr)
+            parts = key.split("/") if isinstance(key, str) else []
+            if len(parts) < 3 or (parts[0], "/".join(parts[1:-1])) not in params:
+                raise ValueError(f"{where} has {key!r}, which names no parameter (keys are "
+                                 f"'group/name/slot', e.g. {next(iter(self.state_shapes()), '')!r})")
+            p = params[(parts[0], "/".join(parts[1:-1]))]
+            if parts[-1] not in self.SLOTS:
+                raise ValueError(f"{where} has {key!r}: {type(self).__name__} keeps the slots "
+                                 f"{list(self.SLOTS)}, not {parts[-1]!r}")
+            a = np.asarray(arr)
+            if a.dtype.kind != "f":
+                raise ValueError(f"{where}[{key!r}] must be a floating array, got {a.dtype}")
+            if a.shape != p.shape:
+                raise ValueError(f"{where}[{key!r}] has shape {a.shape}, expected {p.shape} "
+                                 f"(the parameter's)")
+            if not np.isfinite(a).all():
+                raise ValueError(f"{where}[{key!r}] holds NaN or inf")
+            slots[(int(parts[0]), "/".join(parts[1:-1]), parts[-1])] = np.array(a, dtype=p.dtype)
+        return steps, lr, slots
+
+    def load_state_dict(self, state):
+        """Restore a ``state_dict``: validated whole first (ValueError, the optimizer unchanged)."""
+        self._set_state(self.check_state_dict(state))
+
+    def _set_state(self, checked):
+        self.steps, self.lr, self.state = checked
 
 
 class SGD(Optimizer):
     """p -= lr * (g + weight_decay * p), with heavy-ball momentum as torch.optim.SGD."""
 
+    SLOTS = ("momentum",)
+
     def __init__(self, params: Params, lr: float = 1e-2, momentum: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False) -> None:
         super().__init__(params, lr)
-        self.momentum, self.weight_decay, self.nesterov = float(momentum), float(weight_decay), bool(nesterov)
+        self.momentum = _real(momentum, "momentum", low=0.0)
+        self.weight_decay = _real(weight_decay, "weight_decay", low=0.0)
+        if not isinstance(nesterov, (bool, np.bool_)):
+            raise TypeError(f"nesterov must be a bool, got {nesterov!r}")
+        self.nesterov = bool(nesterov)
 
     def _update(self, i, name, p, g):
         if self.weight_decay:
@@ -137,12 +223,17 @@ class Adam(Optimizer):
     """Adam (Kingma & Ba) as torch.optim.Adam; weight_decay is L2 added to the gradient."""
 
     decoupled = False
+    SLOTS = ("exp_avg", "exp_avg_sq")
 
     def __init__(self, params: Params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0) -> None:
         super().__init__(params, lr)
-        self.beta1, self.beta2 = map(float, betas)
-        self.eps, self.weight_decay = float(eps), float(weight_decay)
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        self.beta1 = _real(betas[0], "betas[0]", low=0.0, high=1.0, high_open=True)
+        self.beta2 = _real(betas[1], "betas[1]", low=0.0, high=1.0, high_open=True)
+        self.eps = _real(eps, "eps", low=0.0)
+        self.weight_decay = _real(weight_decay, "weight_decay", low=0.0)
 
     def _update(self, i, name, p, g):
         if self.weight_decay:
