@@ -482,23 +482,70 @@ def _from_config(config, where):
     return LSTM(**{k: config[k] for k in CONFIG_KEYS}, dtype=config["dtype"])
 
 
-def from_torch(module):
-    """An lf.LSTM with the configuration and weights of a torch.nn.LSTM (float32 or float64)."""
+def _torch_kind(module, kinds):
+    """'LSTM' or 'LSTMCell' for a torch module of that class or a TorchScript module made from one
+    (torch.jit.script or torch.jit.trace); TypeError otherwise."""
     import torch
 
+    for kind in kinds:
+        if isinstance(module, getattr(torch.nn, kind)):
+            return kind
+    if isinstance(module, torch.jit.ScriptModule) and getattr(module, "original_name", None) in kinds:
+        return module.original_name
+    got = type(module).__name__
+    if isinstance(module, torch.jit.ScriptModule):
+        got += f" of a {getattr(module, 'original_name', '?')}"
+    raise TypeError(f"expected a torch.nn.{' or torch.nn.'.join(kinds)} (or a TorchScript module "
+                    f"scripted from one), got {got}")
+
+
+def _torch_state(module):
+    import torch
+
+    state = module.state_dict()
+    dtypes = {t.dtype for t in state.values()}
+    if not dtypes <= {torch.float32, torch.float64} or len(dtypes) != 1:
+        raise TypeError(f"the torch module's parameters are {sorted(map(str, dtypes))}; convert it "
+                        f"with .float() or .double()")
+    dtype = np.float64 if dtypes == {torch.float64} else np.float32
+    return {k: t.detach().cpu().numpy() for k, t in state.items()}, dtype
+
+
+def from_torch(module):
+    """An lf.LSTM with the configuration and weights of a torch.nn.LSTM (float32 or float64), or
+    of a TorchScript module scripted from one (``torch.jit.script``)."""
     from ._lstm import LSTM
 
-    if not isinstance(module, torch.nn.LSTM):
-        raise TypeError(f"from_torch takes a torch.nn.LSTM, got {type(module).__name__}")
-    dtype = module.weight_ih_l0.dtype
-    if dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"the torch LSTM's parameters are {dtype}; convert it with .float() or .double()")
-    model = LSTM(module.input_size, module.hidden_size, num_layers=module.num_layers, bias=module.bias,
-                 batch_first=module.batch_first, dropout=module.dropout,
-                 bidirectional=module.bidirectional, proj_size=module.proj_size,
-                 dtype=np.float64 if dtype == torch.float64 else np.float32)
-    model.load_state_dict({k: t.detach().cpu().numpy() for k, t in module.state_dict().items()})
+    _torch_kind(module, ("LSTM",))
+    names = ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout",
+             "bidirectional", "proj_size")
+    missing = [n for n in names if not hasattr(module, n)]
+    if missing:   # torch.jit.trace keeps the weights but not the configuration
+        raise TypeError(f"the TorchScript module does not keep the LSTM's {', '.join(missing)} "
+                        f"(a traced module?): script the torch.nn.LSTM with torch.jit.script, or "
+                        f"pass the torch.nn.LSTM itself")
+    state, dtype = _torch_state(module)
+    model = LSTM(int(module.input_size), int(module.hidden_size), num_layers=int(module.num_layers),
+                 bias=bool(module.bias), batch_first=bool(module.batch_first),
+                 dropout=float(module.dropout), bidirectional=bool(module.bidirectional),
+                 proj_size=int(module.proj_size), dtype=dtype)
+    model.load_state_dict(state)
     return model
+
+
+def cell_from_torch(module):
+    """An lf.LSTMCell with the weights of a torch.nn.LSTMCell (or a TorchScript module scripted
+    or traced from one)."""
+    from ._lstm import LSTMCell
+
+    _torch_kind(module, ("LSTMCell",))
+    state, dtype = _torch_state(module)
+    if "weight_ih" not in state or "weight_hh" not in state:
+        raise TypeError(f"the LSTMCell module has no weight_ih/weight_hh (its state: {list(state)})")
+    four_h, input_size = state["weight_ih"].shape
+    cell = LSTMCell(input_size, four_h // 4, bias="bias_ih" in state, dtype=dtype)
+    cell.load_state_dict(state)
+    return cell
 
 
 class KerasLSTM:

@@ -536,7 +536,8 @@ class LSTM:
 
     @classmethod
     def from_torch(cls, module):
-        """An LSTM with the configuration and weights of a ``torch.nn.LSTM``."""
+        """An LSTM with the configuration and weights of a ``torch.nn.LSTM``, or of a TorchScript
+        module scripted from one (``torch.jit.script``)."""
         from ._io import from_torch
 
         return from_torch(module)
@@ -549,11 +550,15 @@ class LSTM:
         return from_keras(layer, dtype)
 
     @classmethod
-    def from_onnx(cls, path_or_model):
-        """An LSTM from an ONNX model of stacked LSTM nodes (as ``to_onnx`` writes)."""
+    def from_onnx(cls, path_or_model, node=None):
+        """An LSTM from an ONNX model: the whole graph when it is one (stacked LSTM nodes and the
+        layout glue that ``to_onnx`` and ``torch.onnx.export`` write), or the single LSTM node
+        ``node`` (a name or an index of ``lstm_fast.onnx.lstm_nodes``) out of a larger graph,
+        subgraphs included. Raises ValueError naming what the LSTM would not represent (a head,
+        peepholes, clip, other activations, ...). See ``lstm_fast.onnx.to_lstm``."""
         from .onnx import to_lstm
 
-        return to_lstm(path_or_model)
+        return to_lstm(path_or_model, node=node)
 
     def to_onnx(self, path=None, opset=14):
         """Export as an ONNX model (LSTM nodes); ONNX Runtime gives the same outputs. Models with
@@ -664,6 +669,14 @@ class LSTMCell:
             self._params["bias_ih"] = self._b[0]
             self._params["bias_hh"] = self._b[1]
         self.reset_parameters(seed)
+
+    @classmethod
+    def from_torch(cls, module):
+        """An LSTMCell with the weights of a ``torch.nn.LSTMCell``, or of a TorchScript module
+        scripted (or traced) from one."""
+        from ._io import cell_from_torch
+
+        return cell_from_torch(module)
 
     def reset_parameters(self, seed=None):
         rng = np.random.default_rng(seed)

@@ -1,13 +1,17 @@
 """The ONNX LSTM operator on lstm_fast's kernels, ONNX model files in and out.
 
 - ``lstm(X, W, R, B, ...)``: the operator itself (opset 7 and later), every attribute.
-- ``load(path_or_model)``: a session with ONNX Runtime's calling convention for graphs of LSTM nodes.
-- ``export(model, path)`` (``LSTM.to_onnx``) and ``to_lstm(path_or_model)`` (``LSTM.from_onnx``).
+- ``load(path_or_model)``: a session with ONNX Runtime's calling convention for graphs of LSTM nodes,
+  shape arithmetic and simple heads (the operators of ``OPS``).
+- ``export(model, path)`` (``LSTM.to_onnx``), ``to_lstm(path_or_model, node=None)`` (``LSTM.from_onnx``)
+  and ``lstm_nodes(path_or_model)``: LSTM nodes out of (larger) graphs.
 
 Conversion facts (shared/WEIGHT_LAYOUTS.md, checked in tests against onnx.reference and ONNX
 Runtime): ONNX gate blocks are [i, o, f, c], torch's (and the kernels') [i, f, g, o]; B is
 [Wb | Rb] (8H); peepholes P are [i, o, f]; Y is (T, D, B, H) for layout 0 and (B, T, D, H) for 1.
 """
+import dataclasses
+
 import numpy as np
 
 from . import _threads
@@ -609,50 +613,322 @@ def export(model, path=None, opset=14):
     return proto
 
 
-def to_lstm(path_or_model):
-    """An lf.LSTM from an ONNX model whose LSTM nodes chain as stacked layers (what `export`
-    writes, or a single LSTM node). Standard cells only: peepholes, clip, coupled gates or other
-    activations have no torch equivalent (run such models with `load`)."""
-    from onnx import numpy_helper
+# ---------------------------------------------------------------------------- LSTM out of a graph
+@dataclasses.dataclass(frozen=True)
+class LSTMNode:
+    """An LSTM node of an ONNX graph, as ``lstm_nodes`` lists it.
 
-    model = _as_model(path_or_model)
-    init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    layers = [n for n in model.graph.node if n.op_type == "LSTM"]
-    if not layers:
-        raise ValueError("the ONNX model has no LSTM node")
-    config, state = None, {}
-    for k, node in enumerate(layers):
-        a = _attrs(node)
-        direction = _decode(a.get("direction", b"forward"))
-        if direction == "reverse":
-            raise ValueError(f"LSTM node {node.name!r} runs in reverse only, which torch's layout cannot express")
-        acts = _decode(a.get("activations"))
-        if (acts and [s.lower() for s in acts] != ["sigmoid", "tanh", "tanh"] * DIRECTIONS[direction]) \
-                or a.get("clip") or a.get("input_forget", 0) or (len(node.input) > 7 and node.input[7]):
-            raise ValueError(f"LSTM node {node.name!r} uses peepholes, clip, input_forget or "
-                             f"non-default activations: run it with lstm_fast.onnx.load instead")
-        if a.get("layout", 0):
-            raise ValueError("layout=1 models are not imported as lf.LSTM; use lstm_fast.onnx.load")
+    ``graph`` is "main" or the path of the subgraph holding the node (``"main/If_0.then_branch"``);
+    ``initial_states`` is "zeros" (absent or constant zeros), "input" (fed or computed at run
+    time: the caller's to give) or "constant" (constant non-zero); ``refusal`` says why
+    ``LSTM.from_onnx(model, node=...)`` cannot take the node (None when it can)."""
+
+    name: str
+    graph: str
+    index: int
+    input_size: int | None
+    hidden_size: int | None
+    direction: str
+    layout: int
+    bias: bool
+    initial_states: str
+    refusal: str | None
+
+    @property
+    def num_directions(self):
+        return DIRECTIONS.get(self.direction, 1)
+
+
+_FOLD_ERRORS = (ValueError, TypeError, IndexError, KeyError)
+
+
+def _scopes(graph, path, outer, ctx):
+    """Yields (graph, path, constants) for `graph` and every subgraph inside it (If, Loop, Scan
+    bodies, at any depth). The constants are the initializers and the constant subexpressions
+    visible in that graph, its enclosing graphs' included."""
+    from onnx import AttributeProto, numpy_helper
+
+    consts = dict(outer)
+    own = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for i in graph.input:   # a subgraph's inputs hide the enclosing names
+        if i.name not in own:
+            consts.pop(i.name, None)
+    consts.update(own)
+    for node in graph.node:
+        key = (_domain(node), node.op_type)
+        if key in OPS and key not in _RUN_TIME_ONLY and all(not n or n in consts for n in node.input):
+            try:
+                outs = OPS[key]([consts[n] if n else None for n in node.input], _attrs(node), ctx)
+            except _FOLD_ERRORS:   # evaluated at run time instead, where its error is reported
+                continue
+            consts.update((n, np.asarray(o)) for n, o in zip(node.output, outs) if n)
+    yield graph, path, consts
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == AttributeProto.GRAPH:
+                subs = [attr.g]
+            elif attr.type == AttributeProto.GRAPHS:
+                subs = list(attr.graphs)
+            else:
+                continue
+            for k, sub in enumerate(subs):
+                label = f"{path}/{node.name or node.op_type}.{attr.name}" + (f"[{k}]" if len(subs) > 1 else "")
+                yield from _scopes(sub, label, consts, ctx)
+
+
+def _describe(node, path, index, consts):
+    """The LSTMNode of `node`, with every reason lf.LSTM cannot represent it."""
+    a = _attrs(node)
+    names = list(node.input) + [""] * (8 - len(node.input))
+    direction = _decode(a.get("direction", b"forward"))
+    D = DIRECTIONS.get(direction, 1)
+    reasons = []
+    if direction not in DIRECTIONS:
+        reasons.append(f"direction {direction!r}")
+    elif direction == "reverse":
+        reasons.append("it runs in reverse only, which torch's layout cannot express")
+    W, R = consts.get(names[1]), consts.get(names[2])
+    B = consts.get(names[3]) if names[3] else None
+    H = input_size = None
+    if W is None or R is None:
+        reasons.append("its weights W and R are not constants of the graph")
+    else:
+        H = R.shape[-1] if R.ndim == 3 else None
+        if R.ndim != 3 or R.shape[:2] != (D, 4 * H):
+            reasons.append(f"R has shape {R.shape}, expected ({D}, 4*hidden_size, hidden_size)")
+        elif W.ndim != 3 or W.shape[:2] != (D, 4 * H):
+            reasons.append(f"W has shape {W.shape}, expected ({D}, {4 * H}, input_size)")
+        else:
+            input_size = W.shape[2]
+        if a.get("hidden_size") is not None and a["hidden_size"] != H:
+            reasons.append(f"its hidden_size attribute is {a['hidden_size']} but R has shape "
+                           f"{R.shape} (hidden size {H})")
+        if names[3] and B is None:
+            reasons.append("its bias B is not a constant of the graph")
+        elif B is not None and H is not None and B.shape != (D, 8 * H):
+            reasons.append(f"B has shape {B.shape}, expected ({D}, {8 * H})")
+    acts = _decode(a.get("activations"))
+    if acts and [str(x).lower() for x in acts] != ["sigmoid", "tanh", "tanh"] * D:
+        reasons.append(f"activations {acts} (torch's cell is Sigmoid, Tanh, Tanh)")
+    if a.get("clip"):
+        reasons.append(f"clip={a['clip']}")
+    if a.get("input_forget", 0):
+        reasons.append("input_forget=1 (coupled gates)")
+    if names[7]:
+        reasons.append("peepholes (input P)")
+    if a.get("layout", 0):
+        reasons.append("layout=1 (batch-major states and outputs); run it with lstm_fast.onnx.load")
+    if names[4] and names[4] in consts:
+        reasons.append("a constant sequence_lens (an lf.LSTM takes lengths= at each call)")
+    states = "zeros"
+    for k, what in ((5, "initial_h"), (6, "initial_c")):
+        if not names[k]:
+            continue
+        if names[k] not in consts:
+            states = "input"
+            continue
+        value = consts[names[k]]
+        if H is not None and (value.ndim != 3 or value.shape[0] != D or value.shape[2] != H):
+            reasons.append(f"the constant {what} has shape {value.shape}, which does not fit "
+                           f"({D}, batch, {H})")
+        elif np.any(value != 0):
+            reasons.append(f"a constant non-zero {what} (an lf.LSTM takes the states at each call)")
+            states = "constant"
+    return LSTMNode(node.name, path, index, input_size, H, direction, int(a.get("layout", 0)),
+                    bool(names[3]), states, "; ".join(reasons) or None)
+
+
+def _find_lstms(model):
+    """[(LSTMNode, NodeProto, constants)] of every LSTM node, subgraphs included, in graph order."""
+    ctx = _Context(_opset(model))
+    found = []
+    for graph, path, consts in _scopes(model.graph, "main", {}, ctx):
+        for node in graph.node:
+            if node.op_type == "LSTM" and not _domain(node):
+                found.append((_describe(node, path, len(found), consts), node, consts))
+    return found
+
+
+def lstm_nodes(path_or_model):
+    """The LSTM nodes of an ONNX model (file path, bytes or ModelProto), those inside If / Loop /
+    Scan subgraphs included: a list of ``LSTMNode`` (name, graph, index, input_size,
+    hidden_size, direction, layout, bias, initial_states, refusal). Take one out with
+    ``lf.LSTM.from_onnx(model, node=name_or_index)``."""
+    return [info for info, _, _ in _find_lstms(_as_model(path_or_model))]
+
+
+def _layer_state(k, W, R, B, H, state):
+    w_ih = _reorder_gates(W, TORCH_FROM_ONNX, H)
+    w_hh = _reorder_gates(R, TORCH_FROM_ONNX, H)
+    for d in range(W.shape[0]):
+        sfx = f"_l{k}" + ("_reverse" if d else "")
+        state["weight_ih" + sfx] = w_ih[d]
+        state["weight_hh" + sfx] = w_hh[d]
+        if B is not None:
+            state["bias_ih" + sfx] = _reorder_gates(B[:, :4 * H], TORCH_FROM_ONNX, H)[d]
+            state["bias_hh" + sfx] = _reorder_gates(B[:, 4 * H:], TORCH_FROM_ONNX, H)[d]
+
+
+def _build(layers, batch_first=False):
+    """An lf.LSTM of the stacked LSTM nodes `layers` [(LSTMNode, NodeProto, constants)]."""
+    first = layers[0][0]
+    for k, (info, _, _) in enumerate(layers[1:], 1):
+        prev = layers[k - 1][0]
+        expected = prev.num_directions * prev.hidden_size
+        if (info.hidden_size, info.num_directions, info.bias) != (first.hidden_size, first.num_directions, first.bias):
+            raise ValueError(f"LSTM node {info.name!r} has hidden size {info.hidden_size}, "
+                             f"{info.num_directions} direction(s), bias {info.bias}, unlike node "
+                             f"{first.name!r}: an lf.LSTM's layers agree on these")
+        if info.input_size != expected:
+            raise ValueError(f"LSTM node {info.name!r} reads {info.input_size} features, not the "
+                             f"{expected} of node {prev.name!r} before it: they are not stacked layers")
+    state, dtype = {}, np.float32
+    for k, (info, node, consts) in enumerate(layers):
         names = list(node.input) + [""] * 8
-        for name in names[1:3] + ([names[3]] if names[3] else []):
-            if name not in init:
-                raise ValueError(f"weight {name!r} of node {node.name!r} is not an initializer")
-        W, R = init[names[1]], init[names[2]]
-        D, H = W.shape[0], R.shape[-1]
-        if config is None:
-            config = dict(input_size=W.shape[2], hidden_size=H, num_layers=len(layers),
-                          bidirectional=D == 2, bias=bool(names[3]),
-                          dtype=np.float64 if W.dtype == np.float64 else np.float32)
-        w_ih = _reorder_gates(W, TORCH_FROM_ONNX, H)
-        w_hh = _reorder_gates(R, TORCH_FROM_ONNX, H)
-        for d in range(D):
-            sfx = f"_l{k}" + ("_reverse" if d else "")
-            state["weight_ih" + sfx] = w_ih[d]
-            state["weight_hh" + sfx] = w_hh[d]
-            if names[3]:
-                B = init[names[3]]
-                state["bias_ih" + sfx] = _reorder_gates(B[:, :4 * H], TORCH_FROM_ONNX, H)[d]
-                state["bias_hh" + sfx] = _reorder_gates(B[:, 4 * H:], TORCH_FROM_ONNX, H)[d]
-    lf_model = LSTM(**config)
-    lf_model.load_state_dict(state)
+        W, R = consts[names[1]], consts[names[2]]
+        dtype = np.float64 if W.dtype == np.float64 else np.float32
+        _layer_state(k, W, R, consts[names[3]] if names[3] else None, info.hidden_size, state)
+    model = LSTM(first.input_size, first.hidden_size, num_layers=len(layers),
+                 bidirectional=first.num_directions == 2, bias=first.bias, batch_first=batch_first,
+                 dtype=dtype)
+    model.load_state_dict(state)
+    return model
+
+
+# what an lf.LSTM's outputs may pass through in a graph it represents whole
+_LAYOUT_OPS = {"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Concat", "Identity", "Cast"}
+
+
+def _batch_first(graph, node):
+    """Whether the first LSTM node reads a graph input through Transpose(perm=[1, 0, 2])."""
+    producers = {o: n for n in graph.node for o in n.output}
+    inputs = {i.name for i in graph.input}
+    name = node.input[0]
+    while name in producers and producers[name].op_type == "Identity":
+        name = producers[name].input[0]
+    p = producers.get(name)
+    return bool(p is not None and p.op_type == "Transpose" and list(_attrs(p).get("perm", [])) == [1, 0, 2]
+                and p.input[0] in inputs)
+
+
+def _after_lstm(graph):
+    """The (op_type, name) of nodes that compute on the LSTM nodes' outputs beyond layout changes."""
+    downstream = {o for n in graph.node if n.op_type == "LSTM" for o in n.output if o}
+    found = []
+    for n in graph.node:
+        if n.op_type in ("LSTM", "Shape", "Size") or not any(i in downstream for i in n.input):
+            continue
+        downstream.update(o for o in n.output if o)
+        if n.op_type not in _LAYOUT_OPS:
+            found.append(f"{n.op_type} ({n.name!r})")
+    return found
+
+
+def _verify(model, lf_model, first):
+    """Run the graph and the lf.LSTM on the same random input; ValueError unless every graph
+    output is one of the LSTM's (output, h_n, c_n)."""
+    from onnx import helper
+
+    sess = Session(model)
+    graph = model.graph
+    names = [i.name for i in sess._inputs]
+    if len(names) not in (1, 3):
+        raise ValueError(f"the graph takes the inputs {names}; an lf.LSTM takes x and optionally "
+                         f"the states (h0, c0)")
+    x_name = first.input[0]
+    producers = {o: n for n in graph.node for o in n.output}
+    while x_name not in names and x_name in producers and producers[x_name].input:
+        x_name = producers[x_name].input[0]
+    if x_name not in names:
+        x_name = names[0]
+    spec = next(i for i in sess._inputs if i.name == x_name)
+    dims = [d.dim_value or None for d in spec.type.tensor_type.shape.dim]
+    T, B = 3, 2
+    if len(dims) == 3:
+        t_dim, b_dim = (dims[1], dims[0]) if lf_model.batch_first else (dims[0], dims[1])
+        T, B = t_dim or T, b_dim or B
+    rng = np.random.default_rng(0)
+    x_shape = (B, T, lf_model.input_size) if lf_model.batch_first else (T, B, lf_model.input_size)
+    elem = spec.type.tensor_type.elem_type
+    x_dtype = helper.tensor_dtype_to_np_dtype(elem) if elem else lf_model.dtype
+    feeds = {x_name: rng.standard_normal(x_shape).astype(x_dtype)}
+    hx = None
+    if len(names) == 3:
+        state_shape = (lf_model.num_layers * lf_model.num_directions, B, lf_model.hidden_size)
+        hx = tuple(rng.standard_normal(state_shape).astype(lf_model.dtype) for _ in range(2))
+        feeds.update(zip([n for n in names if n != x_name], hx))
+    try:
+        values = sess._evaluate(feeds)
+    except ValueError as exc:
+        raise ValueError(f"the graph does not run as the LSTM its nodes describe: {exc}") from None
+    y, (h, c) = lf_model(feeds[x_name], hx)
+    tol = dict(rtol=1e-4, atol=1e-5) if lf_model.dtype == np.float32 else dict(rtol=1e-9, atol=1e-11)
+    unmatched = [f"{n!r} {values[n].shape}" for n in sess._outputs
+                 if not any(values[n].shape == o.shape and np.allclose(values[n], o, **tol) for o in (y, h, c))]
+    if unmatched:
+        dropped = _after_lstm(graph)
+        what = (f"LSTM.from_onnx would drop what the graph computes after its LSTM nodes: "
+                f"{', '.join(dropped)}" if dropped else
+                "the graph's outputs are not those of the LSTM its nodes describe")
+        raise ValueError(
+            f"{what} (graph outputs {', '.join(unmatched)}; the lf.LSTM gives output {y.shape}, "
+            f"h_n {h.shape}, c_n {c.shape}). Run the whole graph with lstm_fast.onnx.load, or take "
+            f"the LSTM alone with LSTM.from_onnx(model, node=...) and apply the rest yourself")
+
+
+def to_lstm(path_or_model, node=None):
+    """An lf.LSTM from an ONNX model (file path, bytes or ModelProto).
+
+    With ``node=None`` the whole graph must be an LSTM: stacked standard LSTM nodes and the
+    layout glue that ``export`` and ``torch.onnx.export`` write around them (a Transpose of a
+    batch-first input gives ``batch_first=True``; graph inputs x or x, h0, c0). The result is
+    checked by running the graph and the LSTM on the same input; a graph that does more (a
+    Linear head, a last-step Gather, other operators) raises ValueError naming what would be
+    dropped.
+
+    With ``node`` (a node name, one of its output names, or an index of ``lstm_nodes``), that one
+    LSTM node is taken out of a larger graph, subgraphs included, as a one-layer lf.LSTM (its
+    input and states are then the caller's to give). Standard cells only: peepholes, clip,
+    coupled gates, other activations, reverse-only direction, layout=1, constant non-zero
+    states or a hidden_size attribute that disagrees with the weights raise ValueError (run such
+    models with ``load``).
+    """
+    model = _as_model(path_or_model)
+    found = _find_lstms(model)
+    if node is not None:
+        if isinstance(node, bool) or not isinstance(node, (str, int, np.integer)):
+            raise TypeError(f"node must be a node name or an index of lstm_nodes(model), got {node!r}")
+        if isinstance(node, str):
+            matches = [f for f in found if f[0].name == node] or [f for f in found if node in f[1].output]
+        else:
+            matches = [f for f in found if f[0].index == node]
+        if not matches:
+            listed = ", ".join(f"{i.index}: {i.name!r} in {i.graph}" for i, _, _ in found) or "none"
+            raise ValueError(f"no LSTM node {node!r} in the ONNX model; its LSTM nodes: {listed}")
+        if len(matches) > 1:
+            raise ValueError(f"{len(matches)} LSTM nodes are named {node!r} "
+                             f"({', '.join(m[0].graph for m in matches)}): give its index in lstm_nodes(model)")
+        info = matches[0][0]
+        if info.refusal:
+            raise ValueError(f"LSTM node {info.name!r} ({info.graph}) has no lf.LSTM equivalent: {info.refusal}")
+        return _build(matches[0:1])
+    top = [f for f in found if f[0].graph == "main"]
+    if not top:
+        if found:
+            raise ValueError(
+                f"the ONNX model's main graph has no LSTM node; {len(found)} sit inside subgraphs "
+                f"({', '.join(f'{i.name!r} in {i.graph}' for i, _, _ in found)}): take one out with "
+                f"LSTM.from_onnx(model, node=name) (lstm_fast.onnx.lstm_nodes lists them)")
+        raise ValueError("the ONNX model has no LSTM node")
+    foreign = [f"{n.op_type} ({n.name!r})" for n in model.graph.node
+               if (_domain(n), n.op_type) not in OPS or any(a.type in (5, 10) for a in n.attribute)]
+    if foreign:   # 5, 10: GRAPH, GRAPHS attributes (If, Loop, Scan)
+        raise ValueError(f"the graph has operators an lf.LSTM does not represent: {', '.join(foreign)}; "
+                         f"take an LSTM out with LSTM.from_onnx(model, node=...) "
+                         f"(lstm_fast.onnx.lstm_nodes lists them)")
+    for info, _, _ in top:
+        if info.refusal:
+            raise ValueError(f"LSTM node {info.name!r} has no lf.LSTM equivalent: {info.refusal}")
+    lf_model = _build(top, _batch_first(model.graph, top[0][1]))
+    _verify(model, lf_model, top[0][1])
     return lf_model

@@ -30,3 +30,13 @@ def packed(request):
     _forward.set_packed_gemm(request.param)
     yield request.param
     _forward.set_packed_gemm(True)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `slow` run only when asked for (-m slow, or a -m expression naming it)."""
+    if "slow" in (config.getoption("-m") or ""):
+        return
+    skip = pytest.mark.skip(reason="a long sweep: run with -m slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

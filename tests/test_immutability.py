@@ -409,7 +409,9 @@ def _grads(ctx, params):
       "lstm_fast.optim.Optimizer.state_dict", "lstm_fast.optim.Optimizer.load_state_dict",
       "lstm_fast.optim.SGD.state_dict", "lstm_fast.optim.SGD.load_state_dict",
       "lstm_fast.optim.Adam.state_dict", "lstm_fast.optim.Adam.load_state_dict",
-      "lstm_fast.optim.AdamW.state_dict", "lstm_fast.optim.AdamW.load_state_dict")
+      "lstm_fast.optim.AdamW.state_dict", "lstm_fast.optim.AdamW.load_state_dict",
+      *(f"lstm_fast.optim.{c}.{m}" for c in ("Optimizer", "SGD", "Adam", "AdamW")
+        for m in ("check_state_dict", "state_shapes")))
 def _optim(ctx):
     for make in (lambda p: lf.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.1, nesterov=True),
                  lambda p: lf.optim.Adam(p, weight_decay=0.1), lf.optim.AdamW):
@@ -423,6 +425,8 @@ def _optim(ctx):
             assert not any(np.shares_memory(s, t) for t in opt.state.values())
         given = {k: ctx.arr(v) for k, v in state.items()}
         other = make([lf.LSTM(3, 4, seed=0).parameters()])
+        assert set(other.state_shapes()) >= set(given)
+        other.check_state_dict(given)
         other.load_state_dict(given)
         for s in other.state.values():
             assert s.flags.writeable and not any(np.shares_memory(s, a) for a in given.values())
@@ -464,6 +468,26 @@ def _fit(ctx, tmp_path):
 
 
 # ------------------------------------------------------------------------ threads, config
+@case("lstm_fast.LSTMCell.from_torch")
+def _cell_from_torch(ctx):
+    torch = pytest.importorskip("torch")
+    cell = torch.nn.LSTMCell(3, 4)
+    before = {k: t.detach().clone() for k, t in cell.state_dict().items()}
+    ours = lf.LSTMCell.from_torch(cell)
+    for k, t in cell.state_dict().items():
+        assert torch.equal(t, before[k])
+        assert not np.shares_memory(ours.parameters()[k], t.detach().numpy())
+
+
+@case("lstm_fast.onnx.lstm_nodes", "lstm_fast.onnx.LSTMNode")
+def _lstm_nodes(ctx):
+    proto = _lstm_graph()
+    data = proto.SerializeToString()
+    nodes = lf.onnx.lstm_nodes(proto)
+    assert nodes and all(isinstance(n, lf.onnx.LSTMNode) for n in nodes)
+    assert proto.SerializeToString() == data
+
+
 @case("lstm_fast.get_num_threads", "lstm_fast.set_num_threads", "lstm_fast.threads",
       "lstm_fast.show_config")
 def _no_arrays(ctx):
@@ -471,6 +495,7 @@ def _no_arrays(ctx):
     with lf.threads(1):
         assert lf.get_num_threads() == 1
     lf.set_num_threads(n)
+    lf._threads._global_threads = None   # back to following the OpenMP runtime, as before
     buf = io.StringIO()
     try:
         lf.show_config(file=buf)
@@ -551,13 +576,13 @@ def _onnx_session(ctx):
     assert len(sess.get_outputs()) == 4
     feed = {"X": ctx.rand(5, 2, 3), "h0": ctx.rand(1, 2, 4), "c0": ctx.rand(1, 2, 4)}
     ctx.twice(lambda: sess.run(None, feed))
-    init = {k: v.copy() for k, v in sess._init.items()}
+    init = {k: v.copy() for k, v in sess._consts.items()}
     proto2 = _lstm_graph(with_states_as_initializers=True)
     sess2 = lf.onnx.load(proto2)
-    init2 = {k: v.copy() for k, v in sess2._init.items()}
+    init2 = {k: v.copy() for k, v in sess2._consts.items()}
     ctx.twice(lambda: sess2.run(None, {"X": feed["X"]}))
     for s, kept in ((sess, init), (sess2, init2)):
-        assert all(v.tobytes() == kept[k].tobytes() for k, v in s._init.items())
+        assert all(v.tobytes() == kept[k].tobytes() for k, v in s._consts.items())
 
 
 # ------------------------------------------------------------------------ reference
