@@ -1,13 +1,15 @@
 """`fit`: a small training loop for sequence-to-one models (an LSTM and a Linear head on its last
 step), and checkpoints of model + head + optimizer in .npz files that never unpickle."""
 import json
+import math
+import numbers
 import sys
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import nn, optim
+from . import _io, nn, optim
 
 
 @dataclass
@@ -57,6 +59,45 @@ class _Progress:
             sys.stderr.write("\n")
 
 
+def _count(value, name):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a positive int, got {value!r} ({type(value).__name__})")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+def _data(x, y, model, head, loss, xname, yname):
+    """x as (N, T, I) of the model's dtype and y as the loss needs it, both checked."""
+    x = np.asarray(x)
+    if x.dtype.kind not in "fiu" or x.dtype.kind == "b":
+        raise TypeError(f"{xname} must be a real array, got dtype {x.dtype}")
+    if x.ndim != 3 or x.shape[2] != model.input_size or x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{xname} has shape {x.shape}, expected (N, T, {model.input_size}) with "
+                         f"N, T >= 1 (batch-major whatever batch_first says)")
+    x = np.asarray(x, dtype=model.dtype)
+    if not np.isfinite(x).all():
+        raise ValueError(f"{xname} holds NaN or inf")
+    y = np.asarray(y)
+    n, c = x.shape[0], head.out_features
+    if loss == "mse":
+        if y.dtype.kind not in "fiu":
+            raise TypeError(f"{yname} must be a real array for loss='mse', got dtype {y.dtype}")
+        if y.shape != (n, c):
+            raise ValueError(f"{yname} has shape {y.shape}, expected ({n}, {c}): one row of "
+                             f"head.out_features per sequence of {xname}")
+        if not np.isfinite(y).all():
+            raise ValueError(f"{yname} holds NaN or inf")
+    else:
+        if y.dtype.kind not in "iu":
+            raise TypeError(f"{yname} must be integer labels for loss='cross_entropy', got dtype {y.dtype}")
+        if y.shape != (n,):
+            raise ValueError(f"{yname} has shape {y.shape}, expected ({n},): one label per sequence")
+        if y.min() < 0 or y.max() >= c:
+            raise ValueError(f"{yname} labels must lie in 0..{c - 1} (head.out_features={c})")
+    return x, y
+
+
 def predict_last(model, head, x):
     """head(out at the last step) for batch-major x (N, T, I); returns (N, out_features)."""
     out, _ = model(np.swapaxes(x, 0, 1) if not model.batch_first else x)
@@ -90,12 +131,12 @@ def fit(model, head, x, y, *, epochs=20, batch_size=32, optimizer=None, loss="ms
     head : nn.Linear, from the model's output features to y's
     x : ndarray of shape (N, T, input_size), batch-major whatever ``model.batch_first`` says
     y : ndarray of shape (N, out_features) (mse) or integer labels (N,) (``loss="cross_entropy"``)
-    epochs, batch_size : int
+    epochs, batch_size : int, >= 1
     optimizer : an lf.optim optimizer over ``[model.parameters(), head.parameters()]``;
         Adam(lr=1e-3) when None
     validation : (x_val, y_val) or None, evaluated after every epoch
-    patience : int or None; stop after this many epochs without a better validation loss,
-        and restore the best weights
+    patience : int >= 1 or None; stop after this many epochs without a better validation loss,
+        and restore the best weights (needs validation)
     seed : int, seed of the shuffling (the same seed gives the same bits)
     clip_norm : float or None, global gradient-norm clipping
     progress : bool or None; a progress bar (tqdm if installed) over all batches; None shows it
@@ -104,16 +145,44 @@ def fit(model, head, x, y, *, epochs=20, batch_size=32, optimizer=None, loss="ms
     Returns
     -------
     History
+
+    Every argument is checked before training starts (TypeError / ValueError naming it): sizes
+    are positive ints, x and y are finite with matching rows, labels lie in the head's classes.
     """
-    loss_fn = {"mse": nn.mse_loss, "cross_entropy": nn.cross_entropy_loss}.get(loss)
+    from ._lstm import LSTM
+
+    loss_fn = {"mse": nn.mse_loss, "cross_entropy": nn.cross_entropy_loss}.get(loss) \
+        if isinstance(loss, str) else None
     if loss_fn is None:
         raise ValueError(f"loss must be 'mse' or 'cross_entropy', got {loss!r}")
-    x = np.asarray(x, dtype=model.dtype)
-    if x.ndim != 3 or x.shape[2] != model.input_size:
-        raise ValueError(f"x has shape {x.shape}, expected (N, T, {model.input_size})")
-    y = np.asarray(y)
-    if y.shape[0] != x.shape[0]:
-        raise ValueError(f"y has {y.shape[0]} rows, expected {x.shape[0]} (one per sequence)")
+    if not isinstance(model, LSTM):
+        raise TypeError(f"model must be an lf.LSTM, got {type(model).__name__}")
+    if not isinstance(head, nn.Linear):
+        raise TypeError(f"head must be an lf.nn.Linear, got {type(head).__name__}")
+    features = model.num_directions * model.hidden_out
+    if head.in_features != features:
+        raise ValueError(f"head has in_features={head.in_features}, expected {features} (the "
+                         f"model's output features)")
+    epochs = _count(epochs, "epochs")
+    batch_size = _count(batch_size, "batch_size")
+    if optimizer is not None and not isinstance(optimizer, optim.Optimizer):
+        raise TypeError(f"optimizer must be an lf.optim optimizer or None, got {type(optimizer).__name__}")
+    if patience is not None:
+        patience = _count(patience, "patience")
+        if validation is None:
+            raise ValueError("patience needs validation=(x_val, y_val): it counts epochs without "
+                             "a better validation loss")
+    if seed is not None and (isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral)):
+        raise TypeError(f"seed must be an int or None, got {seed!r}")
+    if clip_norm is not None:
+        clip_norm = optim._real(clip_norm, "clip_norm", low=0.0, low_open=True)
+    if progress is not None and not isinstance(progress, (bool, np.bool_)):
+        raise TypeError(f"progress must be True, False or None, got {progress!r}")
+    x, y = _data(x, y, model, head, loss, "x", "y")
+    if validation is not None:
+        if not isinstance(validation, (tuple, list)) or len(validation) != 2:
+            raise TypeError("validation must be a pair (x_val, y_val) or None")
+        validation = _data(validation[0], validation[1], model, head, loss, "x_val", "y_val")
     if optimizer is None:
         optimizer = optim.Adam([model.parameters(), head.parameters()], lr=1e-3)
     rng = np.random.default_rng(seed)
@@ -157,28 +226,120 @@ def fit(model, head, x, y, *, epochs=20, batch_size=32, optimizer=None, loss="ms
     return history
 
 
+_PARTS = ("model/", "head/", "optim/")
+
+
 def save_checkpoint(path, model, head=None, optimizer=None):
-    """Model (+ head, + optimizer state) into one .npz; config as JSON text, nothing pickled."""
-    arrays = {f"model/{k}": v for k, v in model.state_dict().items()}
-    config = {"input_size": model.input_size, "hidden_size": model.hidden_size,
-              "num_layers": model.num_layers, "bias": model.bias, "batch_first": model.batch_first,
-              "dropout": model.dropout, "bidirectional": model.bidirectional,
-              "proj_size": model.proj_size, "dtype": model.dtype.name}
+    """Model (+ head, + optimizer state) into one .npz; config as JSON text, nothing pickled.
+
+    A digest of each part (model with its configuration, head, optimizer) is stored with it and
+    checked by `load_checkpoint` (see docs/files.md).
+    """
+    model_state = model.state_dict()
+    arrays = {f"model/{k}": v for k, v in model_state.items()}
+    config = {k: getattr(model, k) for k in _io.CONFIG_KEYS}
+    config["dtype"] = model.dtype.name
+    digests = {"model": _io.digest(config, model_state)}
     if head is not None:
-        arrays.update({f"head/{k}": v for k, v in head.state_dict().items()})
+        head_state = head.state_dict()
+        arrays.update({f"head/{k}": v for k, v in head_state.items()})
+        digests["head"] = _io.digest({"part": "head"}, head_state)
     if optimizer is not None:
-        arrays.update({f"optim/{k}": v for k, v in optimizer.state_dict().items()})
+        optim_state = optimizer.state_dict()
+        arrays.update({f"optim/{k}": v for k, v in optim_state.items()})
+        digests["optim"] = _io.digest({"part": "optim"}, optim_state)
     arrays["config"] = np.array(json.dumps(config))
+    arrays["__digest__"] = np.array(json.dumps(digests))
     np.savez(path, **arrays)
 
 
-def load_checkpoint(path, model, head=None, optimizer=None):
-    """Restore what save_checkpoint wrote into existing objects (allow_pickle=False)."""
-    with np.load(path, allow_pickle=False) as f:
-        data = {k: f[k] for k in f.files}
-    model.load_state_dict({k[6:]: v for k, v in data.items() if k.startswith("model/")})
+_FLOATS = ("<f4", "<f8")
+
+
+def load_checkpoint(path, model, head=None, optimizer=None, *, allow_nonfinite=False):
+    """Restore what save_checkpoint wrote into existing objects, all or nothing.
+
+    Everything is checked before anything is assigned: the file's members (no stray or
+    duplicate ones), the configuration (strict types, the model's sizes), each tensor's dtype
+    and shape from its header before its data is read, the stored digests (files without them
+    load without this check), finite weights (unless ``allow_nonfinite``), the head's shapes and
+    the optimizer state as ``Optimizer.load_state_dict`` checks it. A faulty file raises
+    ValueError naming it and leaves model, head and optimizer unchanged.
+
+    Returns the checkpoint's model configuration (a dict).
+    """
+    from ._lstm import LSTM, _commit_named, _stage_named
+
+    if not isinstance(model, LSTM):
+        raise TypeError(f"model must be an lf.LSTM, got {type(model).__name__}")
+    if head is not None and not isinstance(head, nn.Linear):
+        raise TypeError(f"head must be an lf.nn.Linear or None, got {type(head).__name__}")
+    if optimizer is not None and not isinstance(optimizer, optim.Optimizer):
+        raise TypeError(f"optimizer must be an lf.optim optimizer or None, got {type(optimizer).__name__}")
+    with _io.NpzReader(path) as f:
+        where = f.where
+        names = f.names
+        stray = [n for n in names if n not in ("config", "__digest__") and not n.startswith(_PARTS)]
+        if stray:
+            raise ValueError(f"{where}: members {stray[:8]} belong to no part of a checkpoint "
+                             f"(model/, head/, optim/, config)")
+        if "config" not in f.infos:
+            raise ValueError(f"{where} is not an lstm_fast checkpoint (no 'config' member)")
+        config = _io.check_config(_io._json(f.read_text("config"), where), where, need_format=False)
+        mine = {k: getattr(model, k) for k in ("input_size", "hidden_size", "num_layers", "bias",
+                                                "bidirectional", "proj_size")}
+        differ = {k: config[k] for k in mine if config[k] != mine[k]}
+        if differ:
+            raise ValueError(f"{where}: the checkpoint's model has {differ}, the given model "
+                             f"{ {k: mine[k] for k in differ} }")
+        digests = {}
+        if "__digest__" in f.infos:
+            digests = _io._json(f.read_text("__digest__"), where, "the digest record")
+            if not isinstance(digests, dict) or not all(isinstance(d, str) for d in digests.values()):
+                raise ValueError(f"{where}: the digest record is not an object of strings")
+
+        def part(prefix, specs, required=None):
+            have = [n[len(prefix):] for n in names if n.startswith(prefix)]
+            if required is None:
+                _io._names_diff(where, have, specs, f"{prefix[:-1]} tensors")
+            else:
+                _io._names_diff(where, have, {k: s for k, s in specs.items() if k in required or k in have},
+                                f"{prefix[:-1]} entries")
+                specs = {k: s for k, s in specs.items() if k in have}
+            return f.read_tensors(specs, prefix)
+
+        model_arrays = part("model/", {k: (p.shape, _FLOATS) for k, p in model._params.items()})
+        head_arrays = optim_arrays = None
+        if head is not None:
+            if not any(n.startswith("head/") for n in names):
+                raise ValueError(f"{where} holds no head (it was saved without one)")
+            head_arrays = part("head/", {k: (p.shape, _FLOATS) for k, p in head._params.items()})
+        if optimizer is not None:
+            if not any(n.startswith("optim/") for n in names):
+                raise ValueError(f"{where} holds no optimizer state (it was saved without one)")
+            specs = {k: (s, _FLOATS) for k, s in optimizer.state_shapes().items()}
+            specs["__steps"] = ((), ("<i8", "<i4", "<u8", "<u4"))
+            specs["__lr"] = ((), _FLOATS)
+            optim_arrays = part("optim/", specs, required=("__steps", "__lr"))
+    _io._verify_digest(digests.get("model"), config, model_arrays, f"{where} (model)")
+    _io._check_finite(model_arrays, where, allow_nonfinite)
+    staged_model = _stage_named(model._params, model_arrays, True, "checkpoint model")
+    staged_head = checked_optim = None
     if head is not None:
-        head.load_state_dict({k[5:]: v for k, v in data.items() if k.startswith("head/")})
+        _io._verify_digest(digests.get("head"), {"part": "head"}, head_arrays, f"{where} (head)")
+        _io._check_finite(head_arrays, where, allow_nonfinite)
+        staged_head = _stage_named(head._params, head_arrays, True, "checkpoint head")
     if optimizer is not None:
-        optimizer.load_state_dict({k[6:]: v for k, v in data.items() if k.startswith("optim/")})
-    return json.loads(str(data["config"]))
+        _io._verify_digest(digests.get("optim"), {"part": "optim"}, optim_arrays, f"{where} (optimizer)")
+        try:
+            checked_optim = optimizer.check_state_dict(optim_arrays, f"{where}: the optimizer state")
+        except TypeError as exc:
+            raise ValueError(str(exc)) from None
+    # everything is checked: assign
+    _commit_named(model._params, staged_model)
+    model._bump_version()
+    if head is not None:
+        _commit_named(head._params, staged_head)
+    if optimizer is not None:
+        optimizer._set_state(checked_optim)
+    return config

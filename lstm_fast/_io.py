@@ -73,7 +73,7 @@ def check_config(config, where, need_format=True):
     dropout = config["dropout"]
     if type(dropout) not in (int, float) or not 0.0 <= dropout <= 1.0:
         raise ValueError(f"{where}: the configuration's 'dropout' must be a number in [0, 1], got {dropout!r}")
-    if config["dtype"] not in _NPY_DTYPES:
+    if not isinstance(config["dtype"], str) or config["dtype"] not in _NPY_DTYPES:
         raise ValueError(f"{where}: the configuration's dtype must be 'float32' or 'float64', "
                          f"got {config['dtype']!r}")
     return config
