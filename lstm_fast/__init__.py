@@ -8,13 +8,12 @@
 """
 from ._version import __version__
 from ._threads import get_num_threads, set_num_threads, threads
-from ._lstm import LSTM, FrozenLSTM, LSTMCell
+from ._lstm import LSTM, FrozenLSTM, LSTMCell, load
 from ._config import show_config
 from . import dask, nn, onnx, optim
 from .nn import Linear, cross_entropy_loss, mse_loss
 from ._fit import fit, load_checkpoint, save_checkpoint
 from ._train import Gradients, TrainCache
-from ._io import load
 
 __all__ = [
     "LSTM",

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import _io, nn, optim
+from ._core import _commit_named, _stage_named
+from ._lstm import LSTM
 
 
 @dataclass
@@ -149,8 +151,6 @@ def fit(model, head, x, y, *, epochs=20, batch_size=32, optimizer=None, loss="ms
     Every argument is checked before training starts (TypeError / ValueError naming it): sizes
     are positive ints, x and y are finite with matching rows, labels lie in the head's classes.
     """
-    from ._lstm import LSTM
-
     loss_fn = {"mse": nn.mse_loss, "cross_entropy": nn.cross_entropy_loss}.get(loss) \
         if isinstance(loss, str) else None
     if loss_fn is None:
@@ -268,8 +268,6 @@ def load_checkpoint(path, model, head=None, optimizer=None, *, allow_nonfinite=F
 
     Returns the checkpoint's model configuration (a dict).
     """
-    from ._lstm import LSTM, _commit_named, _stage_named
-
     if not isinstance(model, LSTM):
         raise TypeError(f"model must be an lf.LSTM, got {type(model).__name__}")
     if head is not None and not isinstance(head, nn.Linear):

@@ -425,28 +425,8 @@ def _load_safetensors(path, max_params):
     return config, arrays, stored, where
 
 
-def load(path: Any, *, max_params: int = DEFAULT_MAX_PARAMS, allow_nonfinite: bool = False) -> Any:
-    """An lf.LSTM from a file written by ``LSTM.save`` (.npz or .safetensors).
-
-    The file is checked before anything is built: its configuration (strict types), the names,
-    dtypes and shapes of its tensors (from the headers, without reading the data), a cap on the
-    parameter count, then the data: its digest (files without one, written elsewhere, load
-    without this check) and that every weight is finite. Nothing is unpickled: a model file
-    cannot run code. See docs/files.md.
-
-    Parameters
-    ----------
-    path : str or os.PathLike, ending in .npz or .safetensors
-    max_params : int, default 2**28
-        Refuse files whose configuration declares more parameters.
-    allow_nonfinite : bool, default False
-        Load weights holding NaN or inf (refused otherwise).
-
-    Raises
-    ------
-    ValueError
-        For every truncated, corrupt, hostile or mismatched file, naming the file and the fault.
-    """
+def load(path: Any, cls: Any, *, max_params: int = DEFAULT_MAX_PARAMS, allow_nonfinite: bool = False) -> Any:
+    """A `cls` (lf.LSTM) from a model file: what ``lstm_fast.load`` does (its docstring says how)."""
     max_params = v.size(max_params, "max_params")
     if not isinstance(allow_nonfinite, (bool, np.bool_)):
         raise TypeError(f"allow_nonfinite must be a bool, got {allow_nonfinite!r}")
@@ -464,22 +444,18 @@ def load(path: Any, *, max_params: int = DEFAULT_MAX_PARAMS, allow_nonfinite: bo
             raise ValueError(f"{path!r} is not a readable .safetensors model file: {exc}") from None
     _verify_digest(stored, config, arrays, where)
     _check_finite(arrays, where, allow_nonfinite)
-    return _build(config, arrays)
+    return _build(config, arrays, cls)
 
 
-def _build(config, arrays):
-    from ._lstm import LSTM
-
-    model = LSTM(**{k: config[k] for k in CONFIG_KEYS}, dtype=config["dtype"])
+def _build(config, arrays, cls):
+    model = cls(**{k: config[k] for k in CONFIG_KEYS}, dtype=config["dtype"])
     model.load_state_dict(arrays)
     return model
 
 
-def _from_config(config, where):
-    from ._lstm import LSTM
-
+def _from_config(config, where, cls):
     check_config(config, where)
-    return LSTM(**{k: config[k] for k in CONFIG_KEYS}, dtype=config["dtype"])
+    return cls(**{k: config[k] for k in CONFIG_KEYS}, dtype=config["dtype"])
 
 
 def _torch_kind(module, kinds):
@@ -511,11 +487,9 @@ def _torch_state(module):
     return {k: t.detach().cpu().numpy() for k, t in state.items()}, dtype
 
 
-def from_torch(module):
+def from_torch(module, cls):
     """An lf.LSTM with the configuration and weights of a torch.nn.LSTM (float32 or float64), or
-    of a TorchScript module scripted from one (``torch.jit.script``)."""
-    from ._lstm import LSTM
-
+    of a TorchScript module scripted from one (``torch.jit.script``); `cls` is lf.LSTM."""
     _torch_kind(module, ("LSTM",))
     names = ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout",
              "bidirectional", "proj_size")
@@ -525,7 +499,7 @@ def from_torch(module):
                         f"(a traced module?): script the torch.nn.LSTM with torch.jit.script, or "
                         f"pass the torch.nn.LSTM itself")
     state, dtype = _torch_state(module)
-    model = LSTM(int(module.input_size), int(module.hidden_size), num_layers=int(module.num_layers),
+    model = cls(int(module.input_size), int(module.hidden_size), num_layers=int(module.num_layers),
                  bias=bool(module.bias), batch_first=bool(module.batch_first),
                  dropout=float(module.dropout), bidirectional=bool(module.bidirectional),
                  proj_size=int(module.proj_size), dtype=dtype)
@@ -533,17 +507,15 @@ def from_torch(module):
     return model
 
 
-def cell_from_torch(module):
+def cell_from_torch(module, cls):
     """An lf.LSTMCell with the weights of a torch.nn.LSTMCell (or a TorchScript module scripted
-    or traced from one)."""
-    from ._lstm import LSTMCell
-
+    or traced from one); `cls` is lf.LSTMCell."""
     _torch_kind(module, ("LSTMCell",))
     state, dtype = _torch_state(module)
     if "weight_ih" not in state or "weight_hh" not in state:
         raise TypeError(f"the LSTMCell module has no weight_ih/weight_hh (its state: {list(state)})")
     four_h, input_size = state["weight_ih"].shape
-    cell = LSTMCell(input_size, four_h // 4, bias="bias_ih" in state, dtype=dtype)
+    cell = cls(input_size, four_h // 4, bias="bias_ih" in state, dtype=dtype)
     cell.load_state_dict(state)
     return cell
 
@@ -772,15 +744,14 @@ def _keras_states(layers, dt):
     return np.stack([p[0] for p in per]), np.stack([p[1] for p in per])
 
 
-def from_keras(layer, dtype=None):
+def from_keras(layer, dtype, cls):
     """A KerasLSTM (callable like the layer) from a Keras 3 ``LSTM`` layer or ``Bidirectional(LSTM)``.
 
     Keras' kernel (I, 4U), recurrent_kernel (U, 4U) and single bias (4U) share torch's gate order
     i, f, c, o: W_ih = kernel.T, W_hh = recurrent_kernel.T, b_ih = bias, b_hh = 0. The layer must
     be built; anything but an LSTM or a Bidirectional LSTM raises TypeError saying what it got.
+    `cls` is lf.LSTM.
     """
-    from ._lstm import LSTM
-
     wrapper = None
     if _keras_kind(layer) == "Bidirectional":
         wrapper = layer
@@ -794,7 +765,7 @@ def from_keras(layer, dtype=None):
     dt = np.dtype(dtype) if dtype is not None else (np.float64 if kernel0.dtype == np.float64 else np.float32)
     if wrapper is not None and any(p[0].get("go_backwards") for p in parts[:1]):
         raise ValueError("a Bidirectional wrapper around a go_backwards layer does not map")
-    model = LSTM(input_size, units, bias=bias0 is not None, batch_first=True,
+    model = cls(input_size, units, bias=bias0 is not None, batch_first=True,
                  bidirectional=wrapper is not None, dtype=dt)
     state = {}
     for d, (cfg, kernel, recurrent, bias) in enumerate(parts):
@@ -822,11 +793,10 @@ def getstate(model):
     return {"config": model_config(model), "state": model.state_dict()}
 
 
-def setstate(model, state):
-    from ._lstm import LSTM
-
-    fresh = _from_config(state["config"], "the pickled model")
+def setstate(model, state, cls):
+    """Restore a pickled `cls` (lf.LSTM) into `model` (unpickling builds it without __init__)."""
+    fresh = _from_config(state["config"], "the pickled model", cls)
     fresh.load_state_dict(state["state"])
     model.__dict__.update(fresh.__dict__)
-    if not isinstance(model, LSTM):
-        raise TypeError("setstate needs an LSTM")
+    if not isinstance(model, cls):
+        raise TypeError(f"setstate needs an {cls.__name__}")

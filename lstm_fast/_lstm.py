@@ -18,10 +18,9 @@ import numpy.typing as npt
 Array = npt.NDArray[Any]
 State = tuple[Array, Array]
 
-from . import _forward, _step, _threading, _threads
+from . import _forward, _io, _onnx_graph, _step, _threading, _threads, _train
 from . import _validate as v
-
-_EMPTY = {}
+from ._core import BLAS_SINGLE, _empty, _full_lengths, _load_named, run_layer
 
 # parameter versions: every in-place change of a model's parameters through the API takes the next
 # number, so a training cache made before the change is recognised as stale by backward (one global
@@ -50,84 +49,6 @@ class Parameters(dict):
 
     def __reduce__(self):   # pickles as the plain dict it is (the weak reference does not pickle)
         return (dict, (dict(self),))
-
-
-def _empty(dtype, ndim):
-    """Size-0 placeholder for an optional kernel argument (no projection, no cache, ...)."""
-    key = (np.dtype(dtype), ndim)
-    if key not in _EMPTY:
-        _EMPTY[key] = np.empty((1,) + (0,) * (ndim - 1), dtype=dtype)
-    return _EMPTY[key]
-
-
-# per dtype: the kernel specialised for it (skips the fused-type dispatch, ~0.4 us a call) and
-# its 2-, 3- and 4-D placeholders
-_FORWARD_BY_DTYPE = {
-    np.dtype(dt): (_forward.forward_layer[name], _empty(dt, 2), _empty(dt, 3), _empty(dt, 4))
-    for dt, name in ((np.float32, "float"), (np.float64, "double"))
-}
-
-
-_REVERSE = {1: np.zeros(1, dtype=np.intc), 2: np.array([0, 1], dtype=np.intc)}
-_FULL = {}
-
-
-def _full_lengths(batch, seq_len):
-    """Read-only (lengths, order) of a batch without padding, kept for the next call's shapes
-    (a few microseconds of every small call)."""
-    key = (batch, seq_len)
-    got = _FULL.get(key)
-    if got is None:
-        if len(_FULL) >= 64:
-            _FULL.clear()
-        lens = np.full(batch, seq_len, dtype=np.intp)
-        order = np.arange(batch, dtype=np.intp)
-        lens.flags.writeable = False
-        order.flags.writeable = False
-        got = _FULL[key] = (lens, order)
-    return got
-
-
-def run_layer(x, w_ih, w_hh, bias, w_hr, order, lengths, h, c, y, n_threads,
-              cache_gates=None, cache_c=None, reverse=None, peephole=None, spec=None, mode=0,
-              prepacked=None):
-    """One layer, all directions: y and (h, c) in place. The single door to the forward kernel.
-
-    mode: 0 lets the kernel pick its recurrence strategy from the shapes; 1 (chunked) and 2 (wide)
-    force one, for tests and benchmarks. prepacked: _forward.pack_weights of these weights (a
-    frozen model's), or None.
-    """
-    kernel = _FORWARD_BY_DTYPE.get(x.dtype)
-    if kernel is None:
-        raise TypeError(f"the forward kernel takes float32 or float64 arrays, got {x.dtype}")
-    forward_layer, empty2, empty3, empty4 = kernel
-    forward_layer(
-        x, w_ih, w_hh, bias,
-        w_hr if w_hr is not None else empty3,
-        peephole if peephole is not None else empty2,
-        order, lengths,
-        reverse if reverse is not None else _REVERSE[w_ih.shape[0]],
-        h, c, y,
-        cache_gates if cache_gates is not None else empty4,
-        cache_c if cache_c is not None else empty4,
-        spec, n_threads, mode, prepacked,
-    )
-
-
-class _Blas:
-    """`with _BLAS:` runs scipy's BLAS single-threaded while our own threads call it."""
-
-    __slots__ = ()
-
-    def __enter__(self):
-        _threading.blas_single_enter()
-
-    def __exit__(self, *exc):
-        _threading.blas_single_exit()
-        return False
-
-
-BLAS_SINGLE = _Blas()
 
 
 class LSTM:
@@ -437,9 +358,8 @@ class LSTM:
         cache : TrainCache
             What ``backward`` needs; see TrainCache for its size in bytes.
         """
-        from ._train import forward_train
 
-        return forward_train(self, x, hx, lengths, rng)
+        return _train.forward_train(self, x, hx, lengths, rng)
 
     def backward(self, cache: Any, grad_out: npt.ArrayLike,
                  grad_state: tuple[npt.ArrayLike, npt.ArrayLike] | None = None) -> Any:
@@ -457,9 +377,8 @@ class LSTM:
             ``.input`` (the shape of x), ``.hx`` = (dh0, dc0), ``.params`` = dict with the keys and
             shapes of ``state_dict()``. Bitwise the same for any thread count.
         """
-        from ._train import backward
 
-        return backward(self, cache, grad_out, grad_state)
+        return _train.backward(self, cache, grad_out, grad_state)
 
 
     # ----------------------------------------------------------------- streaming
@@ -530,24 +449,18 @@ class LSTM:
     def save(self, path: Any) -> None:
         """Write weights and configuration to `path` (.npz, or .safetensors with the safetensors
         package); ``lstm_fast.load(path)`` reads it back without unpickling anything."""
-        from ._io import save
-
-        save(self, path)
+        _io.save(self, path)
 
     @classmethod
     def from_torch(cls, module):
         """An LSTM with the configuration and weights of a ``torch.nn.LSTM``, or of a TorchScript
         module scripted from one (``torch.jit.script``)."""
-        from ._io import from_torch
-
-        return from_torch(module)
+        return _io.from_torch(module, LSTM)
 
     @classmethod
     def from_keras(cls, layer, dtype=None):
         """A callable mirroring a Keras 3 LSTM layer (or Bidirectional wrapper); see KerasLSTM."""
-        from ._io import from_keras
-
-        return from_keras(layer, dtype)
+        return _io.from_keras(layer, dtype, LSTM)
 
     @classmethod
     def from_onnx(cls, path_or_model, node=None):
@@ -556,26 +469,18 @@ class LSTM:
         ``node`` (a name or an index of ``lstm_fast.onnx.lstm_nodes``) out of a larger graph,
         subgraphs included. Raises ValueError naming what the LSTM would not represent (a head,
         peepholes, clip, other activations, ...). See ``lstm_fast.onnx.to_lstm``."""
-        from .onnx import to_lstm
-
-        return to_lstm(path_or_model, node=node)
+        return _onnx_graph.to_lstm(path_or_model, node, LSTM)
 
     def to_onnx(self, path=None, opset=14):
         """Export as an ONNX model (LSTM nodes); ONNX Runtime gives the same outputs. Models with
         proj_size have no ONNX LSTM equivalent and raise ValueError."""
-        from .onnx import export
-
-        return export(self, path, opset)
+        return _onnx_graph.export(self, path, opset)
 
     def __getstate__(self):
-        from ._io import getstate
-
-        return getstate(self)
+        return _io.getstate(self)
 
     def __setstate__(self, state):
-        from ._io import setstate
-
-        setstate(self, state)
+        _io.setstate(self, state, LSTM)
 
 
 class FrozenLSTM(LSTM):
@@ -674,9 +579,7 @@ class LSTMCell:
     def from_torch(cls, module):
         """An LSTMCell with the weights of a ``torch.nn.LSTMCell``, or of a TorchScript module
         scripted (or traced) from one."""
-        from ._io import cell_from_torch
-
-        return cell_from_torch(module)
+        return _io.cell_from_torch(module, cls)
 
     def reset_parameters(self, seed=None):
         rng = np.random.default_rng(seed)
@@ -739,35 +642,26 @@ class LSTMCell:
     forward = __call__
 
 
-def _load_named(params, state_dict, strict, owner):
-    """Copy `state_dict` into the live parameter views, checking names, shapes and dtypes first."""
-    _commit_named(params, _stage_named(params, state_dict, strict, owner))
+def load(path: Any, *, max_params: int = _io.DEFAULT_MAX_PARAMS, allow_nonfinite: bool = False) -> LSTM:
+    """An lf.LSTM from a file written by ``LSTM.save`` (.npz or .safetensors).
 
+    The file is checked before anything is built: its configuration (strict types), the names,
+    dtypes and shapes of its tensors (from the headers, without reading the data), a cap on the
+    parameter count, then the data: its digest (files without one, written elsewhere, load
+    without this check) and that every weight is finite. Nothing is unpickled: a model file
+    cannot run code. See docs/files.md.
 
-def _commit_named(params, staged):
-    for name, arr in staged.items():
-        params[name][...] = arr
+    Parameters
+    ----------
+    path : str or os.PathLike, ending in .npz or .safetensors
+    max_params : int, default 2**28
+        Refuse files whose configuration declares more parameters.
+    allow_nonfinite : bool, default False
+        Load weights holding NaN or inf (refused otherwise).
 
-
-def _stage_named(params, state_dict, strict, owner):
-    """The checked, converted arrays of `state_dict` (nothing written yet)."""
-    if not hasattr(state_dict, "keys"):
-        raise TypeError(f"state_dict must be a mapping of names to arrays, got {type(state_dict).__name__}")
-    missing = [k for k in params if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in params]
-    if missing or (strict and unexpected):
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing}")
-        if strict and unexpected:
-            parts.append(f"unexpected keys {unexpected}")
-        raise ValueError(f"{owner}.load_state_dict: " + "; ".join(parts) + f" (expected {list(params)})")
-    staged = {}
-    for name, p in params.items():
-        value = state_dict[name]
-        if hasattr(value, "detach"):   # a torch tensor
-            value = value.detach().cpu().numpy()
-        arr = v.float_array(value, f"state_dict[{name!r}]", p.dtype)
-        v.shape(arr, p.shape, f"state_dict[{name!r}]")
-        staged[name] = arr
-    return staged   # all checked first: a bad entry leaves the model unchanged
+    Raises
+    ------
+    ValueError
+        For every truncated, corrupt, hostile or mismatched file, naming the file and the fault.
+    """
+    return _io.load(path, LSTM, max_params=max_params, allow_nonfinite=allow_nonfinite)

@@ -9,7 +9,7 @@ import numpy as np
 
 from . import _backward, _threads
 from . import _validate as v
-from ._lstm import BLAS_SINGLE, _REVERSE, _empty, run_layer
+from ._core import BLAS_SINGLE, _REVERSE, _empty, run_layer
 
 
 @dataclass

@@ -49,7 +49,7 @@ class Linear:
         return {k: p.copy() for k, p in self._params.items()}
 
     def load_state_dict(self, state_dict, strict=True):
-        from ._lstm import _load_named
+        from ._core import _load_named
 
         _load_named(self._params, state_dict, strict, "Linear")
 

@@ -764,7 +764,7 @@ def test_frozen_model_calls_from_threads_agree():
 
 def test_prepacked_weights_are_checked():
     from lstm_fast import _forward
-    from lstm_fast._lstm import run_layer
+    from lstm_fast._core import run_layer
     if not _forward.packed_gemm_active():
         pytest.skip("the packed kernel needs AVX-512F")
     m = lf.LSTM(4, 32, dtype=np.float32, seed=0)
