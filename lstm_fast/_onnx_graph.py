@@ -633,41 +633,61 @@ class LSTMNode:
 _FOLD_ERRORS = (ValueError, TypeError, IndexError, KeyError)
 
 
-def _scopes(graph, path, outer, ctx):
-    """Yields (graph, path, constants) for `graph` and every subgraph inside it (If, Loop, Scan
-    bodies, at any depth). The constants are the initializers and the constant subexpressions
-    visible in that graph, its enclosing graphs' included."""
-    from onnx import AttributeProto, numpy_helper
+# the order in which a node's subgraph attributes are searched: an If's then_branch before its
+# else_branch (onnx.helper.make_node stores attributes sorted by name), any other in stored order
+_BRANCH_ORDER = {"then_branch": 0, "else_branch": 1}
 
-    consts = dict(outer)
+
+def _subgraphs(node):
+    """[(attribute name, [GraphProto])] of a node's GRAPH / GRAPHS attributes, then before else."""
+    from onnx import AttributeProto
+
+    found = []
+    for attr in node.attribute:
+        if attr.type == AttributeProto.GRAPH:
+            found.append((attr.name, [attr.g]))
+        elif attr.type == AttributeProto.GRAPHS:
+            found.append((attr.name, list(attr.graphs)))
+    return sorted(found, key=lambda item: _BRANCH_ORDER.get(item[0], len(_BRANCH_ORDER)))
+
+
+def _scopes(graph, path, outer, ctx, outer_failed=None):
+    """Yields (graph, path, constants, failed) for `graph` and then every subgraph inside it
+    (If, Loop, Scan bodies, at any depth, in node order). The constants are the initializers and
+    the constant subexpressions visible in that graph, its enclosing graphs' included; `failed`
+    maps the outputs of nodes whose inputs are all constant but which fail to the reason."""
+    from onnx import numpy_helper
+
+    consts, failed = dict(outer), dict(outer_failed or {})
     own = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     for i in graph.input:   # a subgraph's inputs hide the enclosing names
         if i.name not in own:
             consts.pop(i.name, None)
+            failed.pop(i.name, None)
     consts.update(own)
     for node in graph.node:
         key = (_domain(node), node.op_type)
+        bad = [n for n in node.input if n in failed]
+        if bad:   # computed from a failed constant: fails with it
+            failed.update((n, failed[bad[0]]) for n in node.output if n)
+            continue
         if key in OPS and key not in _RUN_TIME_ONLY and all(not n or n in consts for n in node.input):
             try:
                 outs = OPS[key]([consts[n] if n else None for n in node.input], _attrs(node), ctx)
-            except _FOLD_ERRORS:   # evaluated at run time instead, where its error is reported
+            except _FOLD_ERRORS as exc:   # evaluated at run time instead, where it fails again
+                why = f"node {node.name!r} ({node.op_type}) fails on its constant inputs: {exc}"
+                failed.update((n, why) for n in node.output if n)
                 continue
             consts.update((n, np.asarray(o)) for n, o in zip(node.output, outs) if n)
-    yield graph, path, consts
+    yield graph, path, consts, failed
     for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == AttributeProto.GRAPH:
-                subs = [attr.g]
-            elif attr.type == AttributeProto.GRAPHS:
-                subs = list(attr.graphs)
-            else:
-                continue
+        for name, subs in _subgraphs(node):
             for k, sub in enumerate(subs):
-                label = f"{path}/{node.name or node.op_type}.{attr.name}" + (f"[{k}]" if len(subs) > 1 else "")
-                yield from _scopes(sub, label, consts, ctx)
+                label = f"{path}/{node.name or node.op_type}.{name}" + (f"[{k}]" if len(subs) > 1 else "")
+                yield from _scopes(sub, label, consts, ctx, failed)
 
 
-def _describe(node, path, index, consts):
+def _describe(node, path, index, consts, failed):
     """The LSTMNode of `node`, with every reason lf.LSTM cannot represent it."""
     a = _attrs(node)
     names = list(node.input) + [""] * (8 - len(node.input))
@@ -682,7 +702,11 @@ def _describe(node, path, index, consts):
     B = consts.get(names[3]) if names[3] else None
     H = input_size = None
     if W is None or R is None:
-        reasons.append("its weights W and R are not constants of the graph")
+        why = [failed[n] for n in names[1:3] if n in failed]
+        reasons.append("its weights W and R are not constants of the graph"
+                       + (f" ({why[0]})" if why else ""))
+        if isinstance(a.get("hidden_size"), int) and a["hidden_size"] > 0:
+            H = a["hidden_size"]   # what the states are checked against
     else:
         H = R.shape[-1] if R.ndim == 3 else None
         if R.ndim != 3 or R.shape[:2] != (D, 4 * H):
@@ -733,10 +757,10 @@ def _find_lstms(model):
     """[(LSTMNode, NodeProto, constants)] of every LSTM node, subgraphs included, in graph order."""
     ctx = _Context(_opset(model))
     found = []
-    for graph, path, consts in _scopes(model.graph, "main", {}, ctx):
+    for graph, path, consts, failed in _scopes(model.graph, "main", {}, ctx):
         for node in graph.node:
             if node.op_type == "LSTM" and not _domain(node):
-                found.append((_describe(node, path, len(found), consts), node, consts))
+                found.append((_describe(node, path, len(found), consts, failed), node, consts))
     return found
 
 
@@ -786,8 +810,9 @@ def _build(layers, cls, batch_first=False):
     return model
 
 
-# what an lf.LSTM's outputs may pass through in a graph it represents whole
-_LAYOUT_OPS = {"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Concat", "Identity", "Cast"}
+# what an lf.LSTM's outputs may pass through in a graph it represents whole (and a Cast that
+# keeps the dtype; one that changes it is named as dropped)
+_LAYOUT_OPS = {"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Concat", "Identity"}
 
 
 def _batch_first(graph, node):
@@ -802,16 +827,23 @@ def _batch_first(graph, node):
                 and p.input[0] in inputs)
 
 
-def _after_lstm(graph):
-    """The (op_type, name) of nodes that compute on the LSTM nodes' outputs beyond layout changes."""
+def _after_lstm(graph, values):
+    """The "op_type ('name')" of nodes that compute on the LSTM nodes' outputs beyond layout
+    changes, in graph order; `values` are the graph's evaluated values (a Cast counts when it
+    changes the dtype)."""
     downstream = {o for n in graph.node if n.op_type == "LSTM" for o in n.output if o}
     found = []
     for n in graph.node:
         if n.op_type in ("LSTM", "Shape", "Size") or not any(i in downstream for i in n.input):
             continue
         downstream.update(o for o in n.output if o)
-        if n.op_type not in _LAYOUT_OPS:
-            found.append(f"{n.op_type} ({n.name!r})")
+        if n.op_type == "Cast":
+            before, after = values.get(n.input[0]), values.get(n.output[0])
+            if before is not None and after is not None and before.dtype == after.dtype:
+                continue
+        elif n.op_type in _LAYOUT_OPS:
+            continue
+        found.append(f"{n.op_type} ({n.name!r})")
     return found
 
 
@@ -854,16 +886,17 @@ def _verify(model, lf_model, first):
         raise ValueError(f"the graph does not run as the LSTM its nodes describe: {exc}") from None
     y, (h, c) = lf_model(feeds[x_name], hx)
     tol = dict(rtol=1e-4, atol=1e-5) if lf_model.dtype == np.float32 else dict(rtol=1e-9, atol=1e-11)
-    unmatched = [f"{n!r} {values[n].shape}" for n in sess._outputs
-                 if not any(values[n].shape == o.shape and np.allclose(values[n], o, **tol) for o in (y, h, c))]
+    unmatched = [f"{n!r} {values[n].shape} {values[n].dtype}" for n in sess._outputs
+                 if not any(values[n].shape == o.shape and values[n].dtype == o.dtype
+                            and np.allclose(values[n], o, **tol) for o in (y, h, c))]
     if unmatched:
-        dropped = _after_lstm(graph)
+        dropped = _after_lstm(graph, values)
         what = (f"LSTM.from_onnx would drop what the graph computes after its LSTM nodes: "
                 f"{', '.join(dropped)}" if dropped else
                 "the graph's outputs are not those of the LSTM its nodes describe")
         raise ValueError(
             f"{what} (graph outputs {', '.join(unmatched)}; the lf.LSTM gives output {y.shape}, "
-            f"h_n {h.shape}, c_n {c.shape}). Run the whole graph with lstm_fast.onnx.load, or take "
+            f"h_n {h.shape}, c_n {c.shape}, {y.dtype}). Run the whole graph with lstm_fast.onnx.load, or take "
             f"the LSTM alone with LSTM.from_onnx(model, node=...) and apply the rest yourself")
 
 
