@@ -827,24 +827,52 @@ def _batch_first(graph, node):
                 and p.input[0] in inputs)
 
 
-def _after_lstm(graph, values):
+def _changes_dtype(cast, values, dtype):
+    """Whether a Cast node changes the dtype: from the evaluated `values` when they hold its
+    input and output, else from its target against `dtype` (the LSTM's)."""
+    from onnx import helper
+
+    before, after = values.get(cast.input[0]), values.get(cast.output[0])
+    if before is not None and after is not None:
+        return before.dtype != after.dtype
+    return helper.tensor_dtype_to_np_dtype(_attrs(cast).get("to", 0) or 1) != dtype
+
+
+def _after_lstm(graph, values, dtype):
     """The "op_type ('name')" of nodes that compute on the LSTM nodes' outputs beyond layout
-    changes, in graph order; `values` are the graph's evaluated values (a Cast counts when it
-    changes the dtype)."""
+    changes, in graph order (a Cast counts when it changes the dtype, see _changes_dtype)."""
     downstream = {o for n in graph.node if n.op_type == "LSTM" for o in n.output if o}
     found = []
     for n in graph.node:
         if n.op_type in ("LSTM", "Shape", "Size") or not any(i in downstream for i in n.input):
             continue
         downstream.update(o for o in n.output if o)
-        if n.op_type == "Cast":
-            before, after = values.get(n.input[0]), values.get(n.output[0])
-            if before is not None and after is not None and before.dtype == after.dtype:
-                continue
-        elif n.op_type in _LAYOUT_OPS:
+        if n.op_type in _LAYOUT_OPS or (n.op_type == "Cast" and not _changes_dtype(n, values, dtype)):
             continue
         found.append(f"{n.op_type} ({n.name!r})")
     return found
+
+
+def _before_lstm(graph, first, dtype):
+    """The "op_type ('name')" of nodes on the data path from the graph inputs to the first LSTM
+    node's input X beyond layout changes (what the features are computed with), in graph order.
+    Shape arithmetic (what only depends on the inputs' shapes) is not on the data path."""
+    inits = {t.name for t in graph.initializer}
+    data = {i.name for i in graph.input if i.name not in inits}
+    producer = {}
+    for n in graph.node:
+        if n.op_type not in ("Shape", "Size") and any(i in data for i in n.input):
+            data.update(o for o in n.output if o)
+            producer.update((o, n) for o in n.output if o)
+    on_path, todo = set(), [first.input[0]]
+    while todo:
+        n = producer.get(todo.pop())
+        if n is None or id(n) in on_path:
+            continue
+        on_path.add(id(n))
+        todo.extend(i for i in n.input if i in data)
+    return [f"{n.op_type} ({n.name!r})" for n in graph.node if id(n) in on_path
+            and n.op_type not in _LAYOUT_OPS and not (n.op_type == "Cast" and not _changes_dtype(n, {}, dtype))]
 
 
 def _verify(model, lf_model, first):
@@ -890,7 +918,7 @@ def _verify(model, lf_model, first):
                  if not any(values[n].shape == o.shape and values[n].dtype == o.dtype
                             and np.allclose(values[n], o, **tol) for o in (y, h, c))]
     if unmatched:
-        dropped = _after_lstm(graph, values)
+        dropped = _after_lstm(graph, values, lf_model.dtype)
         what = (f"LSTM.from_onnx would drop what the graph computes after its LSTM nodes: "
                 f"{', '.join(dropped)}" if dropped else
                 "the graph's outputs are not those of the LSTM its nodes describe")
@@ -939,5 +967,13 @@ def to_lstm(path_or_model, node, cls):
         if info.refusal:
             raise ValueError(f"LSTM node {info.name!r} has no lf.LSTM equivalent: {info.refusal}")
     lf_model = _build(top, cls, _batch_first(model.graph, top[0][1]))
+    before = _before_lstm(model.graph, top[0][1], lf_model.dtype)
+    if before:   # the graph does not feed its input to the LSTM: running it on x would mislead
+        after = _after_lstm(model.graph, {}, lf_model.dtype)
+        raise ValueError(
+            f"LSTM.from_onnx would drop what the graph computes before its first LSTM node: "
+            f"{', '.join(before)}" + (f", and after its LSTM nodes: {', '.join(after)}" if after else "")
+            + ". Run the whole graph with lstm_fast.onnx.load, or take the LSTM alone with "
+            "LSTM.from_onnx(model, node=...) and apply the rest yourself")
     _verify(model, lf_model, top[0][1])
     return lf_model

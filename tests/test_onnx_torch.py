@@ -267,6 +267,45 @@ def test_extra_operators_run_in_load_and_are_named_by_from_onnx():
     assert_allclose(h, h_t.numpy(), **TOL)
 
 
+class _Tagger(torch.nn.Module):
+    """Features computed before the LSTM (Linear, tanh), a head after it."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Linear(5, I)
+        self.lstm = torch.nn.LSTM(I, H, bidirectional=True)
+        self.head = torch.nn.Linear(2 * H, OUT)
+
+    def forward(self, x):
+        y, _ = self.lstm(torch.tanh(self.embed(x)))
+        return torch.softmax(self.head(y), -1)
+
+
+def test_from_onnx_names_what_runs_before_the_lstm():
+    """A graph that computes the LSTM's input from its own: from_onnx names those nodes (before,
+    it ran the graph on an input of the LSTM's width and failed in the first MatMul)."""
+    torch.manual_seed(0)
+    net = _Tagger().eval()
+    x = torch.randn(T0, B0, 5)
+    f = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (x,), f, input_names=["x"], output_names=["p"], opset_version=17,
+                          dynamo=False)
+    expected = ort.InferenceSession(f.getvalue(), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})
+    (got,) = lf.onnx.load(f.getvalue()).run(None, {"x": x.numpy()})
+    assert_allclose(got, expected[0], **TOL)
+    with pytest.raises(ValueError, match=r"would drop what the graph computes before its first LSTM "
+                                         r"node: MatMul .*, Add .*, Tanh .*, and after its LSTM nodes: "
+                                         r"MatMul .*, Add .*, Softmax"):
+        lf.LSTM.from_onnx(f.getvalue())
+    alone = lf.LSTM.from_onnx(f.getvalue(), node=0)
+    with torch.no_grad():
+        features = torch.tanh(net.embed(x))
+        y_t, _ = net.lstm(features)
+    assert_allclose(alone(features.numpy())[0], y_t.numpy(), **TOL)
+
+
 def _with_casts(to):
     """lf's own export of an LSTM with Cast(to=`to`) nodes on its three outputs."""
     from onnx import helper
