@@ -427,7 +427,12 @@ def _load_safetensors(path, max_params):
 
 def load(path: Any, cls: Any, *, max_params: int = DEFAULT_MAX_PARAMS, allow_nonfinite: bool = False) -> Any:
     """A `cls` (lf.LSTM) from a model file: what ``lstm_fast.load`` does (its docstring says how)."""
-    max_params = v.size(max_params, "max_params")
+    # a count, not a dimension: not capped as sizes are (a 4096x4096x4 model has 537M parameters)
+    if isinstance(max_params, (bool, np.bool_)) or not isinstance(max_params, (int, np.integer)):
+        raise TypeError(f"max_params must be an int, got {max_params!r} ({type(max_params).__name__})")
+    if max_params < 1:
+        raise ValueError(f"max_params must be >= 1, got {max_params}")
+    max_params = int(max_params)
     if not isinstance(allow_nonfinite, (bool, np.bool_)):
         raise TypeError(f"allow_nonfinite must be a bool, got {allow_nonfinite!r}")
     path = os.fspath(path) if not isinstance(path, str) else path

@@ -52,21 +52,23 @@ _CHILD = textwrap.dedent("""
     import lstm_fast as lf
     from lstm_fast import _io
     kind, path = sys.argv[1], sys.argv[2]
+    kw = dict(max_params=int(sys.argv[3])) if len(sys.argv) > 3 else {{}}
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     try:
-        lf.load(path)
+        lf.load(path, **kw)
         outcome = "loaded"
     except ValueError as exc:
         outcome = "ValueError: " + str(exc)
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({{"grew_kb": after - before, "outcome": outcome}}))
+    print(json.dumps({{"grew_kb": after - before, "peak_kb": after, "outcome": outcome}}))
 """)
 
 
-def run_child(tmp_path, path):
+def run_child(tmp_path, path, max_params=None):
     script = tmp_path / "child.py"
     script.write_text(_CHILD.format(root=ROOT))
-    out = subprocess.run([sys.executable, str(script), "load", str(path)], capture_output=True,
+    extra = [] if max_params is None else [str(max_params)]
+    out = subprocess.run([sys.executable, str(script), "load", str(path)] + extra, capture_output=True,
                          text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -89,11 +91,20 @@ def _huge_config(tmp_path, suffix, with_names):
 
 @pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
 @pytest.mark.parametrize("with_names", [False, True])
-def test_small_file_claiming_a_huge_model_costs_no_memory(tmp_path, suffix, with_names):
-    """Issue 19: a 1 KB file claiming 4096x4096x4 made lf.load build the model (2.6 GB)."""
+@pytest.mark.parametrize("max_params", [None, 2**30], ids=["default_cap", "raised_cap"])
+def test_small_file_claiming_a_huge_model_costs_no_memory(tmp_path, suffix, with_names, max_params):
+    """Issue 19: a 1 KB file claiming 4096x4096x4 made lf.load build the model (2.6 GB). Refused
+    by the parameter cap, and with the cap raised above its 537M parameters by the tensor
+    count or the headers' shapes, before anything is built."""
     if suffix == ".safetensors":
         pytest.importorskip("safetensors")
-    got = run_child(tmp_path, _huge_config(tmp_path, suffix, with_names))
+    path = _huge_config(tmp_path, suffix, with_names)
+    got = run_child(tmp_path, path, max_params)
+    if max_params:
+        assert "max_params" not in got["outcome"], got
+    print(f"\n{path.name} ({path.stat().st_size} bytes): peak RSS grew {got['grew_kb']} KB (peak "
+          f"{got['peak_kb'] // 1024} MB with Python, numpy and lstm_fast); "
+          f"{got['outcome'].replace(str(path), path.name)[:160]}")
     assert got["outcome"].startswith("ValueError: "), got
     assert "huge" in got["outcome"]          # the message names the file
     assert got["grew_kb"] < 50 * 1024, got   # peak RSS growth under 50 MB
@@ -141,8 +152,14 @@ def test_parameter_cap_can_be_raised(tmp_path):
     with pytest.raises(ValueError, match=r"declares 992 parameters, more than max_params=100"):
         lf.load(path, max_params=100)
     same_model(lf.load(path, max_params=992), m)
+    # a count, not a dimension: caps above 2**29 (a 4096x4096x4 model has 537M parameters)
+    same_model(lf.load(path, max_params=2**40), m)
     with pytest.raises(TypeError, match="max_params"):
         lf.load(path, max_params=1.5)
+    with pytest.raises(TypeError, match="max_params"):
+        lf.load(path, max_params=True)
+    with pytest.raises(ValueError, match="max_params must be >= 1"):
+        lf.load(path, max_params=0)
 
 
 # ---------------------------------------------------------------------------- strict configurations
