@@ -17,6 +17,8 @@ import sys
 
 import pytest
 
+import lstm_fast as lf
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GUIDE = os.path.join(ROOT, "docs", "guide")
 DOCS = (["README.md"]
@@ -74,7 +76,9 @@ def test_code_block_runs(doc, line, code, tmp_path, monkeypatch):
     script = tmp_path / "block.py"
     # line numbers of tracebacks point into the document
     script.write_text("\n" * (line - 1) + code, encoding="utf-8")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    # the lstm_fast this test process imported (a checkout's, or an installed wheel's)
+    here = os.path.dirname(os.path.dirname(os.path.abspath(lf.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])))
     env.setdefault("MPLBACKEND", "Agg")
     proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
