@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test build bench asv-quick info wheel-check sanitize clean
+.PHONY: demo test build docs bench asv-quick info wheel-check sanitize clean
 
 $(STAMP): requirements/build.txt requirements/test.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,14 @@ demo: build
 
 test: build
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+# The HTML documentation (user guide, API reference from the docstrings) in docs/_build/html;
+# every Sphinx warning is an error, so a docstring or page that stops matching fails CI.
+docs: build
+	$(PY) -m pip install --quiet -r requirements/docs.txt
+	rm -rf docs/_build docs/generated
+	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+	@echo "documentation: docs/_build/html/index.html"
 
 info: build
 	$(PY) -m lstm_fast info
@@ -46,4 +54,4 @@ sanitize: $(STAMP)
 	bash tools/sanitize.sh
 
 clean:
-	rm -rf build dist *.egg-info src/*.c src/*.html lstm_fast/*.so $(VENV)
+	rm -rf build dist *.egg-info src/*.c src/*.html lstm_fast/*.so $(VENV) docs/_build docs/generated

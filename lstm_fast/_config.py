@@ -20,7 +20,10 @@ def config():
         "openmp": _threading.openmp_enabled(),
         "openmp_version": _threading.openmp_version(),
         "threads": _threads.get_num_threads(),
+        "threads_source": _threads.thread_source(),
         "cores_available": _threads._available_cores(),
+        "affinity_cores": _threads._affinity_cores(),
+        "cgroup_cpu_quota": _cgroup_text(),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
         "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
         "OPENBLAS_L2_SIZE": os.environ.get("OPENBLAS_L2_SIZE"),
@@ -42,6 +45,11 @@ def config():
     info["cpu"] = _cpu_model()
     info["cpu_features"] = " ".join(_cpu_features()) or "unknown"
     return info
+
+
+def _cgroup_text():
+    limit = _threads._cgroup_limit_cached()
+    return "none" if limit is None else f"{limit[0]:g} CPUs ({limit[1]})"
 
 
 FEATURES = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16",
@@ -73,6 +81,12 @@ def _cpu_model():
 
 
 def show_config():
-    """Print the build and runtime configuration (version, OpenMP, threads, BLAS, CPU)."""
-    for key, value in config().items():
+    """Print the build and runtime configuration (version, OpenMP, threads, BLAS, CPU).
+
+    The ``threads`` line says where the count came from: ``2 (affinity)``, ``1 (cgroup cpu.max
+    quota 100000/100000)``, ``4 (OMP_NUM_THREADS)``, ``1 (set_num_threads)``, ...
+    """
+    info = config()
+    info["threads"] = info.pop("threads_source")
+    for key, value in info.items():
         print(f"{key:>20}: {value}")

@@ -1,16 +1,21 @@
 """Thread counts: one place that resolves how many OpenMP threads a kernel call gets.
 
-Until `set_num_threads` is called, the count is the OpenMP runtime's own (omp_get_max_threads):
-OMP_NUM_THREADS and threadpoolctl's limits on the "openmp" API steer lstm_fast like any OpenMP
-library. `None` means every core this process may use, `-1` the same, `0` is an error.
-`with threads(n):` overrides the count for the calling Python thread only.
+Until `set_num_threads` is called, the count is the cores this process may use: its affinity mask
+(os.sched_getaffinity: taskset, cpuset, a container's --cpuset-cpus) capped by its cgroup CPU
+quota rounded up (cgroup v2 cpu.max, v1 cpu.cfs_quota_us / cpu.cfs_period_us: docker --cpus,
+Kubernetes CPU limits). OMP_NUM_THREADS, when set, wins, and threadpoolctl's limits on the
+"openmp" API (omp_get_max_threads) lower it, as for any OpenMP library. `None` means every core
+this process may use, `-1` the same, `0` is an error. `with threads(n):` overrides the count for
+the calling Python thread only. docs/threads.md says more.
 """
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import math
 import os
 import threading
+import time
 from typing import Iterator
 
 from . import _threading
@@ -23,21 +28,178 @@ class _ThreadOverride(threading.local):
 _local = _ThreadOverride()
 
 
-def _available_cores():
+def _affinity_cores():
+    """The CPUs in this process's affinity mask (taskset, cpuset, numactl), else os.cpu_count()."""
     try:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
 
 
-def _default_threads():
-    """The OpenMP runtime's count (OMP_NUM_THREADS, threadpoolctl), the cores without OpenMP."""
-    if _threading.openmp_enabled():
-        return max(1, _threading.omp_max_threads())
+def _read_first_line(path):
+    try:
+        with open(path) as f:
+            return f.readline().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _cgroup_dirs(mount, path):
+    """The cgroup directory of `path` under `mount` and its ancestors up to the mount, deepest
+    first. A path that does not exist under the mount (a container that sees the host's path
+    without a cgroup namespace) falls back to the mount itself, which is then the container's."""
+    parts = [p for p in path.strip().split("/") if p and p not in (".", "..")]
+    dirs = [os.path.join(mount, *parts[:k]) if k else mount for k in range(len(parts), -1, -1)]
+    return [d for d in dirs if os.path.isdir(d)] or ([mount] if os.path.isdir(mount) else [])
+
+
+def cgroup_cpu_limit(root="/sys/fs/cgroup", proc_cgroup="/proc/self/cgroup"):
+    """The CPU quota of this process's cgroup as (cpus, description), or None without a quota.
+
+    cpus is quota / period as a float (``cpu.max`` "150000 100000" is 1.5); the tightest limit of
+    the process's cgroup and its ancestors wins. Reads cgroup v2 ``cpu.max`` (under `root`, or
+    `root`/unified on a hybrid layout) and cgroup v1 ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``
+    (under `root`/cpu, `root`/cpu,cpuacct, ...). `root` and `proc_cgroup` are parameters so that
+    tests can point them at fake files.
+    """
+    try:
+        with open(proc_cgroup) as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    best = None
+
+    def consider(cpus, text):
+        nonlocal best
+        if cpus > 0 and (best is None or cpus < best[0]):
+            best = (cpus, text)
+
+    for line in lines:
+        fields = line.split(":", 2)
+        if len(fields) != 3:
+            continue
+        _, controllers, path = fields
+        if controllers == "":                  # cgroup v2: "0::/path"
+            for mount in (root, os.path.join(root, "unified")):
+                for d in _cgroup_dirs(mount, path):
+                    text = _read_first_line(os.path.join(d, "cpu.max"))
+                    if not text:
+                        continue
+                    words = text.split()
+                    try:
+                        if words[0] == "max":
+                            continue
+                        quota = int(words[0])
+                        period = int(words[1]) if len(words) > 1 else 100000
+                    except (ValueError, IndexError):
+                        continue
+                    if period > 0:
+                        consider(quota / period, f"cgroup cpu.max quota {quota}/{period}")
+        elif "cpu" in controllers.split(","):  # cgroup v1: "4:cpu,cpuacct:/path"
+            names = controllers.split(",")
+            mounts = [",".join(names), ",".join(reversed(names)), "cpu", "cpu,cpuacct", "cpuacct,cpu"]
+            seen = set()
+            for name in mounts:
+                mount = os.path.join(root, name)
+                if mount in seen:
+                    continue
+                seen.add(mount)
+                for d in _cgroup_dirs(mount, path):
+                    quota = _read_first_line(os.path.join(d, "cpu.cfs_quota_us"))
+                    period = _read_first_line(os.path.join(d, "cpu.cfs_period_us"))
+                    try:
+                        quota, period = int(quota), int(period)
+                    except (TypeError, ValueError):
+                        continue
+                    if quota > 0 and period > 0:
+                        consider(quota / period, f"cgroup cpu.cfs_quota_us {quota}/{period}")
+    return best
+
+
+_cgroup_cache = []   # [result] once read: a quota is read once per process (and again after fork)
+
+
+def _cgroup_limit_cached():
+    if not _cgroup_cache:
+        _cgroup_cache.append(cgroup_cpu_limit())
+    return _cgroup_cache[0]
+
+
+AFFINITY_REFRESH = 1.0   # seconds: the affinity mask is read again at most this often
+_affinity_cache = [-1e30, 0]   # [time read, cores]
+
+
+def _affinity_cores_cached():
+    # sched_getaffinity costs about 1.5 us from Python, as much as a whole step() call of a small
+    # model: the mask is read again once a second, so a taskset/cpuset change is seen within that
+    now = time.monotonic()
+    if now - _affinity_cache[0] >= AFFINITY_REFRESH:
+        _affinity_cache[1] = _affinity_cores()
+        _affinity_cache[0] = now
+    return _affinity_cache[1]
+
+
+def _usable_cores():
+    """(count, source): the cores this process may use, the affinity mask capped by a cgroup
+    quota rounded up (a quota of 1.5 CPUs gives 2 threads, of 0.5 one)."""
+    n = _affinity_cores_cached()
+    limit = _cgroup_limit_cached()
+    if limit is not None:
+        quota_cores = max(1, math.ceil(limit[0] - 1e-9))
+        if quota_cores < n:
+            return quota_cores, limit[1]
+    return n, "affinity"
+
+
+def _available_cores():
+    """How many cores this process may use: the affinity mask capped by the cgroup CPU quota."""
+    return _usable_cores()[0]
+
+
+def _omp_env():
     env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
-    if env.isdigit() and int(env) > 0:
-        return int(env)
-    return _available_cores()
+    return int(env) if env.isdigit() and int(env) > 0 else 0
+
+
+# read once, as the OpenMP runtime reads it once when it loads (at import)
+_OMP_ENV = _omp_env()
+_OPENMP = _threading.openmp_enabled()
+
+
+def _default_threads_and_source():
+    """The default count and where it came from.
+
+    OMP_NUM_THREADS, when set, is the OpenMP runtime's count and wins. Otherwise the cores this
+    process may use (affinity, cgroup quota), and never more than the OpenMP runtime's count
+    (threadpoolctl's limits on the "openmp" API lower it).
+    """
+    if _OPENMP:
+        omp = _threading.omp_max_threads()
+        if _OMP_ENV:
+            return max(1, omp), "OMP_NUM_THREADS"
+        cores, source = _usable_cores()
+        if omp < cores:
+            return max(1, omp), "OpenMP runtime (omp_get_max_threads, e.g. a threadpoolctl limit)"
+        return cores, source
+    if _OMP_ENV:
+        return _OMP_ENV, "OMP_NUM_THREADS"
+    return _usable_cores()
+
+
+def _default_threads():
+    return _default_threads_and_source()[0]
+
+
+def thread_source():
+    """A sentence for show_config: the count the next call gets and where it came from."""
+    if _in_forked_child:
+        return "1 (forked child: one thread)"
+    if _local.n_threads is not None:
+        return f"{_local.n_threads} (lstm_fast.threads)"
+    if _global_threads is not None:
+        return f"{_global_threads} (set_num_threads)"
+    n, source = _default_threads_and_source()
+    return f"{n} ({source})"
 
 
 _global_threads = None   # None: follow the OpenMP runtime until set_num_threads is called
@@ -50,6 +212,8 @@ def _after_fork_in_child():
     # (the kernels take no OpenMP region at all with one thread).
     global _in_forked_child
     _in_forked_child = True
+    _cgroup_cache.clear()
+    _affinity_cache[0] = -1e30
     _threading.reset_after_fork()
 
 
