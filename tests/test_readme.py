@@ -84,3 +84,23 @@ def test_code_block_runs(doc, line, code, tmp_path, monkeypatch):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (
         f"the python block at {doc}:{line} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+
+
+# pages other helpers of this round write; until they are merged a link to them may dangle
+PENDING = {"docs/threads.md", "docs/precision.md"}
+
+
+@pytest.mark.parametrize("doc", [d for d in DOCS if d == "README.md" or d.startswith("docs")])
+def test_relative_links_resolve(doc):
+    path = os.path.join(ROOT, doc)
+    if not os.path.exists(path):
+        pytest.skip(f"{doc} is absent")
+    text = FENCE.sub("", open(path, encoding="utf-8").read())
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+:", target) or target.startswith("#"):
+            continue
+        rel = os.path.normpath(os.path.join(os.path.dirname(doc), target.split("#")[0]))
+        if not os.path.exists(os.path.join(ROOT, rel)) and rel not in PENDING:
+            broken.append(target)
+    assert not broken, f"{doc} links to missing files: {broken}"
