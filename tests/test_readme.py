@@ -1,4 +1,4 @@
-"""Every ```python block of README.md and of the user guide (docs/guide/*.md, docs/design.md,
+"""Every ```python block of README.md and of the user guide (docs/guide/*.md, docs/index.md, docs/design.md,
 docs/performance.md, docs/development.md) runs as written, so the documentation cannot drift
 from the code.
 
@@ -24,7 +24,7 @@ GUIDE = os.path.join(ROOT, "docs", "guide")
 DOCS = (["README.md"]
         + [os.path.join("docs", "guide", f)
            for f in (sorted(os.listdir(GUIDE)) if os.path.isdir(GUIDE) else []) if f.endswith(".md")]
-        + [os.path.join("docs", f) for f in ("design.md", "performance.md", "development.md")])
+        + [os.path.join("docs", f) for f in ("index.md", "design.md", "performance.md", "development.md")])
 OPTIONAL = ("torch", "keras", "onnx", "onnxruntime", "dask", "distributed", "safetensors",
             "matplotlib", "tqdm")
 FENCE = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.S | re.M)
