@@ -41,7 +41,8 @@ autodoc_typehints = "none"        # the signatures and numpydoc's Parameters say
 numpydoc_show_class_members = False   # the class template lists members itself
 numpydoc_class_members_toctree = False
 numpydoc_xref_param_type = False
-numpydoc_validation_checks = set()
+# every documented public object has a docstring (GL08), whose Parameters name real ones (PR02)
+numpydoc_validation_checks = {"GL08", "PR02"}
 
 intersphinx_mapping = {}          # no network at build time: nothing fetched
 

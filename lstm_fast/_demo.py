@@ -92,7 +92,9 @@ def training_demo(quick=False, plot_path="lstm_fast_forecast.png"):
     opt = optim.Adam([model.parameters(), head.parameters()], lr=5e-3)
     history = fit(model, head, x_train[:-n_val], y_train[:-n_val], epochs=20 if quick else 150,
                   batch_size=32, optimizer=opt, validation=(x_train[-n_val:], y_train[-n_val:]),
-                  patience=None if quick else 40, seed=0, clip_norm=1.0, progress=not quick)
+                  patience=None if quick else 40, seed=0, clip_norm=1.0,
+                  # a bar on a terminal, one line per epoch into a pipe or a log (_fit._Progress)
+                  progress=True)
     out, _ = model(x_test)
     pred = head(out[:, -1])[:, 0] * std + mean
     truth = values[split:]

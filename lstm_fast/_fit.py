@@ -24,15 +24,34 @@ class History:
     sequences_per_second: float = 0.0
 
 
-class _Progress:
-    """tqdm when installed, else one line rewritten in place; silent when disabled."""
+def _interactive():
+    """Whether progress is watched live: stdout and stderr are terminals, or a Jupyter kernel
+    (whose streams are not ttys but show tqdm's widget)."""
+    if "ipykernel" in sys.modules:
+        return True
+    try:
+        return sys.stdout.isatty() and sys.stderr.isatty()
+    except (AttributeError, ValueError):   # replaced or closed streams
+        return False
 
-    def __init__(self, total, enabled):
+
+class _Progress:
+    """Progress that fits where it goes.
+
+    Watched live (a terminal, a notebook): a bar over all batches, tqdm's when installed, else
+    one line on stderr rewritten in place. Elsewhere (a pipe, a log file) no carriage returns:
+    one line per epoch on stdout when progress was asked for explicitly (``progress=True``),
+    nothing for the default. Disabled: silent.
+    """
+
+    def __init__(self, total, enabled, explicit=False, epochs=None):
         self.bar = None
-        self.enabled = enabled
         self.total = total
+        self.epochs = epochs
         self.done = 0
-        if enabled:
+        live = enabled and _interactive()
+        self.mode = "bar" if live else ("lines" if enabled and explicit else "off")
+        if self.mode == "bar":
             try:
                 from tqdm.auto import tqdm
 
@@ -42,22 +61,31 @@ class _Progress:
 
     def update(self, text):
         self.done += 1
-        if not self.enabled:
+        if self.mode != "bar":
             return
         if self.bar is not None:
             self.bar.set_postfix_str(text)
             self.bar.update(1)
         elif 100 * self.done // self.total != 100 * (self.done - 1) // self.total:
-            # at most one redraw per percent, so a log file does not fill up
+            # at most one redraw per percent
             width = 30
             filled = width * self.done // self.total
             sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {text}")
             sys.stderr.flush()
 
+    def epoch_end(self, epoch, train_loss, val_loss=None):
+        if self.mode != "lines":
+            return
+        of = f"/{self.epochs}" if self.epochs else ""
+        val = f", validation loss {val_loss:.4g}" if val_loss is not None else ""
+        print(f"   epoch {epoch + 1}{of}: train loss {train_loss:.4g}{val}", flush=True)
+
     def close(self):
+        if self.mode != "bar":
+            return
         if self.bar is not None:
             self.bar.close()
-        elif self.enabled:
+        else:
             sys.stderr.write("\n")
 
 
@@ -141,8 +169,10 @@ def fit(model, head, x, y, *, epochs=20, batch_size=32, optimizer=None, loss="ms
         and restore the best weights (needs validation)
     seed : int, seed of the shuffling (the same seed gives the same bits)
     clip_norm : float or None, global gradient-norm clipping
-    progress : bool or None; a progress bar (tqdm if installed) over all batches; None shows it
-        on runs of more than 200 batches
+    progress : bool or None
+        On a terminal or in a notebook, a progress bar over all batches (tqdm's if installed);
+        None shows it on runs of more than 200 batches. Where standard output is not a terminal
+        (a pipe, a log file), ``True`` prints one line per epoch instead and None prints nothing.
 
     Returns
     -------
@@ -190,7 +220,8 @@ def fit(model, head, x, y, *, epochs=20, batch_size=32, optimizer=None, loss="ms
     n_batches = (n + batch_size - 1) // batch_size
     history = History()
     best, best_loss, waited = None, np.inf, 0
-    bar = _Progress(epochs * n_batches, progress if progress is not None else epochs * n_batches > 200)
+    bar = _Progress(epochs * n_batches, progress if progress is not None else epochs * n_batches > 200,
+                    explicit=progress is not None and bool(progress), epochs=epochs)
     start, seen = time.perf_counter(), 0
     try:
         for epoch in range(epochs):
@@ -210,6 +241,7 @@ def fit(model, head, x, y, *, epochs=20, batch_size=32, optimizer=None, loss="ms
                 xv, yv = validation
                 val, _ = loss_fn(predict_last(model, head, np.asarray(xv, model.dtype)), yv)
                 history.val_loss.append(val)
+                bar.epoch_end(epoch, history.train_loss[-1], val)
                 if val < best_loss:
                     best_loss, waited, history.best_epoch = val, 0, epoch
                     best = (model.state_dict(), head.state_dict())
@@ -217,6 +249,8 @@ def fit(model, head, x, y, *, epochs=20, batch_size=32, optimizer=None, loss="ms
                     waited += 1
                     if patience is not None and waited >= patience:
                         break
+            else:
+                bar.epoch_end(epoch, history.train_loss[-1])
     finally:
         bar.close()
     history.sequences_per_second = seen / (time.perf_counter() - start)

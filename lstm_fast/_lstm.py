@@ -128,6 +128,7 @@ class LSTM:
     # ----------------------------------------------------------------- parameters
     @property
     def num_directions(self):
+        """D: 2 for a bidirectional model, else 1."""
         return 2 if self.bidirectional else 1
 
     @property
@@ -194,6 +195,7 @@ class LSTM:
         self._bump_version()
 
     def num_parameters(self):
+        """The number of parameter values (weights and biases of every layer and direction)."""
         return sum(p.size for p in self._params.values())
 
     def _bias_sums(self, layer):
@@ -529,15 +531,19 @@ class FrozenLSTM(LSTM):
                         f"LSTM it was frozen from and call its freeze() again")
 
     def load_state_dict(self, state_dict: Any, strict: bool = True) -> None:
+        """Refused: raises TypeError (a frozen model's weights are fixed)."""
         self._refuse("load_state_dict")
 
     def reset_parameters(self, seed=None):
+        """Refused: raises TypeError (a frozen model's weights are fixed)."""
         self._refuse("reset_parameters")
 
     def forward_train(self, x: Any, hx: Any = None, lengths: Any = None, rng: Any = None) -> Any:
+        """Refused: raises TypeError (a frozen model is for inference only)."""
         self._refuse("forward_train")
 
     def backward(self, cache: Any, grad_out: Any, grad_state: Any = None) -> Any:
+        """Refused: raises TypeError (a frozen model is for inference only)."""
         self._refuse("backward")
 
     def __setstate__(self, state):
@@ -548,16 +554,19 @@ class FrozenLSTM(LSTM):
 class LSTMCell:
     """One LSTM step, torch.nn.LSTMCell's arguments, shapes and parameter names.
 
+    Call ``cell(x, (h, c))`` with x of shape (B, input_size) or (input_size,), h and c of shape
+    (B, hidden_size) (or (hidden_size,)); returns the new (h, c). hx defaults to zeros.
+
     Parameters
     ----------
     input_size, hidden_size : int
+        Features of the input, and of the hidden and cell state.
     bias : bool, default True
+        Whether the cell has the biases b_ih and b_hh.
     dtype : float32 or float64, default float32
+        The precision of parameters, computations and outputs.
     seed : int or None
         Seed of the uniform +-1/sqrt(hidden_size) initialisation.
-
-    Call ``cell(x, (h, c))`` with x of shape (B, input_size) or (input_size,), h and c of shape
-    (B, hidden_size) (or (hidden_size,)); returns the new (h, c). hx defaults to zeros.
     """
 
     def __init__(self, input_size, hidden_size, bias=True, dtype=np.float32, seed=None):
@@ -582,6 +591,7 @@ class LSTMCell:
         return _io.cell_from_torch(module, cls)
 
     def reset_parameters(self, seed=None):
+        """Draw every parameter uniformly from [-1/sqrt(H), 1/sqrt(H)], as torch does."""
         rng = np.random.default_rng(seed)
         bound = 1.0 / math.sqrt(self.hidden_size)
         for p in self._params.values():
@@ -597,6 +607,9 @@ class LSTMCell:
         return {name: p.copy() for name, p in self._params.items()}
 
     def load_state_dict(self, state_dict, strict=True):
+        """Load parameters by torch name (``weight_ih``, ``weight_hh``, ``bias_ih``, ``bias_hh``):
+        every name must be present, with ``strict`` no other; all is checked before anything is
+        written."""
         _load_named(self._params, state_dict, strict, "LSTMCell")
 
     def __repr__(self):

@@ -489,6 +489,7 @@ class Session:
                 for i in self._inputs]
 
     def get_outputs(self):
+        """The graph's outputs (objects with ``.name``), as ONNX Runtime's session lists them."""
         return [_IO(name, None) for name in self._outputs]
 
     def _run_node(self, node, args, fn=None, attrs=None):
@@ -627,6 +628,7 @@ class LSTMNode:
 
     @property
     def num_directions(self):
+        """2 for a bidirectional node, else 1."""
         return DIRECTIONS.get(self.direction, 1)
 
 

@@ -46,9 +46,12 @@ class Linear:
         return dict(self._params)
 
     def state_dict(self):
+        """A copy of the parameters by torch name (``weight``, ``bias``)."""
         return {k: p.copy() for k, p in self._params.items()}
 
     def load_state_dict(self, state_dict, strict=True):
+        """Load parameters by torch name (``weight``, ``bias``): every name must be present,
+        with ``strict`` no other; all is checked before anything is written."""
         from ._core import _load_named
 
         _load_named(self._params, state_dict, strict, "Linear")

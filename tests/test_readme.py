@@ -1,4 +1,4 @@
-"""Every ```python block of README.md and of the user guide (docs/guide/*.md, docs/design.md,
+"""Every ```python block of README.md and of the user guide (docs/guide/*.md, docs/index.md, docs/design.md,
 docs/performance.md, docs/development.md) runs as written, so the documentation cannot drift
 from the code.
 
@@ -24,7 +24,7 @@ GUIDE = os.path.join(ROOT, "docs", "guide")
 DOCS = (["README.md"]
         + [os.path.join("docs", "guide", f)
            for f in (sorted(os.listdir(GUIDE)) if os.path.isdir(GUIDE) else []) if f.endswith(".md")]
-        + [os.path.join("docs", f) for f in ("design.md", "performance.md", "development.md")])
+        + [os.path.join("docs", f) for f in ("index.md", "design.md", "performance.md", "development.md")])
 OPTIONAL = ("torch", "keras", "onnx", "onnxruntime", "dask", "distributed", "safetensors",
             "matplotlib", "tqdm")
 FENCE = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.S | re.M)
@@ -84,3 +84,23 @@ def test_code_block_runs(doc, line, code, tmp_path, monkeypatch):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (
         f"the python block at {doc}:{line} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+
+
+# pages other helpers of this round write; until they are merged a link to them may dangle
+PENDING = {"docs/threads.md", "docs/precision.md"}
+
+
+@pytest.mark.parametrize("doc", [d for d in DOCS if d == "README.md" or d.startswith("docs")])
+def test_relative_links_resolve(doc):
+    path = os.path.join(ROOT, doc)
+    if not os.path.exists(path):
+        pytest.skip(f"{doc} is absent")
+    text = FENCE.sub("", open(path, encoding="utf-8").read())
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+:", target) or target.startswith("#"):
+            continue
+        rel = os.path.normpath(os.path.join(os.path.dirname(doc), target.split("#")[0]))
+        if not os.path.exists(os.path.join(ROOT, rel)) and rel not in PENDING:
+            broken.append(target)
+    assert not broken, f"{doc} links to missing files: {broken}"
