@@ -185,10 +185,12 @@ def derive(description):
     """Kernel parameters from a CPU description (a pure function: same description, same
     parameters; the thread count is no input, so the bits never depend on it).
 
-    - tile_rows: rows of the AVX-512 register tile (x 32 columns, one packed panel): 8 rows = 16
-      zmm accumulators cover the FMA latency (4 cycles) of one 512-bit FMA a cycle twice over; with
-      two 512-bit FMA units, 12 rows = 24 accumulators (of 32 registers) and 12 broadcasts per 2
-      panel loads.
+    - tile_rows: rows of the AVX-512 register tile (x 32 columns, one packed panel), 8 or 12.
+      8 rows = 16 zmm accumulators: two 512-bit FMA units with 4 cycles of latency need 8
+      independent chains, so 16 already cover a core with two units; 12 rows (24 accumulators,
+      fewer panel loads per FMA) was measured on Zen 5 (two 512-bit FMA pipes) and was no faster
+      (docs/performance-zen5.md: within +-3 % on the GEMM-bound rows, noise both ways), so 8 on
+      every CPU until a CPU shows otherwise; both give the same bits.
     - avx2_tile_rows / avx2_tile_cols: the AVX2 tile, 6 rows x 16 columns (12 ymm accumulators of
       16 registers), half a panel at a time.
     - kc: k per block of the k-blocked products (weight gradients): a block of one panel
@@ -203,10 +205,9 @@ def derive(description):
     l1d = description.get("l1d_bytes") or 32 * 1024
     l2 = description.get("l2_bytes") or 1024 * 1024
     l3 = description.get("l3_bytes") or 32 * 1024 * 1024
-    fma = description.get("fma_units_512") or 1.0
     panel_row = 32 * 4                            # bytes of one k-row of a packed panel
     return {
-        "tile_rows": 12 if fma >= 2 else 8,
+        "tile_rows": 8,                  # see above: 12 measured no faster on Zen 5
         "tile_cols": 32,
         "avx2_tile_rows": 6,
         "avx2_tile_cols": 16,

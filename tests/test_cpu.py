@@ -36,7 +36,7 @@ def test_derive_is_a_function_of_the_description_only():
                 model=0x8F, l1d_bytes=48 * 1024, l2_bytes=2 * 1024 * 1024,
                 l3_bytes=105 * 1024 * 1024, fma_units_512=2.0)
     px = _cpu.derive(xeon)
-    assert px["tile_rows"] == 12 and px["kc"] == 384 and px["kc_narrow"] == 96
+    assert px["tile_rows"] == 8 and px["kc"] == 384 and px["kc_narrow"] == 96
     assert px["packed_wide_bytes"] == 1024 * 1024 and px["wide_min_bytes"] == 256 * 1024
     assert px["interleave_min_bytes"] == 144 * 1024
     # missing sizes fall back to the Zen 4 ones
