@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test build docs bench asv-quick info wheel-check sanitize clean
+.PHONY: demo test test-isa build docs bench asv-quick info wheel-check sanitize clean
 
 $(STAMP): requirements/build.txt requirements/test.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,13 @@ docs: build
 	rm -rf docs/_build docs/generated
 	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
 	@echo "documentation: docs/_build/html/index.html"
+# The forward, training and gate tests again on the lower kernel paths (LSTM_FAST_ISA caps the
+# path: AVX2 + FMA, then generic BLAS), about a minute each; tests/test_cpu.py in `test` runs every
+# path this CPU has in one process
+ISA_TESTS ?= tests/test_forward.py tests/test_training.py tests/test_gate_math.py
+test-isa: build
+	LSTM_FAST_ISA=avx2 $(PY) -m pytest -q $(PYTEST_ARGS) $(ISA_TESTS)
+	LSTM_FAST_ISA=generic $(PY) -m pytest -q $(PYTEST_ARGS) $(ISA_TESTS)
 
 info: build
 	$(PY) -m lstm_fast info

@@ -16,6 +16,12 @@ def main(argv=None):
     bench.add_argument("--repeats", type=int, default=5, help="interleaved rounds per shape")
     bench.add_argument("--out", default="bench.md", help="Markdown table to write")
     bench.add_argument("--plot", default="bench.png", help="PNG plot to write (needs matplotlib)")
+    bench.add_argument("--blas", action="store_true",
+                       help="also time lstm_fast's BLAS fallback (the generic kernel path)")
+    bench.add_argument("--no-peak", action="store_true",
+                       help="skip the sgemm peak measurement (numpy float32 matmul 2048^3)")
+    bench.add_argument("--rows", default="",
+                       help="grid rows to run, comma-separated indices (default: all)")
     bench.add_argument("--train", action="store_true",
                        help="time a training step (forward + backward) against torch autograd instead")
     args = parser.parse_args(argv)
@@ -32,8 +38,11 @@ def main(argv=None):
 
             run_training(thread_counts=counts, repeats=args.repeats, quick=args.quick)
             return 0
+        from ._bench import GRID
+
+        grid = [GRID[int(i)] for i in args.rows.split(",")] if args.rows else None
         run(compare=args.compare, quick=args.quick, thread_counts=counts, repeats=args.repeats,
-            out_md=args.out, out_png=args.plot)
+            out_md=args.out, out_png=args.plot, blas=args.blas, peak=not args.no_peak, grid=grid)
         return 0
     if args.command == "info":
         from ._config import show_config

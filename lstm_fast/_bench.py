@@ -8,8 +8,12 @@ how close the whole LSTM comes to the machine's GEMM limit. The "frozen" column 
 after ``freeze()`` (weights packed once, as ONNX Runtime does when it makes a session), the
 lstm_fast columns the model as trained (weights packed anew by every call).
 """
+import contextlib
+import json
 import os
 import platform
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -198,9 +202,62 @@ def run_training(thread_counts=(1, 2), repeats=5, min_time=0.05, quick=False, pa
     return rows
 
 
+PEAK_N = 2048
+PEAK_CODE = """
+import json, sys, time
+import numpy as np
+from threadpoolctl import threadpool_limits
+n, threads = int(sys.argv[1]), [int(t) for t in sys.argv[2].split(",")]
+a = np.random.default_rng(0).random((n, n), np.float32)
+b = np.random.default_rng(1).random((n, n), np.float32)
+out = {}
+for t in threads:
+    with threadpool_limits(t):
+        a @ b
+        best = 1e9
+        for _ in range(5):
+            start = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - start)
+    out[t] = 2.0 * n ** 3 / best / 1e9
+print(json.dumps(out))
+"""
+
+
+def sgemm_peak(thread_counts=(1, 2), n=PEAK_N):
+    """numpy float32 matmul of n x n matrices (best of 5), GFLOP/s per thread count, measured in
+    two child processes: with the environment as it is, and with OPENBLAS_CORETYPE and
+    OPENBLAS_L2_SIZE removed (OpenBLAS reads them when it loads, so only a new process can measure
+    without them). Returns {"as set": {threads: GF/s}, "unset": {...}, "env": the values}."""
+    counts = ",".join(str(t) for t in thread_counts)
+    env_names = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+    result = {"env": {k: os.environ.get(k) for k in env_names}, "n": n}
+    for label, drop in (("as set", ()), ("unset", env_names)):
+        env = {k: v for k, v in os.environ.items() if k not in drop}
+        try:
+            out = subprocess.run([sys.executable, "-c", PEAK_CODE, str(n), counts], env=env,
+                                 capture_output=True, text=True, timeout=600)
+            result[label] = {int(k): v for k, v in json.loads(out.stdout).items()}
+        except (OSError, ValueError, subprocess.TimeoutExpired):
+            result[label] = {}
+    return result
+
+
+def peak_lines(peak):
+    env = ", ".join(f"{k}={v}" for k, v in peak["env"].items())
+    lines = []
+    for label in ("as set", "unset"):
+        values = ", ".join(f"{t} thread{'s' if t > 1 else ''} {g:.1f} GF/s"
+                           for t, g in sorted(peak.get(label, {}).items()))
+        what = f"environment as set ({env})" if label == "as set" else \
+            "OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset for this measurement"
+        lines.append(f"- sgemm peak (numpy float32 matmul {peak['n']}^3), {what}: {values or 'n/a'}")
+    return lines
+
+
 def machine_description():
     info = config()
-    keys = ["cpu", "cores_available", "blas", "openmp", "threads", "OMP_NUM_THREADS",
+    keys = ["cpu", "cpu_description", "cpu_isa", "kernel_params", "cores_available", "blas", "openmp", "threads", "OMP_NUM_THREADS",
             "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "build_flags", "numpy", "scipy"]
     lines = [f"- {k}: {info.get(k)}" for k in keys]
     lines.append(f"- OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE set: "
@@ -221,9 +278,27 @@ def machine_description():
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def _path(isa):
+    """lstm_fast on kernel path `isa` (lstm_fast._cpu._set_isa) for the block, then back."""
+    from . import _cpu
+
+    before = _cpu._override
+    _cpu._set_isa(isa)
+    try:
+        yield
+    finally:
+        _cpu._set_isa(before)
+
+
 def run(compare=False, quick=False, thread_counts=(1, 2), repeats=5, min_time=0.05,
-        out_md="bench.md", out_png="bench.png", pause=0.05):
-    grid = QUICK_GRID if quick else GRID
+        out_md="bench.md", out_png="bench.png", pause=0.05, blas=False, peak=True, grid=None):
+    """blas: also time lstm_fast's BLAS fallback (the generic path: BLAS products and the
+    compiler-vectorised cell, what a CPU without AVX-512 and AVX2 runs), column "blas".
+    peak: measure the sgemm peak first (sgemm_peak) and report each row's fraction of it."""
+    from . import _cpu
+
+    grid = grid or (QUICK_GRID if quick else GRID)
     if quick:
         repeats, min_time = 3, 0.01
     systems = ["lstm_fast", "gemm"]
@@ -235,6 +310,19 @@ def run(compare=False, quick=False, thread_counts=(1, 2), repeats=5, min_time=0.
             except ImportError:
                 print(f"({name} is not installed: left out; pip install lstm-fast[compare])")
     desc = machine_description()
+    desc += f"\n- lstm_fast kernel path: {_cpu.isa()} (LSTM_FAST_ISA={os.environ.get('LSTM_FAST_ISA')!r})"
+    for name in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS"):
+        if os.environ.get(name):
+            desc += f"\n- {name}={os.environ[name]} (torch's environment)"
+    peaks = {}
+    if peak:
+        measured = sgemm_peak(thread_counts, n=512 if quick else PEAK_N)
+        desc += "\n" + "\n".join(peak_lines(measured))
+        for t in thread_counts:
+            values = [measured.get(k, {}).get(t) for k in ("as set", "unset")]
+            values = [v for v in values if v]
+            if values:
+                peaks[t] = max(values)
     print("Machine:\n" + desc)
     rows = []
     for n_threads in thread_counts:
@@ -249,6 +337,10 @@ def run(compare=False, quick=False, thread_counts=(1, 2), repeats=5, min_time=0.
                 runners["torch"] = _torch_runner(model, x, n_threads)
             if "onnxruntime" in systems:
                 runners["onnxruntime"] = _ort_runner(model, x, n_threads)
+            contexts = {}
+            if blas:
+                runners["blas"] = lambda: model(x)
+                contexts["blas"] = lambda: _path("generic")
             times = {name: [] for name in runners}
             with threads(n_threads):
                 previous = None
@@ -258,7 +350,8 @@ def run(compare=False, quick=False, thread_counts=(1, 2), repeats=5, min_time=0.
                         # spin for about 2^28 cycles (70 ms here) after a threaded call: with
                         # 50 ms, the (100,1,128,128) call after it took 0.34 ms against 0.23
                         time.sleep(GEMM_PAUSE if previous == "gemm" and n_threads > 1 else pause)
-                        times[name].append(_timer(fn, min_time))
+                        with contexts.get(name, contextlib.nullcontext)():
+                            times[name].append(_timer(fn, min_time))
                         previous = name
             med = {name: float(np.median(ts)) for name, ts in times.items()}
             peers = [med[p] for p in ("torch", "onnxruntime") if p in med]
@@ -269,7 +362,11 @@ def run(compare=False, quick=False, thread_counts=(1, 2), repeats=5, min_time=0.
                        ort_ms=med.get("onnxruntime", np.nan) * 1e3,
                        speedup=(min(peers) / med["lstm_fast"]) if peers else np.nan,
                        frozen_ms=med["frozen"] * 1e3,
-                       frozen_speedup=(min(peers) / med["frozen"]) if peers else np.nan)
+                       frozen_speedup=(min(peers) / med["frozen"]) if peers else np.nan,
+                       peak_fraction=(flops(*shape) / med["lstm_fast"] / 1e9 / peaks[n_threads])
+                       if n_threads in peaks else np.nan,
+                       blas_ms=med.get("blas", np.nan) * 1e3,
+                       blas_speedup=med.get("blas", np.nan) / med["lstm_fast"])
             rows.append(row)
             print(_format_row(row), flush=True)
     table = _markdown(rows)
@@ -289,17 +386,26 @@ def _format_row(r):
     return (f"{r['threads']} thr  {_shape_name(r['shape']):<28} lstm_fast {r['ms']:9.3f} ms "
             f"{r['gflops']:6.1f} GF/s  torch {r['torch_ms']:9.3f}  ort {r['ort_ms']:9.3f}  "
             f"speedup vs fastest peer {r['speedup']:5.2f}x  GEMM fraction {r['gemm_fraction']:.2f}  "
-            f"frozen {r['frozen_ms']:9.3f} ms {r['frozen_speedup']:5.2f}x")
+            f"frozen {r['frozen_ms']:9.3f} ms {r['frozen_speedup']:5.2f}x  "
+            f"of sgemm peak {r.get('peak_fraction', np.nan):.2f}"
+            + (f"  blas fallback {r['blas_ms']:9.3f} ms ({r['blas_speedup']:.2f}x)"
+               if not np.isnan(r.get("blas_ms", np.nan)) else ""))
 
 
 def _markdown(rows):
+    has_blas = any(not np.isnan(r.get("blas_ms", np.nan)) for r in rows)
     lines = ["| threads | T, B, I, H, layers | lstm_fast ms | GFLOP/s | torch ms | ORT ms | "
-             "speedup vs fastest peer | GEMM-limit fraction | frozen ms | frozen speedup |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "speedup vs fastest peer | GEMM-limit fraction | of sgemm peak | frozen ms | "
+             "frozen speedup |" + (" BLAS fallback ms | vs BLAS fallback |" if has_blas else ""),
+             "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if has_blas else "")]
     for r in rows:
-        lines.append(f"| {r['threads']} | {_shape_name(r['shape'])} | {r['ms']:.3f} | {r['gflops']:.1f} | "
-                     f"{r['torch_ms']:.3f} | {r['ort_ms']:.3f} | {r['speedup']:.2f}x | "
-                     f"{r['gemm_fraction']:.2f} | {r['frozen_ms']:.3f} | {r['frozen_speedup']:.2f}x |")
+        line = (f"| {r['threads']} | {_shape_name(r['shape'])} | {r['ms']:.3f} | {r['gflops']:.1f} | "
+                f"{r['torch_ms']:.3f} | {r['ort_ms']:.3f} | {r['speedup']:.2f}x | "
+                f"{r['gemm_fraction']:.2f} | {r.get('peak_fraction', np.nan):.2f} | "
+                f"{r['frozen_ms']:.3f} | {r['frozen_speedup']:.2f}x |")
+        if has_blas:
+            line += f" {r['blas_ms']:.3f} | {r['blas_speedup']:.2f}x |"
+        lines.append(line)
     return "\n".join(lines)
 
 

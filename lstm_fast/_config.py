@@ -44,6 +44,9 @@ def config():
         pass
     info["cpu"] = _cpu_model()
     info["cpu_features"] = " ".join(_cpu_features()) or "unknown"
+    from . import _cpu
+
+    info.update(_cpu.summary())
     return info
 
 

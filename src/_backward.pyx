@@ -20,7 +20,7 @@ from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy, memset
 
 from _blas cimport gemm_rm, gemm_rm_tn, gemv_rm
-from _pgemm cimport (lf_ws_get, lf_ws_release, lf_ws_aligned, lf_pack_len, lf_pack_wt, lf_pack_wt_for, lf_pgemm,
+from _pgemm cimport (lf_set_kernel, lf_ws_get, lf_ws_release, lf_ws_aligned, lf_pack_len, lf_pack_wt, lf_pack_wt_for, lf_pgemm,
                      lf_pgemm_at, lf_pgemm_at2, lf_pgemv, lf_pgemv_gates_tiles)
 from _gates cimport lf_tanhf   # brings the vectorisable float32 tanh into this module's C
 from _split cimport (lf_barrier, lf_barrier_init, lf_team_size, lf_team_unit_begin,
@@ -875,3 +875,12 @@ def backward_layer(const floating[:, :, ::1] x,            # IN  (T, B, I) the l
         lf_ws_release(WS_PACKED_GRAD, pk2_raw)
     if failed:
         raise MemoryError("cannot allocate the per-thread scratch of the backward recurrence")
+
+
+def _set_kernel(int isa, dict params):
+    """This module's copy of the kernel path and parameters (see _forward._set_kernel)."""
+    return lf_set_kernel(isa, params["tile_rows"], params["kc"], params["kc_narrow"])
+
+
+from lstm_fast import _cpu as _cpu_module
+_set_kernel(*_cpu_module.kernel_settings())

@@ -37,13 +37,13 @@ from libc.string cimport memcpy
 from cpython.pyport cimport PY_SSIZE_T_MAX
 
 from _blas cimport gemm_rm, gemv_rm
-from _pgemm cimport (lf_malloc64, lf_ws_get, lf_ws_release, lf_ws_aligned, lf_pack_len, lf_pack_w, lf_pack_w_for, lf_pgemm_available, lf_pgemm,
+from _pgemm cimport (lf_malloc64, lf_ws_get, lf_ws_release, lf_ws_aligned, lf_pack_len, lf_pack_w, lf_pack_w_for, lf_pgemm_available, lf_pgemm, lf_set_kernel, lf_isa,
                      lf_pgemv, lf_pgemv_dir, lf_pgemv_gates, lf_pgemv_gates_tiles, lf_prefetch)
 from _split cimport (lf_barrier, lf_barrier_init, lf_team_size, lf_team_unit_begin,
                      lf_team_unit_end, lf_barrier_wait, lf_ticks, lf_split_choose,
                      lf_split_record, lf_split_key)
 from _gates cimport (CellSpec, cell_row_standard, cell_row_cached, cell_row_general, sigmoid,
-                     tanh_, activate, lf_matvec_t_f32, lf_matvec_t_f64, lf_cell_units_avx512)
+                     tanh_, activate, lf_matvec_t_f32, lf_matvec_t_f64, lf_cell_units_simd)
 
 import numpy as np
 cimport numpy as cnp
@@ -60,16 +60,16 @@ cdef enum:
     # Fused per-step projection up to this size of W_ih + W_hh (bytes). Measured (Zen 4, 32 MB L3,
     # 1 thread): (100,256,64,64) 23.6 -> 20.2 ms, (50,64,512,512) (8 MB) 133 -> 126 ms, but
     # (25,128,1024,1024) (32 MB) 575 -> 619 ms.
-    FUSED_MAX_BYTES = 8 * 1024 * 1024
+    # FUSED_MAX_BYTES: a module variable (below), derived from the CPU
     # Wide mode from this W_hh size (bytes) for batches > 1, and for a single row from WIDE_GEMV_BYTES
     # (its gemv is memory-bound: splitting W_hh's rows over threads adds bandwidth).
-    WIDE_MIN_BYTES = 128 * 1024
-    WIDE_GEMV_BYTES = 2 * 1024 * 1024
+    # WIDE_MIN_BYTES: a module variable (below), derived from the CPU
+    # WIDE_GEMV_BYTES: a module variable (below), derived from the CPU
     # With the packed kernel, wide mode only for a single work item from this W_hh size
-    PACKED_WIDE_BYTES = 512 * 1024
+    # PACKED_WIDE_BYTES: a module variable (below), derived from the CPU
     # ... and always from this size, where each chunk's pass over W_hh comes from L3 or memory:
     # one pass per step over all rows ((25,128,1024,1024): 553 vs 568 ms on one thread)
-    PACKED_WIDE_MAX_BYTES = 8 * 1024 * 1024
+    # PACKED_WIDE_MAX_BYTES: a module variable (below), derived from the CPU
     # Split mode (batch < 8, one direction) from this hidden size (split_mode_ok)
     SPLIT_MIN_HIDDEN = 64
     # Batch-1 steps project the inputs of later steps in blocks of this many (one 8-row tile of
@@ -79,7 +79,7 @@ cdef enum:
     # H=64 (64 KB) 1.00x with tiles from the first group; 2 threads (split): H=128 (128 KB a
     # thread) 1.08x, H=96 1.04x, H=64 (32 KB, in L1) 0.91x.
     INTERLEAVE_ROWS = 8
-    INTERLEAVE_MIN_BYTES = 96 * 1024
+    # INTERLEAVE_MIN_BYTES: a module variable (below), derived from the CPU
     # Wide mode: gate columns and rows per work item of a step.
     WIDE_COL_BLOCKS = 8
     WIDE_ROWS = 8
@@ -90,6 +90,41 @@ cdef enum:
     # Packed weights of this many floats and more are packed by all threads ((25,128,1024,1024),
     # 8M floats: a few ms of a call, serial before)
     PACK_PARALLEL_FLOATS = 1 << 20
+
+# Sizes derived from the CPU (lstm_fast/_cpu.py derive(): L1d, L2, L3, FMA units), set once at
+# import by _set_kernel; the values beside them are the Zen 4 ones they were measured as, which
+# derive() gives for a Zen 4 description. Functions of the CPU only: every thread count makes
+# the same choices.
+cdef Py_ssize_t FUSED_MAX_BYTES = 8 * 1024 * 1024         # L3 / 4
+cdef Py_ssize_t WIDE_MIN_BYTES = 128 * 1024               # L2 / 8
+cdef Py_ssize_t WIDE_GEMV_BYTES = 2 * 1024 * 1024         # 2 x L2
+cdef Py_ssize_t PACKED_WIDE_BYTES = 512 * 1024            # L2 / 2
+cdef Py_ssize_t PACKED_WIDE_MAX_BYTES = 8 * 1024 * 1024   # L3 / 4
+cdef Py_ssize_t INTERLEAVE_MIN_BYTES = 96 * 1024          # 3 x L1d
+
+
+def _set_kernel(int isa, dict params):
+    """Sets the kernel path (0 generic, 1 AVX2, 2 AVX-512; capped at what the CPU has) and the
+    derived parameters (lstm_fast._cpu.derive); called at import and by lstm_fast._cpu._set_isa.
+    Not thread-safe: no call may be running."""
+    global FUSED_MAX_BYTES, WIDE_MIN_BYTES, WIDE_GEMV_BYTES, PACKED_WIDE_BYTES
+    global PACKED_WIDE_MAX_BYTES, INTERLEAVE_MIN_BYTES
+    FUSED_MAX_BYTES = params["fused_max_bytes"]
+    WIDE_MIN_BYTES = params["wide_min_bytes"]
+    WIDE_GEMV_BYTES = params["wide_gemv_bytes"]
+    PACKED_WIDE_BYTES = params["packed_wide_bytes"]
+    PACKED_WIDE_MAX_BYTES = params["packed_wide_max_bytes"]
+    INTERLEAVE_MIN_BYTES = params["interleave_min_bytes"]
+    return lf_set_kernel(isa, params["tile_rows"], params["kc"], params["kc_narrow"])
+
+
+def kernel_settings():
+    """The path and parameters this module runs with (for show_config and tests)."""
+    return dict(isa=("generic", "avx2", "avx512")[lf_isa()], fused_max_bytes=FUSED_MAX_BYTES,
+                wide_min_bytes=WIDE_MIN_BYTES, wide_gemv_bytes=WIDE_GEMV_BYTES,
+                packed_wide_bytes=PACKED_WIDE_BYTES, packed_wide_max_bytes=PACKED_WIDE_MAX_BYTES,
+                interleave_min_bytes=INTERLEAVE_MIN_BYTES)
+
 
 cdef enum:
     # work-buffer slots (lf_ws_get): kept per thread from call to call
@@ -161,7 +196,8 @@ def set_interleaved_projection(bint enabled):
 
 
 def packed_gemm_active():
-    """True when float32 forward products run through the packed AVX-512 kernel (lf_pgemm.h)."""
+    """True when float32 forward products run through the packed kernels (lf_pgemm.h: AVX-512,
+    or AVX2 + FMA; lstm_fast._cpu.isa() says which)."""
     return bool(_packed_enabled and lf_pgemm_available())
 
 
@@ -426,7 +462,7 @@ cdef void _run_row_interleaved(const Layer* L, Py_ssize_t d, float* scratch) noe
     for s in range(length):
         _gates_interleaved(L, d, s, length, 0, H, hs, gh)
         t = length - 1 - s if L.reverse[d] else s
-        lf_cell_units_avx512(H, 0, H, gh, gx + t * four_h, bias, cs, hs,
+        lf_cell_units_simd(H, 0, H, gh, gx + t * four_h, bias, cs, hs,
                              (cache_gates + t * four_h) if cache_gates != NULL else NULL,
                              (cache_c + t * H) if cache_c != NULL else NULL)
         memcpy(y + t * L.y_stride, hs, H * sizeof(float))
@@ -589,7 +625,7 @@ cdef void _split_step(const Layer* L, Py_ssize_t s, Py_ssize_t rows, Py_ssize_t 
         b = L.order[r]
         t = _time_of(L, 0, b, s)
         at = t * B + b
-        lf_cell_units_avx512(H, u0, u1, gh + r * four_h, gx_all + at * four_h,
+        lf_cell_units_simd(H, u0, u1, gh + r * four_h, gx_all + at * four_h,
                              <const float*> L.bias, cs + r * H, h_next + r * H,
                              ((<float*> L.cache_gates) + at * four_h) if L.keep_cache else NULL,
                              ((<float*> L.cache_c) + at * H) if L.keep_cache else NULL)
@@ -1274,3 +1310,7 @@ def gemm_repeat_py(const floating[:, ::1] a, const floating[:, ::1] b, floating[
             gemm_rm(c'T', <int> a.shape[0], <int> b.shape[0], <int> a.shape[1], <floating> 1,
                     &a[0, 0], <int> a.shape[1], &b[0, 0], <int> b.shape[1], <floating> 0,
                     &c[0, 0], <int> c.shape[1])
+
+
+from lstm_fast import _cpu as _cpu_module
+_set_kernel(*_cpu_module.kernel_settings())

@@ -160,10 +160,10 @@ cdef extern from *:
 
 cdef extern from "lf_cell_avx512.h" nogil:
     int lf_pgemm_available()
-    void lf_cell_row_avx512(size_t hidden, const float* gh, const float* gx, const float* bias,
-                            float* c, float* h_raw, float* gates_out, float* c_out)
-    void lf_cell_units_avx512(size_t hidden, size_t u0, size_t u1, const float* gh,
-                              const float* gx, const float* bias, float* c, float* h_raw,
+    void lf_cell_row_simd(size_t hidden, const float* gh, const float* gx, const float* bias,
+                          float* c, float* h_raw, float* gates_out, float* c_out)
+    void lf_cell_units_simd(size_t hidden, size_t u0, size_t u1, const float* gh,
+                            const float* gx, const float* bias, float* c, float* h_raw,
                               float* gates_out, float* c_out)
 
 
@@ -231,7 +231,7 @@ cdef inline void cell_row_standard(Py_ssize_t hidden, const floating* gh, const 
     # gates = gh + gx + bias; c = f*c + i*g; h_raw = o*tanh(c). One pass over the row's 4H gates.
     if floating is float:
         if lf_pgemm_available():
-            lf_cell_row_avx512(hidden, gh, gx, bias, c, h_raw, NULL, NULL)
+            lf_cell_row_simd(hidden, gh, gx, bias, c, h_raw, NULL, NULL)
         else:
             lf_cell_row_f32(hidden, gh, gx, bias, c, h_raw)
     else:
@@ -244,7 +244,7 @@ cdef inline void cell_row_cached(Py_ssize_t hidden, const floating* gh, const fl
     # The standard cell, also keeping what backward needs: activated gates [i|f|g|o] and c_t.
     if floating is float:
         if lf_pgemm_available():
-            lf_cell_row_avx512(hidden, gh, gx, bias, c, h_raw, gates_out, c_out)
+            lf_cell_row_simd(hidden, gh, gx, bias, c, h_raw, gates_out, c_out)
         else:
             lf_cell_row_cached_f32(hidden, gh, gx, bias, c, h_raw, gates_out, c_out)
     else:

@@ -11,6 +11,8 @@ cdef extern from "lf_pgemm.h" nogil:
     void lf_pack_wt(const float* wt, size_t ldw, size_t n, size_t k, float* packed)
     void lf_pack_wt_for(const float* wt, size_t ldw, size_t n, size_t k, float* packed, int shared)
     int lf_pgemm_available()
+    int lf_isa()
+    int lf_set_kernel(int isa, int mr, size_t kc, size_t kc_narrow)
     void lf_pgemm(size_t m, size_t col0, size_t n_cols, size_t k, const float* a, size_t lda,
                   const float* packed, float* c, size_t ldc, int accumulate)
     void lf_pgemm_at(size_t m, size_t n, size_t k, const float* at, size_t ldat,

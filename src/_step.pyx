@@ -11,7 +11,7 @@ from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
 
 from _blas cimport gemm_rm, gemv_rm
-from _pgemm cimport lf_gemv_rows, lf_pgemm_available
+from _pgemm cimport lf_gemv_rows, lf_pgemm_available, lf_set_kernel
 from _gates cimport cell_row_standard
 
 
@@ -148,3 +148,12 @@ cdef void _step_layers(int n_layers, Py_ssize_t input_size, Py_ssize_t H, Py_ssi
                 gemm_rm(c'T', <int> batch, <int> P, <int> H, <floating> 1, hraw, <int> H,
                         <const floating*> w_hr_k[k], <int> H, <floating> 0, h_k, <int> P)
         inp = h_k
+
+
+def _set_kernel(int isa, dict params):
+    """This module's copy of the kernel path and parameters (see _forward._set_kernel)."""
+    return lf_set_kernel(isa, params["tile_rows"], params["kc"], params["kc_narrow"])
+
+
+from lstm_fast import _cpu as _cpu_module
+_set_kernel(*_cpu_module.kernel_settings())

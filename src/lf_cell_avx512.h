@@ -121,19 +121,31 @@ lf_cell_units_avx512(size_t hidden, size_t u0, size_t u1, const float* gh, const
     }
 }
 
-static void lf_cell_row_avx512(size_t hidden, const float* gh, const float* gx, const float* bias,
-                               float* c, float* h_raw, float* gates_out, float* c_out) {
-    lf_cell_units_avx512(hidden, 0, hidden, gh, gx, bias, c, h_raw, gates_out, c_out);
+#include "lf_cell_avx2.h"
+
+/* the cell of the path in use (lf_isa(): AVX-512 or AVX2; callers take the scalar loop on the
+   generic path) */
+static void lf_cell_units_simd(size_t hidden, size_t u0, size_t u1, const float* gh,
+                               const float* gx, const float* bias, float* c, float* h_raw,
+                               float* gates_out, float* c_out) {
+    if (lf_isa() >= 2)
+        lf_cell_units_avx512(hidden, u0, u1, gh, gx, bias, c, h_raw, gates_out, c_out);
+    else
+        lf_cell_units_avx2(hidden, u0, u1, gh, gx, bias, c, h_raw, gates_out, c_out);
+}
+static void lf_cell_row_simd(size_t hidden, const float* gh, const float* gx, const float* bias,
+                             float* c, float* h_raw, float* gates_out, float* c_out) {
+    lf_cell_units_simd(hidden, 0, hidden, gh, gx, bias, c, h_raw, gates_out, c_out);
 }
 #else
-static void lf_cell_units_avx512(size_t hidden, size_t u0, size_t u1, const float* gh,
+static void lf_cell_units_simd(size_t hidden, size_t u0, size_t u1, const float* gh,
                                  const float* gx, const float* bias, float* c, float* h_raw,
                                  float* gates_out, float* c_out) {
     (void) hidden; (void) u0; (void) u1; (void) gh; (void) gx; (void) bias; (void) c; (void) h_raw;
     (void) gates_out; (void) c_out;
 }
-static void lf_cell_row_avx512(size_t hidden, const float* gh, const float* gx, const float* bias,
-                               float* c, float* h_raw, float* gates_out, float* c_out) {
+static void lf_cell_row_simd(size_t hidden, const float* gh, const float* gx, const float* bias,
+                             float* c, float* h_raw, float* gates_out, float* c_out) {
     (void) hidden; (void) gh; (void) gx; (void) bias; (void) c; (void) h_raw; (void) gates_out;
     (void) c_out;
 }

@@ -26,6 +26,16 @@
 
 #define LF_NR 32
 #define LF_MR 8
+#define LF_MR_MAX 12
+
+/* Kernel parameters (lstm_fast/_cpu.py derives them from the CPU and sets them once at import,
+   lf_set_kernel): lf_mr rows of the AVX-512 register tile (8 or 12; 2 x lf_mr accumulators),
+   lf_kc / lf_kc_narrow k per block of the k-blocked products. None of them changes a bit: every
+   output stays one FMA chain over k in order. lf_isa_cap: the path, 0 generic (BLAS), 1 AVX2+FMA,
+   2 AVX-512; -1 until set (the best the CPU has). */
+static int lf_isa_cap = -1;
+static int lf_mr = LF_MR;
+static size_t lf_kc = 256, lf_kc_narrow = 64;
 
 #if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
 #define LF_PGEMM_X86 1
@@ -179,13 +189,32 @@ static void lf_pack_wt(const float* restrict wt, size_t ldw, size_t n, size_t k,
 }
 
 #if LF_PGEMM_X86
-static int lf_pgemm_available(void) {
+/* the best path this CPU (and OS) runs: 2 AVX-512 (F, BW, VL), 1 AVX2 + FMA, 0 neither */
+static int lf_isa_detect(void) {
     static int cached = -1;
     if (cached < 0) {
         __builtin_cpu_init();
-        cached = __builtin_cpu_supports("avx512f") ? 1 : 0;
+        cached = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+                 && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma") ? 2
+               : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0;
     }
     return cached;
+}
+/* the path in use: 2 AVX-512, 1 AVX2, 0 BLAS (lf_set_kernel caps it) */
+static inline int lf_isa(void) {
+    return lf_isa_cap >= 0 ? lf_isa_cap : lf_isa_detect();
+}
+static int lf_pgemm_available(void) {
+    return lf_isa() >= 1;
+}
+/* isa is capped at what the CPU has; returns the path set */
+static int lf_set_kernel(int isa, int mr, size_t kc, size_t kc_narrow) {
+    int best = lf_isa_detect();
+    lf_isa_cap = isa < 0 ? best : (isa < best ? isa : best);
+    lf_mr = mr >= LF_MR_MAX ? LF_MR_MAX : LF_MR;
+    lf_kc = kc >= 16 ? kc : 256;
+    lf_kc_narrow = kc_narrow >= 16 ? kc_narrow : 64;
+    return lf_isa_cap;
 }
 
 /* A packed vector. shared (a constant after inlining): the copy is read by other threads too, so
@@ -282,7 +311,7 @@ __attribute__((target("avx512f"), always_inline)) static inline void
 lf_tile_avx512_bx(const int mr, const int a_trans, const int b_rows, size_t k, const float* a,
                   size_t lda, const float* bp, size_t ldb, float* c, size_t ldc, __mmask16 mask0,
                   __mmask16 mask1, int accumulate, int continue_c) {
-    __m512 acc0[LF_MR], acc1[LF_MR];
+    __m512 acc0[LF_MR_MAX], acc1[LF_MR_MAX];
     for (int r = 0; r < mr; r++) {
         if (continue_c) {
             acc0[r] = _mm512_maskz_loadu_ps(mask0, c + r * ldc);
@@ -336,15 +365,16 @@ lf_tile_any(int mr, size_t k, const float* a, size_t lda, const float* bp, float
     switch (mr) {
         LF_TILE_CASE(1) LF_TILE_CASE(2) LF_TILE_CASE(3) LF_TILE_CASE(4)
         LF_TILE_CASE(5) LF_TILE_CASE(6) LF_TILE_CASE(7) LF_TILE_CASE(8)
+        LF_TILE_CASE(9) LF_TILE_CASE(10) LF_TILE_CASE(11) LF_TILE_CASE(12)
         default: break;
     }
 }
 
 /* C[:, col0:col0+n_cols] (+)= A(m, k) @ W[col0:col0+n_cols].T, W packed by lf_pack_w with n = n_all.
    col0 is a multiple of LF_NR; C's columns col0.. are written (only those < col0 + n_cols). */
-__attribute__((target("avx512f"))) static void
-lf_pgemm(size_t m, size_t col0, size_t n_cols, size_t k, const float* a, size_t lda,
-         const float* packed, float* c, size_t ldc, int accumulate) {
+__attribute__((target("avx512f"), always_inline)) static inline void
+lf_pgemm_mr(const int mr, size_t m, size_t col0, size_t n_cols, size_t k, const float* a,
+            size_t lda, const float* packed, float* c, size_t ldc, int accumulate) {
     size_t p0 = col0 / LF_NR, p1 = (col0 + n_cols + LF_NR - 1) / LF_NR;
     size_t end = col0 + n_cols;
     for (size_t p = p0; p < p1; p++) {
@@ -353,13 +383,23 @@ lf_pgemm(size_t m, size_t col0, size_t n_cols, size_t k, const float* a, size_t 
         __mmask16 mask0 = lf_mask_lo(width), mask1 = lf_mask_hi(width);
         const float* bp = packed + p * k * LF_NR;
         size_t r = 0;
-        for (; r + LF_MR <= m; r += LF_MR)
-            lf_tile_avx512(LF_MR, k, a + r * lda, lda, bp, c + r * ldc + j0, ldc, mask0, mask1,
+        for (; r + mr <= m; r += mr)
+            lf_tile_avx512(mr, k, a + r * lda, lda, bp, c + r * ldc + j0, ldc, mask0, mask1,
                            accumulate);
         if (r < m)
             lf_tile_any((int) (m - r), k, a + r * lda, lda, bp, c + r * ldc + j0, ldc, mask0, mask1,
                         accumulate);
     }
+}
+
+/* lf_mr rows a tile (8, or 12 on cores with two 512-bit FMA units: 24 accumulators) */
+__attribute__((target("avx512f"))) static void
+lf_pgemm_avx512(size_t m, size_t col0, size_t n_cols, size_t k, const float* a, size_t lda,
+                const float* packed, float* c, size_t ldc, int accumulate) {
+    if (lf_mr == 12)
+        lf_pgemm_mr(12, m, col0, n_cols, k, a, lda, packed, c, ldc, accumulate);
+    else
+        lf_pgemm_mr(LF_MR, m, col0, n_cols, k, a, lda, packed, c, ldc, accumulate);
 }
 
 #define LF_TILE_AT_CASE(R) case R: if (ldb) lf_tile_avx512_bx(R, 1, 1, k, a, lda, bp, ldb, c, ldc, \
@@ -374,13 +414,13 @@ lf_tile_at_any(int mr, size_t k, const float* a, size_t lda, const float* bp, si
     switch (mr) {
         LF_TILE_AT_CASE(1) LF_TILE_AT_CASE(2) LF_TILE_AT_CASE(3) LF_TILE_AT_CASE(4)
         LF_TILE_AT_CASE(5) LF_TILE_AT_CASE(6) LF_TILE_AT_CASE(7) LF_TILE_AT_CASE(8)
+        LF_TILE_AT_CASE(9) LF_TILE_AT_CASE(10) LF_TILE_AT_CASE(11) LF_TILE_AT_CASE(12)
         default: break;
     }
 }
 
-/* k per block of lf_pgemm_at: a block's panel slice (LF_KC x 32 floats, 32 KB) stays in L1/L2
-   while every row tile runs over it */
-#define LF_KC 256
+/* k per block of lf_pgemm_at (lf_kc, derived from L1d: 256 on a 32 KiB L1d): a block's panel
+   slice (lf_kc x 32 floats, 32 KB) stays in L1/L2 while every row tile runs over it */
 
 /* One k-block (k0, kb) of lf_pgemm_at, every panel. ldb 0: W packed (lf_pack_w/lf_pack_wt);
    else W.T's rows in place, row-major (k, n) with leading dimension ldb (no packing: x and
@@ -389,8 +429,9 @@ lf_tile_at_any(int mr, size_t k, const float* a, size_t lda, const float* bp, si
    its tiles' 32-byte reads at a stride of ldat floats came from memory at latency ((100,256,64,64)
    dW: 82 -> 91 GF/s in a C benchmark of that shape). */
 __attribute__((target("avx512f"), always_inline)) static inline void
-lf_pgemm_at_block(size_t m, size_t n, size_t k, size_t k0, size_t kc, const float* at, size_t ldat,
-                  const float* packed, size_t ldb, float* c, size_t ldc, int prefetch_next) {
+lf_pgemm_at_block_mr(const int mr, size_t m, size_t n, size_t k, size_t k0, size_t kc,
+                     const float* at, size_t ldat, const float* packed, size_t ldb, float* c,
+                     size_t ldc, int prefetch_next) {
     size_t n_panels = (n + LF_NR - 1) / LF_NR;
     size_t kb = k - k0 < kc ? k - k0 : kc;
     int cont = k0 > 0;
@@ -401,20 +442,20 @@ lf_pgemm_at_block(size_t m, size_t n, size_t k, size_t k0, size_t kc, const floa
         __mmask16 mask0 = lf_mask_lo(width), mask1 = lf_mask_hi(width);
         const float* bp = ldb ? packed + k0 * ldb + j0 : packed + (p * k + k0) * LF_NR;
         const float* a = at + k0 * ldat;
-        size_t n_tiles = (m + LF_MR - 1) / LF_MR;
+        size_t n_tiles = (m + mr - 1) / mr;
         size_t next_bytes = p == 0 && prefetch_next ? kb_next * ldat * sizeof(float) : 0;
         size_t slice = (next_bytes / n_tiles + 63) / 64 * 64;
         const char* next_a = (const char*) (a + kc * ldat);
         size_t r = 0;
-        for (; r + LF_MR <= m; r += LF_MR) {
-            size_t off = r / LF_MR * slice;
+        for (; r + mr <= m; r += mr) {
+            size_t off = r / mr * slice;
             if (off < next_bytes)
                 lf_prefetch(next_a + off, off + slice <= next_bytes ? slice : next_bytes - off);
             if (ldb)
-                lf_tile_avx512_bx(LF_MR, 1, 1, kb, a + r, ldat, bp, ldb, c + r * ldc + j0, ldc,
+                lf_tile_avx512_bx(mr, 1, 1, kb, a + r, ldat, bp, ldb, c + r * ldc + j0, ldc,
                                   mask0, mask1, 0, cont);
             else
-                lf_tile_avx512_ex(LF_MR, 1, kb, a + r, ldat, bp, c + r * ldc + j0, ldc, mask0,
+                lf_tile_avx512_ex(mr, 1, kb, a + r, ldat, bp, c + r * ldc + j0, ldc, mask0,
                                   mask1, 0, cont);
         }
         if (kb_next > 0 && !ldb)
@@ -427,17 +468,26 @@ lf_pgemm_at_block(size_t m, size_t n, size_t k, size_t k0, size_t kc, const floa
     }
 }
 
+__attribute__((target("avx512f"))) static void
+lf_pgemm_at_block(size_t m, size_t n, size_t k, size_t k0, size_t kc, const float* at, size_t ldat,
+                  const float* packed, size_t ldb, float* c, size_t ldc, int prefetch_next) {
+    if (lf_mr == 12)
+        lf_pgemm_at_block_mr(12, m, n, k, k0, kc, at, ldat, packed, ldb, c, ldc, prefetch_next);
+    else
+        lf_pgemm_at_block_mr(LF_MR, m, n, k, k0, kc, at, ldat, packed, ldb, c, ldc, prefetch_next);
+}
+
 /* C(m, n) = A(m, k) @ W.T with A given as its transpose at (k, m), leading dimension ldat, and W
    (n, k) packed by lf_pack_w or lf_pack_wt. For weight gradients, dW = dZ.T @ X, where k is the
-   long T*B axis: k runs in blocks of LF_KC, partial sums kept in C, each output one FMA chain. */
+   long T*B axis: k runs in blocks of lf_kc, partial sums kept in C, each output one FMA chain. */
 __attribute__((target("avx512f"))) static void
-lf_pgemm_at(size_t m, size_t n, size_t k, const float* at, size_t ldat, const float* packed,
+lf_pgemm_at_avx512(size_t m, size_t n, size_t k, const float* at, size_t ldat, const float* packed,
             float* c, size_t ldc) {
     if (k == 0)
         for (size_t r = 0; r < m; r++)
             memset(c + r * ldc, 0, n * sizeof(float));
-    for (size_t k0 = 0; k0 < k; k0 += LF_KC)
-        lf_pgemm_at_block(m, n, k, k0, LF_KC, at, ldat, packed, 0, c, ldc, 1);
+    for (size_t k0 = 0; k0 < k; k0 += lf_kc)
+        lf_pgemm_at_block(m, n, k, k0, lf_kc, at, ldat, packed, 0, c, ldc, 1);
 }
 
 /* Two lf_pgemm_at products of one A, C1 = A @ W1.T and C2 = A @ W2.T (each W packed, ldb 0, or
@@ -451,7 +501,7 @@ lf_pgemm_at(size_t m, size_t n, size_t k, const float* at, size_t ldat, const fl
    all 256 rows in one call: 93 -> 103 GF/s in a C benchmark; with more columns the partial sums
    in C cost more than that saves). */
 __attribute__((target("avx512f"))) static void
-lf_pgemm_at2(size_t m, size_t k, const float* at, size_t ldat, size_t n1, const float* b1,
+lf_pgemm_at2_avx512(size_t m, size_t k, const float* at, size_t ldat, size_t n1, const float* b1,
              size_t ldb1, float* c1, size_t ldc1, size_t n2, const float* b2, size_t ldb2,
              float* c2, size_t ldc2, float* colsum) {
     if (k == 0) {
@@ -462,7 +512,7 @@ lf_pgemm_at2(size_t m, size_t k, const float* at, size_t ldat, size_t n1, const 
     }
     if (colsum != NULL)
         memset(colsum, 0, m * sizeof(float));
-    size_t kc = n1 <= 64 && n2 <= 64 ? 64 : LF_KC;
+    size_t kc = n1 <= 64 && n2 <= 64 ? lf_kc_narrow : lf_kc;
     for (size_t k0 = 0; k0 < k; k0 += kc) {
         lf_pgemm_at_block(m, n1, k, k0, kc, at, ldat, b1, ldb1, c1, ldc1, 1);
         lf_pgemm_at_block(m, n2, k, k0, kc, at, ldat, b2, ldb2, c2, ldc2, 0);
@@ -524,7 +574,7 @@ lf_row_group(size_t np, size_t p, size_t k, const float* a, const float* packed,
    fixed order evicts every panel before its reuse once W exceeds L1: (T=1000, B=1, H=64) W_hh
    (64 KB) 0.58 -> 0.47 us a product here. Each output's sum is the same either way. */
 __attribute__((target("avx512f"))) static void
-lf_pgemv_dir(size_t col0, size_t n_cols, size_t k, const float* a, const float* packed, float* c,
+lf_pgemv_dir_avx512(size_t col0, size_t n_cols, size_t k, const float* a, const float* packed, float* c,
              int backwards) {
     size_t p0 = col0 / LF_NR, p1 = (col0 + n_cols + LF_NR - 1) / LF_NR;
     size_t end = col0 + n_cols;
@@ -540,10 +590,7 @@ lf_pgemv_dir(size_t col0, size_t n_cols, size_t k, const float* a, const float* 
     }
 }
 
-__attribute__((target("avx512f"))) static void
-lf_pgemv(size_t col0, size_t n_cols, size_t k, const float* a, const float* packed, float* c) {
-    lf_pgemv_dir(col0, n_cols, k, a, packed, c, 0);
-}
+
 
 /* One step's row product of a batch-1 recurrence, c = a(k) @ W.T for units u0..u1 (multiples of
    32; lf_pgemv_gates' order, the four gate panels of 32 units at a time), with the input
@@ -562,7 +609,7 @@ lf_pgemv(size_t col0, size_t n_cols, size_t k, const float* a, const float* pack
    partial sums a call before left in C_t, the same chains, so that a share of the work smaller
    than a panel can be spread over steps. */
 __attribute__((target("avx512f"))) static void
-lf_pgemv_gates_tiles(size_t hidden, size_t u0, size_t u1, size_t k, const float* a,
+lf_pgemv_gates_tiles_avx512(size_t hidden, size_t u0, size_t u1, size_t k, const float* a,
                      const float* packed, float* c, int backwards, size_t tk, const float* ta,
                      size_t tlda, const float* t_packed, size_t tv0, size_t tv1, float* tc,
                      size_t tldc, size_t tile_from, size_t tk0, size_t tk1) {
@@ -633,22 +680,13 @@ lf_pgemv_gates_tiles(size_t hidden, size_t u0, size_t u1, size_t k, const float*
 #undef LF_TILE_PANEL
 }
 
-/* the four gate panels of units u..u+32 of one row at once (8 independent chains, where a lone
-   panel per call would wait on FMA latency): c[g*hidden + u0 .. g*hidden + u1] for g = 0..3;
-   hidden and u0 are multiples of LF_NR; the same sums as lf_pgemv's */
-static void lf_pgemv_gates(size_t hidden, size_t u0, size_t u1, size_t k, const float* a,
-                           const float* packed, float* c, int backwards) {
-    lf_pgemv_gates_tiles(hidden, u0, u1, k, a, packed, c, backwards, 0, NULL, 0, NULL, 0, 0, NULL, 0,
-                         0, 0, 0);
-}
-
 /* y[0:n] = W(n, k) @ x with W row-major (leading dimension ldw), unpacked: four rows at a time,
    each a 16-lane partial sum over k reduced at the end. For the streaming step, which reads each
    weight once per call, so packing would cost more than it saves; the loads stream from L2 at
    its rate, where scipy's sgemv reached about two thirds of it here (H=128: 6.8 -> 4.9 us for
    the two products of a step). */
 __attribute__((target("avx512f"))) static void
-lf_gemv_rows(size_t n, size_t k, const float* w, size_t ldw, const float* x, float* y) {
+lf_gemv_rows_avx512(size_t n, size_t k, const float* w, size_t ldw, const float* x, float* y) {
     size_t tail = k % 16;
     __mmask16 mask = (__mmask16) ((1u << tail) - 1u);
     size_t j = 0;
@@ -684,11 +722,75 @@ lf_gemv_rows(size_t n, size_t k, const float* w, size_t ldw, const float* x, flo
     }
 }
 
+#include "lf_pgemm_avx2.h"
+
+/* The entry points: the path lf_isa() names (AVX-512 or AVX2; the callers use none of them on
+   the generic path). One well-predicted branch a call. */
+static void lf_pgemm(size_t m, size_t col0, size_t n_cols, size_t k, const float* a, size_t lda,
+                     const float* packed, float* c, size_t ldc, int accumulate) {
+    if (lf_isa() >= 2)
+        lf_pgemm_avx512(m, col0, n_cols, k, a, lda, packed, c, ldc, accumulate);
+    else
+        lf_pgemm_avx2(m, col0, n_cols, k, a, lda, packed, c, ldc, accumulate);
+}
+static void lf_pgemm_at(size_t m, size_t n, size_t k, const float* at, size_t ldat,
+                        const float* packed, float* c, size_t ldc) {
+    if (lf_isa() >= 2)
+        lf_pgemm_at_avx512(m, n, k, at, ldat, packed, c, ldc);
+    else
+        lf_pgemm_at_avx2(m, n, k, at, ldat, packed, c, ldc);
+}
+static void lf_pgemm_at2(size_t m, size_t k, const float* at, size_t ldat, size_t n1,
+                         const float* b1, size_t ldb1, float* c1, size_t ldc1, size_t n2,
+                         const float* b2, size_t ldb2, float* c2, size_t ldc2, float* colsum) {
+    if (lf_isa() >= 2)
+        lf_pgemm_at2_avx512(m, k, at, ldat, n1, b1, ldb1, c1, ldc1, n2, b2, ldb2, c2, ldc2, colsum);
+    else
+        lf_pgemm_at2_avx2(m, k, at, ldat, n1, b1, ldb1, c1, ldc1, n2, b2, ldb2, c2, ldc2, colsum);
+}
+static void lf_pgemv_dir(size_t col0, size_t n_cols, size_t k, const float* a,
+                         const float* packed, float* c, int backwards) {
+    if (lf_isa() >= 2)
+        lf_pgemv_dir_avx512(col0, n_cols, k, a, packed, c, backwards);
+    else
+        lf_pgemv_dir_avx2(col0, n_cols, k, a, packed, c, backwards);
+}
+static void lf_pgemv(size_t col0, size_t n_cols, size_t k, const float* a, const float* packed,
+                     float* c) {
+    lf_pgemv_dir(col0, n_cols, k, a, packed, c, 0);
+}
+static void lf_pgemv_gates_tiles(size_t hidden, size_t u0, size_t u1, size_t k, const float* a,
+                                 const float* packed, float* c, int backwards, size_t tk,
+                                 const float* ta, size_t tlda, const float* t_packed, size_t tv0,
+                                 size_t tv1, float* tc, size_t tldc, size_t tile_from,
+                                 size_t tk0, size_t tk1) {
+    if (lf_isa() >= 2)
+        lf_pgemv_gates_tiles_avx512(hidden, u0, u1, k, a, packed, c, backwards, tk, ta, tlda,
+                                    t_packed, tv0, tv1, tc, tldc, tile_from, tk0, tk1);
+    else
+        lf_pgemv_gates_tiles_avx2(hidden, u0, u1, k, a, packed, c, backwards, tk, ta, tlda,
+                                  t_packed, tv0, tv1, tc, tldc, tk0, tk1);
+}
+/* the four gate panels of units u..u+32 of one row at once (8 independent chains, where a lone
+   panel per call would wait on FMA latency): c[g*hidden + u0 .. g*hidden + u1] for g = 0..3;
+   hidden and u0 are multiples of LF_NR; the same sums as lf_pgemv's */
+static void lf_pgemv_gates(size_t hidden, size_t u0, size_t u1, size_t k, const float* a,
+                           const float* packed, float* c, int backwards) {
+    lf_pgemv_gates_tiles(hidden, u0, u1, k, a, packed, c, backwards, 0, NULL, 0, NULL, 0, 0, NULL, 0,
+                         0, 0, 0);
+}
+static void lf_gemv_rows(size_t n, size_t k, const float* w, size_t ldw, const float* x, float* y) {
+    if (lf_isa() >= 2)
+        lf_gemv_rows_avx512(n, k, w, ldw, x, y);
+    else
+        lf_gemv_rows_avx2(n, k, w, ldw, x, y);
+}
+
 /* shared: other threads read the packed copy too (lf_store_packed) */
 static void lf_pack_w_for(const float* w, size_t ldw, size_t n, size_t k, float* packed,
                           int shared) {
-    if (!lf_pgemm_available())
-        lf_pack_w_scalar(w, ldw, n, k, packed);
+    if (lf_isa() < 2)
+        lf_pack_w_avx2_or_scalar(w, ldw, n, k, packed, shared);
     else if (shared)
         lf_pack_w_shared_avx512(w, ldw, n, k, packed);
     else
@@ -714,13 +816,18 @@ lf_pack_wt_shared_avx512(const float* wt, size_t ldw, size_t n, size_t k, float*
 }
 static void lf_pack_wt_for(const float* wt, size_t ldw, size_t n, size_t k, float* packed,
                            int shared) {
-    if (shared && lf_pgemm_available())
+    if (shared && lf_isa() >= 2)
         lf_pack_wt_shared_avx512(wt, ldw, n, k, packed);
     else
         lf_pack_wt(wt, ldw, n, k, packed);
 }
 #else
+static inline int lf_isa(void) { return 0; }
 static int lf_pgemm_available(void) { return 0; }
+static int lf_set_kernel(int isa, int mr, size_t kc, size_t kc_narrow) {
+    (void) isa; (void) mr; (void) kc; (void) kc_narrow;
+    return 0;
+}
 static void lf_pack_w_for(const float* w, size_t ldw, size_t n, size_t k, float* packed,
                           int shared) {
     (void) shared;

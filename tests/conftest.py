@@ -23,10 +23,11 @@ def rng():
 
 @pytest.fixture(params=[True, False], ids=["packed", "blas"])
 def packed(request):
-    """Runs a test with the packed float32 kernels (lf_pgemm.h) and with BLAS alone."""
-    from lstm_fast import _forward
+    """Runs a test with the packed float32 kernels (lf_pgemm.h, on the path lstm_fast._cpu.isa()
+    names: AVX-512 or AVX2) and with BLAS alone."""
+    from lstm_fast import _cpu, _forward
     if request.param and not _forward.packed_gemm_active():
-        pytest.skip("the packed kernel needs AVX-512F")
+        pytest.skip(f"the packed kernel needs AVX-512 or AVX2 + FMA (path: {_cpu.isa()})")
     _forward.set_packed_gemm(request.param)
     yield request.param
     _forward.set_packed_gemm(True)

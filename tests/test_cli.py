@@ -24,12 +24,17 @@ def test_info_names_openmp_and_blas():
 
 
 def test_bench_quick_runs(tmp_path):
-    result = _run("bench", "--quick", "--threads", "1", "--repeats", "1",
+    result = _run("bench", "--quick", "--threads", "1", "--repeats", "1", "--blas",
                   "--out", str(tmp_path / "b.md"), "--plot", str(tmp_path / "b.png"))
     assert result.returncode == 0, result.stderr
     table = (tmp_path / "b.md").read_text()
     assert "GEMM-limit fraction" in table and "T100 B16 I128 H128 L1 bi" in table
-    assert "frozen speedup" in table
+    assert "frozen speedup" in table and "BLAS fallback ms" in table and "of sgemm peak" in table
+    # the CPU and the kernel path are named beside the figures, and the sgemm peak measured
+    from lstm_fast import _cpu
+    assert _cpu.describe()["model_name"] in table
+    assert f"lstm_fast kernel path: {_cpu.isa()}" in table
+    assert "sgemm peak" in table and "OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset" in table
 
 
 def test_unknown_command_fails():
