@@ -41,6 +41,12 @@ def config():
         pass
     info["cpu"] = _cpu_model()
     info["cpu_features"] = " ".join(_cpu_features()) or "unknown"
+    from . import _precision
+
+    # the kernel path of each precision (freeze(precision=...)) on this CPU, under LSTM_FAST_ISA
+    info["LSTM_FAST_ISA"] = os.environ.get("LSTM_FAST_ISA")
+    for precision, path in _precision.paths().items():
+        info[f"path {precision}"] = path
     return info
 
 

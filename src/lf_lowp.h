@@ -12,7 +12,8 @@
      max|w_row|)) in [-127, 127]; activations symmetric per row (a batch row of x_t or h_{t-1}),
      s_x = max|x_row| / 127, stored as q + 128 in uint8 for VPDPBUSD (u8 x s8), corrected by
      128 * sum_k q_w exactly in int32. out = (float) acc * (s_x * s_w). Exact integer sums: every
-     path (generic, VNNI, AMX) gives the same bits. A row holding NaN or inf gives NaN outputs.
+     path (generic, VNNI, AMX) gives the same bits. A row holding NaN or inf gives NaN outputs; a row
+     whose largest magnitude is below 2^-120 quantizes to zeros.
 
    Packed weights of an (n, k) matrix: blocks of 16 output rows, k padded to kp (a multiple of 32
    bfloat16 or 64 int8, one AMX tile row of 64 bytes); inside a block, row p of 64 bytes holds the
@@ -76,6 +77,10 @@ static inline float lf_ftz(float a) {
     return fabsf(a) < FLT_MIN ? copysignf(0.0f, a) : a;
 }
 
+/* int8 rows whose largest magnitude is below this quantize to zeros (127 / max would overflow
+   float32 from about 3.7e-37; 2^-120 = 7.5e-37) */
+#define LF_LP_TINY 7.52316385e-37f
+
 /* one activation row -> its quantized row of kp elements (and s_x for int8) */
 static void lf_lp_quant_row(int kind, int k, int kp, const float* x, void* dst, float* sx) {
     if (kind == LF_LP_BF16) {
@@ -94,7 +99,7 @@ static void lf_lp_quant_row(int kind, int k, int kp, const float* x, void* dst, 
         amax = a > amax ? a : amax;
         bad |= !(a <= FLT_MAX);
     }
-    if (bad || amax == 0.0f) {
+    if (bad || amax < LF_LP_TINY) {
         memset(q, 128, (size_t) kp);
         *sx = bad ? NAN : 0.0f;
         return;
@@ -135,7 +140,7 @@ static void lf_lp_pack(int kind, int n, int k, const float* w, size_t ldw, void*
         float amax = 0.0f;
         for (int i = 0; i < k; i++)
             amax = fabsf(row[i]) > amax ? fabsf(row[i]) : amax;
-        if (amax == 0.0f)
+        if (amax < LF_LP_TINY)
             continue;
         const float inv = 127.0f / amax;
         int32_t sum = 0;
