@@ -18,7 +18,7 @@ import numpy.typing as npt
 Array = npt.NDArray[Any]
 State = tuple[Array, Array]
 
-from . import _forward, _step, _threading, _threads
+from . import _forward, _lowp, _step, _threading, _threads
 from . import _validate as v
 
 _EMPTY = {}
@@ -67,6 +67,8 @@ _FORWARD_BY_DTYPE = {
     for dt, name in ((np.float32, "float"), (np.float64, "double"))
 }
 
+
+_LOWP_LAYER = _lowp.layer_forward
 
 _REVERSE = {1: np.zeros(1, dtype=np.intc), 2: np.array([0, 1], dtype=np.intc)}
 _FULL = {}
@@ -373,6 +375,19 @@ class LSTM:
         out : ndarray of shape (T, B, D*H_out) ((B, T, D*H_out) with batch_first, (T, D*H_out) unbatched)
         (h_n, c_n) : ndarrays of shapes (L*D, B, H_out) and (L*D, B, H)
         """
+        if self._lowp is not None and hx is None and lengths is None and not self.batch_first \
+                and type(x) is np.ndarray and x.dtype == np.float32 and x.ndim == 3 \
+                and x.flags.c_contiguous and x.shape[2] == self.input_size and x.size:
+            # reduced precision, the plain call: no validation pass and no copies (~10 us)
+            seq_len, batch, _ = x.shape
+            n_states = self.num_layers * self.num_directions
+            v.check_size_product(self.num_directions, seq_len, batch, 4 * self.hidden_size,
+                                 name="the input projection buffer")
+            h_n = np.zeros((n_states, batch, self.hidden_out), np.float32)
+            c_n = np.zeros((n_states, batch, self.hidden_size), np.float32)
+            lens, order = _full_lengths(batch, seq_len)
+            out = self._forward_lowp(x, h_n, c_n, lens, order, np.empty, _threads.get_num_threads())
+            return out, (h_n, c_n)
         if hx is None and lengths is None and not self.batch_first and self._lowp is None:
             with BLAS_SINGLE:
                 plain = _forward.forward_plain(x, self._w_ih, self._w_hh, self._b_ih, self._b_hh,
@@ -406,16 +421,14 @@ class LSTM:
         return layer_input
 
     def _forward_lowp(self, x, h_n, c_n, lens, order, alloc, n_threads):
-        from . import _lowp
-
         seq_len, batch, _ = x.shape
         D = self.num_directions
-        path = _precision_kernel_path(self._lowp_path)
+        run, precision, path = _LOWP_LAYER, self.precision, self._lowp_kernel
         layer_input = x
         for k, (ih, hh, hr, bias) in enumerate(self._lowp):
             y = alloc((seq_len, batch, D * self.hidden_out), np.float32)
-            _lowp.layer_forward(self.precision, path, layer_input, ih, hh, hr, bias, order, lens,
-                                h_n[k * D:(k + 1) * D], c_n[k * D:(k + 1) * D], y, n_threads)
+            run(precision, path, layer_input, ih, hh, hr, bias, order, lens,
+                h_n[k * D:(k + 1) * D], c_n[k * D:(k + 1) * D], y, n_threads)
             layer_input = y
         return layer_input
 
@@ -664,6 +677,7 @@ class FrozenLSTM(LSTM):
 
         self._packed = None
         self._lowp_path = _precision.path_for(self.precision)
+        self._lowp_kernel = _precision._kernel_path(self._lowp_path)
         layers = []
         for k in range(self.num_layers):
             D = self.num_directions
@@ -712,12 +726,6 @@ class FrozenLSTM(LSTM):
         self._lowp = None
         self.precision = state["config"].get("precision", "float32")
         self._seal()
-
-
-def _precision_kernel_path(path):
-    from ._precision import _kernel_path
-
-    return _kernel_path(path)
 
 
 def _check_reduced(model, precision):

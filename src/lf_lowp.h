@@ -406,81 +406,166 @@ static inline int32_t lf_load32(const void* p) {
     return v;
 }
 
-/* R rows x NB blocks (constants after inlining): one VDPBF16PS chain per output */
-LF_BF16_ATTR void lf_bf16_tile(const int R, const int NB, const lf_lp_mat* W, const uint16_t* a,
-                               size_t lda, int b, float* out, size_t ldo) {
-    const int kp = W->kp;
-    const uint16_t* w = (const uint16_t*) W->w + (size_t) b * 16 * kp;
-    const size_t bs = (size_t) 16 * kp;
-    __m512 acc[6][8];
-    for (int r = 0; r < R; r++)
-        for (int q = 0; q < NB; q++)
-            acc[r][q] = _mm512_setzero_ps();
-    for (int p = 0; p < kp / 2; p++) {
-        __m512i wv[8];
-        for (int q = 0; q < NB; q++)
-            wv[q] = _mm512_loadu_si512((const void*) (w + q * bs + (size_t) p * 32));
-        for (int r = 0; r < R; r++) {
-            __m512i xv = _mm512_set1_epi32(lf_load32(a + r * lda + 2 * p));
-            for (int q = 0; q < NB; q++)
-                acc[r][q] = _mm512_dpbf16_ps(acc[r][q], (__m512bh) wv[q], (__m512bh) xv);
-        }
-    }
-    for (int q = 0; q < NB; q++) {
-        const int j0 = 16 * (b + q), left = W->n - j0;
-        const __mmask16 mk = left >= 16 ? (__mmask16) 0xFFFF : (__mmask16) ((1u << left) - 1u);
-        for (int r = 0; r < R; r++)
-            _mm512_mask_storeu_ps(out + r * ldo + j0, mk, acc[r][q]);
-    }
+/* R rows x NB blocks: one VDPBF16PS chain per output. One function per (R, NB), with arrays of
+   exactly that size, so that gcc keeps the accumulators in registers (a larger array spills). */
+#define LF_BF16_TILE_FN(RR, NN)                                                                 \
+LF_BF16_ATTR void lf_bf16_tile_##RR##_##NN(const lf_lp_mat* W, const uint16_t* a, size_t lda,  \
+                                           int b, float* out, size_t ldo) {                     \
+    const int kp = W->kp;                                                                       \
+    const uint16_t* w = (const uint16_t*) W->w + (size_t) b * 16 * kp;                          \
+    const size_t bs = (size_t) 16 * kp;                                                         \
+    __m512 acc[RR][NN];                                                                         \
+    for (int r = 0; r < RR; r++)                                                                \
+        for (int q = 0; q < NN; q++)                                                            \
+            acc[r][q] = _mm512_setzero_ps();                                                    \
+    for (int p = 0; p < kp / 2; p++) {                                                          \
+        __m512i wv[NN];                                                                         \
+        for (int q = 0; q < NN; q++)                                                            \
+            wv[q] = _mm512_loadu_si512((const void*) (w + q * bs + (size_t) p * 32));           \
+        for (int r = 0; r < RR; r++) {                                                          \
+            __m512i xv = _mm512_set1_epi32(lf_load32(a + r * lda + 2 * p));                     \
+            for (int q = 0; q < NN; q++)                                                        \
+                acc[r][q] = _mm512_dpbf16_ps(acc[r][q], (__m512bh) wv[q], (__m512bh) xv);       \
+        }                                                                                       \
+    }                                                                                           \
+    for (int q = 0; q < NN; q++) {                                                              \
+        const int j0 = 16 * (b + q), left = W->n - j0;                                          \
+        const __mmask16 mk = left >= 16 ? (__mmask16) 0xFFFF : (__mmask16) ((1u << left) - 1u); \
+        for (int r = 0; r < RR; r++)                                                            \
+            _mm512_mask_storeu_ps(out + r * ldo + j0, mk, acc[r][q]);                           \
+    }                                                                                           \
 }
 
-LF_VNNI_ATTR void lf_int8_tile(const int R, const int NB, const lf_lp_mat* W, const uint8_t* a,
-                               size_t lda, const float* sx, int b, float* out, size_t ldo) {
-    const int kp = W->kp;
-    const int8_t* w = (const int8_t*) W->w + (size_t) b * 16 * kp;
-    const size_t bs = (size_t) 16 * kp;
-    __m512i acc[6][8];
-    for (int r = 0; r < R; r++)
-        for (int q = 0; q < NB; q++)
-            acc[r][q] = _mm512_setzero_si512();
-    for (int p = 0; p < kp / 4; p++) {
-        __m512i wv[8];
-        for (int q = 0; q < NB; q++)
-            wv[q] = _mm512_loadu_si512((const void*) (w + q * bs + (size_t) p * 64));
-        for (int r = 0; r < R; r++) {
-            __m512i xv = _mm512_set1_epi32(lf_load32(a + r * lda + 4 * p));
-            for (int q = 0; q < NB; q++)
-                acc[r][q] = _mm512_dpbusd_epi32(acc[r][q], xv, wv[q]);
-        }
-    }
-    for (int q = 0; q < NB; q++) {
-        const int j0 = 16 * (b + q), left = W->n - j0;
-        const __mmask16 mk = left >= 16 ? (__mmask16) 0xFFFF : (__mmask16) ((1u << left) - 1u);
-        /* the outputs past n have scale 0 and corr 0 in the packing: reading them is safe */
-        __m512i corr = _mm512_loadu_si512((const void*) (W->corr + j0));
-        __m512 sw = _mm512_loadu_ps(W->scale + j0);
-        for (int r = 0; r < R; r++) {
-            __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][q], corr));
-            _mm512_mask_storeu_ps(out + r * ldo + j0, mk,
-                                  _mm512_mul_ps(v, _mm512_mul_ps(_mm512_set1_ps(sx[r]), sw)));
-        }
-    }
+/* int8: VPDPBUSD (u8 activations x s8 weights) into int32, then the exact correction and the
+   float32 scales. The outputs past n have scale 0 and corr 0 in the packing: reading them is safe. */
+#define LF_INT8_TILE_FN(RR, NN)                                                                 \
+LF_VNNI_ATTR void lf_int8_tile_##RR##_##NN(const lf_lp_mat* W, const uint8_t* a, size_t lda,   \
+                                           const float* sx, int b, float* out, size_t ldo) {    \
+    const int kp = W->kp;                                                                       \
+    const int8_t* w = (const int8_t*) W->w + (size_t) b * 16 * kp;                              \
+    const size_t bs = (size_t) 16 * kp;                                                         \
+    __m512i acc[RR][NN];                                                                        \
+    for (int r = 0; r < RR; r++)                                                                \
+        for (int q = 0; q < NN; q++)                                                            \
+            acc[r][q] = _mm512_setzero_si512();                                                 \
+    for (int p = 0; p < kp / 4; p++) {                                                          \
+        __m512i wv[NN];                                                                         \
+        for (int q = 0; q < NN; q++)                                                            \
+            wv[q] = _mm512_loadu_si512((const void*) (w + q * bs + (size_t) p * 64));           \
+        for (int r = 0; r < RR; r++) {                                                          \
+            __m512i xv = _mm512_set1_epi32(lf_load32(a + r * lda + 4 * p));                     \
+            for (int q = 0; q < NN; q++)                                                        \
+                acc[r][q] = _mm512_dpbusd_epi32(acc[r][q], xv, wv[q]);                          \
+        }                                                                                       \
+    }                                                                                           \
+    for (int q = 0; q < NN; q++) {                                                              \
+        const int j0 = 16 * (b + q), left = W->n - j0;                                          \
+        const __mmask16 mk = left >= 16 ? (__mmask16) 0xFFFF : (__mmask16) ((1u << left) - 1u); \
+        __m512i corr = _mm512_loadu_si512((const void*) (W->corr + j0));                        \
+        __m512 sw = _mm512_loadu_ps(W->scale + j0);                                             \
+        for (int r = 0; r < RR; r++) {                                                          \
+            __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][q], corr));                   \
+            _mm512_mask_storeu_ps(out + r * ldo + j0, mk,                                       \
+                                  _mm512_mul_ps(v, _mm512_mul_ps(_mm512_set1_ps(sx[r]), sw)));  \
+        }                                                                                       \
+    }                                                                                           \
 }
 
-#define LF_TILE_CASES(X) X(1,1) X(1,2) X(1,3) X(1,4) X(1,5) X(1,6) X(1,7) X(1,8) \
-    X(2,1) X(2,2) X(2,3) X(2,4) X(3,1) X(3,2) X(3,3) X(3,4) X(4,1) X(4,2) X(4,3) X(4,4) \
+#define LF_LP_MR 4   /* rows per register tile: 4 x 4 blocks = 16 accumulators (6 x 4 spilled) */
+#define LF_TILE_CASES(X) X(1,1) X(1,2) X(1,3) X(1,4) X(1,5) X(1,6) X(1,7) \
+    X(2,1) X(2,2) X(2,3) X(2,4) X(3,1) X(3,2) X(3,3) X(3,4) X(4,1) X(4,2) X(4,3) \
     X(5,1) X(5,2) X(5,3) X(5,4) X(6,1) X(6,2) X(6,3) X(6,4)
+LF_TILE_CASES(LF_BF16_TILE_FN)
+LF_TILE_CASES(LF_INT8_TILE_FN)
+
+/* The two hot shapes, 4 rows x 4 blocks and 1 row x 8 blocks, with named accumulators: with an
+   array gcc 12 copies every accumulator between registers once per step of k. Same chains,
+   same bits as the functions above. */
+#define LF_X4(M) M(0) M(1) M(2) M(3)
+#define LF_X8(M) M(0) M(1) M(2) M(3) M(4) M(5) M(6) M(7)
+#define LF_HOT_KERNELS(SUF, ATTR, ET, VT, ZERO, DP, PSTEP, STORE)                                \
+ATTR void lf_##SUF##_tile_hot44(const lf_lp_mat* W, const ET* a, size_t lda, const float* sx,   \
+                                int b, float* out, size_t ldo) {                                \
+    const int kp = W->kp;                                                                       \
+    const ET* w = (const ET*) W->w + (size_t) b * 16 * kp;                                      \
+    const size_t bs = (size_t) 16 * kp;                                                         \
+    VT c00 = ZERO, c01 = ZERO, c02 = ZERO, c03 = ZERO, c10 = ZERO, c11 = ZERO, c12 = ZERO,       \
+       c13 = ZERO, c20 = ZERO, c21 = ZERO, c22 = ZERO, c23 = ZERO, c30 = ZERO, c31 = ZERO,      \
+       c32 = ZERO, c33 = ZERO;                                                                  \
+    const ET *a0 = a, *a1 = a + lda, *a2 = a + 2 * lda, *a3 = a + 3 * lda;                      \
+    for (int p = 0; p < kp / PSTEP; p++) {                                                      \
+        const ET* wp = w + (size_t) p * 64 / sizeof(ET);                                        \
+        __m512i w0 = _mm512_loadu_si512((const void*) wp);                                      \
+        __m512i w1 = _mm512_loadu_si512((const void*) (wp + bs));                               \
+        __m512i w2 = _mm512_loadu_si512((const void*) (wp + 2 * bs));                           \
+        __m512i w3 = _mm512_loadu_si512((const void*) (wp + 3 * bs));                           \
+        __m512i x;                                                                              \
+        x = _mm512_set1_epi32(lf_load32(a0 + PSTEP * p));                                       \
+        c00 = DP(c00, w0, x); c01 = DP(c01, w1, x); c02 = DP(c02, w2, x); c03 = DP(c03, w3, x); \
+        x = _mm512_set1_epi32(lf_load32(a1 + PSTEP * p));                                       \
+        c10 = DP(c10, w0, x); c11 = DP(c11, w1, x); c12 = DP(c12, w2, x); c13 = DP(c13, w3, x); \
+        x = _mm512_set1_epi32(lf_load32(a2 + PSTEP * p));                                       \
+        c20 = DP(c20, w0, x); c21 = DP(c21, w1, x); c22 = DP(c22, w2, x); c23 = DP(c23, w3, x); \
+        x = _mm512_set1_epi32(lf_load32(a3 + PSTEP * p));                                       \
+        c30 = DP(c30, w0, x); c31 = DP(c31, w1, x); c32 = DP(c32, w2, x); c33 = DP(c33, w3, x); \
+    }                                                                                           \
+    STORE(0, 0, c00) STORE(0, 1, c01) STORE(0, 2, c02) STORE(0, 3, c03)                          \
+    STORE(1, 0, c10) STORE(1, 1, c11) STORE(1, 2, c12) STORE(1, 3, c13)                          \
+    STORE(2, 0, c20) STORE(2, 1, c21) STORE(2, 2, c22) STORE(2, 3, c23)                          \
+    STORE(3, 0, c30) STORE(3, 1, c31) STORE(3, 2, c32) STORE(3, 3, c33)                          \
+}                                                                                               \
+ATTR void lf_##SUF##_tile_hot18(const lf_lp_mat* W, const ET* a, size_t lda, const float* sx,   \
+                                int b, float* out, size_t ldo) {                                \
+    (void) lda;                                                                                 \
+    const int kp = W->kp;                                                                       \
+    const ET* w = (const ET*) W->w + (size_t) b * 16 * kp;                                      \
+    const size_t bs = (size_t) 16 * kp;                                                         \
+    VT c00 = ZERO, c01 = ZERO, c02 = ZERO, c03 = ZERO, c04 = ZERO, c05 = ZERO, c06 = ZERO,       \
+       c07 = ZERO;                                                                              \
+    for (int p = 0; p < kp / PSTEP; p++) {                                                      \
+        const ET* wp = w + (size_t) p * 64 / sizeof(ET);                                        \
+        __m512i x = _mm512_set1_epi32(lf_load32(a + PSTEP * p));                                \
+        c00 = DP(c00, _mm512_loadu_si512((const void*) wp), x);                                 \
+        c01 = DP(c01, _mm512_loadu_si512((const void*) (wp + bs)), x);                          \
+        c02 = DP(c02, _mm512_loadu_si512((const void*) (wp + 2 * bs)), x);                      \
+        c03 = DP(c03, _mm512_loadu_si512((const void*) (wp + 3 * bs)), x);                      \
+        c04 = DP(c04, _mm512_loadu_si512((const void*) (wp + 4 * bs)), x);                      \
+        c05 = DP(c05, _mm512_loadu_si512((const void*) (wp + 5 * bs)), x);                      \
+        c06 = DP(c06, _mm512_loadu_si512((const void*) (wp + 6 * bs)), x);                      \
+        c07 = DP(c07, _mm512_loadu_si512((const void*) (wp + 7 * bs)), x);                      \
+    }                                                                                           \
+    STORE(0, 0, c00) STORE(0, 1, c01) STORE(0, 2, c02) STORE(0, 3, c03)                          \
+    STORE(0, 4, c04) STORE(0, 5, c05) STORE(0, 6, c06) STORE(0, 7, c07)                          \
+}
+
+#define LF_DP_BF16(c, w, x) _mm512_dpbf16_ps((c), (__m512bh) (w), (__m512bh) (x))
+#define LF_DP_INT8(c, w, x) _mm512_dpbusd_epi32((c), (x), (w))
+#define LF_STORE_BF16(r, q, v) {                                                                \
+        const int j0 = 16 * (b + (q)), left = W->n - j0;                                        \
+        const __mmask16 mk = left >= 16 ? (__mmask16) 0xFFFF : (__mmask16) ((1u << left) - 1u); \
+        _mm512_mask_storeu_ps(out + (r) * ldo + j0, mk, (v)); }
+#define LF_STORE_INT8(r, q, v) {                                                                \
+        const int j0 = 16 * (b + (q)), left = W->n - j0;                                        \
+        const __mmask16 mk = left >= 16 ? (__mmask16) 0xFFFF : (__mmask16) ((1u << left) - 1u); \
+        __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32((v),                                     \
+                       _mm512_loadu_si512((const void*) (W->corr + j0))));                       \
+        __m512 sc = _mm512_mul_ps(_mm512_set1_ps(sx[r]), _mm512_loadu_ps(W->scale + j0));       \
+        _mm512_mask_storeu_ps(out + (r) * ldo + j0, mk, _mm512_mul_ps(f, sc)); }
+LF_HOT_KERNELS(bf16, LF_BF16_ATTR, uint16_t, __m512, _mm512_setzero_ps(), LF_DP_BF16, 2, LF_STORE_BF16)
+LF_HOT_KERNELS(int8, LF_VNNI_ATTR, uint8_t, __m512i, _mm512_setzero_si512(), LF_DP_INT8, 4, LF_STORE_INT8)
 
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) static void
 lf_lp_gemm_bf16_avx512(const lf_lp_mat* W, int rows, const void* A, size_t lda, int b0, int b1,
                        float* out, size_t ldo) {
     for (int r = 0; r < rows;) {
-        const int R = rows - r >= 6 ? 6 : rows - r, nbmax = R == 1 ? 8 : 4;
+        const int R = rows - r >= LF_LP_MR ? LF_LP_MR : rows - r, nbmax = R == 1 ? 8 : 4;
         const uint16_t* a = (const uint16_t*) A + r * lda;
         for (int b = b0; b < b1;) {
             const int NB = b1 - b < nbmax ? b1 - b : nbmax;
             switch (R * 16 + NB) {
-#define LF_CASE_BF16(RR, NN) case RR * 16 + NN: lf_bf16_tile(RR, NN, W, a, lda, b, out + r * ldo, ldo); break;
+#define LF_CASE_BF16(RR, NN) case RR * 16 + NN: lf_bf16_tile_##RR##_##NN(W, a, lda, b, out + r * ldo, ldo); break;
+            case 4 * 16 + 4: lf_bf16_tile_hot44(W, a, lda, NULL, b, out + r * ldo, ldo); break;
+            case 1 * 16 + 8: lf_bf16_tile_hot18(W, a, lda, NULL, b, out + r * ldo, ldo); break;
                 LF_TILE_CASES(LF_CASE_BF16)
 #undef LF_CASE_BF16
             }
@@ -494,12 +579,14 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void
 lf_lp_gemm_int8_avx512(const lf_lp_mat* W, int rows, const void* A, size_t lda, const float* sx,
                        int b0, int b1, float* out, size_t ldo) {
     for (int r = 0; r < rows;) {
-        const int R = rows - r >= 6 ? 6 : rows - r, nbmax = R == 1 ? 8 : 4;
+        const int R = rows - r >= LF_LP_MR ? LF_LP_MR : rows - r, nbmax = R == 1 ? 8 : 4;
         const uint8_t* a = (const uint8_t*) A + r * lda;
         for (int b = b0; b < b1;) {
             const int NB = b1 - b < nbmax ? b1 - b : nbmax;
             switch (R * 16 + NB) {
-#define LF_CASE_INT8(RR, NN) case RR * 16 + NN: lf_int8_tile(RR, NN, W, a, lda, sx + r, b, out + r * ldo, ldo); break;
+#define LF_CASE_INT8(RR, NN) case RR * 16 + NN: lf_int8_tile_##RR##_##NN(W, a, lda, sx + r, b, out + r * ldo, ldo); break;
+            case 4 * 16 + 4: lf_int8_tile_hot44(W, a, lda, sx + r, b, out + r * ldo, ldo); break;
+            case 1 * 16 + 8: lf_int8_tile_hot18(W, a, lda, sx + r, b, out + r * ldo, ldo); break;
                 LF_TILE_CASES(LF_CASE_INT8)
 #undef LF_CASE_INT8
             }
@@ -599,120 +686,141 @@ typedef struct {
 
 static inline size_t lf_lp_elem(int kind) { return kind == LF_LP_BF16 ? 2 : 1; }
 
-/* The layer: inputs of all steps projected first (one product per direction over the T*B rows),
-   then the recurrence, both directions in the same loop; all threads of the team go through every
-   step, with barriers between the product, the cell update and the projection. Returns 0, or -1
-   when memory ran out (nothing is written then). */
-static int lf_lp_layer_forward(const lf_lp_layer* L) {
+typedef struct {
+    void* xa; float* xs; float* gx; void* ha; float* hs; float* gh; void* pa; float* ps;
+    float* hraw; float* hp;
+} lf_lp_ws;
+
+/* 1. every step's inputs: quantized once (both directions read them), then projected. Called
+   by each thread of a team, or alone (its worksharing loops then run serially). */
+static void lf_lp_layer_proj(const lf_lp_layer* L, const lf_lp_ws* W) {
+    const int kind = L->kind, D = L->D, G = 4 * L->H;
+    const size_t TB = (size_t) L->T * L->B, es = lf_lp_elem(kind);
+    const int kp_ih = L->ih[0]->kp, nb_g = L->ih[0]->nb;
+    const int n_groups = (nb_g + LF_LP_ITEM_BLOCKS - 1) / LF_LP_ITEM_BLOCKS;
+    const int n_rblk = (int) ((TB + LF_LP_ITEM_ROWS - 1) / LF_LP_ITEM_ROWS);
+    #pragma omp for schedule(static)
+    for (Py_ssize_t r = 0; r < (Py_ssize_t) TB; r++)
+        lf_lp_quant_row(kind, L->n_in, kp_ih, L->x + r * L->n_in,
+                        (uint8_t*) W->xa + r * kp_ih * es, W->xs + r);
+    #pragma omp for schedule(static)
+    for (int it = 0; it < D * n_groups * n_rblk; it++) {
+        const int d = it / (n_groups * n_rblk), g = (it / n_rblk) % n_groups, rb = it % n_rblk;
+        const size_t r0 = (size_t) rb * LF_LP_ITEM_ROWS;
+        const int rows = (int) (TB - r0 < LF_LP_ITEM_ROWS ? TB - r0 : LF_LP_ITEM_ROWS);
+        const int b0 = g * LF_LP_ITEM_BLOCKS;
+        const int b1 = b0 + LF_LP_ITEM_BLOCKS < nb_g ? b0 + LF_LP_ITEM_BLOCKS : nb_g;
+        lf_lp_gemm(L->path, L->ih[d], rows, (const uint8_t*) W->xa + r0 * kp_ih * es, W->xs + r0,
+                   b0, b1, W->gx + ((size_t) d * TB + r0) * G, (size_t) G);
+    }
+}
+
+/* 2. the recurrence, both directions in the same loop: every thread goes through every step,
+   with a barrier after the product, the cell update and the projection */
+static void lf_lp_layer_rec(const lf_lp_layer* L, const lf_lp_ws* W) {
     const int kind = L->kind, path = L->path, D = L->D, B = L->B, T = L->T, H = L->H;
     const int Hout = L->Hout, P = L->P, G = 4 * H;
     const size_t TB = (size_t) T * B, es = lf_lp_elem(kind);
-    const int kp_ih = L->ih[0]->kp, kp_hh = L->hh[0]->kp, kp_hr = P ? L->hr[0]->kp : 0;
-    const int nb_g = L->ih[0]->nb, nb_p = P ? L->hr[0]->nb : 0;
-    void* xa = lf_malloc64(TB * kp_ih * es);
-    float* xs = (float*) lf_malloc64(TB * sizeof(float));
-    float* gx = (float*) lf_alloc_big((size_t) D * TB * G * sizeof(float));
-    void* ha = lf_malloc64((size_t) D * B * kp_hh * es);
-    float* hs = (float*) lf_malloc64((size_t) D * B * sizeof(float));
-    float* gh = (float*) lf_malloc64((size_t) D * B * G * sizeof(float));
-    void* pa = P ? lf_malloc64((size_t) D * B * kp_hr * es) : NULL;
-    float* ps = P ? (float*) lf_malloc64((size_t) D * B * sizeof(float)) : NULL;
-    float* hraw = P ? (float*) lf_malloc64((size_t) D * B * H * sizeof(float)) : NULL;
-    float* hp = P ? (float*) lf_malloc64((size_t) D * B * Hout * sizeof(float)) : NULL;
-    int ok = xa && xs && gx && ha && hs && gh && (!P || (pa && ps && hraw && hp));
-    if (!ok) {
-        free(xa); free(xs); free(gx); free(ha); free(hs); free(gh); free(pa); free(ps);
-        free(hraw); free(hp);
-        return -1;
-    }
+    const int kp_hh = L->hh[0]->kp, kp_hr = P ? L->hr[0]->kp : 0;
+    const int nb_g = L->hh[0]->nb, nb_p = P ? L->hr[0]->nb : 0;
     const int n_groups = (nb_g + LF_LP_ITEM_BLOCKS - 1) / LF_LP_ITEM_BLOCKS;
-    const int n_rblk = (int) ((TB + LF_LP_ITEM_ROWS - 1) / LF_LP_ITEM_ROWS);
     const int n_pgroups = (nb_p + LF_LP_ITEM_BLOCKS - 1) / LF_LP_ITEM_BLOCKS;
-
-    /* 1. every step's inputs: quantized once (both directions read them), then projected */
-    #pragma omp parallel num_threads(L->threads_proj) if (L->threads_proj > 1)
-    {
+    for (int s = 0; s < T; s++) {
+        int n_act = B;
+        while (n_act > 0 && L->lengths[L->order[n_act - 1]] <= s)
+            n_act--;
+        if (n_act == 0)
+            break;
         #pragma omp for schedule(static)
-        for (Py_ssize_t r = 0; r < (Py_ssize_t) TB; r++)
-            lf_lp_quant_row(kind, L->n_in, kp_ih, L->x + r * L->n_in, (uint8_t*) xa + r * kp_ih * es,
-                            xs + r);
+        for (int it = 0; it < D * n_act; it++) {
+            const int d = it / n_act, i = it % n_act;
+            const Py_ssize_t b = L->order[i];
+            lf_lp_quant_row(kind, Hout, kp_hh, L->h + ((size_t) d * B + b) * Hout,
+                            (uint8_t*) W->ha + ((size_t) d * B + i) * kp_hh * es, W->hs + d * B + i);
+        }
         #pragma omp for schedule(static)
-        for (int it = 0; it < D * n_groups * n_rblk; it++) {
-            const int d = it / (n_groups * n_rblk), g = (it / n_rblk) % n_groups, rb = it % n_rblk;
-            const size_t r0 = (size_t) rb * LF_LP_ITEM_ROWS;
-            const int rows = (int) (TB - r0 < LF_LP_ITEM_ROWS ? TB - r0 : LF_LP_ITEM_ROWS);
+        for (int it = 0; it < D * n_groups; it++) {
+            const int d = it / n_groups, g = it % n_groups;
             const int b0 = g * LF_LP_ITEM_BLOCKS;
             const int b1 = b0 + LF_LP_ITEM_BLOCKS < nb_g ? b0 + LF_LP_ITEM_BLOCKS : nb_g;
-            lf_lp_gemm(path, L->ih[d], rows, (const uint8_t*) xa + r0 * kp_ih * es, xs + r0, b0, b1,
-                       gx + ((size_t) d * TB + r0) * G, (size_t) G);
+            lf_lp_gemm(path, L->hh[d], n_act, (const uint8_t*) W->ha + (size_t) d * B * kp_hh * es,
+                       W->hs + d * B, b0, b1, W->gh + (size_t) d * B * G, (size_t) G);
         }
-    }
-
-    /* 2. the recurrence */
-    #pragma omp parallel num_threads(L->threads_rec) if (L->threads_rec > 1)
-    {
-        for (int s = 0; s < T; s++) {
-            int n_act = B;
-            while (n_act > 0 && L->lengths[L->order[n_act - 1]] <= s)
-                n_act--;
-            if (n_act == 0)
-                break;
+        #pragma omp for schedule(static)
+        for (int it = 0; it < D * n_act; it++) {
+            const int d = it / n_act, i = it % n_act;
+            const Py_ssize_t b = L->order[i];
+            const Py_ssize_t t = d == 0 ? s : L->lengths[b] - 1 - s;
+            float* c = L->c + ((size_t) d * B + b) * H;
+            float* hrow = P ? W->hraw + ((size_t) d * B + i) * H : L->h + ((size_t) d * B + b) * Hout;
+            L->cell(H, W->gh + ((size_t) d * B + i) * G, W->gx + ((size_t) d * TB + t * B + b) * G,
+                    L->bias + (size_t) d * G, c, hrow);
+            if (P)
+                lf_lp_quant_row(kind, H, kp_hr, hrow,
+                                (uint8_t*) W->pa + ((size_t) d * B + i) * kp_hr * es, W->ps + d * B + i);
+            else
+                memcpy(L->y + ((size_t) t * B + b) * D * Hout + (size_t) d * Hout, hrow,
+                       (size_t) Hout * sizeof(float));
+        }
+        if (P) {
             #pragma omp for schedule(static)
-            for (int it = 0; it < D * n_act; it++) {
-                const int d = it / n_act, i = it % n_act;
-                const Py_ssize_t b = L->order[i];
-                lf_lp_quant_row(kind, Hout, kp_hh, L->h + ((size_t) d * B + b) * Hout,
-                                (uint8_t*) ha + ((size_t) d * B + i) * kp_hh * es, hs + d * B + i);
-            }
-            #pragma omp for schedule(static)
-            for (int it = 0; it < D * n_groups; it++) {
-                const int d = it / n_groups, g = it % n_groups;
+            for (int it = 0; it < D * n_pgroups; it++) {
+                const int d = it / n_pgroups, g = it % n_pgroups;
                 const int b0 = g * LF_LP_ITEM_BLOCKS;
-                const int b1 = b0 + LF_LP_ITEM_BLOCKS < nb_g ? b0 + LF_LP_ITEM_BLOCKS : nb_g;
-                lf_lp_gemm(path, L->hh[d], n_act, (const uint8_t*) ha + (size_t) d * B * kp_hh * es,
-                           hs + d * B, b0, b1, gh + (size_t) d * B * G, (size_t) G);
+                const int b1 = b0 + LF_LP_ITEM_BLOCKS < nb_p ? b0 + LF_LP_ITEM_BLOCKS : nb_p;
+                lf_lp_gemm(path, L->hr[d], n_act, (const uint8_t*) W->pa + (size_t) d * B * kp_hr * es,
+                           W->ps + d * B, b0, b1, W->hp + (size_t) d * B * Hout, (size_t) Hout);
             }
             #pragma omp for schedule(static)
             for (int it = 0; it < D * n_act; it++) {
                 const int d = it / n_act, i = it % n_act;
                 const Py_ssize_t b = L->order[i];
                 const Py_ssize_t t = d == 0 ? s : L->lengths[b] - 1 - s;
-                float* c = L->c + ((size_t) d * B + b) * H;
-                float* hrow = P ? hraw + ((size_t) d * B + i) * H : L->h + ((size_t) d * B + b) * Hout;
-                L->cell(H, gh + ((size_t) d * B + i) * G, gx + ((size_t) d * TB + t * B + b) * G,
-                        L->bias + (size_t) d * G, c, hrow);
-                if (P)
-                    lf_lp_quant_row(kind, H, kp_hr, hrow,
-                                    (uint8_t*) pa + ((size_t) d * B + i) * kp_hr * es, ps + d * B + i);
-                else
-                    memcpy(L->y + ((size_t) t * B + b) * D * Hout + (size_t) d * Hout, hrow,
-                           (size_t) Hout * sizeof(float));
-            }
-            if (P) {
-                #pragma omp for schedule(static)
-                for (int it = 0; it < D * n_pgroups; it++) {
-                    const int d = it / n_pgroups, g = it % n_pgroups;
-                    const int b0 = g * LF_LP_ITEM_BLOCKS;
-                    const int b1 = b0 + LF_LP_ITEM_BLOCKS < nb_p ? b0 + LF_LP_ITEM_BLOCKS : nb_p;
-                    lf_lp_gemm(path, L->hr[d], n_act, (const uint8_t*) pa + (size_t) d * B * kp_hr * es,
-                               ps + d * B, b0, b1, hp + (size_t) d * B * Hout, (size_t) Hout);
-                }
-                #pragma omp for schedule(static)
-                for (int it = 0; it < D * n_act; it++) {
-                    const int d = it / n_act, i = it % n_act;
-                    const Py_ssize_t b = L->order[i];
-                    const Py_ssize_t t = d == 0 ? s : L->lengths[b] - 1 - s;
-                    const float* src = hp + ((size_t) d * B + i) * Hout;
-                    memcpy(L->h + ((size_t) d * B + b) * Hout, src, (size_t) Hout * sizeof(float));
-                    memcpy(L->y + ((size_t) t * B + b) * D * Hout + (size_t) d * Hout, src,
-                           (size_t) Hout * sizeof(float));
-                }
+                const float* src = W->hp + ((size_t) d * B + i) * Hout;
+                memcpy(L->h + ((size_t) d * B + b) * Hout, src, (size_t) Hout * sizeof(float));
+                memcpy(L->y + ((size_t) t * B + b) * D * Hout + (size_t) d * Hout, src,
+                       (size_t) Hout * sizeof(float));
             }
         }
     }
-    free(xa); free(xs); free(gx); free(ha); free(hs); free(gh); free(pa); free(ps);
-    free(hraw); free(hp);
-    return 0;
+}
+
+/* The layer: inputs projected first, then the recurrence. One thread runs the phases without
+   entering a parallel region (libgomp then wakes no pool threads: a few us a batch-1 call).
+   Returns 0, or -1 when memory ran out (nothing is written then). */
+static int lf_lp_layer_forward(const lf_lp_layer* L) {
+    const int D = L->D, B = L->B, H = L->H, Hout = L->Hout, P = L->P, G = 4 * H;
+    const size_t TB = (size_t) L->T * B, es = lf_lp_elem(L->kind);
+    const int kp_ih = L->ih[0]->kp, kp_hh = L->hh[0]->kp, kp_hr = P ? L->hr[0]->kp : 0;
+    lf_lp_ws W;
+    W.xa = lf_malloc64(TB * kp_ih * es);
+    W.xs = (float*) lf_malloc64(TB * sizeof(float));
+    W.gx = (float*) lf_alloc_big((size_t) D * TB * G * sizeof(float));
+    W.ha = lf_malloc64((size_t) D * B * kp_hh * es);
+    W.hs = (float*) lf_malloc64((size_t) D * B * sizeof(float));
+    W.gh = (float*) lf_malloc64((size_t) D * B * G * sizeof(float));
+    W.pa = P ? lf_malloc64((size_t) D * B * kp_hr * es) : NULL;
+    W.ps = P ? (float*) lf_malloc64((size_t) D * B * sizeof(float)) : NULL;
+    W.hraw = P ? (float*) lf_malloc64((size_t) D * B * H * sizeof(float)) : NULL;
+    W.hp = P ? (float*) lf_malloc64((size_t) D * B * Hout * sizeof(float)) : NULL;
+    int ok = W.xa && W.xs && W.gx && W.ha && W.hs && W.gh && (!P || (W.pa && W.ps && W.hraw && W.hp));
+    if (ok) {
+        if (L->threads_proj > 1) {
+            #pragma omp parallel num_threads(L->threads_proj)
+            lf_lp_layer_proj(L, &W);
+        } else {
+            lf_lp_layer_proj(L, &W);
+        }
+        if (L->threads_rec > 1) {
+            #pragma omp parallel num_threads(L->threads_rec)
+            lf_lp_layer_rec(L, &W);
+        } else {
+            lf_lp_layer_rec(L, &W);
+        }
+    }
+    free(W.xa); free(W.xs); free(W.gx); free(W.ha); free(W.hs); free(W.gh); free(W.pa);
+    free(W.ps); free(W.hraw); free(W.hp);
+    return ok ? 0 : -1;
 }
 
 #endif
