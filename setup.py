@@ -18,7 +18,7 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-MODULES = ["_cpuid", "_threading", "_forward", "_backward", "_step"]
+MODULES = ["_cpuid", "_threading", "_forward", "_backward", "_step", "_lowp"]
 
 OPENMP_TEST = textwrap.dedent(
     r"""

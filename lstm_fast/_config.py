@@ -47,6 +47,12 @@ def config():
     from . import _cpu
 
     info.update(_cpu.summary())
+    from . import _precision
+
+    # the kernel path of each precision (freeze(precision=...)) on this CPU, under LSTM_FAST_ISA
+    info["LSTM_FAST_ISA"] = os.environ.get("LSTM_FAST_ISA")
+    for precision, path in _precision.paths().items():
+        info[f"path {precision}"] = path
     return info
 
 

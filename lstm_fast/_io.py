@@ -33,6 +33,9 @@ def model_config(model):
     config = {k: getattr(model, k) for k in CONFIG_KEYS}
     config["dtype"] = model.dtype.name
     config["format"] = FORMAT
+    precision = getattr(model, "precision", "float32")
+    if precision != "float32":   # a reduced-precision FrozenLSTM (float32 files stay as they were)
+        config["precision"] = precision
     return config
 
 
@@ -53,6 +56,14 @@ def check_config(config, where, need_format=True):
     if not isinstance(config, dict):
         raise ValueError(f"{where}: the configuration must be a JSON object, got {type(config).__name__}")
     keys = set(CONFIG_KEYS) | {"dtype"} | ({"format"} if need_format else set())
+    if "precision" in config:   # optional: a FrozenLSTM of reduced precision
+        keys.add("precision")
+        if config["precision"] not in ("bfloat16", "int8"):
+            raise ValueError(f"{where}: the configuration's precision must be 'bfloat16' or "
+                             f"'int8', got {config['precision']!r}")
+        if config.get("dtype") != "float32":
+            raise ValueError(f"{where}: a {config['precision']} model has float32 weights, "
+                             f"the configuration says dtype={config.get('dtype')!r}")
     if need_format and config.get("format") != FORMAT:
         raise ValueError(f"{where} is not an lstm_fast model file (no '{FORMAT}' configuration)")
     missing = sorted(keys - set(config))
@@ -455,6 +466,8 @@ def load(path: Any, cls: Any, *, max_params: int = DEFAULT_MAX_PARAMS, allow_non
 def _build(config, arrays, cls):
     model = cls(**{k: config[k] for k in CONFIG_KEYS}, dtype=config["dtype"])
     model.load_state_dict(arrays)
+    if "precision" in config:   # converted again from the same float32 weights: the same bits
+        return model.freeze(precision=config["precision"])
     return model
 
 

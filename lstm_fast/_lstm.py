@@ -18,7 +18,7 @@ import numpy.typing as npt
 Array = npt.NDArray[Any]
 State = tuple[Array, Array]
 
-from . import _forward, _io, _onnx_graph, _step, _threading, _threads, _train
+from . import _forward, _io, _lowp, _onnx_graph, _step, _threading, _threads, _train
 from . import _validate as v
 from ._core import BLAS_SINGLE, _empty, _full_lengths, _load_named, run_layer
 
@@ -49,6 +49,10 @@ class Parameters(dict):
 
     def __reduce__(self):   # pickles as the plain dict it is (the weak reference does not pickle)
         return (dict, (dict(self),))
+
+
+# the reduced-precision layer kernel (a FrozenLSTM's with precision bfloat16 or int8)
+_LOWP_LAYER = _lowp.layer_forward
 
 
 class LSTM:
@@ -98,6 +102,10 @@ class LSTM:
     # per layer, the weights packed for the float32 kernel once and for all (FrozenLSTM); None:
     # every call packs them (the parameters are live arrays that may change between calls)
     _packed: list | None = None
+    # per layer, the reduced-precision weights of a FrozenLSTM (_lowp.Packed per direction) and
+    # the kernel path they run on; None: the float32/float64 kernels
+    _lowp: list | None = None
+    _lowp_path = None
     _version = 0    # see _VERSIONS; set by reset_parameters in __init__
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
@@ -292,7 +300,20 @@ class LSTM:
         out : ndarray of shape (T, B, D*H_out) ((B, T, D*H_out) with batch_first, (T, D*H_out) unbatched)
         (h_n, c_n) : ndarrays of shapes (L*D, B, H_out) and (L*D, B, H)
         """
-        if hx is None and lengths is None and not self.batch_first:
+        if self._lowp is not None and hx is None and lengths is None and not self.batch_first \
+                and type(x) is np.ndarray and x.dtype == np.float32 and x.ndim == 3 \
+                and x.flags.c_contiguous and x.shape[2] == self.input_size and x.size:
+            # reduced precision, the plain call: no validation pass and no copies (~10 us)
+            seq_len, batch, _ = x.shape
+            n_states = self.num_layers * self.num_directions
+            v.check_size_product(self.num_directions, seq_len, batch, 4 * self.hidden_size,
+                                 name="the input projection buffer")
+            h_n = np.zeros((n_states, batch, self.hidden_out), np.float32)
+            c_n = np.zeros((n_states, batch, self.hidden_size), np.float32)
+            lens, order = _full_lengths(batch, seq_len)
+            out = self._forward_lowp(x, h_n, c_n, lens, order, np.empty, _threads.get_num_threads())
+            return out, (h_n, c_n)
+        if hx is None and lengths is None and not self.batch_first and self._lowp is None:
             with BLAS_SINGLE:
                 plain = _forward.forward_plain(x, self._w_ih, self._w_hh, self._b_ih, self._b_hh,
                                                self._w_hr, _threads.get_num_threads(),
@@ -308,6 +329,8 @@ class LSTM:
         D = self.num_directions
         layer_input = x
         alloc = np.zeros if padded else np.empty   # padding positions of the outputs must read 0
+        if self._lowp is not None:
+            return self._forward_lowp(x, h_n, c_n, lens, order, alloc, n_threads)
         with BLAS_SINGLE:
             for k in range(self.num_layers):
                 y = alloc((seq_len, batch, D * self.hidden_out), self.dtype)
@@ -322,6 +345,18 @@ class LSTM:
                 layer_input = y
         return layer_input
 
+    def _forward_lowp(self, x, h_n, c_n, lens, order, alloc, n_threads):
+        seq_len, batch, _ = x.shape
+        D = self.num_directions
+        run, precision, path = _LOWP_LAYER, self.precision, self._lowp_kernel
+        layer_input = x
+        for k, (ih, hh, hr, bias) in enumerate(self._lowp):
+            y = alloc((seq_len, batch, D * self.hidden_out), np.float32)
+            run(precision, path, layer_input, ih, hh, hr, bias, order, lens,
+                h_n[k * D:(k + 1) * D], c_n[k * D:(k + 1) * D], y, n_threads)
+            layer_input = y
+        return layer_input
+
     def _finish(self, out, h_n, c_n, batched):
         if not batched:
             return out[:, 0, :], (h_n[:, 0, :], c_n[:, 0, :])
@@ -331,8 +366,13 @@ class LSTM:
 
     forward = __call__
 
-    def freeze(self) -> FrozenLSTM:
+    def freeze(self, precision: str = "float32") -> FrozenLSTM:
         """An inference-only copy of this model with fixed weights, for serving.
+
+        precision: "float32" (the default), or "bfloat16" / "int8" for reduced-precision
+        inference (float32 models only): the weights are converted once, here, and every call
+        computes its products in that precision, with float32 inputs, states and outputs. See
+        docs/precision.md for the numerics, the accuracy and which CPU path runs.
 
         The weights are copied now (later changes to this model do not reach the copy), made
         read-only, and packed once for the float32 kernels: every call of an LSTM packs W_ih and
@@ -343,7 +383,7 @@ class LSTM:
         work as for this model and give the same outputs bit for bit; training and writing
         parameters raise.
         """
-        return FrozenLSTM._copy_of(self)
+        return FrozenLSTM._copy_of(self, precision)
 
     # ----------------------------------------------------------------- training
     def forward_train(self, x: npt.ArrayLike, hx: tuple[npt.ArrayLike, npt.ArrayLike] | None = None,
@@ -433,6 +473,11 @@ class LSTM:
         c = np.array(c, order="C")
         h3 = h if batched else h[:, None, :]
         c3 = c if batched else c[:, None, :]
+        if self._lowp is not None:   # one step of the sequence kernel, layer by layer, in place
+            lens, order = _full_lengths(batch, 1)
+            xs = np.ascontiguousarray(x if batched else x[None, :])[None]
+            self._forward_lowp(xs, h3, c3, lens, order, np.empty, _threads.get_num_threads())
+            return h[-1], (h, c)
         plan = self._step_plan
         if plan is None:
             plan = self._step_plan = _step.StepPlan(
@@ -496,11 +541,21 @@ class FrozenLSTM(LSTM):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         raise TypeError("a FrozenLSTM is made by LSTM.freeze(): build or load an LSTM, then freeze it")
 
+    #: "float32", "bfloat16" or "int8": the precision of the products (see LSTM.freeze)
+    precision = "float32"
+
     @classmethod
-    def _copy_of(cls, model):
+    def _copy_of(cls, model, precision="float32"):
+        from . import _precision
+
+        precision = _precision.check_precision(precision)
+        if precision != "float32":
+            _check_reduced(model, precision)
         frozen = cls.__new__(cls)
         frozen.__dict__.update(model.__dict__)
         frozen._step_plan = None          # pointers into the model's arrays, not these
+        frozen._lowp = None
+        frozen.precision = precision
         frozen._allocate()
         for name, p in frozen._params.items():
             p[...] = model._params[name]
@@ -513,6 +568,9 @@ class FrozenLSTM(LSTM):
                 a.flags.writeable = False
         for p in self._params.values():   # views made before the flag change keep their own
             p.flags.writeable = False
+        if self.precision != "float32":
+            self._seal_lowp()
+            return
         packed = None
         if self.dtype == np.float32:
             placeholder = _empty(np.float32, 3)
@@ -522,9 +580,38 @@ class FrozenLSTM(LSTM):
         # None where the packed kernel is off or missing: the calls then take BLAS as usual
         self._packed = packed if packed is not None and packed[0] is not None else None
 
-    def freeze(self) -> FrozenLSTM:
-        """This model itself: it is frozen already."""
-        return self
+    def _seal_lowp(self):
+        """Convert and pack the weights once for the reduced-precision kernels (_lowp)."""
+        from . import _lowp, _precision
+
+        self._packed = None
+        self._lowp_path = _precision.path_for(self.precision)
+        self._lowp_kernel = _precision._kernel_path(self._lowp_path)
+        layers = []
+        for k in range(self.num_layers):
+            D = self.num_directions
+            ih = [_lowp.Packed(self.precision, self._w_ih[k][d]) for d in range(D)]
+            hh = [_lowp.Packed(self.precision, self._w_hh[k][d]) for d in range(D)]
+            hr = [_lowp.Packed(self.precision, self._w_hr[k][d]) for d in range(D)] if self.proj_size else None
+            bias = np.ascontiguousarray(self._bias_sums(k), dtype=np.float32)
+            bias.flags.writeable = False
+            layers.append((ih, hh, hr, bias))
+        self._lowp = layers
+
+    @property
+    def kernel_path(self) -> str:
+        """The CPU path this model's products run on: amx, avx512_bf16, avx512_vnni or generic
+        for reduced precision (chosen at freeze), avx512 or blas for float32."""
+        if self._lowp is not None:
+            return self._lowp_path
+        return "avx512" if self._packed is not None else "blas"
+
+    def freeze(self, precision: str | None = None) -> FrozenLSTM:
+        """This model itself when `precision` is None or its own; else a copy in `precision`,
+        converted from the same float32 weights."""
+        if precision is None or precision == self.precision:
+            return self
+        return FrozenLSTM._copy_of(self, precision)
 
     def _refuse(self, what):
         raise TypeError(f"{what}: a FrozenLSTM's weights are fixed (inference only); change the "
@@ -548,7 +635,32 @@ class FrozenLSTM(LSTM):
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        self._step_plan = None
+        self._lowp = None
+        self.precision = state["config"].get("precision", "float32")
         self._seal()
+
+
+def _check_reduced(model, precision):
+    """ValueError unless `model` can be converted to `precision` (float32, finite weights, int8
+    sums within int32)."""
+    if model.dtype != np.float32:
+        raise ValueError(f"precision={precision!r} needs a float32 model; this one is "
+                         f"{model.dtype.name} (build it with dtype=np.float32)")
+    for name, p in model._params.items():
+        if not np.isfinite(p).all():
+            raise ValueError(f"precision={precision!r}: parameter {name!r} holds NaN or inf; "
+                             f"reduced-precision weights must be finite")
+        if precision == "bfloat16" and np.abs(p).max(initial=0.0) >= 3.3895e38:
+            raise ValueError(f"precision='bfloat16': parameter {name!r} has values beyond "
+                             f"bfloat16's largest finite number (3.39e38)")
+    if precision == "int8":
+        from ._lowp import MAX_INT8_INPUTS
+
+        widest = max([model.input_size, model.num_directions * model.hidden_out, model.hidden_size])
+        if widest > MAX_INT8_INPUTS:
+            raise ValueError(f"precision='int8' sums at most {MAX_INT8_INPUTS} inputs exactly in "
+                             f"int32; this model has a product over {widest}")
 
 
 class LSTMCell:

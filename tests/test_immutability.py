@@ -115,6 +115,9 @@ def _lstms(ctx, frozen):
     for cfg in CONFIGS:
         m = lf.LSTM(4, 5, seed=0, **cfg)
         yield ctx.watch(m.freeze() if frozen else m)
+        if frozen and m.dtype == np.float32:     # reduced precision (issue 16): the same rules
+            for precision in ("bfloat16", "int8"):
+                yield ctx.watch(m.freeze(precision=precision))
 
 
 def _call_cases(ctx, frozen, method):
@@ -250,7 +253,16 @@ def _step(ctx):
     for frozen in (False, True):
         for cfg in (dict(num_layers=2), dict(proj_size=2, dtype=np.float64), dict(batch_first=True)):
             m = lf.LSTM(3, 4, seed=0, **cfg)
-            m = ctx.watch(m.freeze() if frozen else m)
+            models = [m.freeze()] if frozen else [m]
+            if frozen and m.dtype == np.float32:
+                models += [m.freeze(precision=p) for p in ("bfloat16", "int8")]
+            for m in models:
+                _step_model(ctx, ctx.watch(m))
+
+
+def _step_model(ctx, m):
+    if True:
+        if True:
             x = ctx.rand(2, 3, dtype=m.dtype)
             h, c = ctx.rand(m.num_layers, 2, m.hidden_out, dtype=m.dtype), \
                 ctx.rand(m.num_layers, 2, 4, dtype=m.dtype)
@@ -264,7 +276,10 @@ def _step(ctx):
 @case("lstm_fast.LSTM.save", "lstm_fast.FrozenLSTM.save", "lstm_fast.load")
 def _save_load(ctx, tmp_path):
     for m in _lstms(ctx, False):
-        for model in (m, ctx.watch(m.freeze())):
+        models = [m, ctx.watch(m.freeze())]
+        if m.dtype == np.float32:
+            models.append(ctx.watch(m.freeze(precision="int8")))
+        for model in models:
             for suffix in (".npz", ".safetensors"):
                 if suffix == ".safetensors":
                     pytest.importorskip("safetensors")
@@ -272,8 +287,10 @@ def _save_load(ctx, tmp_path):
                 model.save(path)
                 got = ctx.watch(lf.load(path))
                 assert all(np.array_equal(p, got.parameters()[k]) for k, p in model.parameters().items())
+                # a float32 file loads as an LSTM; a reduced-precision one as its FrozenLSTM
+                reduced = getattr(model, "precision", "float32") != "float32"
                 for p in got.parameters().values():
-                    assert p.flags.writeable
+                    assert p.flags.writeable != reduced
 
 
 @case("lstm_fast.LSTM.to_onnx", "lstm_fast.FrozenLSTM.to_onnx", "lstm_fast.onnx.export",

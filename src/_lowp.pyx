@@ -1,0 +1,220 @@
+"""Reduced-precision inference kernels (bfloat16, int8): packing at freeze, one layer per call.
+
+The numerics and the packed layout are described in lf_lowp.h and docs/precision.md. IN/OUT rules
+as _forward.pyx: C-contiguous float32 arrays whose shapes the Python layer (lstm_fast/_lstm.py)
+has checked; h, c and y are written in place.
+"""
+from libc.stdint cimport int32_t, uint16_t, int8_t, uint8_t
+
+import numpy as np
+cimport numpy as cnp
+
+from _gates cimport cell_row_standard
+
+cnp.import_array()
+
+cdef extern from "lf_lowp.h" nogil:
+    enum:
+        LF_LP_BF16
+        LF_LP_INT8
+        LF_PATH_GENERIC
+        LF_PATH_AVX512
+        LF_PATH_AMX
+        LF_PATH_AMX_EMU
+    ctypedef struct lf_lp_mat:
+        int kind, n, k, kp, nb
+        const void* w
+        const float* scale
+        const int32_t* corr
+    ctypedef void (*lf_cell_fn)(Py_ssize_t hidden, const float* gh, const float* gx,
+                                const float* bias, float* c, float* h_raw) noexcept nogil
+    ctypedef struct lf_lp_layer:
+        int kind, path
+        int T, B, n_in, H, P, Hout, D
+        const lf_lp_mat* ih[2]
+        const lf_lp_mat* hh[2]
+        const lf_lp_mat* hr[2]
+        const float* bias
+        const float* x
+        const Py_ssize_t* order
+        const Py_ssize_t* lengths
+        float* h
+        float* c
+        float* y
+        int threads_proj, threads_rec
+        lf_cell_fn cell
+    int lf_lp_kp(int kind, int k)
+    void lf_lp_pack(int kind, int n, int k, const float* w, size_t ldw, void* packed, float* scale,
+                    int32_t* corr)
+    void lf_lp_quant_row(int kind, int k, int kp, const float* x, void* dst, float* sx)
+    void lf_lp_gemm(int path, const lf_lp_mat* W, int rows, const void* A, const float* sx,
+                    int b0, int b1, float* out, size_t ldo)
+    int lf_lp_path_ok(int kind, int path)
+    int lf_lp_cpu_bf16()
+    int lf_lp_cpu_vnni()
+    int lf_lp_cpu_amx()
+    int lf_lp_amx_granted()
+    int lf_lp_layer_forward(const lf_lp_layer* L)
+
+KINDS = {"bfloat16": LF_LP_BF16, "int8": LF_LP_INT8}
+PATHS = {"generic": LF_PATH_GENERIC, "avx512": LF_PATH_AVX512, "amx": LF_PATH_AMX,
+         "amx_emulated": LF_PATH_AMX_EMU}
+# int8 sums stay exact in int32 up to this many inputs (255 * 127 * k < 2**31)
+MAX_INT8_INPUTS = 65536
+# flops per thread below which more threads cost more than they save (see _forward.pyx)
+DEF MIN_FLOPS_PER_THREAD = 200000
+
+
+def cpu_features():
+    """What this CPU (and OS) offers the reduced-precision kernels."""
+    return {"avx512_bf16": bool(lf_lp_cpu_bf16()), "avx512_vnni": bool(lf_lp_cpu_vnni()),
+            "amx": bool(lf_lp_cpu_amx()),
+            "amx_granted": bool(lf_lp_amx_granted()) if lf_lp_cpu_amx() else False}
+
+
+def path_ok(str precision, str path):
+    return bool(lf_lp_path_ok(KINDS[precision], PATHS[path]))
+
+
+cdef class Packed:
+    """One weight matrix (n, k) converted and packed once (see lf_lowp.h)."""
+    cdef lf_lp_mat mat
+    cdef readonly object data, scale, corr
+    cdef readonly str precision
+
+    def __cinit__(self, str precision, w):
+        cdef int kind = KINDS[precision]
+        cdef cnp.ndarray[float, ndim=2, mode="c"] w2 = np.ascontiguousarray(w, dtype=np.float32)
+        cdef int n = w2.shape[0], k = w2.shape[1]
+        cdef int kp = lf_lp_kp(kind, k)
+        cdef int nb = (n + 15) // 16
+        self.precision = precision
+        self.data = np.zeros(nb * 16 * kp, dtype=np.uint16 if kind == LF_LP_BF16 else np.int8)
+        self.scale = np.zeros(nb * 16, np.float32)
+        self.corr = np.zeros(nb * 16, np.int32)
+        cdef cnp.ndarray data = self.data
+        cdef float[::1] sc = self.scale
+        cdef int32_t[::1] co = self.corr
+        with nogil:
+            lf_lp_pack(kind, n, k, &w2[0, 0], k, cnp.PyArray_DATA(data), &sc[0], &co[0])
+        for a in (self.data, self.scale, self.corr):
+            a.flags.writeable = False
+        self.mat.kind = kind
+        self.mat.n = n
+        self.mat.k = k
+        self.mat.kp = kp
+        self.mat.nb = nb
+        self.mat.w = cnp.PyArray_DATA(data)
+        self.mat.scale = &sc[0]
+        self.mat.corr = &co[0]
+
+    @property
+    def shape(self):
+        return (self.mat.n, self.mat.k)
+
+    @property
+    def nbytes(self):
+        return self.data.nbytes
+
+    def matmul(self, str path, a):
+        """dequant(quant(a) . W^T) for rows of a (rows, k): the product the layer runs, for tests."""
+        cdef int p = PATHS[path]
+        if not lf_lp_path_ok(self.mat.kind, p):
+            raise ValueError(f"the {path} path cannot run {self.precision} on this CPU")
+        cdef cnp.ndarray[float, ndim=2, mode="c"] a2 = np.ascontiguousarray(a, dtype=np.float32)
+        if a2.shape[1] != self.mat.k:
+            raise ValueError(f"a has {a2.shape[1]} columns, the matrix {self.mat.k}")
+        cdef int rows = a2.shape[0], r
+        cdef size_t es = 2 if self.mat.kind == LF_LP_BF16 else 1
+        cdef cnp.ndarray qa = np.zeros(max(rows, 1) * self.mat.kp * es, np.uint8)
+        cdef cnp.ndarray[float, ndim=1] sx = np.zeros(max(rows, 1), np.float32)
+        cdef cnp.ndarray[float, ndim=2, mode="c"] out = np.zeros((rows, self.mat.n), np.float32)
+        cdef char* qp = <char*> cnp.PyArray_DATA(qa)
+        if rows == 0:
+            return out
+        with nogil:
+            for r in range(rows):
+                lf_lp_quant_row(self.mat.kind, self.mat.k, self.mat.kp, &a2[r, 0],
+                                qp + r * self.mat.kp * es, &sx[r])
+            lf_lp_gemm(p, &self.mat, rows, qp, &sx[0], 0, self.mat.nb, &out[0, 0], self.mat.n)
+        return out
+
+
+def quantize_rows(str precision, a):
+    """(quantized rows, scales) as the kernels make them: bf16 bits (uint16), or int8 q + 128
+    (uint8) with s_x per row. For tests of the documented quantization."""
+    cdef int kind = KINDS[precision]
+    cdef cnp.ndarray[float, ndim=2, mode="c"] a2 = np.ascontiguousarray(a, dtype=np.float32)
+    cdef int rows = a2.shape[0], k = a2.shape[1], r
+    cdef int kp = lf_lp_kp(kind, k)
+    q = np.zeros((rows, kp), np.uint16 if kind == LF_LP_BF16 else np.uint8)
+    cdef cnp.ndarray qa = q
+    cdef cnp.ndarray[float, ndim=1] sx = np.zeros(rows, np.float32)
+    cdef char* qp = <char*> cnp.PyArray_DATA(qa)
+    cdef size_t es = 2 if kind == LF_LP_BF16 else 1
+    for r in range(rows):
+        lf_lp_quant_row(kind, k, kp, &a2[r, 0], qp + r * kp * es, &sx[r])
+    return q[:, :k], sx
+
+
+cdef void _cell(Py_ssize_t hidden, const float* gh, const float* gx, const float* bias,
+                float* c, float* h_raw) noexcept nogil:
+    # the float32 kernels' own cell update (AVX-512 where the CPU has it): gates = gh + gx + bias
+    cell_row_standard(hidden, gh, gx, bias, c, h_raw)
+
+
+cdef inline int _threads_for(int n_threads, long items, double flops) noexcept nogil:
+    cdef double by_work = flops / MIN_FLOPS_PER_THREAD
+    cdef long n = n_threads
+    if items < n:
+        n = items
+    if by_work < n:
+        n = <long> by_work
+    return <int> (n if n > 1 else 1)
+
+
+def layer_forward(str precision, str path, const float[:, :, ::1] x, list ih, list hh, list hr,
+                  const float[:, ::1] bias, const Py_ssize_t[::1] order, const Py_ssize_t[::1] lengths,
+                  float[:, :, ::1] h, float[:, :, ::1] c, float[:, :, ::1] y, int n_threads):
+    """One layer, all directions, over x (T, B, I): y (T, B, D*H_out) and (h, c) (D, B, *) in place."""
+    cdef lf_lp_layer L
+    cdef int kind = KINDS[precision]
+    cdef int p = PATHS[path]
+    cdef int d
+    cdef Packed pk
+    L.kind = kind
+    L.path = p
+    L.T = x.shape[0]
+    L.B = x.shape[1]
+    L.n_in = x.shape[2]
+    L.D = len(ih)
+    L.H = c.shape[2]
+    L.Hout = h.shape[2]
+    L.P = L.Hout if hr is not None else 0
+    for d in range(L.D):
+        pk = ih[d]
+        L.ih[d] = &pk.mat
+        pk = hh[d]
+        L.hh[d] = &pk.mat
+        if hr is not None:
+            pk = hr[d]
+            L.hr[d] = &pk.mat
+        else:
+            L.hr[d] = NULL
+    L.bias = &bias[0, 0]
+    L.x = &x[0, 0, 0]
+    L.order = &order[0]
+    L.lengths = &lengths[0]
+    L.h = &h[0, 0, 0]
+    L.c = &c[0, 0, 0]
+    L.y = &y[0, 0, 0]
+    L.cell = _cell
+    cdef double G = 4.0 * L.H
+    L.threads_proj = _threads_for(n_threads, L.D * L.T * L.B, 2.0 * L.D * L.T * L.B * G * L.n_in)
+    L.threads_rec = _threads_for(n_threads, L.D * ((4 * L.H + 127) // 128),
+                                 2.0 * L.D * L.B * (G * L.Hout + L.P * L.H))
+    cdef int rc
+    with nogil:
+        rc = lf_lp_layer_forward(&L)
+    if rc != 0:
+        raise MemoryError("the reduced-precision layer's work buffers")

@@ -1,0 +1,826 @@
+/* Reduced-precision (bfloat16, int8) products of the LSTM's inference kernels (src/_lowp.pyx).
+
+   Numerics (docs/precision.md):
+   - bfloat16: weights and activations rounded to bfloat16, nearest-even, with float32 subnormals
+     flushed to (signed) zero, NaN kept quiet: what VCVTNE2PS2BF16 does. Each output is one float32
+     chain over the input pairs in order, acc = acc + w[2p+1]*x[2p+1]; acc = acc + w[2p]*x[2p]
+     (the products of two bfloat16 are exact in float32), a subnormal sum flushed to zero: what
+     VDPBF16PS does, measured bit for bit on AMD Zen 5 (3.2M random cases); the generic path
+     computes the same, so both give the same bits. AMX's TDPBF16PS (Intel's pseudocode: even
+     element first) is emulated as written and differs from them in the last bits.
+   - int8: weights symmetric per output row, s_w = max|w_row| / 127, q = rint(w * (127 /
+     max|w_row|)) in [-127, 127]; activations symmetric per row (a batch row of x_t or h_{t-1}),
+     s_x = max|x_row| / 127, stored as q + 128 in uint8 for VPDPBUSD (u8 x s8), corrected by
+     128 * sum_k q_w exactly in int32. out = (float) acc * (s_x * s_w). Exact integer sums: every
+     path (generic, VNNI, AMX) gives the same bits. A row holding NaN or inf gives NaN outputs; a row
+     whose largest magnitude is below 2^-120 quantizes to zeros.
+
+   Packed weights of an (n, k) matrix: blocks of 16 output rows, k padded to kp (a multiple of 32
+   bfloat16 or 64 int8, one AMX tile row of 64 bytes); inside a block, row p of 64 bytes holds the
+   16 outputs' pair (bf16) or quad (int8) p: [blk][p][16][2 or 4]. That is the broadcast layout of
+   VDPBF16PS/VPDPBUSD (one 64-byte load per 16 outputs and pair/quad) and, 16 rows of it at a
+   time, exactly AMX's B tile (16 rows x 64 bytes, pairs/quads interleaved): one packing for all
+   paths. */
+#ifndef LF_LOWP_H
+#define LF_LOWP_H
+
+#include <stdint.h>
+#include <string.h>
+#include <stdlib.h>
+#include <math.h>
+#include <float.h>
+#include "lf_pgemm.h"
+#if defined(__linux__)
+#include <unistd.h>
+#include <sys/syscall.h>
+#endif
+#if LF_PGEMM_X86
+#include <cpuid.h>
+#endif
+
+enum { LF_LP_BF16 = 1, LF_LP_INT8 = 2 };
+enum { LF_PATH_GENERIC = 0, LF_PATH_AVX512 = 1, LF_PATH_AMX = 2, LF_PATH_AMX_EMU = 3 };
+
+typedef struct {
+    int kind;
+    int n, k, kp, nb;          /* outputs, inputs, padded inputs, blocks of 16 outputs */
+    const void* w;             /* packed: nb * 16 * kp uint16 (bf16) or int8 */
+    const float* scale;        /* int8: s_w per output (nb*16) */
+    const int32_t* corr;       /* int8: 128 * sum_k q_w per output */
+} lf_lp_mat;
+
+static inline int lf_lp_kp(int kind, int k) {
+    int m = kind == LF_LP_BF16 ? 32 : 64;
+    return (k + m - 1) / m * m;
+}
+
+/* ------------------------------------------------------------------ scalar conversions */
+static inline float lf_bf16_to_f32(uint16_t b) {
+    uint32_t u = (uint32_t) b << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t lf_f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u)
+        return (uint16_t) ((u >> 16) | 0x40u);          /* NaN stays NaN (quiet) */
+    if ((u & 0x7f800000u) == 0)
+        return (uint16_t) ((u >> 16) & 0x8000u);        /* zero and subnormals: signed zero */
+    u += 0x7fffu + ((u >> 16) & 1u);                    /* nearest, ties to even */
+    return (uint16_t) (u >> 16);
+}
+
+static inline float lf_ftz(float a) {
+    return fabsf(a) < FLT_MIN ? copysignf(0.0f, a) : a;
+}
+
+/* int8 rows whose largest magnitude is below this quantize to zeros (127 / max would overflow
+   float32 from about 3.7e-37; 2^-120 = 7.5e-37) */
+#define LF_LP_TINY 7.52316385e-37f
+
+/* one activation row -> its quantized row of kp elements (and s_x for int8) */
+static void lf_lp_quant_row(int kind, int k, int kp, const float* x, void* dst, float* sx) {
+    if (kind == LF_LP_BF16) {
+        uint16_t* q = (uint16_t*) dst;
+        for (int i = 0; i < k; i++)
+            q[i] = lf_f32_to_bf16(x[i]);
+        for (int i = k; i < kp; i++)
+            q[i] = 0;
+        return;
+    }
+    uint8_t* q = (uint8_t*) dst;
+    float amax = 0.0f;
+    int bad = 0;
+    for (int i = 0; i < k; i++) {
+        float a = fabsf(x[i]);
+        amax = a > amax ? a : amax;
+        bad |= !(a <= FLT_MAX);
+    }
+    if (bad || amax < LF_LP_TINY) {
+        memset(q, 128, (size_t) kp);
+        *sx = bad ? NAN : 0.0f;
+        return;
+    }
+    const float inv = 127.0f / amax;
+    for (int i = 0; i < k; i++) {
+        float r = rintf(x[i] * inv);
+        r = r > 127.0f ? 127.0f : (r < -127.0f ? -127.0f : r);
+        q[i] = (uint8_t) ((int) r + 128);
+    }
+    for (int i = k; i < kp; i++)
+        q[i] = 128;
+    *sx = amax / 127.0f;
+}
+
+/* Pack an (n, k) row-major float32 matrix (leading dimension ldw). int8: scale and corr get nb*16
+   entries. The caller has checked that w is finite. */
+static void lf_lp_pack(int kind, int n, int k, const float* w, size_t ldw, void* packed,
+                       float* scale, int32_t* corr) {
+    const int kp = lf_lp_kp(kind, k), nb = (n + 15) / 16;
+    if (kind == LF_LP_BF16) {
+        uint16_t* p = (uint16_t*) packed;
+        memset(p, 0, (size_t) nb * 16 * kp * sizeof(uint16_t));
+        for (int j = 0; j < n; j++)
+            for (int i = 0; i < k; i++)
+                p[(size_t) (j / 16) * 16 * kp + (size_t) (i / 2) * 32 + (j % 16) * 2 + (i % 2)] =
+                    lf_f32_to_bf16(w[(size_t) j * ldw + i]);
+        return;
+    }
+    int8_t* p = (int8_t*) packed;
+    memset(p, 0, (size_t) nb * 16 * kp);
+    for (int j = 0; j < nb * 16; j++) {
+        scale[j] = 0.0f;
+        corr[j] = 0;
+    }
+    for (int j = 0; j < n; j++) {
+        const float* row = w + (size_t) j * ldw;
+        float amax = 0.0f;
+        for (int i = 0; i < k; i++)
+            amax = fabsf(row[i]) > amax ? fabsf(row[i]) : amax;
+        if (amax < LF_LP_TINY)
+            continue;
+        const float inv = 127.0f / amax;
+        int32_t sum = 0;
+        for (int i = 0; i < k; i++) {
+            float r = rintf(row[i] * inv);
+            r = r > 127.0f ? 127.0f : (r < -127.0f ? -127.0f : r);
+            int8_t q = (int8_t) r;
+            p[(size_t) (j / 16) * 16 * kp + (size_t) (i / 4) * 64 + (j % 16) * 4 + (i % 4)] = q;
+            sum += q;
+        }
+        scale[j] = amax / 127.0f;
+        corr[j] = 128 * sum;
+    }
+}
+
+/* ------------------------------------------------------------------ epilogue */
+/* int8: out[j] = (float) (acc[j] - corr[j]) * (s_x * s_w[j]) for the `width` valid outputs */
+static inline void lf_lp_deq(const int32_t* acc, const lf_lp_mat* W, int j0, int width, float sx,
+                             float* out) {
+    for (int l = 0; l < width; l++)
+        out[l] = (float) (int32_t) ((uint32_t) acc[l] - (uint32_t) W->corr[j0 + l]) *
+                 (sx * W->scale[j0 + l]);
+}
+
+/* ------------------------------------------------------------------ generic path */
+/* out[r*ldo + j] for rows 0..rows-1 and outputs of blocks b0..b1-1 (j < n) */
+static void lf_lp_gemm_generic(const lf_lp_mat* W, int rows, const void* A, size_t lda,
+                               const float* sx, int b0, int b1, float* out, size_t ldo) {
+    const int kp = W->kp;
+    for (int r = 0; r < rows; r++) {
+        for (int b = b0; b < b1; b++) {
+            const int j0 = 16 * b, width = W->n - j0 < 16 ? W->n - j0 : 16;
+            if (W->kind == LF_LP_BF16) {
+                const uint16_t* a = (const uint16_t*) A + r * lda;
+                const uint16_t* w = (const uint16_t*) W->w + (size_t) b * 16 * kp;
+                float acc[16];
+                for (int l = 0; l < 16; l++)
+                    acc[l] = 0.0f;
+                for (int p = 0; p < kp / 2; p++) {
+                    const float x0 = lf_bf16_to_f32(a[2 * p]), x1 = lf_bf16_to_f32(a[2 * p + 1]);
+                    const uint16_t* wp = w + (size_t) p * 32;
+                    for (int l = 0; l < 16; l++) {
+                        float t = lf_ftz(acc[l] + lf_bf16_to_f32(wp[2 * l + 1]) * x1);
+                        acc[l] = lf_ftz(t + lf_bf16_to_f32(wp[2 * l]) * x0);
+                    }
+                }
+                memcpy(out + r * ldo + j0, acc, (size_t) width * sizeof(float));
+            } else {
+                const uint8_t* a = (const uint8_t*) A + r * lda;
+                const int8_t* w = (const int8_t*) W->w + (size_t) b * 16 * kp;
+                uint32_t acc[16];
+                for (int l = 0; l < 16; l++)
+                    acc[l] = 0;
+                for (int p = 0; p < kp / 4; p++) {
+                    const uint8_t* ap = a + 4 * p;
+                    const int8_t* wp = w + (size_t) p * 64;
+                    for (int l = 0; l < 16; l++)
+                        acc[l] += (uint32_t) (ap[0] * wp[4 * l] + ap[1] * wp[4 * l + 1] +
+                                              ap[2] * wp[4 * l + 2] + ap[3] * wp[4 * l + 3]);
+                }
+                lf_lp_deq((const int32_t*) acc, W, j0, width, sx[r], out + r * ldo + j0);
+            }
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ AMX tile logic */
+/* The AMX kernel is written once (LF_AMX_KERNEL) over tile operations given as macros, and
+   compiled twice: with the real instructions, and with a C emulation of them (tile registers in
+   memory), which runs everywhere so that tests exercise the tile logic on CPUs without AMX.
+   Tiles: 0..3 C (16 rows x 16 float32/int32), 4 A (rows x 64 bytes of activations), 5..7 B
+   (16 rows x 64 bytes of packed weights: one k-tile of one output block). */
+typedef struct {
+    uint8_t palette_id, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} lf_amx_cfg;
+
+typedef struct {
+    int rows, colsb;
+    uint8_t d[16 * 64];
+} lf_tile;
+
+static inline void lf_amx_make_cfg(lf_amx_cfg* cfg, int m) {
+    memset(cfg, 0, sizeof(*cfg));
+    cfg->palette_id = 1;
+    for (int t = 0; t < 4; t++) {
+        cfg->rows[t] = (uint8_t) m;
+        cfg->colsb[t] = 64;
+    }
+    cfg->rows[4] = (uint8_t) m;
+    cfg->colsb[4] = 64;
+    for (int t = 5; t < 8; t++) {
+        cfg->rows[t] = 16;
+        cfg->colsb[t] = 64;
+    }
+}
+
+static inline void lf_emu_cfg(lf_tile* T, const lf_amx_cfg* cfg) {
+    for (int t = 0; t < 8; t++) {
+        T[t].rows = cfg->rows[t];
+        T[t].colsb = cfg->colsb[t];
+    }
+}
+static inline void lf_emu_zero(lf_tile* T, int t) { memset(T[t].d, 0, sizeof(T[t].d)); }
+static inline void lf_emu_load(lf_tile* T, int t, const void* p, size_t stride) {
+    for (int m = 0; m < T[t].rows; m++)
+        memcpy(T[t].d + 64 * m, (const uint8_t*) p + m * stride, (size_t) T[t].colsb);
+}
+static inline void lf_emu_store(lf_tile* T, int t, void* p, size_t stride) {
+    for (int m = 0; m < T[t].rows; m++)
+        memcpy((uint8_t*) p + m * stride, T[t].d + 64 * m, (size_t) T[t].colsb);
+}
+/* TDPBF16PS as Intel's pseudocode writes it: per pair, the even element's product first */
+static inline void lf_emu_dpbf16(lf_tile* T, int c, int a, int b) {
+    for (int m = 0; m < T[c].rows; m++) {
+        float* cr = (float*) (T[c].d + 64 * m);
+        const uint16_t* ar = (const uint16_t*) (T[a].d + 64 * m);
+        for (int k = 0; k < T[a].colsb / 4; k++) {
+            const uint16_t* br = (const uint16_t*) (T[b].d + 64 * k);
+            for (int n = 0; n < T[c].colsb / 4; n++) {
+                float t = lf_ftz(cr[n] + lf_bf16_to_f32(ar[2 * k]) * lf_bf16_to_f32(br[2 * n]));
+                cr[n] = lf_ftz(t + lf_bf16_to_f32(ar[2 * k + 1]) * lf_bf16_to_f32(br[2 * n + 1]));
+            }
+        }
+    }
+}
+/* TDPBUSD: u8 (A) x s8 (B) quads summed into int32 (wrapping) */
+static inline void lf_emu_dpbusd(lf_tile* T, int c, int a, int b) {
+    for (int m = 0; m < T[c].rows; m++) {
+        uint32_t* cr = (uint32_t*) (T[c].d + 64 * m);
+        const uint8_t* ar = T[a].d + 64 * m;
+        for (int k = 0; k < T[a].colsb / 4; k++) {
+            const int8_t* br = (const int8_t*) (T[b].d + 64 * k);
+            for (int n = 0; n < T[c].colsb / 4; n++)
+                cr[n] += (uint32_t) (ar[4 * k] * br[4 * n] + ar[4 * k + 1] * br[4 * n + 1] +
+                                     ar[4 * k + 2] * br[4 * n + 2] + ar[4 * k + 3] * br[4 * n + 3]);
+        }
+    }
+}
+
+/* rows of A (row stride lda_bytes), blocks b0..b1 of W; up to 16 rows and 4 blocks per pass */
+#define LF_AMX_KERNEL(NAME, ATTR, DECL, CFG, REL, ZERO, LOAD, DP, STORE)                        \
+ATTR static void NAME(const lf_lp_mat* W, int rows, const void* A, size_t lda_bytes,            \
+                      const float* sx, int b0, int b1, float* out, size_t ldo) {                 \
+    DECL                                                                                         \
+    lf_amx_cfg cfg;                                                                              \
+    _Alignas(64) float ctile[4][16 * 16];                                                       \
+    const int elem = W->kind == LF_LP_BF16 ? 2 : 1;                                             \
+    const size_t wblock = (size_t) 16 * W->kp * elem; /* bytes of one output block */           \
+    const int kt_n = W->kp * elem / 64;                                                         \
+    int cfg_m = -1;                                                                             \
+    for (int r = 0; r < rows; r += 16) {                                                        \
+        const int m = rows - r < 16 ? rows - r : 16;                                            \
+        if (m != cfg_m) {                                                                        \
+            lf_amx_make_cfg(&cfg, m);                                                            \
+            CFG(&cfg);                                                                           \
+            cfg_m = m;                                                                           \
+        }                                                                                        \
+        const uint8_t* a = (const uint8_t*) A + (size_t) r * lda_bytes;                         \
+        for (int b = b0; b < b1; b += 4) {                                                      \
+            const int nq = b1 - b < 4 ? b1 - b : 4;                                             \
+            const uint8_t* w = (const uint8_t*) W->w + (size_t) b * wblock;                     \
+            ZERO(0); ZERO(1); ZERO(2); ZERO(3);                                                  \
+            for (int kt = 0; kt < kt_n; kt++) {                                                 \
+                LOAD(4, a + 64 * kt, lda_bytes);                                                 \
+                LOAD(5, w + 1024 * kt, 64);                                                      \
+                DP(0, 4, 5);                                                                     \
+                if (nq > 1) { LOAD(6, w + wblock + 1024 * kt, 64); DP(1, 4, 6); }               \
+                if (nq > 2) { LOAD(7, w + 2 * wblock + 1024 * kt, 64); DP(2, 4, 7); }           \
+                if (nq > 3) { LOAD(5, w + 3 * wblock + 1024 * kt, 64); DP(3, 4, 5); }           \
+            }                                                                                    \
+            STORE(0, ctile[0], 64); STORE(1, ctile[1], 64);                                      \
+            STORE(2, ctile[2], 64); STORE(3, ctile[3], 64);                                      \
+            for (int q = 0; q < nq; q++) {                                                      \
+                const int j0 = 16 * (b + q), width = W->n - j0 < 16 ? W->n - j0 : 16;           \
+                for (int i = 0; i < m; i++) {                                                   \
+                    if (W->kind == LF_LP_BF16)                                                  \
+                        memcpy(out + (size_t) (r + i) * ldo + j0, ctile[q] + 16 * i,            \
+                               (size_t) width * sizeof(float));                                 \
+                    else                                                                         \
+                        lf_lp_deq((const int32_t*) (ctile[q] + 16 * i), W, j0, width,          \
+                                  sx[r + i], out + (size_t) (r + i) * ldo + j0);                \
+                }                                                                                \
+            }                                                                                    \
+        }                                                                                        \
+    }                                                                                            \
+    REL();                                                                                       \
+}
+
+#define LF_EMU_DECL lf_tile T[8];
+#define LF_EMU_CFG(c) lf_emu_cfg(T, (c))
+#define LF_EMU_REL() ((void) 0)
+#define LF_EMU_ZERO(t) lf_emu_zero(T, t)
+#define LF_EMU_LOAD(t, p, s) lf_emu_load(T, t, p, s)
+#define LF_EMU_STORE(t, p, s) lf_emu_store(T, t, p, s)
+#define LF_EMU_DP_BF16(c, a, b) lf_emu_dpbf16(T, c, a, b)
+#define LF_EMU_DP_INT8(c, a, b) lf_emu_dpbusd(T, c, a, b)
+#define LF_EMU_ATTR
+LF_AMX_KERNEL(lf_amx_emu_bf16, LF_EMU_ATTR, LF_EMU_DECL, LF_EMU_CFG, LF_EMU_REL, LF_EMU_ZERO,
+              LF_EMU_LOAD, LF_EMU_DP_BF16, LF_EMU_STORE)
+LF_AMX_KERNEL(lf_amx_emu_int8, LF_EMU_ATTR, LF_EMU_DECL, LF_EMU_CFG, LF_EMU_REL, LF_EMU_ZERO,
+              LF_EMU_LOAD, LF_EMU_DP_INT8, LF_EMU_STORE)
+
+/* ------------------------------------------------------------------ CPU features */
+static int lf_lp_cpu_bf16(void) {
+#if LF_PGEMM_X86
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
+#else
+    return 0;
+#endif
+}
+
+static int lf_lp_cpu_vnni(void) {
+#if LF_PGEMM_X86
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vnni");
+#else
+    return 0;
+#endif
+}
+
+/* 1: the CPU reports AMX-TILE, AMX-BF16 and AMX-INT8 (CPUID leaf 7, EDX bits 24, 22, 25) */
+static int lf_lp_cpu_amx(void) {
+#if LF_PGEMM_X86
+    unsigned a, b, c, d;
+    if (__get_cpuid_max(0, NULL) < 7)
+        return 0;
+    __cpuid_count(7, 0, a, b, c, d);
+    return ((d >> 24) & 1u) && ((d >> 22) & 1u) && ((d >> 25) & 1u);
+#else
+    return 0;
+#endif
+}
+
+/* 1: the OS grants this process the AMX tile state. On Linux a process asks with
+   arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) before its first tile instruction; a
+   refusal (old kernel, seccomp, ...) returns 0 and the callers fall back. Asked once. */
+static int lf_lp_amx_granted(void) {
+    static int cached = -1;
+    if (cached >= 0)
+        return cached;
+    int ok = 0;
+#if LF_PGEMM_X86 && defined(__linux__) && defined(SYS_arch_prctl)
+    if (lf_lp_cpu_amx()) {
+        const long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+        ok = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+    }
+#endif
+    cached = ok;
+    return ok;
+}
+
+/* ------------------------------------------------------------------ AVX-512 and AMX kernels */
+#if LF_PGEMM_X86
+#define LF_BF16_ATTR __attribute__((target("avx512f,avx512bw,avx512bf16"), always_inline)) static inline
+#define LF_VNNI_ATTR __attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline)) static inline
+
+static inline int32_t lf_load32(const void* p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* R rows x NB blocks: one VDPBF16PS chain per output. One function per (R, NB), with arrays of
+   exactly that size, so that gcc keeps the accumulators in registers (a larger array spills). */
+#define LF_BF16_TILE_FN(RR, NN)                                                                 \
+LF_BF16_ATTR void lf_bf16_tile_##RR##_##NN(const lf_lp_mat* W, const uint16_t* a, size_t lda,  \
+                                           int b, float* out, size_t ldo) {                     \
+    const int kp = W->kp;                                                                       \
+    const uint16_t* w = (const uint16_t*) W->w + (size_t) b * 16 * kp;                          \
+    const size_t bs = (size_t) 16 * kp;                                                         \
+    __m512 acc[RR][NN];                                                                         \
+    for (int r = 0; r < RR; r++)                                                                \
+        for (int q = 0; q < NN; q++)                                                            \
+            acc[r][q] = _mm512_setzero_ps();                                                    \
+    for (int p = 0; p < kp / 2; p++) {                                                          \
+        __m512i wv[NN];                                                                         \
+        for (int q = 0; q < NN; q++)                                                            \
+            wv[q] = _mm512_loadu_si512((const void*) (w + q * bs + (size_t) p * 32));           \
+        for (int r = 0; r < RR; r++) {                                                          \
+            __m512i xv = _mm512_set1_epi32(lf_load32(a + r * lda + 2 * p));                     \
+            for (int q = 0; q < NN; q++)                                                        \
+                acc[r][q] = _mm512_dpbf16_ps(acc[r][q], (__m512bh) wv[q], (__m512bh) xv);       \
+        }                                                                                       \
+    }                                                                                           \
+    for (int q = 0; q < NN; q++) {                                                              \
+        const int j0 = 16 * (b + q), left = W->n - j0;                                          \
+        const __mmask16 mk = left >= 16 ? (__mmask16) 0xFFFF : (__mmask16) ((1u << left) - 1u); \
+        for (int r = 0; r < RR; r++)                                                            \
+            _mm512_mask_storeu_ps(out + r * ldo + j0, mk, acc[r][q]);                           \
+    }                                                                                           \
+}
+
+/* int8: VPDPBUSD (u8 activations x s8 weights) into int32, then the exact correction and the
+   float32 scales. The outputs past n have scale 0 and corr 0 in the packing: reading them is safe. */
+#define LF_INT8_TILE_FN(RR, NN)                                                                 \
+LF_VNNI_ATTR void lf_int8_tile_##RR##_##NN(const lf_lp_mat* W, const uint8_t* a, size_t lda,   \
+                                           const float* sx, int b, float* out, size_t ldo) {    \
+    const int kp = W->kp;                                                                       \
+    const int8_t* w = (const int8_t*) W->w + (size_t) b * 16 * kp;                              \
+    const size_t bs = (size_t) 16 * kp;                                                         \
+    __m512i acc[RR][NN];                                                                        \
+    for (int r = 0; r < RR; r++)                                                                \
+        for (int q = 0; q < NN; q++)                                                            \
+            acc[r][q] = _mm512_setzero_si512();                                                 \
+    for (int p = 0; p < kp / 4; p++) {                                                          \
+        __m512i wv[NN];                                                                         \
+        for (int q = 0; q < NN; q++)                                                            \
+            wv[q] = _mm512_loadu_si512((const void*) (w + q * bs + (size_t) p * 64));           \
+        for (int r = 0; r < RR; r++) {                                                          \
+            __m512i xv = _mm512_set1_epi32(lf_load32(a + r * lda + 4 * p));                     \
+            for (int q = 0; q < NN; q++)                                                        \
+                acc[r][q] = _mm512_dpbusd_epi32(acc[r][q], xv, wv[q]);                          \
+        }                                                                                       \
+    }                                                                                           \
+    for (int q = 0; q < NN; q++) {                                                              \
+        const int j0 = 16 * (b + q), left = W->n - j0;                                          \
+        const __mmask16 mk = left >= 16 ? (__mmask16) 0xFFFF : (__mmask16) ((1u << left) - 1u); \
+        __m512i corr = _mm512_loadu_si512((const void*) (W->corr + j0));                        \
+        __m512 sw = _mm512_loadu_ps(W->scale + j0);                                             \
+        for (int r = 0; r < RR; r++) {                                                          \
+            __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][q], corr));                   \
+            _mm512_mask_storeu_ps(out + r * ldo + j0, mk,                                       \
+                                  _mm512_mul_ps(v, _mm512_mul_ps(_mm512_set1_ps(sx[r]), sw)));  \
+        }                                                                                       \
+    }                                                                                           \
+}
+
+#define LF_LP_MR 4   /* rows per register tile: 4 x 4 blocks = 16 accumulators (6 x 4 spilled) */
+#define LF_TILE_CASES(X) X(1,1) X(1,2) X(1,3) X(1,4) X(1,5) X(1,6) X(1,7) \
+    X(2,1) X(2,2) X(2,3) X(2,4) X(3,1) X(3,2) X(3,3) X(3,4) X(4,1) X(4,2) X(4,3) \
+    X(5,1) X(5,2) X(5,3) X(5,4) X(6,1) X(6,2) X(6,3) X(6,4)
+LF_TILE_CASES(LF_BF16_TILE_FN)
+LF_TILE_CASES(LF_INT8_TILE_FN)
+
+/* The two hot shapes, 4 rows x 4 blocks and 1 row x 8 blocks, with named accumulators: with an
+   array gcc 12 copies every accumulator between registers once per step of k. Same chains,
+   same bits as the functions above. */
+#define LF_X4(M) M(0) M(1) M(2) M(3)
+#define LF_X8(M) M(0) M(1) M(2) M(3) M(4) M(5) M(6) M(7)
+#define LF_HOT_KERNELS(SUF, ATTR, ET, VT, ZERO, DP, PSTEP, STORE)                                \
+ATTR void lf_##SUF##_tile_hot44(const lf_lp_mat* W, const ET* a, size_t lda, const float* sx,   \
+                                int b, float* out, size_t ldo) {                                \
+    const int kp = W->kp;                                                                       \
+    const ET* w = (const ET*) W->w + (size_t) b * 16 * kp;                                      \
+    const size_t bs = (size_t) 16 * kp;                                                         \
+    VT c00 = ZERO, c01 = ZERO, c02 = ZERO, c03 = ZERO, c10 = ZERO, c11 = ZERO, c12 = ZERO,       \
+       c13 = ZERO, c20 = ZERO, c21 = ZERO, c22 = ZERO, c23 = ZERO, c30 = ZERO, c31 = ZERO,      \
+       c32 = ZERO, c33 = ZERO;                                                                  \
+    const ET *a0 = a, *a1 = a + lda, *a2 = a + 2 * lda, *a3 = a + 3 * lda;                      \
+    for (int p = 0; p < kp / PSTEP; p++) {                                                      \
+        const ET* wp = w + (size_t) p * 64 / sizeof(ET);                                        \
+        __m512i w0 = _mm512_loadu_si512((const void*) wp);                                      \
+        __m512i w1 = _mm512_loadu_si512((const void*) (wp + bs));                               \
+        __m512i w2 = _mm512_loadu_si512((const void*) (wp + 2 * bs));                           \
+        __m512i w3 = _mm512_loadu_si512((const void*) (wp + 3 * bs));                           \
+        __m512i x;                                                                              \
+        x = _mm512_set1_epi32(lf_load32(a0 + PSTEP * p));                                       \
+        c00 = DP(c00, w0, x); c01 = DP(c01, w1, x); c02 = DP(c02, w2, x); c03 = DP(c03, w3, x); \
+        x = _mm512_set1_epi32(lf_load32(a1 + PSTEP * p));                                       \
+        c10 = DP(c10, w0, x); c11 = DP(c11, w1, x); c12 = DP(c12, w2, x); c13 = DP(c13, w3, x); \
+        x = _mm512_set1_epi32(lf_load32(a2 + PSTEP * p));                                       \
+        c20 = DP(c20, w0, x); c21 = DP(c21, w1, x); c22 = DP(c22, w2, x); c23 = DP(c23, w3, x); \
+        x = _mm512_set1_epi32(lf_load32(a3 + PSTEP * p));                                       \
+        c30 = DP(c30, w0, x); c31 = DP(c31, w1, x); c32 = DP(c32, w2, x); c33 = DP(c33, w3, x); \
+    }                                                                                           \
+    STORE(0, 0, c00) STORE(0, 1, c01) STORE(0, 2, c02) STORE(0, 3, c03)                          \
+    STORE(1, 0, c10) STORE(1, 1, c11) STORE(1, 2, c12) STORE(1, 3, c13)                          \
+    STORE(2, 0, c20) STORE(2, 1, c21) STORE(2, 2, c22) STORE(2, 3, c23)                          \
+    STORE(3, 0, c30) STORE(3, 1, c31) STORE(3, 2, c32) STORE(3, 3, c33)                          \
+}                                                                                               \
+ATTR void lf_##SUF##_tile_hot18(const lf_lp_mat* W, const ET* a, size_t lda, const float* sx,   \
+                                int b, float* out, size_t ldo) {                                \
+    (void) lda;                                                                                 \
+    const int kp = W->kp;                                                                       \
+    const ET* w = (const ET*) W->w + (size_t) b * 16 * kp;                                      \
+    const size_t bs = (size_t) 16 * kp;                                                         \
+    VT c00 = ZERO, c01 = ZERO, c02 = ZERO, c03 = ZERO, c04 = ZERO, c05 = ZERO, c06 = ZERO,       \
+       c07 = ZERO;                                                                              \
+    for (int p = 0; p < kp / PSTEP; p++) {                                                      \
+        const ET* wp = w + (size_t) p * 64 / sizeof(ET);                                        \
+        __m512i x = _mm512_set1_epi32(lf_load32(a + PSTEP * p));                                \
+        c00 = DP(c00, _mm512_loadu_si512((const void*) wp), x);                                 \
+        c01 = DP(c01, _mm512_loadu_si512((const void*) (wp + bs)), x);                          \
+        c02 = DP(c02, _mm512_loadu_si512((const void*) (wp + 2 * bs)), x);                      \
+        c03 = DP(c03, _mm512_loadu_si512((const void*) (wp + 3 * bs)), x);                      \
+        c04 = DP(c04, _mm512_loadu_si512((const void*) (wp + 4 * bs)), x);                      \
+        c05 = DP(c05, _mm512_loadu_si512((const void*) (wp + 5 * bs)), x);                      \
+        c06 = DP(c06, _mm512_loadu_si512((const void*) (wp + 6 * bs)), x);                      \
+        c07 = DP(c07, _mm512_loadu_si512((const void*) (wp + 7 * bs)), x);                      \
+    }                                                                                           \
+    STORE(0, 0, c00) STORE(0, 1, c01) STORE(0, 2, c02) STORE(0, 3, c03)                          \
+    STORE(0, 4, c04) STORE(0, 5, c05) STORE(0, 6, c06) STORE(0, 7, c07)                          \
+}
+
+#define LF_DP_BF16(c, w, x) _mm512_dpbf16_ps((c), (__m512bh) (w), (__m512bh) (x))
+#define LF_DP_INT8(c, w, x) _mm512_dpbusd_epi32((c), (x), (w))
+#define LF_STORE_BF16(r, q, v) {                                                                \
+        const int j0 = 16 * (b + (q)), left = W->n - j0;                                        \
+        const __mmask16 mk = left >= 16 ? (__mmask16) 0xFFFF : (__mmask16) ((1u << left) - 1u); \
+        _mm512_mask_storeu_ps(out + (r) * ldo + j0, mk, (v)); }
+#define LF_STORE_INT8(r, q, v) {                                                                \
+        const int j0 = 16 * (b + (q)), left = W->n - j0;                                        \
+        const __mmask16 mk = left >= 16 ? (__mmask16) 0xFFFF : (__mmask16) ((1u << left) - 1u); \
+        __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32((v),                                     \
+                       _mm512_loadu_si512((const void*) (W->corr + j0))));                       \
+        __m512 sc = _mm512_mul_ps(_mm512_set1_ps(sx[r]), _mm512_loadu_ps(W->scale + j0));       \
+        _mm512_mask_storeu_ps(out + (r) * ldo + j0, mk, _mm512_mul_ps(f, sc)); }
+LF_HOT_KERNELS(bf16, LF_BF16_ATTR, uint16_t, __m512, _mm512_setzero_ps(), LF_DP_BF16, 2, LF_STORE_BF16)
+LF_HOT_KERNELS(int8, LF_VNNI_ATTR, uint8_t, __m512i, _mm512_setzero_si512(), LF_DP_INT8, 4, LF_STORE_INT8)
+
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) static void
+lf_lp_gemm_bf16_avx512(const lf_lp_mat* W, int rows, const void* A, size_t lda, int b0, int b1,
+                       float* out, size_t ldo) {
+    for (int r = 0; r < rows;) {
+        const int R = rows - r >= LF_LP_MR ? LF_LP_MR : rows - r, nbmax = R == 1 ? 8 : 4;
+        const uint16_t* a = (const uint16_t*) A + r * lda;
+        for (int b = b0; b < b1;) {
+            const int NB = b1 - b < nbmax ? b1 - b : nbmax;
+            switch (R * 16 + NB) {
+#define LF_CASE_BF16(RR, NN) case RR * 16 + NN: lf_bf16_tile_##RR##_##NN(W, a, lda, b, out + r * ldo, ldo); break;
+            case 4 * 16 + 4: lf_bf16_tile_hot44(W, a, lda, NULL, b, out + r * ldo, ldo); break;
+            case 1 * 16 + 8: lf_bf16_tile_hot18(W, a, lda, NULL, b, out + r * ldo, ldo); break;
+                LF_TILE_CASES(LF_CASE_BF16)
+#undef LF_CASE_BF16
+            }
+            b += NB;
+        }
+        r += R;
+    }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) static void
+lf_lp_gemm_int8_avx512(const lf_lp_mat* W, int rows, const void* A, size_t lda, const float* sx,
+                       int b0, int b1, float* out, size_t ldo) {
+    for (int r = 0; r < rows;) {
+        const int R = rows - r >= LF_LP_MR ? LF_LP_MR : rows - r, nbmax = R == 1 ? 8 : 4;
+        const uint8_t* a = (const uint8_t*) A + r * lda;
+        for (int b = b0; b < b1;) {
+            const int NB = b1 - b < nbmax ? b1 - b : nbmax;
+            switch (R * 16 + NB) {
+#define LF_CASE_INT8(RR, NN) case RR * 16 + NN: lf_int8_tile_##RR##_##NN(W, a, lda, sx + r, b, out + r * ldo, ldo); break;
+            case 4 * 16 + 4: lf_int8_tile_hot44(W, a, lda, sx + r, b, out + r * ldo, ldo); break;
+            case 1 * 16 + 8: lf_int8_tile_hot18(W, a, lda, sx + r, b, out + r * ldo, ldo); break;
+                LF_TILE_CASES(LF_CASE_INT8)
+#undef LF_CASE_INT8
+            }
+            b += NB;
+        }
+        r += R;
+    }
+}
+
+#define LF_HW_ATTR __attribute__((target("amx-tile,amx-bf16,amx-int8")))
+#define LF_HW_DECL
+#define LF_HW_CFG(c) _tile_loadconfig((const void*) (c))
+#define LF_HW_REL() _tile_release()
+#define LF_HW_ZERO(t) _tile_zero(t)
+#define LF_HW_LOAD(t, p, s) _tile_loadd(t, (const void*) (p), (s))
+#define LF_HW_STORE(t, p, s) _tile_stored(t, (void*) (p), (s))
+#define LF_HW_DP_BF16(c, a, b) _tile_dpbf16ps(c, a, b)
+#define LF_HW_DP_INT8(c, a, b) _tile_dpbusd(c, a, b)
+LF_AMX_KERNEL(lf_amx_hw_bf16, LF_HW_ATTR, LF_HW_DECL, LF_HW_CFG, LF_HW_REL, LF_HW_ZERO,
+              LF_HW_LOAD, LF_HW_DP_BF16, LF_HW_STORE)
+LF_AMX_KERNEL(lf_amx_hw_int8, LF_HW_ATTR, LF_HW_DECL, LF_HW_CFG, LF_HW_REL, LF_HW_ZERO,
+              LF_HW_LOAD, LF_HW_DP_INT8, LF_HW_STORE)
+#endif
+
+/* 1: `path` can run `kind` on this CPU (and OS) */
+static int lf_lp_path_ok(int kind, int path) {
+    switch (path) {
+    case LF_PATH_GENERIC:
+    case LF_PATH_AMX_EMU:
+        return 1;
+    case LF_PATH_AVX512:
+        return kind == LF_LP_BF16 ? lf_lp_cpu_bf16() : lf_lp_cpu_vnni();
+    case LF_PATH_AMX:
+        return lf_lp_amx_granted();
+    }
+    return 0;
+}
+
+/* out = dequant(A . W^T) for rows of A and blocks b0..b1 of W (the path was checked) */
+static void lf_lp_gemm(int path, const lf_lp_mat* W, int rows, const void* A, const float* sx,
+                       int b0, int b1, float* out, size_t ldo) {
+    const size_t lda = (size_t) W->kp;          /* elements (bf16 or bytes) per activation row */
+    const size_t lda_bytes = lda * (W->kind == LF_LP_BF16 ? 2 : 1);
+    if (rows <= 0 || b0 >= b1)
+        return;
+#if LF_PGEMM_X86
+    if (path == LF_PATH_AVX512) {
+        if (W->kind == LF_LP_BF16)
+            lf_lp_gemm_bf16_avx512(W, rows, A, lda, b0, b1, out, ldo);
+        else
+            lf_lp_gemm_int8_avx512(W, rows, A, lda, sx, b0, b1, out, ldo);
+        return;
+    }
+    if (path == LF_PATH_AMX) {
+        if (W->kind == LF_LP_BF16)
+            lf_amx_hw_bf16(W, rows, A, lda_bytes, sx, b0, b1, out, ldo);
+        else
+            lf_amx_hw_int8(W, rows, A, lda_bytes, sx, b0, b1, out, ldo);
+        return;
+    }
+#endif
+    if (path == LF_PATH_AMX_EMU) {
+        if (W->kind == LF_LP_BF16)
+            lf_amx_emu_bf16(W, rows, A, lda_bytes, sx, b0, b1, out, ldo);
+        else
+            lf_amx_emu_int8(W, rows, A, lda_bytes, sx, b0, b1, out, ldo);
+        return;
+    }
+    lf_lp_gemm_generic(W, rows, A, lda, sx, b0, b1, out, ldo);
+}
+
+/* ------------------------------------------------------------------ one LSTM layer */
+typedef void (*lf_cell_fn)(Py_ssize_t hidden, const float* gh, const float* gx, const float* bias,
+                           float* c, float* h_raw);
+
+typedef struct {
+    int kind, path;
+    int T, B, n_in, H, P, Hout, D;
+    const lf_lp_mat* ih[2];
+    const lf_lp_mat* hh[2];
+    const lf_lp_mat* hr[2];        /* P > 0 */
+    const float* bias;             /* (D, 4H): b_ih + b_hh */
+    const float* x;                /* (T, B, I) */
+    const Py_ssize_t* order;       /* rows longest first */
+    const Py_ssize_t* lengths;
+    float* h;                      /* (D, B, Hout), in place */
+    float* c;                      /* (D, B, H), in place */
+    float* y;                      /* (T, B, D*Hout); positions past a length are left alone */
+    int threads_proj, threads_rec;
+    lf_cell_fn cell;
+} lf_lp_layer;
+
+/* output blocks of 16 per work item of a product: a function of the shapes only, so that the
+   split (and the thread count) never changes what an output is computed from */
+#define LF_LP_ITEM_BLOCKS 8
+#define LF_LP_ITEM_ROWS 96
+
+static inline size_t lf_lp_elem(int kind) { return kind == LF_LP_BF16 ? 2 : 1; }
+
+typedef struct {
+    void* xa; float* xs; float* gx; void* ha; float* hs; float* gh; void* pa; float* ps;
+    float* hraw; float* hp;
+} lf_lp_ws;
+
+/* 1. every step's inputs: quantized once (both directions read them), then projected. Called
+   by each thread of a team, or alone (its worksharing loops then run serially). */
+static void lf_lp_layer_proj(const lf_lp_layer* L, const lf_lp_ws* W) {
+    const int kind = L->kind, D = L->D, G = 4 * L->H;
+    const size_t TB = (size_t) L->T * L->B, es = lf_lp_elem(kind);
+    const int kp_ih = L->ih[0]->kp, nb_g = L->ih[0]->nb;
+    const int n_groups = (nb_g + LF_LP_ITEM_BLOCKS - 1) / LF_LP_ITEM_BLOCKS;
+    const int n_rblk = (int) ((TB + LF_LP_ITEM_ROWS - 1) / LF_LP_ITEM_ROWS);
+    #pragma omp for schedule(static)
+    for (Py_ssize_t r = 0; r < (Py_ssize_t) TB; r++)
+        lf_lp_quant_row(kind, L->n_in, kp_ih, L->x + r * L->n_in,
+                        (uint8_t*) W->xa + r * kp_ih * es, W->xs + r);
+    #pragma omp for schedule(static)
+    for (int it = 0; it < D * n_groups * n_rblk; it++) {
+        const int d = it / (n_groups * n_rblk), g = (it / n_rblk) % n_groups, rb = it % n_rblk;
+        const size_t r0 = (size_t) rb * LF_LP_ITEM_ROWS;
+        const int rows = (int) (TB - r0 < LF_LP_ITEM_ROWS ? TB - r0 : LF_LP_ITEM_ROWS);
+        const int b0 = g * LF_LP_ITEM_BLOCKS;
+        const int b1 = b0 + LF_LP_ITEM_BLOCKS < nb_g ? b0 + LF_LP_ITEM_BLOCKS : nb_g;
+        lf_lp_gemm(L->path, L->ih[d], rows, (const uint8_t*) W->xa + r0 * kp_ih * es, W->xs + r0,
+                   b0, b1, W->gx + ((size_t) d * TB + r0) * G, (size_t) G);
+    }
+}
+
+/* 2. the recurrence, both directions in the same loop: every thread goes through every step,
+   with a barrier after the product, the cell update and the projection */
+static void lf_lp_layer_rec(const lf_lp_layer* L, const lf_lp_ws* W) {
+    const int kind = L->kind, path = L->path, D = L->D, B = L->B, T = L->T, H = L->H;
+    const int Hout = L->Hout, P = L->P, G = 4 * H;
+    const size_t TB = (size_t) T * B, es = lf_lp_elem(kind);
+    const int kp_hh = L->hh[0]->kp, kp_hr = P ? L->hr[0]->kp : 0;
+    const int nb_g = L->hh[0]->nb, nb_p = P ? L->hr[0]->nb : 0;
+    const int n_groups = (nb_g + LF_LP_ITEM_BLOCKS - 1) / LF_LP_ITEM_BLOCKS;
+    const int n_pgroups = (nb_p + LF_LP_ITEM_BLOCKS - 1) / LF_LP_ITEM_BLOCKS;
+    for (int s = 0; s < T; s++) {
+        int n_act = B;
+        while (n_act > 0 && L->lengths[L->order[n_act - 1]] <= s)
+            n_act--;
+        if (n_act == 0)
+            break;
+        #pragma omp for schedule(static)
+        for (int it = 0; it < D * n_act; it++) {
+            const int d = it / n_act, i = it % n_act;
+            const Py_ssize_t b = L->order[i];
+            lf_lp_quant_row(kind, Hout, kp_hh, L->h + ((size_t) d * B + b) * Hout,
+                            (uint8_t*) W->ha + ((size_t) d * B + i) * kp_hh * es, W->hs + d * B + i);
+        }
+        #pragma omp for schedule(static)
+        for (int it = 0; it < D * n_groups; it++) {
+            const int d = it / n_groups, g = it % n_groups;
+            const int b0 = g * LF_LP_ITEM_BLOCKS;
+            const int b1 = b0 + LF_LP_ITEM_BLOCKS < nb_g ? b0 + LF_LP_ITEM_BLOCKS : nb_g;
+            lf_lp_gemm(path, L->hh[d], n_act, (const uint8_t*) W->ha + (size_t) d * B * kp_hh * es,
+                       W->hs + d * B, b0, b1, W->gh + (size_t) d * B * G, (size_t) G);
+        }
+        #pragma omp for schedule(static)
+        for (int it = 0; it < D * n_act; it++) {
+            const int d = it / n_act, i = it % n_act;
+            const Py_ssize_t b = L->order[i];
+            const Py_ssize_t t = d == 0 ? s : L->lengths[b] - 1 - s;
+            float* c = L->c + ((size_t) d * B + b) * H;
+            float* hrow = P ? W->hraw + ((size_t) d * B + i) * H : L->h + ((size_t) d * B + b) * Hout;
+            L->cell(H, W->gh + ((size_t) d * B + i) * G, W->gx + ((size_t) d * TB + t * B + b) * G,
+                    L->bias + (size_t) d * G, c, hrow);
+            if (P)
+                lf_lp_quant_row(kind, H, kp_hr, hrow,
+                                (uint8_t*) W->pa + ((size_t) d * B + i) * kp_hr * es, W->ps + d * B + i);
+            else
+                memcpy(L->y + ((size_t) t * B + b) * D * Hout + (size_t) d * Hout, hrow,
+                       (size_t) Hout * sizeof(float));
+        }
+        if (P) {
+            #pragma omp for schedule(static)
+            for (int it = 0; it < D * n_pgroups; it++) {
+                const int d = it / n_pgroups, g = it % n_pgroups;
+                const int b0 = g * LF_LP_ITEM_BLOCKS;
+                const int b1 = b0 + LF_LP_ITEM_BLOCKS < nb_p ? b0 + LF_LP_ITEM_BLOCKS : nb_p;
+                lf_lp_gemm(path, L->hr[d], n_act, (const uint8_t*) W->pa + (size_t) d * B * kp_hr * es,
+                           W->ps + d * B, b0, b1, W->hp + (size_t) d * B * Hout, (size_t) Hout);
+            }
+            #pragma omp for schedule(static)
+            for (int it = 0; it < D * n_act; it++) {
+                const int d = it / n_act, i = it % n_act;
+                const Py_ssize_t b = L->order[i];
+                const Py_ssize_t t = d == 0 ? s : L->lengths[b] - 1 - s;
+                const float* src = W->hp + ((size_t) d * B + i) * Hout;
+                memcpy(L->h + ((size_t) d * B + b) * Hout, src, (size_t) Hout * sizeof(float));
+                memcpy(L->y + ((size_t) t * B + b) * D * Hout + (size_t) d * Hout, src,
+                       (size_t) Hout * sizeof(float));
+            }
+        }
+    }
+}
+
+/* The layer: inputs projected first, then the recurrence. One thread runs the phases without
+   entering a parallel region (libgomp then wakes no pool threads: a few us a batch-1 call).
+   Returns 0, or -1 when memory ran out (nothing is written then). */
+static int lf_lp_layer_forward(const lf_lp_layer* L) {
+    const int D = L->D, B = L->B, H = L->H, Hout = L->Hout, P = L->P, G = 4 * H;
+    const size_t TB = (size_t) L->T * B, es = lf_lp_elem(L->kind);
+    const int kp_ih = L->ih[0]->kp, kp_hh = L->hh[0]->kp, kp_hr = P ? L->hr[0]->kp : 0;
+    lf_lp_ws W;
+    W.xa = lf_malloc64(TB * kp_ih * es);
+    W.xs = (float*) lf_malloc64(TB * sizeof(float));
+    W.gx = (float*) lf_alloc_big((size_t) D * TB * G * sizeof(float));
+    W.ha = lf_malloc64((size_t) D * B * kp_hh * es);
+    W.hs = (float*) lf_malloc64((size_t) D * B * sizeof(float));
+    W.gh = (float*) lf_malloc64((size_t) D * B * G * sizeof(float));
+    W.pa = P ? lf_malloc64((size_t) D * B * kp_hr * es) : NULL;
+    W.ps = P ? (float*) lf_malloc64((size_t) D * B * sizeof(float)) : NULL;
+    W.hraw = P ? (float*) lf_malloc64((size_t) D * B * H * sizeof(float)) : NULL;
+    W.hp = P ? (float*) lf_malloc64((size_t) D * B * Hout * sizeof(float)) : NULL;
+    int ok = W.xa && W.xs && W.gx && W.ha && W.hs && W.gh && (!P || (W.pa && W.ps && W.hraw && W.hp));
+    if (ok) {
+        if (L->threads_proj > 1) {
+            #pragma omp parallel num_threads(L->threads_proj)
+            lf_lp_layer_proj(L, &W);
+        } else {
+            lf_lp_layer_proj(L, &W);
+        }
+        if (L->threads_rec > 1) {
+            #pragma omp parallel num_threads(L->threads_rec)
+            lf_lp_layer_rec(L, &W);
+        } else {
+            lf_lp_layer_rec(L, &W);
+        }
+    }
+    free(W.xa); free(W.xs); free(W.gx); free(W.ha); free(W.hs); free(W.gh); free(W.pa);
+    free(W.ps); free(W.hraw); free(W.hp);
+    return ok ? 0 : -1;
+}
+
+#endif

@@ -1,0 +1,434 @@
+"""Reduced-precision inference (issue 16): freeze(precision="bfloat16" | "int8").
+
+Against a numpy emulation of the documented quantization (int8 bitwise, bfloat16 within a
+tolerance), the float32 model, torch's bfloat16 module; every inference feature; each kernel path
+(forced in-process and through LSTM_FAST_ISA in a subprocess); 1 vs 2 threads bit for bit; files
+and pickling; bad input.
+"""
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import lstm_fast as lf
+from lstm_fast import _lowp, _precision
+
+torch = pytest.importorskip("torch")
+
+REDUCED = ("bfloat16", "int8")
+FEAT = _lowp.cpu_features()
+# every path this CPU runs, per precision (amx_emulated: the AMX tile logic over emulated tiles)
+PATHS = {
+    "bfloat16": ["generic", "amx_emulated"] + (["avx512_bf16"] if FEAT["avx512_bf16"] else [])
+    + (["amx"] if FEAT["amx_granted"] else []),
+    "int8": ["generic", "amx_emulated"] + (["avx512_vnni"] if FEAT["avx512_vnni"] else [])
+    + (["amx"] if FEAT["amx_granted"] else []),
+}
+KERNEL = {"generic": "generic", "amx_emulated": "amx_emulated", "avx512_bf16": "avx512",
+          "avx512_vnni": "avx512", "amx": "amx"}
+
+
+@pytest.fixture
+def forced():
+    """_force_path(...) for the test, restored afterwards."""
+    yield _precision._force_path
+    _precision._force_path(None)
+
+
+# ---------------------------------------------------------------------------- numpy emulation
+def bf16(a):
+    """float32 -> bfloat16 (as float32 values): nearest-even, subnormals to signed zero, NaN kept."""
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    u = a.view(np.uint32).astype(np.uint64)
+    nan = (u & 0x7FFFFFFF) > 0x7F800000
+    sub = (u & 0x7F800000) == 0
+    r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF
+    r = np.where(nan, ((u >> 16) | 0x40) & 0xFFFF, r)
+    r = np.where(sub, (u >> 16) & 0x8000, r)
+    return (r.astype(np.uint32) << 16).view(np.float32)
+
+
+def int8_rows(a):
+    """Symmetric per-row int8: (q as int64, scale float32 per row), as documented."""
+    a = np.asarray(a, dtype=np.float32)
+    amax = np.abs(a).max(axis=1)
+    bad = ~np.isfinite(amax)
+    live = (amax >= np.float32(2.0**-120)) & ~bad     # smaller rows quantize to zeros
+    safe = np.where(live, amax, np.float32(1))
+    inv = (np.float32(127) / safe).astype(np.float32)
+    q = np.clip(np.rint((a * inv[:, None]).astype(np.float32)), -127, 127)
+    q = np.where(live[:, None], q, 0).astype(np.int64)
+    scale = np.where(live, (amax / np.float32(127)).astype(np.float32), np.float32(0))
+    scale = np.where(bad, np.float32(np.nan), scale).astype(np.float32)
+    return q, scale
+
+
+def emu_matmul(precision, a, w):
+    """dequant(quant(a) . quant(w)^T): int8 bit for bit; bfloat16 in float64 (the kernels sum in
+    float32, so within a few float32 ulps of the sum of |terms|)."""
+    if precision == "bfloat16":
+        return (bf16(a).astype(np.float64) @ bf16(w).astype(np.float64).T).astype(np.float32)
+    qa, sa = int8_rows(a)
+    qw, sw = int8_rows(w)
+    acc = (qa @ qw.T).astype(np.int32).astype(np.float32)
+    return acc * (sa[:, None] * sw[None, :])
+
+
+def sigmoid(z):
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def emu_lstm(model, precision, x, h0=None, c0=None):
+    """The documented reduced-precision LSTM in numpy: x (T, B, I) time-major, full lengths."""
+    sd = model.state_dict()
+    T, B, _ = x.shape
+    L, D, H, Ho = model.num_layers, model.num_directions, model.hidden_size, model.hidden_out
+    h_n = np.zeros((L * D, B, Ho), np.float32) if h0 is None else h0.astype(np.float32).copy()
+    c_n = np.zeros((L * D, B, H), np.float32) if c0 is None else c0.astype(np.float32).copy()
+    inp = x.astype(np.float32)
+    for k in range(L):
+        y = np.zeros((T, B, D * Ho), np.float32)
+        for d in range(D):
+            sfx = f"_l{k}" + ("_reverse" if d else "")
+            w_ih, w_hh = sd["weight_ih" + sfx], sd["weight_hh" + sfx]
+            b = (sd["bias_ih" + sfx] + sd["bias_hh" + sfx]) if model.bias else np.zeros(4 * H, np.float32)
+            h, c = h_n[k * D + d].copy(), c_n[k * D + d].astype(np.float64)
+            gx = emu_matmul(precision, inp.reshape(T * B, -1), w_ih).reshape(T, B, 4 * H)
+            for t in (range(T) if d == 0 else range(T - 1, -1, -1)):
+                z = (emu_matmul(precision, h, w_hh).astype(np.float64) + gx[t] + b)
+                i, f, g, o = np.split(z, 4, axis=1)
+                c = sigmoid(f) * c + sigmoid(i) * np.tanh(g)
+                hr = (sigmoid(o) * np.tanh(c)).astype(np.float32)
+                h = emu_matmul(precision, hr, sd["weight_hr" + sfx]) if model.proj_size else hr
+                y[t, :, d * Ho:(d + 1) * Ho] = h
+            h_n[k * D + d], c_n[k * D + d] = h, c
+        inp = y
+    return inp, (h_n, c_n)
+
+
+def torch_model(I, H, seed=0, **kw):
+    torch.manual_seed(seed)
+    t = torch.nn.LSTM(I, H, **kw)
+    return t, lf.LSTM.from_torch(t)
+
+
+def maxerr(a, b):
+    return max(float(np.abs(np.asarray(p, np.float64) - np.asarray(q, np.float64)).max())
+               for p, q in zip(a, b))
+
+
+def flat(res):
+    out, (h, c) = res
+    return [out, h, c]
+
+
+# ---------------------------------------------------------------------------- quantization
+@pytest.mark.parametrize("precision", REDUCED)
+def test_quantized_rows_match_the_documented_rounding(precision, rng):
+    a = rng.standard_normal((9, 37)).astype(np.float32) * np.float32(3)
+    a[1] = 0
+    a[2, :5] = [1e-39, -1e-40, 0.5, -0.5, 2.5]     # subnormals, ties
+    a[3] = np.ldexp(np.float32(1), -126) * 0.75     # all subnormal
+    a[4, 3:] = 0                                     # zeros beside a tiny row maximum:
+    a[4, :3] = [1e-37, -2e-37, 5e-38]                # 127 / max would overflow
+    a[5, :3] = [1e-36, -2e-36, 3e-36]
+    q, s = _lowp.quantize_rows(precision, a)
+    if precision == "bfloat16":
+        np.testing.assert_array_equal((q.astype(np.uint32) << 16).view(np.float32), bf16(a))
+        assert ((q.astype(np.uint32) << 16).view(np.float32)[2, :2] == 0).all()
+    else:
+        want_q, want_s = int8_rows(a)
+        np.testing.assert_array_equal(q.astype(np.int64) - 128, want_q)
+        np.testing.assert_array_equal(s, want_s)
+
+
+def test_bf16_rounding_ties_to_even_and_nan():
+    x = np.array([1 + 2**-8, 1 + 3 * 2**-8, np.nan, np.inf, -np.inf, 3.3e38], np.float32)
+    q, _ = _lowp.quantize_rows("bfloat16", x[None])
+    got = (q[0].astype(np.uint32) << 16).view(np.float32)
+    assert got[0] == 1.0 and got[1] == 1 + 4 * 2**-8    # ties to even
+    assert np.isnan(got[2]) and got[3] == np.inf and got[4] == -np.inf
+    assert got[5] == bf16(x)[5]
+
+
+@pytest.mark.parametrize("precision", REDUCED)
+@pytest.mark.parametrize("shape", [(1, 128, 512), (7, 53, 37), (13, 300, 64), (17, 64, 1000)])
+def test_products_match_the_numpy_emulation_on_every_path(precision, shape, rng):
+    rows, k, n = shape
+    w = rng.standard_normal((n, k)).astype(np.float32) * np.float32(0.1)
+    a = rng.standard_normal((rows, k)).astype(np.float32)
+    packed = _lowp.Packed(precision, w)
+    want = emu_matmul(precision, a, w)
+    outs = {p: packed.matmul(KERNEL[p], a) for p in PATHS[precision]}
+    for path, got in outs.items():
+        if precision == "int8":
+            np.testing.assert_array_equal(got, want, err_msg=path)   # exact integer sums
+        else:
+            bound = 4 * k * np.finfo(np.float32).eps * (np.abs(bf16(a)) @ np.abs(bf16(w)).T)
+            assert (np.abs(got - want) <= bound + 1e-30).all(), path
+    if precision == "bfloat16" and "avx512_bf16" in outs:
+        # the generic path computes VDPBF16PS's chain (odd element first, FTZ): the same bits
+        np.testing.assert_array_equal(outs["generic"], outs["avx512_bf16"])
+
+
+def test_int8_row_with_nan_gives_nan_outputs_only_there(rng):
+    w = rng.standard_normal((20, 8)).astype(np.float32)
+    a = rng.standard_normal((3, 8)).astype(np.float32)
+    a[1, 2] = np.nan
+    out = _lowp.Packed("int8", w).matmul("generic", a)
+    assert np.isnan(out[1]).all() and np.isfinite(out[[0, 2]]).all()
+
+
+# ---------------------------------------------------------------------------- the model
+@pytest.mark.parametrize("precision", REDUCED)
+@pytest.mark.parametrize("kw", [{}, {"num_layers": 2, "bidirectional": True}, {"proj_size": 5},
+                                {"bias": False}], ids=["plain", "2layer-bidir", "proj", "nobias"])
+def test_model_matches_the_numpy_emulation(precision, kw, rng):
+    _, m = torch_model(6, 12, **kw)
+    x = rng.standard_normal((9, 4, 6)).astype(np.float32)
+    D = m.num_directions
+    h0 = rng.standard_normal((m.num_layers * D, 4, m.hidden_out)).astype(np.float32) * 0.5
+    c0 = rng.standard_normal((m.num_layers * D, 4, 12)).astype(np.float32) * 0.5
+    got = m.freeze(precision=precision)(x, (h0, c0))
+    want = emu_lstm(m, precision, x, h0, c0)
+    # the kernels' float32 cell vs numpy's float64 one: ~1e-7, except where that moves an int8
+    # activation across a rounding boundary (one quantum of one input: ~1e-3 at most here)
+    assert maxerr(flat(got), flat(want)) < (2e-3 if precision == "int8" else 1e-4)
+
+
+@pytest.mark.parametrize("kw", [{}, {"num_layers": 2}, {"bidirectional": True}, {"proj_size": 16}],
+                         ids=["plain", "2layer", "bidir", "proj"])
+@pytest.mark.parametrize("shape", [(20, 8, 32, 64), (50, 1, 16, 40)])
+def test_bfloat16_no_worse_than_torch_bfloat16_module(kw, shape):
+    T, B, I, H = shape
+    t, m = torch_model(I, H, seed=3, **kw)
+    x = np.random.default_rng(3).standard_normal((T, B, I)).astype(np.float32)
+    ref = flat(m(x))
+    ours = maxerr(flat(m.freeze(precision="bfloat16")(x)), ref)
+    tb = t.to(torch.bfloat16)
+    with torch.no_grad():
+        o, (h, c) = tb(torch.from_numpy(x).bfloat16())
+    theirs = maxerr([o.float().numpy(), h.float().numpy(), c.float().numpy()], ref)
+    assert ours <= theirs, (ours, theirs)
+
+
+@pytest.mark.parametrize("kw", [{}, {"num_layers": 2, "bidirectional": True}, {"proj_size": 32}],
+                         ids=["plain", "2layer-bidir", "proj"])
+@pytest.mark.parametrize("shape", [(30, 8, 64, 128), (100, 1, 128, 128), (10, 32, 256, 256)])
+def test_int8_within_2e_2_of_float32(kw, shape):
+    T, B, I, H = shape
+    _, m = torch_model(I, H, seed=1, **kw)
+    x = np.random.default_rng(1).standard_normal((T, B, I)).astype(np.float32)
+    assert maxerr(flat(m.freeze(precision="int8")(x)), flat(m(x))) < 2e-2
+
+
+@pytest.mark.parametrize("precision,bound", [("bfloat16", 2e-2), ("int8", 2e-2)])
+def test_long_sequences_do_not_accumulate_error(precision, bound):
+    """T = 1000: the error of the states settles (the forget gate damps it) instead of growing."""
+    _, m = torch_model(32, 64, seed=2)
+    x = np.random.default_rng(2).standard_normal((1000, 4, 32)).astype(np.float32)
+    ref_out, (ref_h, ref_c) = m(x)
+    out, (h, c) = m.freeze(precision=precision)(x)
+    err = np.abs(out - ref_out).max(axis=(1, 2))
+    assert err.max() < bound
+    assert err[500:].max() < 2 * err[:500].max() + 1e-3    # no growth over the second half
+    assert maxerr([h, c], [ref_h, ref_c]) < bound
+
+
+# ---------------------------------------------------------------------------- features
+@pytest.mark.parametrize("precision", REDUCED)
+def test_lengths_each_sequence_as_if_alone(precision, rng):
+    """Per-row activation scales: a sequence's result does not depend on the rest of the batch,
+    its padding or its position in it (bit for bit), in both directions."""
+    _, m = torch_model(5, 16, num_layers=2, bidirectional=True)
+    f = m.freeze(precision=precision)
+    x = rng.standard_normal((8, 4, 5)).astype(np.float32)
+    lengths = [8, 3, 5, 1]
+    out, (h, c) = f(x, lengths=lengths)
+    for b, n in enumerate(lengths):
+        o1, (h1, c1) = f(x[:n, b:b + 1])
+        np.testing.assert_array_equal(out[:n, b:b + 1], o1)
+        assert not out[n:, b].any()
+        np.testing.assert_array_equal(h[:, b:b + 1], h1)
+        np.testing.assert_array_equal(c[:, b:b + 1], c1)
+
+
+@pytest.mark.parametrize("precision", REDUCED)
+def test_layouts_initial_states_unbatched(precision, rng):
+    _, m = torch_model(5, 8, num_layers=2, proj_size=3)
+    f = m.freeze(precision=precision)
+    x = rng.standard_normal((6, 3, 5)).astype(np.float32)
+    h0 = rng.standard_normal((2, 3, 3)).astype(np.float32)
+    c0 = rng.standard_normal((2, 3, 8)).astype(np.float32)
+    out, (h, c) = f(x, (h0, c0))
+    assert out.dtype == np.float32 and out.shape == (6, 3, 3)
+    assert maxerr([out, h, c], flat(m(x, (h0, c0)))) < 3e-2
+    fb = lf.LSTM.from_torch(torch.nn.LSTM(5, 8, num_layers=2, proj_size=3, batch_first=True))
+    fb.load_state_dict(m.state_dict())
+    ob, (hb, cb) = fb.freeze(precision=precision)(x.transpose(1, 0, 2), (h0, c0))
+    np.testing.assert_array_equal(ob, out.transpose(1, 0, 2))
+    np.testing.assert_array_equal(hb, h)
+    ou, (hu, cu) = f(x[:, 1], (h0[:, 1], c0[:, 1]))    # unbatched
+    np.testing.assert_array_equal(ou, out[:, 1])
+    np.testing.assert_array_equal(cu, c[:, 1])
+    o64, _ = f(x.astype(np.float64), (h0, c0))        # float64 input: converted, like m
+    np.testing.assert_array_equal(o64, out)
+
+
+@pytest.mark.parametrize("precision", REDUCED)
+def test_step_gives_the_sequence_bits(precision, rng):
+    _, m = torch_model(5, 24, num_layers=2, proj_size=6)
+    f = m.freeze(precision=precision)
+    x = rng.standard_normal((7, 3, 5)).astype(np.float32)
+    out, (h, c) = f(x)
+    state = f.zero_state(3)
+    for t in range(7):
+        y, state = f.step(x[t], state)
+        np.testing.assert_array_equal(y, out[t])
+    np.testing.assert_array_equal(state[0], h)
+    np.testing.assert_array_equal(state[1], c)
+    y1, _ = f.step(x[0, 0], f.zero_state())          # unbatched step
+    np.testing.assert_array_equal(y1, out[0, 0])
+
+
+@pytest.mark.parametrize("precision", REDUCED)
+@pytest.mark.parametrize("shape", [(12, 1, 64, 128), (6, 20, 48, 96), (5, 70, 128, 256)])
+def test_one_and_two_threads_give_the_same_bits(precision, shape, rng):
+    T, B, I, H = shape
+    _, m = torch_model(I, H, bidirectional=True)
+    f = m.freeze(precision=precision)
+    x = rng.standard_normal((T, B, I)).astype(np.float32)
+    lengths = rng.integers(1, T + 1, size=B)
+    lengths[0] = T
+    with lf.threads(1):
+        one = flat(f(x, lengths=lengths))
+    with lf.threads(2):
+        two = flat(f(x, lengths=lengths))
+    for a, b in zip(one, two):
+        np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------------------- paths
+@pytest.mark.parametrize("precision", REDUCED)
+def test_every_path_same_bits_int8_close_bfloat16(precision, forced, rng):
+    _, m = torch_model(40, 48, num_layers=2, bidirectional=True, proj_size=20)
+    x = rng.standard_normal((9, 19, 40)).astype(np.float32)
+    got = {}
+    for path in PATHS[precision]:
+        forced(path)
+        f = m.freeze(precision=precision)
+        assert f.kernel_path == path
+        got[path] = flat(f(x))
+    forced(None)
+    base = got["generic"]
+    for path, res in got.items():
+        if precision == "int8" or path == "avx512_bf16":
+            for a, b in zip(base, res):
+                np.testing.assert_array_equal(a, b, err_msg=path)
+        else:   # AMX's TDPBF16PS rounds after each element, even first: a few float32 ulps
+            assert maxerr(res, base) < 1e-4, path
+
+
+def _run_in_child(isa, precision):
+    code = (
+        "import numpy as np, lstm_fast as lf, torch, sys\n"
+        "torch.manual_seed(0)\n"
+        "m = lf.LSTM.from_torch(torch.nn.LSTM(16, 32, bidirectional=True))\n"
+        f"f = m.freeze(precision={precision!r})\n"
+        "x = np.random.default_rng(0).standard_normal((5, 3, 16)).astype(np.float32)\n"
+        "sys.stdout.write(f.kernel_path + ' ' + f(x)[0].tobytes().hex())\n"
+    )
+    env = dict(os.environ, LSTM_FAST_ISA=isa)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    path, data = res.stdout.split()
+    return path, data
+
+
+@pytest.mark.parametrize("precision", REDUCED)
+def test_lstm_fast_isa_forces_a_lower_path(precision):
+    path_g, bits_g = _run_in_child("generic", precision)
+    assert path_g == "generic"
+    path_a, bits_a = _run_in_child("avx512", precision)
+    assert path_a in ("generic", "avx512_bf16", "avx512_vnni")
+    assert _run_in_child("avx2", precision)[0] == "generic"
+    # int8 everywhere, bfloat16 between generic and VDPBF16PS: the same bits
+    assert bits_g == bits_a
+
+
+def test_bad_isa_value_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("LSTM_FAST_ISA", "sse9")
+    with pytest.raises(ValueError, match="LSTM_FAST_ISA"):
+        lf.LSTM(3, 4, seed=0).freeze(precision="int8")
+
+
+def test_show_config_names_the_path_of_each_precision(capsys):
+    lf.show_config()
+    text = capsys.readouterr().out
+    for precision in ("float32", "bfloat16", "int8"):
+        line = [ln for ln in text.splitlines() if ln.strip().startswith(f"path {precision}")]
+        assert line, text
+    cfg = lf._config.config()
+    assert cfg["path bfloat16"] == _precision.path_for("bfloat16")
+    assert cfg["path int8"] in ("amx", "avx512_vnni", "generic")
+
+
+# ---------------------------------------------------------------------------- files, errors
+@pytest.mark.parametrize("precision", REDUCED)
+@pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
+def test_save_load_and_pickle_keep_precision_and_bits(precision, suffix, tmp_path, rng):
+    if suffix == ".safetensors":
+        pytest.importorskip("safetensors")
+    _, m = torch_model(6, 10, num_layers=2, proj_size=4)
+    f = m.freeze(precision=precision)
+    x = rng.standard_normal((5, 2, 6)).astype(np.float32)
+    want = flat(f(x))
+    path = tmp_path / f"m{suffix}"
+    f.save(path)
+    for g in (lf.load(path), pickle.loads(pickle.dumps(f))):
+        assert isinstance(g, lf.FrozenLSTM) and g.precision == precision
+        for a, b in zip(flat(g(x)), want):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_float32_freeze_unchanged():
+    m = lf.LSTM(4, 6, seed=0)
+    f = m.freeze()
+    assert f.precision == "float32" and f.freeze() is f and f.freeze("float32") is f
+    x = np.random.default_rng(0).standard_normal((3, 2, 4)).astype(np.float32)
+    for a, b in zip(flat(f(x)), flat(m(x))):
+        np.testing.assert_array_equal(a, b)
+    g = f.freeze("int8")                        # a frozen model converts to another precision
+    assert g.precision == "int8" and maxerr(flat(g(x)), flat(m(x))) < 2e-2
+
+
+def test_bad_precision_requests_are_clear_errors():
+    m = lf.LSTM(4, 6, seed=0)
+    for bad in ("float16", "bf16", "INT8", 8, None):
+        with pytest.raises(ValueError, match="precision must be one of"):
+            m.freeze(precision=bad)
+    with pytest.raises(ValueError, match="float32 model"):
+        lf.LSTM(4, 6, dtype=np.float64, seed=0).freeze(precision="bfloat16")
+    for value in (np.nan, np.inf):
+        m2 = lf.LSTM(4, 6, seed=0)
+        m2.parameters()["weight_hh_l0"][1, 2] = value
+        for precision in REDUCED:
+            with pytest.raises(ValueError, match="weight_hh_l0.*NaN or inf"):
+                m2.freeze(precision=precision)
+    m3 = lf.LSTM(4, 6, seed=0)
+    m3.parameters()["weight_ih_l0"][0, 0] = 3.4e38
+    with pytest.raises(ValueError, match="bfloat16's largest"):
+        m3.freeze(precision="bfloat16")
+
+
+def test_reduced_model_is_still_read_only():
+    f = lf.LSTM(4, 6, seed=0).freeze(precision="int8")
+    with pytest.raises(TypeError):
+        f.load_state_dict(f.state_dict())
+    with pytest.raises(ValueError):
+        f.parameters()["weight_ih_l0"][0, 0] = 1.0
