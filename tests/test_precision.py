@@ -361,10 +361,20 @@ def test_lstm_fast_isa_forces_a_lower_path(precision):
     assert bits_g == bits_a
 
 
-def test_bad_isa_value_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv("LSTM_FAST_ISA", "sse9")
-    with pytest.raises(ValueError, match="LSTM_FAST_ISA"):
-        lf.LSTM(3, 4, seed=0).freeze(precision="int8")
+def test_an_unknown_isa_value_warns_and_is_ignored():
+    # the same rule as the float32 kernels (lstm_fast._cpu): a warning naming the variable and
+    # the accepted values, then the paths the CPU would run without it
+    code = ("import warnings, lstm_fast as lf, lstm_fast._precision as p, lstm_fast._cpu as c\n"
+            "warnings.simplefilter('always')\n"
+            "c.isa()\n"
+            "print(p.path_for('int8'), p.path_for('bfloat16'), c.isa())\n")
+    run = lambda env: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                     env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    base = {k: val for k, val in os.environ.items() if k != "LSTM_FAST_ISA"}
+    bad, good = run(dict(base, LSTM_FAST_ISA="sse9")), run(base)
+    assert bad.returncode == 0 and good.returncode == 0, bad.stderr + good.stderr
+    assert "LSTM_FAST_ISA" in bad.stderr and "generic" in bad.stderr, bad.stderr
+    assert bad.stdout == good.stdout
 
 
 def test_show_config_names_the_path_of_each_precision(capsys):
