@@ -837,7 +837,10 @@ def _changes_dtype(cast, values, dtype):
     before, after = values.get(cast.input[0]), values.get(cast.output[0])
     if before is not None and after is not None:
         return before.dtype != after.dtype
-    return helper.tensor_dtype_to_np_dtype(_attrs(cast).get("to", 0) or 1) != dtype
+    try:
+        return helper.tensor_dtype_to_np_dtype(_attrs(cast).get("to", 0)) != dtype
+    except (KeyError, ValueError, TypeError):   # an undefined target type: not the LSTM's
+        return True
 
 
 def _after_lstm(graph, values, dtype):
