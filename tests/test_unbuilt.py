@@ -25,6 +25,11 @@ def _copy(tmp_path, keep_extensions):
     dest = tmp_path / "checkout" / "lstm_fast"
     shutil.copytree(PKG, dest, ignore=shutil.ignore_patterns("__pycache__", *(() if keep_extensions else
                                                                             ("*.so", "*.pyd"))))
+    # a wheel repaired by auditwheel keeps the libraries it vendors (libgomp) in lstm_fast.libs
+    # beside the package, and its extensions find them by a relative rpath
+    vendored = os.path.join(os.path.dirname(PKG), "lstm_fast.libs")
+    if keep_extensions and os.path.isdir(vendored):
+        shutil.copytree(vendored, dest.parent / "lstm_fast.libs")
     return dest
 
 
