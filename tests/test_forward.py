@@ -406,9 +406,13 @@ def test_wide_mode_on_large_hidden_matches_torch(dtype, packed):
     torch = _torch()
     from lstm_fast import _forward
     if packed:
-        assert _forward.recurrence_mode(5, 300, 200, np.dtype(dtype).itemsize, True, 2) == "chunked"
-        assert _forward.recurrence_mode(5, 300, 200, np.dtype(dtype).itemsize, True, 1) == "wide"
-        m = lf.LSTM(24, 300, proj_size=200, dtype=dtype, seed=0)
+        # the threshold is derived from this CPU's L2: a hidden size whose W_hh (with proj 200)
+        # is just past it
+        limit = _forward.kernel_settings()["packed_wide_bytes"]
+        hidden = max(300, -(-limit // (4 * 200 * 4)) + 1)
+        assert _forward.recurrence_mode(5, hidden, 200, np.dtype(dtype).itemsize, True, 2) == "chunked"
+        assert _forward.recurrence_mode(5, hidden, 200, np.dtype(dtype).itemsize, True, 1) == "wide"
+        m = lf.LSTM(24, hidden, proj_size=200, dtype=dtype, seed=0)
     else:
         assert _forward.recurrence_mode(5, 300, 200, np.dtype(dtype).itemsize) == "wide"
         m = lf.LSTM(24, 300, bidirectional=True, proj_size=200, dtype=dtype, seed=0)
