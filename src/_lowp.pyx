@@ -182,6 +182,9 @@ def layer_forward(str precision, str path, const float[:, :, ::1] x, list ih, li
     cdef int p = PATHS[path]
     cdef int d
     cdef Packed pk
+    # also asks the OS for the AMX tile state (once): a tile instruction before that is SIGILL
+    if not lf_lp_path_ok(kind, p):
+        raise ValueError(f"the {path} path cannot run {precision} on this CPU")
     L.kind = kind
     L.path = p
     L.T = x.shape[0]

@@ -6,8 +6,10 @@
      chain over the input pairs in order, acc = acc + w[2p+1]*x[2p+1]; acc = acc + w[2p]*x[2p]
      (the products of two bfloat16 are exact in float32), a subnormal sum flushed to zero: what
      VDPBF16PS does, measured bit for bit on AMD Zen 5 (3.2M random cases); the generic path
-     computes the same, so both give the same bits. AMX's TDPBF16PS (Intel's pseudocode: even
-     element first) is emulated as written and differs from them in the last bits.
+     computes the same, so both give the same bits. AMX's TDPBF16PS sums differently (an even and an
+     odd chain per 32 inputs, then added to the accumulator: lf_emu_dpbf16, measured bit for bit
+     on a Xeon with AMX); its emulation gives the hardware's bits, and differs from the other
+     paths in the last bits.
    - int8: weights symmetric per output row, s_w = max|w_row| / 127, q = rint(w * (127 /
      max|w_row|)) in [-127, 127]; activations symmetric per row (a batch row of x_t or h_{t-1}),
      s_x = max|x_row| / 127, stored as q + 128 in uint8 for VPDPBUSD (u8 x s8), corrected by
@@ -254,17 +256,23 @@ static inline void lf_emu_store(lf_tile* T, int t, void* p, size_t stride) {
     for (int m = 0; m < T[t].rows; m++)
         memcpy((uint8_t*) p + m * stride, T[t].d + 64 * m, (size_t) T[t].colsb);
 }
-/* TDPBF16PS as Intel's pseudocode writes it: per pair, the even element's product first */
+/* TDPBF16PS as the hardware computes it (measured on a Xeon with AMX, family 6 model 0xa7; Intel's
+   pseudocode, one chain with the even element first, is not what it does): per output, the even
+   elements' products summed in one float32 chain over the tile's 16 pairs, the odd elements' in
+   another, both from zero; then their sum, then that added to C, each step rounded to nearest
+   even with subnormal results flushed to zero. */
 static inline void lf_emu_dpbf16(lf_tile* T, int c, int a, int b) {
     for (int m = 0; m < T[c].rows; m++) {
         float* cr = (float*) (T[c].d + 64 * m);
         const uint16_t* ar = (const uint16_t*) (T[a].d + 64 * m);
-        for (int k = 0; k < T[a].colsb / 4; k++) {
-            const uint16_t* br = (const uint16_t*) (T[b].d + 64 * k);
-            for (int n = 0; n < T[c].colsb / 4; n++) {
-                float t = lf_ftz(cr[n] + lf_bf16_to_f32(ar[2 * k]) * lf_bf16_to_f32(br[2 * n]));
-                cr[n] = lf_ftz(t + lf_bf16_to_f32(ar[2 * k + 1]) * lf_bf16_to_f32(br[2 * n + 1]));
+        for (int n = 0; n < T[c].colsb / 4; n++) {
+            float e = 0.0f, o = 0.0f;
+            for (int k = 0; k < T[a].colsb / 4; k++) {
+                const uint16_t* br = (const uint16_t*) (T[b].d + 64 * k);
+                e = lf_ftz(e + lf_bf16_to_f32(ar[2 * k]) * lf_bf16_to_f32(br[2 * n]));
+                o = lf_ftz(o + lf_bf16_to_f32(ar[2 * k + 1]) * lf_bf16_to_f32(br[2 * n + 1]));
             }
+            cr[n] = lf_ftz(cr[n] + lf_ftz(e + o));
         }
     }
 }

@@ -172,6 +172,26 @@ def test_products_match_the_numpy_emulation_on_every_path(precision, shape, rng)
     if precision == "bfloat16" and "avx512_bf16" in outs:
         # the generic path computes VDPBF16PS's chain (odd element first, FTZ): the same bits
         np.testing.assert_array_equal(outs["generic"], outs["avx512_bf16"])
+    if "amx" in outs:
+        # the emulation of TDPBF16PS (even and odd chains per tile) gives the hardware's bits
+        np.testing.assert_array_equal(outs["amx"], outs["amx_emulated"])
+
+
+@pytest.mark.skipif(not FEAT["amx_granted"], reason="no AMX on this CPU")
+@pytest.mark.parametrize("precision", REDUCED)
+def test_amx_hardware_matches_its_emulation_bit_for_bit(precision, rng):
+    """Random shapes (partial tiles of rows, inputs and outputs), magnitudes over 12 decades and
+    products that underflow: the real tile instructions against their C emulation."""
+    for trial in range(60):
+        rows, k, n = int(rng.integers(1, 40)), int(rng.integers(1, 200)), int(rng.integers(1, 100))
+        w = (rng.standard_normal((n, k)) * 0.1).astype(np.float32)
+        a = (rng.standard_normal((rows, k)) * np.exp(rng.uniform(-7, 7, (rows, k)))).astype(np.float32)
+        if trial % 6 == 0:
+            a *= np.float32(1e-20)
+            w *= np.float32(1e-18)
+        packed = _lowp.Packed(precision, w)
+        hw, emu = packed.matmul("amx", a), packed.matmul("amx_emulated", a)
+        np.testing.assert_array_equal(hw.view(np.uint32), emu.view(np.uint32), err_msg=str((rows, k, n)))
 
 
 def test_int8_row_with_nan_gives_nan_outputs_only_there(rng):
@@ -324,11 +344,14 @@ def test_every_path_same_bits_int8_close_bfloat16(precision, forced, rng):
         got[path] = flat(f(x))
     forced(None)
     base = got["generic"]
+    if "amx" in got:
+        for a, b in zip(got["amx"], got["amx_emulated"]):
+            np.testing.assert_array_equal(a, b)
     for path, res in got.items():
         if precision == "int8" or path == "avx512_bf16":
             for a, b in zip(base, res):
                 np.testing.assert_array_equal(a, b, err_msg=path)
-        else:   # AMX's TDPBF16PS rounds after each element, even first: a few float32 ulps
+        else:   # AMX's TDPBF16PS sums even and odd elements apart: a few float32 ulps
             assert maxerr(res, base) < 1e-4, path
 
 
@@ -442,3 +465,22 @@ def test_reduced_model_is_still_read_only():
         f.load_state_dict(f.state_dict())
     with pytest.raises(ValueError):
         f.parameters()["weight_ih_l0"][0, 0] = 1.0
+
+
+@pytest.mark.skipif(not FEAT["amx_granted"], reason="no AMX on this CPU")
+def test_forced_amx_path_asks_for_the_tile_state_first():
+    """A process whose first reduced-precision call runs the AMX path (nothing asked the OS for
+    the tile state before): was SIGILL."""
+    code = (
+        "import numpy as np, lstm_fast as lf\n"
+        "from lstm_fast import _precision\n"
+        "_precision._force_path('amx')\n"
+        "m = lf.LSTM(8, 16)\n"
+        "f = m.freeze(precision='int8')\n"
+        "print(f(np.ones((3, 2, 8), np.float32))[0].shape)\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, (res.returncode, res.stderr)
+    assert res.stdout.strip() == "(3, 2, 16)"
