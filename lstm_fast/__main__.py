@@ -1,4 +1,4 @@
-"""Command line: `python -m lstm_fast {demo,info}`."""
+"""Command line: `python -m lstm_fast {demo,info,bench}`."""
 import argparse
 import sys
 

@@ -25,6 +25,7 @@ def config():
         "affinity_cores": _threads._affinity_cores(),
         "cgroup_cpu_quota": _cgroup_text(),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "omp_wait": _omp_wait_text(),
         "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
         "OPENBLAS_L2_SIZE": os.environ.get("OPENBLAS_L2_SIZE"),
         "build_flags": _threading.build_flags(),
@@ -54,6 +55,17 @@ def config():
     for precision, path in _precision.paths().items():
         info[f"path {precision}"] = path
     return info
+
+
+def _omp_wait_text():
+    """The OpenMP wait settings libgomp was loaded with, and who set them."""
+    from . import _OMP_WAIT_SOURCE
+
+    spin = os.environ.get("GOMP_SPINCOUNT")
+    policy = os.environ.get("OMP_WAIT_POLICY")
+    parts = [f"GOMP_SPINCOUNT={spin}"] if spin is not None else []
+    parts += [f"OMP_WAIT_POLICY={policy}"] if policy is not None else []
+    return f"{' '.join(parts) or 'libgomp default'} ({_OMP_WAIT_SOURCE})"
 
 
 def _cgroup_text():

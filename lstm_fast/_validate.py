@@ -38,7 +38,22 @@ def float_array(value, name, dtype):
     Real floating input (float16/32/64) is converted to the model's dtype (a documented cast);
     anything else (ints, bools, complex, objects, strings) is a TypeError.
     """
-    arr = value if isinstance(value, np.ndarray) else np.asarray(value)
+    if isinstance(value, np.ndarray):
+        arr = value
+    else:
+        try:
+            arr = np.asarray(value)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            # e.g. a torch bfloat16 tensor: numpy has no such dtype and torch's own message
+            # ("Got unsupported ScalarType BFloat16") names neither the argument nor a fix.
+            dt = getattr(value, "dtype", None)
+            if dt is None:
+                raise
+            raise TypeError(
+                f"{name} has dtype {dt}, which numpy cannot hold ({type(value).__name__}); "
+                f"lstm_fast accepts float16, float32 or float64 (convert first, e.g. "
+                f"{name}.float() for a torch tensor)"
+            ) from exc
     if arr.dtype.kind != "f":
         raise TypeError(
             f"{name} must be a floating-point array (float32 or float64), got dtype {arr.dtype}"

@@ -190,3 +190,22 @@ def test_omp_num_threads_wins_over_affinity():
         print(lf.get_num_threads(), _threads.thread_source())
     """, env={"OMP_NUM_THREADS": "3"})
     assert out == "3 3 (OMP_NUM_THREADS)"
+
+
+@pytest.mark.parametrize("env, spin, source", [
+    ({}, "300", "GOMP_SPINCOUNT=300 (lstm_fast default)"),
+    ({"GOMP_SPINCOUNT": "5000"}, "5000", "GOMP_SPINCOUNT=5000 (user)"),
+    ({"OMP_WAIT_POLICY": "active"}, None, "OMP_WAIT_POLICY=active (user)"),
+])
+def test_omp_wait_default_only_when_the_user_set_none(env, spin, source):
+    """A short libgomp spin by default (busy cores: docs/threads.md); the user's setting wins."""
+    import os
+    import subprocess
+    import sys
+
+    base = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    code = ("import os, lstm_fast, lstm_fast._config as c; "
+            "print(os.environ.get('GOMP_SPINCOUNT')); print(c.config()['omp_wait'])")
+    out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True,
+                         text=True, check=True).stdout.splitlines()
+    assert out == [str(spin), source]

@@ -64,6 +64,21 @@ def test_bad_states(model):
         model(x, (good_h.astype(np.int32), good_h))
 
 
+def test_torch_bfloat16_names_the_argument(model):
+    torch = pytest.importorskip("torch")
+    x = torch.zeros((5, 3, 4), dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match=r"x has dtype torch.bfloat16.*float16, float32 or float64"):
+        model(x)
+    # the float32 tensor of the same values is accepted, so the refusal is about the dtype
+    out, _ = model(x.float())
+    assert out.shape == (5, 3, 12)
+    good_h = torch.zeros((4, 3, 6))
+    with pytest.raises(TypeError, match=r"h0 has dtype torch.bfloat16"):
+        model(x.float(), (good_h.bfloat16(), good_h))
+    with pytest.raises(TypeError, match=r"c0 has dtype torch.bfloat16"):
+        model(x.float(), (good_h, good_h.bfloat16()))
+
+
 @pytest.mark.parametrize("lengths, error, match", [
     ([5, 5], ValueError, r"lengths has shape \(2,\), expected \(3,\)"),
     ([5, 0, 3], ValueError, "lengths must lie in 1..5"),
