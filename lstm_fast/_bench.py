@@ -472,7 +472,8 @@ def run_contended(quick=False, repeats=3, min_time=0.05, out_md=None, pause=0.02
     except ImportError:
         have_torch = False
     print("Machine:\n" + machine_description())
-    print(f"- omp_wait: {config()['omp_wait']}")
+    wait = f"- omp_wait: {config().get('omp_wait', 'libgomp default')}"
+    print(wait)
     print(f"- busy: a helper process spinning on one core; thread counts {counts}; "
           f"mean ms per call, median of {repeats} rounds", flush=True)
     cases = [("train " + _shape_name(SMALL_TRAIN), SMALL_TRAIN, True)]
@@ -524,5 +525,5 @@ def run_contended(quick=False, repeats=3, min_time=0.05, out_md=None, pause=0.02
     print("\n" + table)
     if out_md:
         with open(out_md, "w") as f:
-            f.write("Machine:\n" + machine_description() + "\n\n" + table + "\n")
+            f.write("Machine:\n" + machine_description() + "\n" + wait + "\n\n" + table + "\n")
     return results
