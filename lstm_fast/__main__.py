@@ -24,6 +24,9 @@ def main(argv=None):
                        help="grid rows to run, comma-separated indices (default: all)")
     bench.add_argument("--train", action="store_true",
                        help="time a training step (forward + backward) against torch autograd instead")
+    bench.add_argument("--contended", action="store_true",
+                       help="each shape idle and with one core busy (a helper process), default "
+                            "threads and one thread, torch beside")
     args = parser.parse_args(argv)
     if args.command == "demo":
         from ._demo import run
@@ -32,6 +35,12 @@ def main(argv=None):
     if args.command == "bench":
         from ._bench import run
 
+        if args.contended:
+            from ._bench import run_contended
+
+            run_contended(quick=args.quick, repeats=args.repeats if args.repeats != 5 else 3,
+                          out_md=args.out if args.out != "bench.md" else None)
+            return 0
         counts = tuple(int(t) for t in args.threads.split(","))
         if args.train:
             from ._bench import run_training

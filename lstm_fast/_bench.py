@@ -435,3 +435,95 @@ def _plot(rows, path):
     fig.savefig(path, dpi=100)
     plt.close(fig)
     print(f"wrote {path}")
+
+
+# The small training step of issue 18: LSTM(1, 32), batch 32, T=30, forward_train + backward.
+SMALL_TRAIN = (30, 32, 1, 32, 1, False)
+BUSY_CODE = "import time, sys\nend = time.monotonic() + float(sys.argv[1])\nwhile time.monotonic() < end: pass\n"
+
+
+@contextlib.contextmanager
+def busy_core(seconds):
+    """A helper process spinning on one core for at most `seconds` (its own bound), killed on exit
+    of the block whatever happens."""
+    proc = subprocess.Popen([sys.executable, "-c", BUSY_CODE, str(seconds)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    try:
+        time.sleep(0.2)    # let it start spinning
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def run_contended(quick=False, repeats=3, min_time=0.05, out_md=None, pause=0.02, busy_seconds=900):
+    """Each shape idle and with one core busy, default threads and one thread, torch beside (same
+    thread counts): the figures of docs/threads.md. Times are the mean per call (stalls count)."""
+    from . import get_num_threads
+
+    grid = [GRID[0], GRID[3]] if quick else [GRID[0], GRID[1], GRID[3], GRID[4], GRID[5], GRID[6]]
+    if quick:
+        repeats, min_time, busy_seconds = 1, 0.005, 60
+    default = get_num_threads()
+    counts = [default, 1] if default != 1 else [1]
+    try:
+        import torch  # noqa: F401 (only whether it is there)
+        have_torch = True
+    except ImportError:
+        have_torch = False
+    print("Machine:\n" + machine_description())
+    wait = f"- omp_wait: {config().get('omp_wait', 'libgomp default')}"
+    print(wait)
+    print(f"- busy: a helper process spinning on one core; thread counts {counts}; "
+          f"mean ms per call, median of {repeats} rounds", flush=True)
+    cases = [("train " + _shape_name(SMALL_TRAIN), SMALL_TRAIN, True)]
+    cases += [("infer " + _shape_name(s), s, False) for s in grid]
+    results = {}
+
+    def measure(load):
+        for label, shape, train in cases:
+            T, B, I, H, layers, bi = shape
+            model = LSTM(I, H, num_layers=layers, bidirectional=bi, seed=0)
+            x = np.random.default_rng(0).standard_normal((T, B, I)).astype(np.float32)
+            for n in counts:
+                runners = {"lstm_fast": _lf_train_runner(model, x) if train else model.__call__}
+                if not train:
+                    runners["lstm_fast"] = (lambda m=model, x=x: m(x))
+                if have_torch:
+                    runners["torch"] = (_torch_train_runner if train else _torch_runner)(model, x, n)
+                times = {name: [] for name in runners}
+                with threads(n):
+                    for _ in range(repeats):
+                        for name, fn in runners.items():
+                            time.sleep(pause)
+                            times[name].append(_timer(fn, min_time))
+                for name, ts in times.items():
+                    results[(label, load, n, name)] = float(np.median(ts))
+                print(f"  {load:<4} {n} thr  {label:<34} " + "  ".join(
+                    f"{name} {results[(label, load, n, name)] * 1e3:8.3f} ms" for name in runners),
+                    flush=True)
+
+    measure("idle")
+    with busy_core(busy_seconds):
+        measure("busy")
+    names = ["lstm_fast"] + (["torch"] if have_torch else [])
+    head = ["case"]
+    for name in names:
+        head += [f"{name} {load} {n}t" for load in ("idle", "busy") for n in counts]
+        if len(counts) > 1:
+            head.append(f"{name} busy {counts[0]}t/1t")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, _, _ in cases:
+        cells = [label]
+        for name in names:
+            cells += [f"{results[(label, load, n, name)] * 1e3:.3f}" for load in ("idle", "busy")
+                      for n in counts]
+            if len(counts) > 1:
+                cells.append(f"{results[(label, 'busy', counts[0], name)] / results[(label, 'busy', 1, name)]:.2f}x")
+        lines.append("| " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    print("\n" + table)
+    if out_md:
+        with open(out_md, "w") as f:
+            f.write("Machine:\n" + machine_description() + "\n" + wait + "\n\n" + table + "\n")
+    return results

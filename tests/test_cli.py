@@ -39,3 +39,19 @@ def test_bench_quick_runs(tmp_path):
 
 def test_unknown_command_fails():
     assert _run("nope").returncode != 0
+
+
+def test_bench_contended_quick_runs_and_kills_its_helper(tmp_path):
+    """The contended table: idle and busy rows for the training step and the grid shapes (not timed)."""
+    import re
+
+    out = tmp_path / "c.md"
+    result = _run("bench", "--contended", "--quick", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    table = out.read_text()
+    assert "train T30 B32 I1 H32 L1" in table and "infer T100 B1 I32 H64 L1" in table
+    assert re.search(r"lstm_fast idle \d+t", table) and re.search(r"lstm_fast busy \d+t", table)
+    assert "GOMP_SPINCOUNT" in result.stdout
+    # the busy helper is gone once the command returns
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert "while time.monotonic() < end" not in ps
