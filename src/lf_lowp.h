@@ -629,6 +629,52 @@ lf_amx_epi_avx512(const lf_lp_mat* W, const float* ct, int m, int r, int blk, co
     }
 }
 
+/* bfloat16, one row (batch-1 steps), in TDPBF16PS's order with VDPBF16PS: a tile's fixed cost is
+   for 16 rows. Per 32 inputs an even chain (x's odd element zeroed: VDPBF16PS adds w*0 exactly,
+   then the even product) and an odd chain, then C + (E + O) with subnormals flushed: the AMX bits. */
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) static inline __m512 lf_ftz512(__m512 v) {
+    const __mmask16 tiny = _mm512_cmp_ps_mask(_mm512_abs_ps(v), _mm512_set1_ps(FLT_MIN), _CMP_LT_OQ);
+    return _mm512_mask_mov_ps(v, tiny, _mm512_castsi512_ps(_mm512_and_si512(
+        _mm512_castps_si512(v), _mm512_set1_epi32((int) 0x80000000u))));
+}
+#define LF_B1_EACH(M) M(0) M(1) M(2) M(3) M(4) M(5) M(6) M(7)
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) static void
+lf_amx_order_bf16_row(const lf_lp_mat* W, const uint16_t* a, int b0, int b1, float* out) {
+    const int kp = W->kp;
+    const size_t bs = (size_t) 16 * kp;
+    for (int b = b0; b < b1; b += 8) {
+        const int nq = b1 - b < 8 ? b1 - b : 8;
+        const uint16_t* w = (const uint16_t*) W->w + (size_t) b * bs;
+#define LF_B1_DECL(q) __m512 c##q = _mm512_setzero_ps();
+        LF_B1_EACH(LF_B1_DECL)
+        for (int kt = 0; kt < kp / 32; kt++) {
+#define LF_B1_EO(q) __m512 e##q = _mm512_setzero_ps(), o##q = _mm512_setzero_ps();
+            LF_B1_EACH(LF_B1_EO)
+            for (int p = 16 * kt; p < 16 * kt + 16; p++) {
+                const int32_t pair = lf_load32(a + 2 * p);
+                const __m512i xe = _mm512_set1_epi32(pair & 0xFFFF);
+                const __m512i xo = _mm512_set1_epi32((int32_t) ((uint32_t) pair & 0xFFFF0000u));
+                const uint16_t* wp = w + (size_t) p * 32;
+#define LF_B1_DP(q) if (q < nq) { const __m512i wv = _mm512_loadu_si512((const void*) (wp + q * bs)); \
+                e##q = _mm512_dpbf16_ps(e##q, (__m512bh) wv, (__m512bh) xe);                          \
+                o##q = _mm512_dpbf16_ps(o##q, (__m512bh) wv, (__m512bh) xo); }
+                LF_B1_EACH(LF_B1_DP)
+            }
+#define LF_B1_ACC(q) c##q = lf_ftz512(_mm512_add_ps(c##q, lf_ftz512(_mm512_add_ps(e##q, o##q))));
+            LF_B1_EACH(LF_B1_ACC)
+        }
+#define LF_B1_ST(q) if (q < nq) { const int j0 = 16 * (b + q), left = W->n - j0;                      \
+            _mm512_mask_storeu_ps(out + j0, left >= 16 ? (__mmask16) 0xFFFF                          \
+                                  : (__mmask16) ((1u << left) - 1u), c##q); }
+        LF_B1_EACH(LF_B1_ST)
+#undef LF_B1_DECL
+#undef LF_B1_EO
+#undef LF_B1_DP
+#undef LF_B1_ACC
+#undef LF_B1_ST
+    }
+}
+
 #define LF_HW_ATTR __attribute__((target("amx-tile,amx-bf16,amx-int8,avx512f,avx512bw")))
 #define LF_HW_DECL
 #define LF_HW_CFG(c) _tile_loadconfig((const void*) (c))
@@ -659,6 +705,12 @@ static int lf_lp_path_ok(int kind, int path) {
 }
 
 #define LF_LP_AMX_MIN_ROWS 4
+static int lf_lp_bf16_cached(void) {
+    static int v = -1;
+    if (v < 0)
+        v = lf_lp_cpu_bf16();
+    return v;
+}
 static int lf_lp_vnni_cached(void) {
     static int v = -1;
     if (v < 0)
@@ -686,6 +738,10 @@ static void lf_lp_gemm(int path, const lf_lp_mat* W, int rows, const void* A, co
            sums give the same int8 bits (every AMX CPU has AVX512-VNNI) */
         if (W->kind == LF_LP_INT8 && rows <= LF_LP_AMX_MIN_ROWS && lf_lp_vnni_cached()) {
             lf_lp_gemm_int8_avx512(W, rows, A, lda, sx, b0, b1, out, ldo);
+            return;
+        }
+        if (W->kind == LF_LP_BF16 && rows == 1 && lf_lp_bf16_cached()) {
+            lf_amx_order_bf16_row(W, (const uint16_t*) A, b0, b1, out);
             return;
         }
         if (W->kind == LF_LP_BF16)
