@@ -27,6 +27,9 @@ def main(argv=None):
     bench.add_argument("--contended", action="store_true",
                        help="each shape idle and with one core busy (a helper process), default "
                             "threads and one thread, torch beside")
+    bench.add_argument("--precision", default="",
+                       help="reduced precisions to time (bfloat16,int8) against torch's bfloat16 "
+                            "module, autocast, lstm_fast float32 and ONNX Runtime's DynamicQuantizeLSTM")
     args = parser.parse_args(argv)
     if args.command == "demo":
         from ._demo import run
@@ -50,6 +53,18 @@ def main(argv=None):
         from ._bench import GRID
 
         grid = [GRID[int(i)] for i in args.rows.split(",")] if args.rows else None
+        if args.precision:
+            from ._bench import run_precision
+            from ._precision import REDUCED
+
+            precisions = tuple(p.strip() for p in args.precision.split(","))
+            bad = [p for p in precisions if p not in REDUCED]
+            if bad:
+                parser.error(f"--precision takes {', '.join(REDUCED)}, got {', '.join(bad)}")
+            out = args.out if args.out != "bench.md" else "bench_precision.md"
+            run_precision(precisions, thread_counts=counts, repeats=args.repeats, grid=grid,
+                          quick=args.quick, out_md=out)
+            return 0
         run(compare=args.compare, quick=args.quick, thread_counts=counts, repeats=args.repeats,
             out_md=args.out, out_png=args.plot, blas=args.blas, peak=not args.no_peak, grid=grid)
         return 0

@@ -527,3 +527,143 @@ def run_contended(quick=False, repeats=3, min_time=0.05, out_md=None, pause=0.02
         with open(out_md, "w") as f:
             f.write("Machine:\n" + machine_description() + "\n" + wait + "\n\n" + table + "\n")
     return results
+
+
+# ---------------------------------------------------------------------------- reduced precision
+def _torch_bf16_runners(model, x, n_threads):
+    """torch's bfloat16 module (module.to(torch.bfloat16), oneDNN) and float32 under autocast."""
+    import torch
+
+    torch.set_num_threads(n_threads)
+    t = torch.nn.LSTM(model.input_size, model.hidden_size, num_layers=model.num_layers,
+                      bidirectional=model.bidirectional).eval()
+    t.load_state_dict({k: torch.from_numpy(v) for k, v in model.state_dict().items()})
+    tb = torch.nn.LSTM(model.input_size, model.hidden_size, num_layers=model.num_layers,
+                       bidirectional=model.bidirectional).eval()
+    tb.load_state_dict(t.state_dict())
+    tb = tb.to(torch.bfloat16)
+    xt = torch.from_numpy(x)
+
+    def module():
+        with torch.inference_mode():
+            tb(xt.bfloat16())[0].float()
+
+    def autocast():
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            t(xt)[0].float()
+    return module, autocast
+
+
+def ort_dynamic_quant_model(model):
+    """onnxruntime.quantization.quantize_dynamic of onnx_model(model): its LSTM nodes become
+    com.microsoft.DynamicQuantizeLSTM (int8 weights, uint8 activations). The model's bytes."""
+    import logging
+    import tempfile
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # its pre-processing advice
+
+    with tempfile.TemporaryDirectory() as d:
+        src, dst = os.path.join(d, "f32.onnx"), os.path.join(d, "int8.onnx")
+        with open(src, "wb") as f:
+            f.write(onnx_model(model).SerializeToString())
+        quantize_dynamic(src, dst, weight_type=QuantType.QInt8)
+        with open(dst, "rb") as f:
+            return f.read()
+
+
+def _ort_quant_runner(model, x, n_threads):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = n_threads
+    opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(ort_dynamic_quant_model(model), opts, providers=["CPUExecutionProvider"])
+
+    def run():
+        sess.run(None, {"X": x})
+    return run
+
+
+def run_precision(precisions=("bfloat16", "int8"), thread_counts=(1, 2), repeats=5, min_time=0.05,
+                  grid=None, quick=False, out_md="bench_precision.md", pause=0.05):
+    """The grid in reduced precision, side by side with lstm_fast float32 (frozen), torch's
+    bfloat16 module, torch autocast bfloat16 and ONNX Runtime's DynamicQuantizeLSTM (when
+    installed). Prints the CPU path each precision ran. Times in ms (median of interleaved rounds)."""
+    from . import _precision
+
+    grid = grid or (QUICK_GRID if quick else GRID)
+    if quick:
+        repeats, min_time = 3, 0.01
+    have = {}
+    for name in ("torch", "onnxruntime"):
+        try:
+            __import__(name)
+            have[name] = True
+        except ImportError:
+            have[name] = False
+            print(f"({name} is not installed: left out; pip install lstm-fast[compare])")
+    desc = machine_description()
+    desc += "\n- paths: " + ", ".join(f"{p} {_precision.path_for(p)}" for p in ("float32",) + tuple(precisions))
+    desc += f" (LSTM_FAST_ISA={os.environ.get('LSTM_FAST_ISA')!r})"
+    print("Machine:\n" + desc)
+    cols = ["lf float32"] + [f"lf {p}" for p in precisions]
+    if have["torch"]:
+        cols += ["torch bf16 module", "torch autocast bf16"]
+    if have["onnxruntime"] and "int8" in precisions:
+        cols += ["ORT DynamicQuantizeLSTM"]
+    rows = []
+    for n_threads in thread_counts:
+        for shape in grid:
+            T, B, I, H, layers, bi = shape
+            model = LSTM(I, H, num_layers=layers, bidirectional=bi, seed=0)
+            x = np.random.default_rng(0).standard_normal((T, B, I)).astype(np.float32)
+            frozen = {"float32": model.freeze()}
+            for p in precisions:
+                frozen[p] = model.freeze(precision=p)
+            runners = {f"lf {p}": (lambda f=f: f(x)) for p, f in frozen.items()}
+            if have["torch"]:
+                runners["torch bf16 module"], runners["torch autocast bf16"] = _torch_bf16_runners(model, x, n_threads)
+            if "ORT DynamicQuantizeLSTM" in cols:
+                runners["ORT DynamicQuantizeLSTM"] = _ort_quant_runner(model, x, n_threads)
+            times = {name: [] for name in runners}
+            with threads(n_threads):
+                for _ in range(repeats):
+                    for name, fn in runners.items():
+                        time.sleep(pause)
+                        times[name].append(_timer(fn, min_time))
+            row = {"threads": n_threads, "shape": shape}
+            row.update({name: float(np.median(ts)) * 1e3 for name, ts in times.items()})
+            rows.append(row)
+            print(_precision_line(row, cols), flush=True)
+    table = _precision_markdown(rows, cols, precisions)
+    if out_md:
+        with open(out_md, "w") as f:
+            f.write("Machine:\n\n" + desc + "\n\n" + table + "\n")
+        print(f"\nwrote {out_md}")
+    return rows
+
+
+def _precision_line(row, cols):
+    parts = [f"{name} {row[name]:.3f}" for name in cols if name in row]
+    return f"threads={row['threads']} {_shape_name(row['shape'])}: " + ", ".join(parts) + " ms"
+
+
+def _precision_markdown(rows, cols, precisions):
+    ratios = []
+    if "lf bfloat16" in cols and "torch bf16 module" in cols:
+        ratios.append(("bf16 vs torch bf16", "torch bf16 module", "lf bfloat16"))
+    if "lf int8" in cols and "lf bfloat16" in cols:
+        ratios.append(("int8 vs our bf16", "lf bfloat16", "lf int8"))
+    if "lf int8" in cols and "ORT DynamicQuantizeLSTM" in cols:
+        ratios.append(("int8 vs ORT", "ORT DynamicQuantizeLSTM", "lf int8"))
+    for p in precisions:
+        ratios.append((f"{p} vs our f32", "lf float32", f"lf {p}"))
+    head = ["threads", "T, B, I, H, layers, bidir"] + [c + " ms" for c in cols] + [r[0] for r in ratios]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [str(r["threads"]), _shape_name(r["shape"])] + [f"{r[c]:.3f}" for c in cols]
+        cells += [f"{r[a] / r[b]:.2f}x" for _, a, b in ratios]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -291,7 +291,7 @@ static inline void lf_emu_dpbusd(lf_tile* T, int c, int a, int b) {
 }
 
 /* rows of A (row stride lda_bytes), blocks b0..b1 of W; up to 16 rows and 4 blocks per pass */
-#define LF_AMX_KERNEL(NAME, ATTR, DECL, CFG, REL, ZERO, LOAD, DP, STORE)                        \
+#define LF_AMX_KERNEL(NAME, ATTR, DECL, CFG, REL, ZERO, LOAD, DP, STORE, EPI)                      \
 ATTR static void NAME(const lf_lp_mat* W, int rows, const void* A, size_t lda_bytes,            \
                       const float* sx, int b0, int b1, float* out, size_t ldo) {                 \
     DECL                                                                                         \
@@ -323,20 +323,24 @@ ATTR static void NAME(const lf_lp_mat* W, int rows, const void* A, size_t lda_by
             }                                                                                    \
             STORE(0, ctile[0], 64); STORE(1, ctile[1], 64);                                      \
             STORE(2, ctile[2], 64); STORE(3, ctile[3], 64);                                      \
-            for (int q = 0; q < nq; q++) {                                                      \
-                const int j0 = 16 * (b + q), width = W->n - j0 < 16 ? W->n - j0 : 16;           \
-                for (int i = 0; i < m; i++) {                                                   \
-                    if (W->kind == LF_LP_BF16)                                                  \
-                        memcpy(out + (size_t) (r + i) * ldo + j0, ctile[q] + 16 * i,            \
-                               (size_t) width * sizeof(float));                                 \
-                    else                                                                         \
-                        lf_lp_deq((const int32_t*) (ctile[q] + 16 * i), W, j0, width,          \
-                                  sx[r + i], out + (size_t) (r + i) * ldo + j0);                \
-                }                                                                                \
-            }                                                                                    \
+            for (int q = 0; q < nq; q++)                                                        \
+                EPI(W, ctile[q], m, r, b + q, sx, out, ldo);                                     \
         }                                                                                        \
     }                                                                                            \
     REL();                                                                                       \
+}
+
+/* C tile (m rows x 16) of output block `blk` -> out rows r.. (int8: dequantized) */
+static inline void lf_amx_epi_scalar(const lf_lp_mat* W, const float* ct, int m, int r, int blk,
+                                     const float* sx, float* out, size_t ldo) {
+    const int j0 = 16 * blk, width = W->n - j0 < 16 ? W->n - j0 : 16;
+    for (int i = 0; i < m; i++) {
+        if (W->kind == LF_LP_BF16)
+            memcpy(out + (size_t) (r + i) * ldo + j0, ct + 16 * i, (size_t) width * sizeof(float));
+        else
+            lf_lp_deq((const int32_t*) (ct + 16 * i), W, j0, width, sx[r + i],
+                      out + (size_t) (r + i) * ldo + j0);
+    }
 }
 
 #define LF_EMU_DECL lf_tile T[8];
@@ -349,9 +353,9 @@ ATTR static void NAME(const lf_lp_mat* W, int rows, const void* A, size_t lda_by
 #define LF_EMU_DP_INT8(c, a, b) lf_emu_dpbusd(T, c, a, b)
 #define LF_EMU_ATTR
 LF_AMX_KERNEL(lf_amx_emu_bf16, LF_EMU_ATTR, LF_EMU_DECL, LF_EMU_CFG, LF_EMU_REL, LF_EMU_ZERO,
-              LF_EMU_LOAD, LF_EMU_DP_BF16, LF_EMU_STORE)
+              LF_EMU_LOAD, LF_EMU_DP_BF16, LF_EMU_STORE, lf_amx_epi_scalar)
 LF_AMX_KERNEL(lf_amx_emu_int8, LF_EMU_ATTR, LF_EMU_DECL, LF_EMU_CFG, LF_EMU_REL, LF_EMU_ZERO,
-              LF_EMU_LOAD, LF_EMU_DP_INT8, LF_EMU_STORE)
+              LF_EMU_LOAD, LF_EMU_DP_INT8, LF_EMU_STORE, lf_amx_epi_scalar)
 
 /* ------------------------------------------------------------------ CPU features */
 static int lf_lp_cpu_bf16(void) {
@@ -604,7 +608,74 @@ lf_lp_gemm_int8_avx512(const lf_lp_mat* W, int rows, const void* A, size_t lda, 
     }
 }
 
-#define LF_HW_ATTR __attribute__((target("amx-tile,amx-bf16,amx-int8")))
+/* the epilogue in AVX-512 (a scalar one cost more than the tile products at int8): the same
+   operations as the scalar and VNNI epilogues, so the same bits */
+__attribute__((target("avx512f,avx512bw"))) static inline void
+lf_amx_epi_avx512(const lf_lp_mat* W, const float* ct, int m, int r, int blk, const float* sx,
+                  float* out, size_t ldo) {
+    const int j0 = 16 * blk, left = W->n - j0;
+    const __mmask16 mk = left >= 16 ? (__mmask16) 0xFFFF : (__mmask16) ((1u << left) - 1u);
+    if (W->kind == LF_LP_BF16) {
+        for (int i = 0; i < m; i++)
+            _mm512_mask_storeu_ps(out + (size_t) (r + i) * ldo + j0, mk, _mm512_load_ps(ct + 16 * i));
+        return;
+    }
+    const __m512i corr = _mm512_loadu_si512((const void*) (W->corr + j0));
+    const __m512 sw = _mm512_loadu_ps(W->scale + j0);
+    for (int i = 0; i < m; i++) {
+        __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512((const void*) (ct + 16 * i)), corr));
+        _mm512_mask_storeu_ps(out + (size_t) (r + i) * ldo + j0, mk,
+                              _mm512_mul_ps(v, _mm512_mul_ps(_mm512_set1_ps(sx[r + i]), sw)));
+    }
+}
+
+/* bfloat16, one row (batch-1 steps), in TDPBF16PS's order with VDPBF16PS: a tile's fixed cost is
+   for 16 rows. Per 32 inputs an even chain (x's odd element zeroed: VDPBF16PS adds w*0 exactly,
+   then the even product) and an odd chain, then C + (E + O) with subnormals flushed: the AMX bits. */
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) static inline __m512 lf_ftz512(__m512 v) {
+    const __mmask16 tiny = _mm512_cmp_ps_mask(_mm512_abs_ps(v), _mm512_set1_ps(FLT_MIN), _CMP_LT_OQ);
+    return _mm512_mask_mov_ps(v, tiny, _mm512_castsi512_ps(_mm512_and_si512(
+        _mm512_castps_si512(v), _mm512_set1_epi32((int) 0x80000000u))));
+}
+#define LF_B1_EACH(M) M(0) M(1) M(2) M(3) M(4) M(5) M(6) M(7)
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) static void
+lf_amx_order_bf16_row(const lf_lp_mat* W, const uint16_t* a, int b0, int b1, float* out) {
+    const int kp = W->kp;
+    const size_t bs = (size_t) 16 * kp;
+    for (int b = b0; b < b1; b += 8) {
+        const int nq = b1 - b < 8 ? b1 - b : 8;
+        const uint16_t* w = (const uint16_t*) W->w + (size_t) b * bs;
+#define LF_B1_DECL(q) __m512 c##q = _mm512_setzero_ps();
+        LF_B1_EACH(LF_B1_DECL)
+        for (int kt = 0; kt < kp / 32; kt++) {
+#define LF_B1_EO(q) __m512 e##q = _mm512_setzero_ps(), o##q = _mm512_setzero_ps();
+            LF_B1_EACH(LF_B1_EO)
+            for (int p = 16 * kt; p < 16 * kt + 16; p++) {
+                const int32_t pair = lf_load32(a + 2 * p);
+                const __m512i xe = _mm512_set1_epi32(pair & 0xFFFF);
+                const __m512i xo = _mm512_set1_epi32((int32_t) ((uint32_t) pair & 0xFFFF0000u));
+                const uint16_t* wp = w + (size_t) p * 32;
+#define LF_B1_DP(q) if (q < nq) { const __m512i wv = _mm512_loadu_si512((const void*) (wp + q * bs)); \
+                e##q = _mm512_dpbf16_ps(e##q, (__m512bh) wv, (__m512bh) xe);                          \
+                o##q = _mm512_dpbf16_ps(o##q, (__m512bh) wv, (__m512bh) xo); }
+                LF_B1_EACH(LF_B1_DP)
+            }
+#define LF_B1_ACC(q) c##q = lf_ftz512(_mm512_add_ps(c##q, lf_ftz512(_mm512_add_ps(e##q, o##q))));
+            LF_B1_EACH(LF_B1_ACC)
+        }
+#define LF_B1_ST(q) if (q < nq) { const int j0 = 16 * (b + q), left = W->n - j0;                      \
+            _mm512_mask_storeu_ps(out + j0, left >= 16 ? (__mmask16) 0xFFFF                          \
+                                  : (__mmask16) ((1u << left) - 1u), c##q); }
+        LF_B1_EACH(LF_B1_ST)
+#undef LF_B1_DECL
+#undef LF_B1_EO
+#undef LF_B1_DP
+#undef LF_B1_ACC
+#undef LF_B1_ST
+    }
+}
+
+#define LF_HW_ATTR __attribute__((target("amx-tile,amx-bf16,amx-int8,avx512f,avx512bw")))
 #define LF_HW_DECL
 #define LF_HW_CFG(c) _tile_loadconfig((const void*) (c))
 #define LF_HW_REL() _tile_release()
@@ -614,9 +685,9 @@ lf_lp_gemm_int8_avx512(const lf_lp_mat* W, int rows, const void* A, size_t lda, 
 #define LF_HW_DP_BF16(c, a, b) _tile_dpbf16ps(c, a, b)
 #define LF_HW_DP_INT8(c, a, b) _tile_dpbusd(c, a, b)
 LF_AMX_KERNEL(lf_amx_hw_bf16, LF_HW_ATTR, LF_HW_DECL, LF_HW_CFG, LF_HW_REL, LF_HW_ZERO,
-              LF_HW_LOAD, LF_HW_DP_BF16, LF_HW_STORE)
+              LF_HW_LOAD, LF_HW_DP_BF16, LF_HW_STORE, lf_amx_epi_avx512)
 LF_AMX_KERNEL(lf_amx_hw_int8, LF_HW_ATTR, LF_HW_DECL, LF_HW_CFG, LF_HW_REL, LF_HW_ZERO,
-              LF_HW_LOAD, LF_HW_DP_INT8, LF_HW_STORE)
+              LF_HW_LOAD, LF_HW_DP_INT8, LF_HW_STORE, lf_amx_epi_avx512)
 #endif
 
 /* 1: `path` can run `kind` on this CPU (and OS) */
@@ -631,6 +702,20 @@ static int lf_lp_path_ok(int kind, int path) {
         return lf_lp_amx_granted();
     }
     return 0;
+}
+
+#define LF_LP_AMX_MIN_ROWS 4
+static int lf_lp_bf16_cached(void) {
+    static int v = -1;
+    if (v < 0)
+        v = lf_lp_cpu_bf16();
+    return v;
+}
+static int lf_lp_vnni_cached(void) {
+    static int v = -1;
+    if (v < 0)
+        v = lf_lp_cpu_vnni();
+    return v;
 }
 
 /* out = dequant(A . W^T) for rows of A and blocks b0..b1 of W (the path was checked) */
@@ -649,6 +734,16 @@ static void lf_lp_gemm(int path, const lf_lp_mat* W, int rows, const void* A, co
         return;
     }
     if (path == LF_PATH_AMX) {
+        /* a few rows (batch-1 steps): a tile's fixed cost outweighs its rows; VPDPBUSD's exact
+           sums give the same int8 bits (every AMX CPU has AVX512-VNNI) */
+        if (W->kind == LF_LP_INT8 && rows <= LF_LP_AMX_MIN_ROWS && lf_lp_vnni_cached()) {
+            lf_lp_gemm_int8_avx512(W, rows, A, lda, sx, b0, b1, out, ldo);
+            return;
+        }
+        if (W->kind == LF_LP_BF16 && rows == 1 && lf_lp_bf16_cached()) {
+            lf_amx_order_bf16_row(W, (const uint16_t*) A, b0, b1, out);
+            return;
+        }
         if (W->kind == LF_LP_BF16)
             lf_amx_hw_bf16(W, rows, A, lda_bytes, sx, b0, b1, out, ldo);
         else
