@@ -9,26 +9,8 @@
 from ._version import __version__
 
 
-def _set_omp_wait():
-    """A short OpenMP spin before idle threads sleep, unless the user chose a wait policy.
-
-    libgomp reads GOMP_SPINCOUNT once, when it is loaded, so this runs before the first extension
-    module is imported. Its default (spin about 300000 times at every team barrier) lets a thread
-    whose partner lost its core to another process burn the rest of its time slice at each of the
-    recurrence's per-step barriers: a small training step ran 3-50x slower on two threads than on
-    one with a busy core (docs/threads.md). 300 spins keep an idle machine's barriers fast.
-    """
-    import os
-
-    if "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
-        os.environ["GOMP_SPINCOUNT"] = _DEFAULT_SPINCOUNT
-        return "lstm_fast default"
-    return "user"
-
-
-_DEFAULT_SPINCOUNT = "300"
-_OMP_WAIT_SOURCE = _set_omp_wait()
-del _set_omp_wait
+# before any extension module loads libgomp (lstm_fast/_ompwait.py says why)
+from . import _ompwait  # noqa: E402,F401
 
 
 def _check_built():

@@ -59,13 +59,13 @@ def config():
 
 def _omp_wait_text():
     """The OpenMP wait settings libgomp was loaded with, and who set them."""
-    from . import _OMP_WAIT_SOURCE
+    from ._ompwait import SOURCE
 
     spin = os.environ.get("GOMP_SPINCOUNT")
     policy = os.environ.get("OMP_WAIT_POLICY")
     parts = [f"GOMP_SPINCOUNT={spin}"] if spin is not None else []
     parts += [f"OMP_WAIT_POLICY={policy}"] if policy is not None else []
-    return f"{' '.join(parts) or 'libgomp default'} ({_OMP_WAIT_SOURCE})"
+    return f"{' '.join(parts) or 'libgomp default'} ({SOURCE})"
 
 
 def _cgroup_text():

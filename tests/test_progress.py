@@ -31,6 +31,11 @@ def test_demo_into_a_pipe_prints_one_line_per_epoch(tmp_path):
 @pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
 def test_demo_on_a_terminal_draws_a_bar(tmp_path):
     master, slave = os.openpty()
+    # a new pseudo-terminal has 0 columns, where tqdm draws an empty bar: give it a terminal's size
+    import fcntl
+    import struct
+    import termios
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
     proc = subprocess.Popen([sys.executable, "-m", "lstm_fast", "demo", "--quick"], cwd=tmp_path,
                             env=_demo_env(), stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
     os.close(slave)
