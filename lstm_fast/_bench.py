@@ -471,7 +471,9 @@ def run_contended(quick=False, repeats=3, min_time=0.05, out_md=None, pause=0.02
         have_torch = True
     except ImportError:
         have_torch = False
-    print("Machine:\n" + machine_description())
+    # described before the runs: torch.set_num_threads in them can leave the OpenMP count changed
+    desc = machine_description()
+    print("Machine:\n" + desc)
     wait = f"- omp_wait: {config().get('omp_wait', 'libgomp default')}"
     print(wait)
     print(f"- busy: a helper process spinning on one core; thread counts {counts}; "
@@ -525,7 +527,7 @@ def run_contended(quick=False, repeats=3, min_time=0.05, out_md=None, pause=0.02
     print("\n" + table)
     if out_md:
         with open(out_md, "w") as f:
-            f.write("Machine:\n" + machine_description() + "\n" + wait + "\n\n" + table + "\n")
+            f.write("Machine:\n" + desc + "\n" + wait + "\n\n" + table + "\n")
     return results
 
 
