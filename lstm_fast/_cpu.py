@@ -181,6 +181,19 @@ def zen4_description():
             "fma_units_source": "Zen 4: AVX-512 on two 256-bit FMA pipes"}
 
 
+def xeon_167_description():
+    """The Intel Xeon family 6 model 167 (0xa7) core of issue 15 (AVX-512 and AMX, two 512-bit
+    FMA units): 48 KiB L1d, 2 MiB L2 per core; the L3 as this KVM guest reports it (480 MiB)."""
+    return {"source": "reference", "vendor": "GenuineIntel", "model_name": "Intel(R) Xeon(R) Processor",
+            "family": 6, "model": 0xA7,
+            "features": ["avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq",
+                         "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8"],
+            "best_isa": "avx512", "amx": True,
+            "l1d_bytes": 48 * 1024, "l2_bytes": 2 * 1024 * 1024, "l3_bytes": 480 * 1024 * 1024,
+            "fma_units_512": 2.0,
+            "fma_units_source": "Intel Xeon AVX-512: two 512-bit FMA units"}
+
+
 def derive(description):
     """Kernel parameters from a CPU description (a pure function: same description, same
     parameters; the thread count is no input, so the bits never depend on it).
@@ -189,7 +202,7 @@ def derive(description):
       8 rows = 16 zmm accumulators: two 512-bit FMA units with 4 cycles of latency need 8
       independent chains, so 16 already cover a core with two units; 12 rows (24 accumulators,
       fewer panel loads per FMA) was measured on Zen 5 (two 512-bit FMA pipes) and was no faster
-      (docs/performance-zen5.md: within +-3 % on the GEMM-bound rows, noise both ways), so 8 on
+      (within +-3 % on the GEMM-bound rows, noise both ways; that page was lost), so 8 on
       every CPU until a CPU shows otherwise; both give the same bits.
     - avx2_tile_rows / avx2_tile_cols: the AVX2 tile, 6 rows x 16 columns (12 ymm accumulators of
       16 registers), half a panel at a time.
