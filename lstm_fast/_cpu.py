@@ -181,6 +181,19 @@ def zen4_description():
             "fma_units_source": "Zen 4: AVX-512 on two 256-bit FMA pipes"}
 
 
+def xeon_167_description():
+    """The Intel Xeon family 6 model 167 (0xa7) core of issue 15 (AVX-512 and AMX, two 512-bit
+    FMA units): 48 KiB L1d, 2 MiB L2 per core; the L3 as this KVM guest reports it (480 MiB)."""
+    return {"source": "reference", "vendor": "GenuineIntel", "model_name": "Intel(R) Xeon(R) Processor",
+            "family": 6, "model": 0xA7,
+            "features": ["avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq",
+                         "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8"],
+            "best_isa": "avx512", "amx": True,
+            "l1d_bytes": 48 * 1024, "l2_bytes": 2 * 1024 * 1024, "l3_bytes": 480 * 1024 * 1024,
+            "fma_units_512": 2.0,
+            "fma_units_source": "Intel Xeon AVX-512: two 512-bit FMA units"}
+
+
 def derive(description):
     """Kernel parameters from a CPU description (a pure function: same description, same
     parameters; the thread count is no input, so the bits never depend on it).
@@ -189,8 +202,9 @@ def derive(description):
       8 rows = 16 zmm accumulators: two 512-bit FMA units with 4 cycles of latency need 8
       independent chains, so 16 already cover a core with two units; 12 rows (24 accumulators,
       fewer panel loads per FMA) was measured on Zen 5 (two 512-bit FMA pipes) and was no faster
-      (docs/performance-zen5.md: within +-3 % on the GEMM-bound rows, noise both ways), so 8 on
-      every CPU until a CPU shows otherwise; both give the same bits.
+      (within +-3 % on the GEMM-bound rows, noise both ways; that page was lost), so 8 on
+      every CPU but Intel cores with two 512-bit units, where 12 measured 5-10 % faster on the
+      GEMM-bound rows (Xeon family 6 model 167); both give the same bits.
     - avx2_tile_rows / avx2_tile_cols: the AVX2 tile, 6 rows x 16 columns (12 ymm accumulators of
       16 registers), half a panel at a time.
     - kc: k per block of the k-blocked products (weight gradients): a block of one panel
@@ -206,8 +220,13 @@ def derive(description):
     l2 = description.get("l2_bytes") or 1024 * 1024
     l3 = description.get("l3_bytes") or 32 * 1024 * 1024
     panel_row = 32 * 4                            # bytes of one k-row of a packed panel
+    # 12 rows on Intel cores with two 512-bit FMA units: 5-10 % faster on the three GEMM-bound
+    # rows of the grid on Xeon family 6 model 167 (docs/performance.md); Zen 5 measured no faster
+    two_fma_intel = (description.get("vendor") == "GenuineIntel"
+                     and (description.get("fma_units_512") or 1.0) >= 2.0)
+    tile_rows = 12 if two_fma_intel else 8
     return {
-        "tile_rows": 8,                  # see above: 12 measured no faster on Zen 5
+        "tile_rows": tile_rows,
         "tile_cols": 32,
         "avx2_tile_rows": 6,
         "avx2_tile_cols": 16,

@@ -25,6 +25,19 @@ def test_zen4_description_reproduces_the_constants_measured_there():
     assert {k: got[k] for k in _cpu.ZEN4_CONSTANTS} == _cpu.ZEN4_CONSTANTS
 
 
+def test_xeon_167_description_derives_its_own_blocking():
+    # issue 15's Intel core: 48 KiB L1d and 2 MiB L2 give larger k blocks and mode thresholds
+    # than Zen 4's, and a 12 x 32 register tile (24 accumulators, fewer panel loads an FMA)
+    got = _cpu.derive(_cpu.xeon_167_description())
+    assert got == {"tile_rows": 12, "tile_cols": 32, "avx2_tile_rows": 6, "avx2_tile_cols": 16,
+                   "kc": 384, "kc_narrow": 96, "fused_max_bytes": 120 * 1024 * 1024,
+                   "wide_min_bytes": 256 * 1024, "wide_gemv_bytes": 4 * 1024 * 1024,
+                   "packed_wide_bytes": 1024 * 1024, "packed_wide_max_bytes": 120 * 1024 * 1024,
+                   "interleave_min_bytes": 144 * 1024}
+    assert got["kc"] * 32 * 4 == 48 * 1024             # one panel block fills L1d
+    assert got != _cpu.derive(_cpu.zen4_description())
+
+
 def test_derive_is_a_function_of_the_description_only():
     d = dict(_cpu.zen4_description())
     first = _cpu.derive(d)
@@ -36,7 +49,7 @@ def test_derive_is_a_function_of_the_description_only():
                 model=0x8F, l1d_bytes=48 * 1024, l2_bytes=2 * 1024 * 1024,
                 l3_bytes=105 * 1024 * 1024, fma_units_512=2.0)
     px = _cpu.derive(xeon)
-    assert px["tile_rows"] == 8 and px["kc"] == 384 and px["kc_narrow"] == 96
+    assert px["tile_rows"] == 12 and px["kc"] == 384 and px["kc_narrow"] == 96
     assert px["packed_wide_bytes"] == 1024 * 1024 and px["wide_min_bytes"] == 256 * 1024
     assert px["interleave_min_bytes"] == 144 * 1024
     # missing sizes fall back to the Zen 4 ones
