@@ -269,8 +269,10 @@ static inline void lf_emu_dpbf16(lf_tile* T, int c, int a, int b) {
             float e = 0.0f, o = 0.0f;
             for (int k = 0; k < T[a].colsb / 4; k++) {
                 const uint16_t* br = (const uint16_t*) (T[b].d + 64 * k);
-                e = lf_ftz(e + lf_bf16_to_f32(ar[2 * k]) * lf_bf16_to_f32(br[2 * n]));
-                o = lf_ftz(o + lf_bf16_to_f32(ar[2 * k + 1]) * lf_bf16_to_f32(br[2 * n + 1]));
+                /* fused, as the hardware: a product that underflows is not rounded on its own
+                   (a plain a * b + c compiles fused or not depending on -march) */
+                e = lf_ftz(fmaf(lf_bf16_to_f32(ar[2 * k]), lf_bf16_to_f32(br[2 * n]), e));
+                o = lf_ftz(fmaf(lf_bf16_to_f32(ar[2 * k + 1]), lf_bf16_to_f32(br[2 * n + 1]), o));
             }
             cr[n] = lf_ftz(cr[n] + lf_ftz(e + o));
         }
