@@ -88,6 +88,7 @@ cdef enum:
     WIDE_COL_BLOCKS = 8   # wide mode (as the forward's): column blocks of a step's products
     WIDE_ROWS = 8         # wide mode: rows per item of a step's row phases
     FOLD_ROWS = 8         # batch 1: input-gradient rows per tile, one block of steps (_dh_prev_folded)
+    SMALL_CALL_FLOPS = 64000000   # the forward's (src/_forward.pyx): all threads or one, measured
 
 
 ctypedef struct Back:
@@ -743,6 +744,22 @@ def backward_layer(const floating[:, :, ::1] x,            # IN  (T, B, I) the l
     K.b_x = (<const float*> x_ptr) if K.ld_x else pk2
     K.b_hp = (<const float*> K.h_prev) if K.ld_hp else (pk2 + pk_x_len if pk2 != NULL else NULL)
     K.b_hp_dir = TB * K.hidden_out if K.ld_hp else pk_hp_len
+    # split mode as in the forward (same conditions), with more than one thread
+    # the forward's rule (a reversed lone direction, ONNX's, never trains here: kept out anyway)
+    cdef bint split_ok = split_mode_ok(K.batch, H, D, P, True, K.pk_hh != NULL) and reverse[0] == 0
+    # split or one thread by the measured speed of each (lf_split_choose), as in the forward; a
+    # small call split mode cannot take chooses between all its threads and one (the forward's
+    # SMALL_CALL_FLOPS), measured over the whole call
+    cdef bint small_call = (2.0 * D * TB * K.four_h * (K.input_size + K.hidden_out)
+                            < SMALL_CALL_FLOPS)
+    cdef long choice_key = 0
+    cdef int choice = 0
+    if mode == 0 and (split_ok or small_call) and n_threads > 1:
+        choice_key = lf_split_key(K.batch, H, K.input_size, n_threads,
+                                  2 + (4 if sizeof(floating) == 8 else 0))
+        choice = lf_split_choose(choice_key)
+        if not split_ok and not (choice & 1):
+            n_threads = 1
     cdef Py_ssize_t n_items = K.n_chunks * D
     cdef double grad_flops = 2.0 * D * TB * K.four_h * (K.input_size + K.hidden_out) * 2
     # threads the weight gradients have work for; per direction (the directions' items run side
@@ -763,17 +780,8 @@ def backward_layer(const floating[:, :, ::1] x,            # IN  (T, B, I) the l
     n_x_items *= n_x_col_groups
     cdef Py_ssize_t scratch_len = K.chunk * (K.hidden_out + 2 * H + K.four_h)
     cdef Py_ssize_t wide_len = D * K.batch * (K.hidden_out + 2 * H + K.four_h)
-    # split mode as in the forward (same conditions), with more than one thread
-    # the forward's rule (a reversed lone direction, ONNX's, never trains here: kept out anyway)
-    cdef bint split_ok = split_mode_ok(K.batch, H, D, P, True, K.pk_hh != NULL) and reverse[0] == 0
-    # split or one thread by the measured speed of each (lf_split_choose), as in the forward
-    cdef long choice_key = 0
-    cdef int choice = 0
-    if mode == 0 and split_ok and n_threads > 1:
-        choice_key = lf_split_key(K.batch, H, K.input_size, n_threads, 2)
-        choice = lf_split_choose(choice_key)
     if mode == 0:
-        if choice & 1:
+        if split_ok and choice & 1:
             mode = 3
         else:
             mode = 2 if recurrence_mode(K.batch, H, K.hidden_out, sizeof(floating),
@@ -833,8 +841,8 @@ def backward_layer(const floating[:, :, ::1] x,            # IN  (T, B, I) the l
                     else:
                         _back_chunk(item, &K, scratch)
                 free(scratch)
-        if choice & 2:
-            lf_split_record(choice_key, mode == 3, lf_ticks() - ticks, K.seq_len)
+        if choice & 2 and split_ok:
+            lf_split_record(choice_key, choice & 1, lf_ticks() - ticks, K.seq_len)
         if floating is float:
             if not failed and K.fold_dx != NULL:
                 # the rows no block's tiles took: the first times, which the recurrence ends with
@@ -870,6 +878,8 @@ def backward_layer(const floating[:, :, ::1] x,            # IN  (T, B, I) the l
                                           g_w_hr, n_gate_blocks, n_proj_blocks)
                     else:
                         _input_grad_item(item - n_weight_items, n_x_col_groups, &K, w_ih_ptr, g_x)
+        if choice & 2 and not split_ok:
+            lf_split_record(choice_key, choice & 1, lf_ticks() - ticks, K.seq_len)
         _release_all(dz, h_prev, h_raw, dh_proj)
         lf_ws_release(WS_PACKED, pk_raw)
         lf_ws_release(WS_PACKED_GRAD, pk2_raw)

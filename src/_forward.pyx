@@ -87,6 +87,13 @@ cdef enum:
     # sleeping libgomp worker takes tens of microseconds to wake). The thread count never changes
     # the bits, so it may follow the size of the work.
     MIN_FLOPS_PER_THREAD = 200000
+    # Below this many flops a call (a layer's forward or backward) runs on all its threads or on
+    # one, whichever was measured faster for its shape (lf_split_choose): its parallel regions
+    # are short, so waking the workers (OpenMP's short spin, see lstm_fast/_ompwait.py) or a
+    # core taken by another process costs more than the split saves. LSTM(1,32), batch 32,
+    # T=30 (8 MFLOP a forward) on the AMX Xeon, idle: forward_train + backward 0.57 ms on two
+    # threads against 0.43 on one. Above it two threads win clearly ((100,16,128,128): 419 MFLOP).
+    SMALL_CALL_FLOPS = 64000000
     # Packed weights of this many floats and more are packed by all threads ((25,128,1024,1024),
     # 8M floats: a few ms of a call, serial before)
     PACK_PARALLEL_FLOATS = 1 << 20
@@ -823,14 +830,22 @@ cdef int _forward_run(const Layer* layer, const floating* x_ptr, int n_threads,
         use_packed = _packed_enabled and lf_pgemm_available()
     cdef bint split_ok = split_mode_ok(L.batch, L.hidden, L.n_dirs, L.proj, L.spec.standard,
                                        use_packed)
-    # split or one thread, by the measured speed of each for this shape (lf_split_choose)
+    # split or one thread, by the measured speed of each for this shape (lf_split_choose); a
+    # small call (SMALL_CALL_FLOPS) that split mode cannot take chooses the same way between all
+    # its threads and one
+    cdef bint pack_shared = n_threads > 1      # the last calls' packed copy may be in other caches
+    cdef bint small_call = (2.0 * L.n_dirs * L.seq_len * L.batch * L.four_h
+                            * (L.input_size + L.hidden_out) < SMALL_CALL_FLOPS)
     cdef long choice_key = 0
     cdef int choice = 0
-    if mode == MODE_AUTO and split_ok and n_threads > 1:
-        choice_key = lf_split_key(L.batch, L.hidden, L.input_size, n_threads, L.keep_cache)
+    if mode == MODE_AUTO and (split_ok or small_call) and n_threads > 1:
+        choice_key = lf_split_key(L.batch, L.hidden, L.input_size, n_threads,
+                                  L.keep_cache + (4 if sizeof(floating) == 8 else 0))
         choice = lf_split_choose(choice_key)
+        if not split_ok and not (choice & 1):
+            n_threads = 1
     if mode == MODE_AUTO:
-        if choice & 1:
+        if split_ok and choice & 1:
             mode = MODE_SPLIT    # same bits as chunked: the choice may follow the thread count
         else:
             mode = MODE_WIDE if recurrence_mode(L.batch, L.hidden, L.hidden_out, sizeof(floating),
@@ -936,7 +951,7 @@ cdef int _forward_run(const Layer* layer, const floating* x_ptr, int n_threads,
             with nogil:
                 if threads_pack <= 1:
                     for item in range(3 * L.n_dirs):
-                        _pack_part(&L, pk, item, 1, n_threads > 1)
+                        _pack_part(&L, pk, item, 1, pack_shared)
                 else:
                     for item in prange(3 * L.n_dirs * threads_pack, num_threads=threads_pack,
                                        schedule='static'):
@@ -993,7 +1008,7 @@ cdef int _forward_run(const Layer* layer, const floating* x_ptr, int n_threads,
                         _run_chunk(item, &L, scratch)
                 free(scratch)
         if choice & 2:
-            lf_split_record(choice_key, mode == MODE_SPLIT, lf_ticks() - ticks, L.seq_len)
+            lf_split_record(choice_key, choice & 1, lf_ticks() - ticks, L.seq_len)
         lf_ws_release(WS_GX, gx_all)
         free(w_hh_t)
         lf_ws_release(WS_PACKED, pk_raw)

@@ -174,10 +174,10 @@ typedef struct {
 static lf_choice lf_choices[LF_CHOICE_SLOTS];
 static long lf_choice_next = 0;
 
-/* the key of a shape's measurements (never 0); tag tells calls of one shape apart that do
-   different work (the forward with and without the training cache, the backward) */
+/* the key of a shape's measurements (never 0); tag (0-7) tells calls of one shape apart that
+   do different work (the forward with and without the training cache, the backward, float64) */
 static inline long lf_split_key(long batch, long hidden, long input_size, long n_threads, long tag) {
-    return ((((hidden * 65536 + input_size) * 16 + batch) * 256 + n_threads) * 4 + tag) * 2 + 1;
+    return ((((hidden * 65536 + input_size) * 16 + batch) * 256 + n_threads) * 8 + tag) * 2 + 1;
 }
 
 static inline lf_choice* lf_choice_find(long key) {

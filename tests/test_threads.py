@@ -209,3 +209,34 @@ def test_omp_wait_default_only_when_the_user_set_none(env, spin, source):
     out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True,
                          text=True, check=True).stdout.splitlines()
     assert out == [str(spin), source]
+
+
+def test_small_calls_switching_threads_keep_the_bits():
+    # A small call runs on all its threads or on one, as measured for its shape (lf_split_choose:
+    # the first runs of 8 calls take each way in turn). Every call, whichever way it took, must
+    # give the one-thread bits, and the values torch gives.
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(7)
+    m = lf.LSTM(3, 24)
+    x = rng.standard_normal((7, 20, 3)).astype(np.float32)
+    g = rng.standard_normal((7, 20, 24)).astype(np.float32)
+
+    def run():
+        y, _, cache = m.forward_train(x)
+        grads = m.backward(cache, g)
+        return [y, grads.input, *grads.hx, *(grads.params[k] for k in sorted(grads.params))]
+
+    old = lf.get_num_threads()
+    try:
+        lf.set_num_threads(1)
+        ref = run()
+        lf.set_num_threads(2)
+        for _ in range(40):
+            for a, b in zip(run(), ref):
+                np.testing.assert_array_equal(a, b)
+    finally:
+        lf.set_num_threads(old)
+    t = torch.nn.LSTM(3, 24)
+    t.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in m.state_dict().items()})
+    np.testing.assert_allclose(ref[0], t(torch.from_numpy(x))[0].detach().numpy(), rtol=1e-5,
+                               atol=2e-6)
