@@ -247,6 +247,133 @@ def _op_lstm(args, a, ctx):
                 activation_beta=a.get("activation_beta"))
 
 
+# frozen int8 models of DynamicQuantizeLSTM nodes, by the identity of the node's weight arrays
+# (a session passes the same initializer arrays every run): packing once, not per call
+_QUANTIZED_MODELS = {}
+
+
+def _int8_weights(q, zero_point, scale, name, n_dirs, rows, cols, hidden):
+    """(D, cols, rows) int8 of the node, its zero point and scale (per tensor [D] or per
+    channel [D, rows]) -> the torch-order (D, rows, cols) integers and per-row scales."""
+    q = np.asarray(q)
+    if q.dtype != np.int8:
+        raise TypeError(f"DynamicQuantizeLSTM: {name} must be int8 (quantize_dynamic with "
+                        f"weight_type=QInt8), got {q.dtype}")
+    v.shape(q, (n_dirs, cols, rows), name, "num_directions, in, 4*hidden_size")
+    zp = np.asarray(zero_point if zero_point is not None else np.zeros(n_dirs, np.int8))
+    sc = np.asarray(scale, dtype=np.float64) if scale is not None else None
+    if sc is None:
+        raise ValueError(f"DynamicQuantizeLSTM: {name} has no scale")
+    for what, arr in (("scale", sc), ("zero point", zp)):
+        if arr.shape not in ((n_dirs,), (n_dirs, rows)) and arr.size != 1:
+            raise ValueError(f"DynamicQuantizeLSTM: the {what} of {name} has shape {arr.shape}, "
+                             f"expected ({n_dirs},) per tensor or ({n_dirs}, {rows}) per channel")
+    if zp.dtype.kind not in "iu":
+        raise TypeError(f"DynamicQuantizeLSTM: the zero point of {name} must be integers")
+    if not (np.isfinite(sc).all() and (sc > 0).all()):
+        raise ValueError(f"DynamicQuantizeLSTM: the scales of {name} must be finite and > 0")
+    sc = np.broadcast_to(sc.reshape(n_dirs, -1), (n_dirs, rows)).astype(np.float32)
+    zp = np.broadcast_to(zp.reshape(n_dirs, -1).astype(np.int16), (n_dirs, rows))
+    ints = q.astype(np.int16).transpose(0, 2, 1) - zp[:, :, None]
+    if ints.min(initial=0) < -128 or ints.max(initial=0) > 127:
+        raise ValueError(f"DynamicQuantizeLSTM: {name} minus its zero point leaves -128..127")
+    ints = _reorder_gates(ints, TORCH_FROM_ONNX, hidden)
+    sc = _reorder_gates(sc[:, :, None], TORCH_FROM_ONNX, hidden)[:, :, 0]
+    return ints.astype(np.int8), np.ascontiguousarray(sc)
+
+
+def _quantized_model(W, R, B, W_scale, W_zp, R_scale, R_zp, hidden, n_dirs, input_size):
+    from . import _lowp
+    from ._lstm import LSTM
+
+    key = tuple(id(a) for a in (W, R, B, W_scale, W_zp, R_scale, R_zp))
+    hit = _QUANTIZED_MODELS.get(key)
+    if hit is not None and all(x is y for x, y in zip(hit[0], (W, R, B, W_scale, W_zp, R_scale, R_zp))):
+        return hit[1]
+    qi, si = _int8_weights(W, W_zp, W_scale, "W", n_dirs, 4 * hidden, input_size, hidden)
+    qh, sh = _int8_weights(R, R_zp, R_scale, "R", n_dirs, 4 * hidden, hidden, hidden)
+    if B is None:
+        bias = np.zeros((n_dirs, 8 * hidden), np.float32)
+    else:
+        bias = v.float_array(B, "B", np.float32)
+        v.shape(bias, (n_dirs, 8 * hidden), "B", "num_directions, 8*hidden_size")
+    model = LSTM(input_size, hidden, bidirectional=n_dirs == 2)
+    sfx = ["", "_reverse"]
+    state = {}
+    for d in range(n_dirs):   # float weights of the same integers: the model stays consistent
+        state[f"weight_ih_l0{sfx[d]}"] = qi[d] * si[d][:, None]
+        state[f"weight_hh_l0{sfx[d]}"] = qh[d] * sh[d][:, None]
+        state[f"bias_ih_l0{sfx[d]}"] = _reorder_gates(bias[d:d + 1, :4 * hidden], TORCH_FROM_ONNX, hidden)[0]
+        state[f"bias_hh_l0{sfx[d]}"] = _reorder_gates(bias[d:d + 1, 4 * hidden:], TORCH_FROM_ONNX, hidden)[0]
+    model.load_state_dict(state)
+    frozen = model.freeze("int8")
+    ih, hh, hr, b = frozen._lowp[0]
+    frozen._lowp[0] = ([_lowp.Packed("int8", None, q=qi[d], q_scale=si[d]) for d in range(n_dirs)],
+                       [_lowp.Packed("int8", None, q=qh[d], q_scale=sh[d]) for d in range(n_dirs)],
+                       hr, b)
+    if len(_QUANTIZED_MODELS) >= 16:
+        _QUANTIZED_MODELS.clear()
+    _QUANTIZED_MODELS[key] = ((W, R, B, W_scale, W_zp, R_scale, R_zp), frozen)
+    return frozen
+
+
+@_op("DynamicQuantizeLSTM", "com.microsoft")
+def _op_dynamic_quantize_lstm(args, a, ctx):
+    """ONNX Runtime's int8 LSTM (quantize_dynamic): the node's own int8 weights and scales on
+    the int8 kernels; activations quantized per row at run time (lstm_fast's scheme), so the
+    results agree with ONNX Runtime's to quantization error, not bit for bit."""
+    (X, W, R, B, seq, h0, c0, P, W_scale, W_zp, R_scale, R_zp) = list(args) + [None] * (12 - len(args))
+    direction = _decode(a.get("direction", b"forward"))
+    if direction not in ("forward", "bidirectional"):
+        raise ValueError(f"DynamicQuantizeLSTM: direction={direction!r} is not supported on the "
+                         f"int8 kernels (forward or bidirectional)")
+    for name in ("clip", "activations", "activation_alpha", "activation_beta"):
+        if a.get(name) is not None:
+            raise ValueError(f"DynamicQuantizeLSTM: attribute {name} is not supported on the "
+                             f"int8 kernels (standard cells only)")
+    if a.get("input_forget", 0):
+        raise ValueError("DynamicQuantizeLSTM: input_forget=1 is not supported on the int8 kernels")
+    if P is not None:
+        raise ValueError("DynamicQuantizeLSTM: peepholes (P) are not supported on the int8 kernels")
+    X = v.float_array(X, "X", np.float32)
+    if X.ndim != 3:
+        raise ValueError(f"DynamicQuantizeLSTM: X must be (seq_length, batch_size, input_size), "
+                         f"got shape {X.shape}")
+    T, batch, input_size = X.shape
+    n_dirs = 2 if direction == "bidirectional" else 1
+    W_arr = np.asarray(W)
+    if W_arr.ndim != 3 or np.asarray(R).ndim != 3:
+        raise ValueError("DynamicQuantizeLSTM: W and R must be 3-D (num_directions, in, 4*hidden)")
+    hidden = int(a.get("hidden_size") or np.asarray(R).shape[1])
+    if np.asarray(R).shape[1] != hidden:
+        raise ValueError(f"hidden_size={hidden} but R has shape {np.asarray(R).shape}")
+    frozen = _quantized_model(W, R, B, W_scale, W_zp, R_scale, R_zp, hidden, n_dirs, input_size)
+    hx = None
+    if h0 is not None or c0 is not None:
+        states = []
+        for name, value in (("initial_h", h0), ("initial_c", c0)):
+            if value is None:
+                states.append(np.zeros((n_dirs, batch, hidden), np.float32))
+            else:
+                value = v.float_array(value, name, np.float32)
+                v.shape(value, (n_dirs, batch, hidden), name)
+                states.append(np.array(value, order="C"))
+        hx = tuple(states)
+    lengths = None
+    if seq is not None:
+        lengths = np.asarray(seq)
+        if lengths.dtype.kind not in "iu" or lengths.shape != (batch,):
+            raise ValueError(f"sequence_lens must be {batch} integers, got {lengths.dtype} "
+                             f"{lengths.shape}")
+        if lengths.size and (lengths.min() < 0 or lengths.max() > T):
+            raise ValueError(f"sequence_lens must lie in 0..{T}")
+        if (lengths == T).all():
+            lengths = None
+    out, (h, c) = frozen(X, hx, lengths=lengths)
+    Y = np.asarray(out).reshape(T, batch, n_dirs, hidden).transpose(0, 2, 1, 3)
+    return np.ascontiguousarray(Y), np.asarray(h), np.asarray(c)
+
+
 @_op("Constant")
 def _op_constant(args, a, ctx):
     from onnx import numpy_helper

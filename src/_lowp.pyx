@@ -82,10 +82,22 @@ cdef class Packed:
     cdef readonly object data, scale, corr
     cdef readonly str precision
 
-    def __cinit__(self, str precision, w):
+    def __cinit__(self, str precision, w, q=None, q_scale=None):
+        """w (n, k) float32, converted as documented; or, for int8, the integers q (n, k) in
+        -128..127 with one float32 scale per row, q_scale (n,), taken as they are (a graph's own
+        quantized weights: w is then ignored)."""
         cdef int kind = KINDS[precision]
-        cdef cnp.ndarray[float, ndim=2, mode="c"] w2 = np.ascontiguousarray(w, dtype=np.float32)
-        cdef int n = w2.shape[0], k = w2.shape[1]
+        cdef cnp.ndarray[float, ndim=2, mode="c"] w2
+        if q is not None:
+            q = np.asarray(q)
+            if kind != LF_LP_INT8 or q.ndim != 2:
+                raise ValueError("q takes an (n, k) int8 matrix")
+            w2 = np.zeros((1, 1), np.float32)
+            n_, k_ = q.shape
+        else:
+            w2 = np.ascontiguousarray(w, dtype=np.float32)
+            n_, k_ = w2.shape[0], w2.shape[1]
+        cdef int n = n_, k = k_
         cdef int kp = lf_lp_kp(kind, k)
         cdef int nb = (n + 15) // 16
         self.precision = precision
@@ -95,8 +107,22 @@ cdef class Packed:
         cdef cnp.ndarray data = self.data
         cdef float[::1] sc = self.scale
         cdef int32_t[::1] co = self.corr
-        with nogil:
-            lf_lp_pack(kind, n, k, &w2[0, 0], k, cnp.PyArray_DATA(data), &sc[0], &co[0])
+        if q is not None:
+            qi = q.astype(np.int64)
+            if qi.size and (qi.min() < -128 or qi.max() > 127):
+                raise ValueError("quantized weights must lie in -128..127 after their zero point")
+            sw = np.asarray(q_scale, np.float32).reshape(-1)
+            if sw.shape != (n,) or not np.isfinite(sw).all():
+                raise ValueError(f"q_scale must hold {n} finite scales")
+            # the packed layout of lf_lp_pack: [block of 16 rows][quad of k][16][4]
+            full = np.zeros((nb * 16, kp), np.int8)
+            full[:n, :k] = qi
+            self.data[...] = full.reshape(nb, 16, kp // 4, 4).transpose(0, 2, 1, 3).reshape(-1)
+            self.scale[:n] = sw
+            self.corr[:n] = (128 * qi.sum(axis=1)).astype(np.int32)
+        else:
+            with nogil:
+                lf_lp_pack(kind, n, k, &w2[0, 0], k, cnp.PyArray_DATA(data), &sc[0], &co[0])
         for a in (self.data, self.scale, self.corr):
             a.flags.writeable = False
         self.mat.kind = kind
