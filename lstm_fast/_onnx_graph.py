@@ -282,39 +282,30 @@ def _int8_weights(q, zero_point, scale, name, n_dirs, rows, cols, hidden):
     return ints.astype(np.int8), np.ascontiguousarray(sc)
 
 
-def _quantized_model(W, R, B, W_scale, W_zp, R_scale, R_zp, hidden, n_dirs, input_size):
+def _quantized_packs(W, R, B, W_scale, W_zp, R_scale, R_zp, hidden, n_dirs, input_size):
+    """The int8 kernels' packed weights (per direction) and summed bias of a node, cached."""
     from . import _lowp
-    from ._lstm import LSTM
 
-    key = tuple(id(a) for a in (W, R, B, W_scale, W_zp, R_scale, R_zp))
+    arrays = (W, R, B, W_scale, W_zp, R_scale, R_zp)
+    key = tuple(id(a) for a in arrays)
     hit = _QUANTIZED_MODELS.get(key)
-    if hit is not None and all(x is y for x, y in zip(hit[0], (W, R, B, W_scale, W_zp, R_scale, R_zp))):
+    if hit is not None and all(x is y for x, y in zip(hit[0], arrays)):
         return hit[1]
     qi, si = _int8_weights(W, W_zp, W_scale, "W", n_dirs, 4 * hidden, input_size, hidden)
     qh, sh = _int8_weights(R, R_zp, R_scale, "R", n_dirs, 4 * hidden, hidden, hidden)
     if B is None:
-        bias = np.zeros((n_dirs, 8 * hidden), np.float32)
+        bias = np.zeros((n_dirs, 4 * hidden), np.float32)
     else:
-        bias = v.float_array(B, "B", np.float32)
-        v.shape(bias, (n_dirs, 8 * hidden), "B", "num_directions, 8*hidden_size")
-    model = LSTM(input_size, hidden, bidirectional=n_dirs == 2)
-    sfx = ["", "_reverse"]
-    state = {}
-    for d in range(n_dirs):   # float weights of the same integers: the model stays consistent
-        state[f"weight_ih_l0{sfx[d]}"] = qi[d] * si[d][:, None]
-        state[f"weight_hh_l0{sfx[d]}"] = qh[d] * sh[d][:, None]
-        state[f"bias_ih_l0{sfx[d]}"] = _reorder_gates(bias[d:d + 1, :4 * hidden], TORCH_FROM_ONNX, hidden)[0]
-        state[f"bias_hh_l0{sfx[d]}"] = _reorder_gates(bias[d:d + 1, 4 * hidden:], TORCH_FROM_ONNX, hidden)[0]
-    model.load_state_dict(state)
-    frozen = model.freeze("int8")
-    ih, hh, hr, b = frozen._lowp[0]
-    frozen._lowp[0] = ([_lowp.Packed("int8", None, q=qi[d], q_scale=si[d]) for d in range(n_dirs)],
-                       [_lowp.Packed("int8", None, q=qh[d], q_scale=sh[d]) for d in range(n_dirs)],
-                       hr, b)
+        B = v.float_array(B, "B", np.float32)
+        v.shape(B, (n_dirs, 8 * hidden), "B", "num_directions, 8*hidden_size")
+        bias = _reorder_gates(B[:, :4 * hidden] + B[:, 4 * hidden:], TORCH_FROM_ONNX, hidden)
+    packs = ([_lowp.Packed("int8", None, q=qi[d], q_scale=si[d]) for d in range(n_dirs)],
+             [_lowp.Packed("int8", None, q=qh[d], q_scale=sh[d]) for d in range(n_dirs)],
+             np.ascontiguousarray(bias, np.float32))
     if len(_QUANTIZED_MODELS) >= 16:
         _QUANTIZED_MODELS.clear()
-    _QUANTIZED_MODELS[key] = ((W, R, B, W_scale, W_zp, R_scale, R_zp), frozen)
-    return frozen
+    _QUANTIZED_MODELS[key] = (arrays, packs)
+    return packs
 
 
 @_op("DynamicQuantizeLSTM", "com.microsoft")
@@ -322,6 +313,8 @@ def _op_dynamic_quantize_lstm(args, a, ctx):
     """ONNX Runtime's int8 LSTM (quantize_dynamic): the node's own int8 weights and scales on
     the int8 kernels; activations quantized per row at run time (lstm_fast's scheme), so the
     results agree with ONNX Runtime's to quantization error, not bit for bit."""
+    from . import _lowp, _precision
+
     (X, W, R, B, seq, h0, c0, P, W_scale, W_zp, R_scale, R_zp) = list(args) + [None] * (12 - len(args))
     direction = _decode(a.get("direction", b"forward"))
     if direction not in ("forward", "bidirectional"):
@@ -335,43 +328,49 @@ def _op_dynamic_quantize_lstm(args, a, ctx):
         raise ValueError("DynamicQuantizeLSTM: input_forget=1 is not supported on the int8 kernels")
     if P is not None:
         raise ValueError("DynamicQuantizeLSTM: peepholes (P) are not supported on the int8 kernels")
-    X = v.float_array(X, "X", np.float32)
-    if X.ndim != 3:
+    x = np.ascontiguousarray(v.float_array(X, "X", np.float32))
+    if x.ndim != 3:
         raise ValueError(f"DynamicQuantizeLSTM: X must be (seq_length, batch_size, input_size), "
-                         f"got shape {X.shape}")
-    T, batch, input_size = X.shape
+                         f"got shape {x.shape}")
+    T, batch, input_size = x.shape
     n_dirs = 2 if direction == "bidirectional" else 1
-    W_arr = np.asarray(W)
-    if W_arr.ndim != 3 or np.asarray(R).ndim != 3:
+    if np.ndim(W) != 3 or np.ndim(R) != 3:
         raise ValueError("DynamicQuantizeLSTM: W and R must be 3-D (num_directions, in, 4*hidden)")
-    hidden = int(a.get("hidden_size") or np.asarray(R).shape[1])
-    if np.asarray(R).shape[1] != hidden:
-        raise ValueError(f"hidden_size={hidden} but R has shape {np.asarray(R).shape}")
-    frozen = _quantized_model(W, R, B, W_scale, W_zp, R_scale, R_zp, hidden, n_dirs, input_size)
-    hx = None
-    if h0 is not None or c0 is not None:
-        states = []
-        for name, value in (("initial_h", h0), ("initial_c", c0)):
-            if value is None:
-                states.append(np.zeros((n_dirs, batch, hidden), np.float32))
-            else:
-                value = v.float_array(value, name, np.float32)
-                v.shape(value, (n_dirs, batch, hidden), name)
-                states.append(np.array(value, order="C"))
-        hx = tuple(states)
-    lengths = None
-    if seq is not None:
+    hidden = int(a.get("hidden_size") or np.shape(R)[1])
+    if np.shape(R)[1] != hidden:
+        raise ValueError(f"hidden_size={hidden} but R has shape {np.shape(R)}")
+    ih, hh, bias = _quantized_packs(W, R, B, W_scale, W_zp, R_scale, R_zp, hidden, n_dirs,
+                                    input_size)
+    states = []
+    for name, value in (("initial_h", h0), ("initial_c", c0)):
+        if value is None:
+            states.append(np.zeros((n_dirs, batch, hidden), np.float32))
+        else:
+            value = v.float_array(value, name, np.float32)
+            v.shape(value, (n_dirs, batch, hidden), name)
+            states.append(np.array(value, order="C"))   # the kernel writes the final state here
+    h, c = states
+    if seq is None:
+        lengths = np.full(batch, T, np.intp)
+    else:
         lengths = np.asarray(seq)
         if lengths.dtype.kind not in "iu" or lengths.shape != (batch,):
             raise ValueError(f"sequence_lens must be {batch} integers, got {lengths.dtype} "
                              f"{lengths.shape}")
         if lengths.size and (lengths.min() < 0 or lengths.max() > T):
             raise ValueError(f"sequence_lens must lie in 0..{T}")
-        if (lengths == T).all():
-            lengths = None
-    out, (h, c) = frozen(X, hx, lengths=lengths)
-    Y = np.asarray(out).reshape(T, batch, n_dirs, hidden).transpose(0, 2, 1, 3)
-    return np.ascontiguousarray(Y), np.asarray(h), np.asarray(c)
+        lengths = np.ascontiguousarray(lengths, np.intp)
+    order = np.argsort(-lengths, kind="stable").astype(np.intp)
+    y = np.zeros((T, batch, n_dirs * hidden), np.float32)
+    path = _precision._kernel_path(_precision.path_for("int8"))
+    _lowp.layer_forward("int8", path, x, ih, hh, None, bias, order, lengths, h, c, y,
+                        _threads.get_num_threads())
+    empty = lengths == 0
+    if empty.any():
+        h[:, empty] = 0
+        c[:, empty] = 0
+    Y = y.reshape(T, batch, n_dirs, hidden).transpose(0, 2, 1, 3)
+    return np.ascontiguousarray(Y), h, c
 
 
 @_op("Constant")

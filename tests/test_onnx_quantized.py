@@ -101,3 +101,26 @@ def test_reverse_direction_is_refused():
     op = lf.onnx.OPS[("com.microsoft", "DynamicQuantizeLSTM")]
     with pytest.raises(ValueError, match="direction"):
         op(_node_args(), {"hidden_size": 8, "direction": b"reverse"}, None)
+
+
+def test_sequence_lens_and_states_as_each_sequence_alone():
+    # padded batch with initial states: each sequence's outputs are those of it run alone, cut
+    # to its length (the int8 kernels' rows do not depend on the batch), the padded rows zero
+    op = lf.onnx.OPS[("com.microsoft", "DynamicQuantizeLSTM")]
+    args = _node_args()
+    rng = np.random.default_rng(4)
+    args[5] = rng.standard_normal((1, 2, 8)).astype(np.float32)
+    args[6] = rng.standard_normal((1, 2, 8)).astype(np.float32)
+    args[4] = np.array([3, 5], np.int32)
+    Y, h, c = op(args, {"hidden_size": 8}, None)
+    assert Y.shape == (5, 1, 2, 8) and h.shape == c.shape == (1, 2, 8)
+    for b, n in enumerate((3, 5)):
+        alone = list(args)
+        alone[0] = args[0][:n, b:b + 1]
+        alone[4] = None
+        alone[5], alone[6] = args[5][:, b:b + 1], args[6][:, b:b + 1]
+        Ya, ha, ca = op(alone, {"hidden_size": 8}, None)
+        np.testing.assert_array_equal(Y[:n, :, b], Ya[:, :, 0])
+        np.testing.assert_array_equal(Y[n:, :, b], 0)
+        np.testing.assert_array_equal(h[:, b], ha[:, 0])
+        np.testing.assert_array_equal(c[:, b], ca[:, 0])
