@@ -115,29 +115,8 @@ def lstm(X, W, R, B=None, sequence_lens=None, initial_h=None, initial_c=None, P=
         v.shape(P, (n_dirs, 3 * hidden), "P", "num_directions, 3*hidden_size")
         p_i, p_o, p_f = P[:, :hidden], P[:, hidden:2 * hidden], P[:, 2 * hidden:]
         peephole = np.ascontiguousarray(np.concatenate([p_i, p_f, p_o], axis=1))
-    states = []
-    for name, value in (("initial_h", initial_h), ("initial_c", initial_c)):
-        if value is None:
-            states.append(np.zeros((n_dirs, batch, hidden), dt))
-        else:
-            value = v.float_array(value, name, dt)
-            expected = (batch, n_dirs, hidden) if layout else (n_dirs, batch, hidden)
-            v.shape(value, expected, name)
-            # a new array: the kernel writes the final state into it, never into the caller's
-            states.append(np.array(value.transpose(1, 0, 2) if layout else value, order="C"))
-    h, c = states
-    if sequence_lens is None:
-        lengths = np.full(batch, seq_len, np.intp)
-    else:
-        lengths = np.asarray(sequence_lens)
-        if lengths.dtype.kind not in "iu":
-            raise TypeError(f"sequence_lens must be integers, got {lengths.dtype}")
-        if lengths.shape != (batch,):
-            raise ValueError(f"sequence_lens has shape {lengths.shape}, expected ({batch},)")
-        if lengths.size and (lengths.min() < 0 or lengths.max() > seq_len):
-            raise ValueError(f"sequence_lens must lie in 0..{seq_len}")
-        lengths = np.ascontiguousarray(lengths, np.intp)
-    order = np.argsort(-lengths, kind="stable").astype(np.intp)
+    h, c = _initial_states(initial_h, initial_c, n_dirs, batch, hidden, layout, dt)
+    lengths, order = _sequence_lengths(sequence_lens, batch, seq_len)
     if clip is not None and not clip > 0:
         raise ValueError(f"clip must be > 0, got {clip}")
     specs = _specs(activations, activation_alpha, activation_beta, n_dirs, clip, input_forget)
@@ -156,11 +135,49 @@ def lstm(X, W, R, B=None, sequence_lens=None, initial_h=None, initial_c=None, P=
                           h[d:d + 1], c[d:d + 1], y_d, n_threads, reverse=reverse[d:d + 1],
                           peephole=None if peephole is None else peephole[d:d + 1], spec=specs[d])
                 y[:, :, d * hidden:(d + 1) * hidden] = y_d
+    return _outputs(y, h, c, lengths, n_dirs, layout)
+
+
+def _initial_states(initial_h, initial_c, n_dirs, batch, hidden, layout, dt):
+    """The operator's initial states as new (D, B, H) arrays (zeros where not given)."""
+    states = []
+    for name, value in (("initial_h", initial_h), ("initial_c", initial_c)):
+        if value is None:
+            states.append(np.zeros((n_dirs, batch, hidden), dt))
+        else:
+            value = v.float_array(value, name, dt)
+            expected = (batch, n_dirs, hidden) if layout else (n_dirs, batch, hidden)
+            v.shape(value, expected, name)
+            # a new array: the kernel writes the final state into it, never into the caller's
+            states.append(np.array(value.transpose(1, 0, 2) if layout else value, order="C"))
+    return states
+
+
+def _sequence_lengths(sequence_lens, batch, seq_len):
+    """sequence_lens checked, as intp (all seq_len when None), and the kernels' longest-first order."""
+    if sequence_lens is None:
+        lengths = np.full(batch, seq_len, np.intp)
+    else:
+        lengths = np.asarray(sequence_lens)
+        if lengths.dtype.kind not in "iu":
+            raise TypeError(f"sequence_lens must be integers, got {lengths.dtype}")
+        if lengths.shape != (batch,):
+            raise ValueError(f"sequence_lens has shape {lengths.shape}, expected ({batch},)")
+        if lengths.size and (lengths.min() < 0 or lengths.max() > seq_len):
+            raise ValueError(f"sequence_lens must lie in 0..{seq_len}")
+        lengths = np.ascontiguousarray(lengths, np.intp)
+    return lengths, np.argsort(-lengths, kind="stable").astype(np.intp)
+
+
+def _outputs(y, h, c, lengths, n_dirs, layout):
+    """Y, Y_h, Y_c in the operator's shapes from the kernels' y (T, B, D*H) and states (D, B, H);
+    the state of a sequence of length 0 is 0 (as ONNX Runtime)."""
+    seq_len, batch, _ = y.shape
     empty = lengths == 0
     if empty.any():
         h[:, empty] = 0
         c[:, empty] = 0
-    Y = y.reshape(seq_len, batch, n_dirs, hidden)
+    Y = y.reshape(seq_len, batch, n_dirs, -1)
     if layout:
         return np.ascontiguousarray(Y.transpose(1, 0, 2, 3)), \
             np.ascontiguousarray(h.transpose(1, 0, 2)), np.ascontiguousarray(c.transpose(1, 0, 2))
@@ -216,10 +233,12 @@ def _op(name, domain=""):
 
 
 class _Context:
-    """What an operator may need beside its inputs: the model's opset of the default domain."""
+    """What an operator may need beside its inputs: the model's opset of the default domain,
+    and what a node prepares once per session."""
 
     def __init__(self, opset):
         self.opset = opset
+        self.packs = {}   # per node, weights packed once for the session (_quantized_packs)
 
 
 def _ints(value):
@@ -247,11 +266,6 @@ def _op_lstm(args, a, ctx):
                 activation_beta=a.get("activation_beta"))
 
 
-# frozen int8 models of DynamicQuantizeLSTM nodes, by the identity of the node's weight arrays
-# (a session passes the same initializer arrays every run): packing once, not per call
-_QUANTIZED_MODELS = {}
-
-
 def _int8_weights(q, zero_point, scale, name, n_dirs, rows, cols, hidden):
     """(D, cols, rows) int8 of the node, its zero point and scale (per tensor [D] or per
     channel [D, rows]) -> the torch-order (D, rows, cols) integers and per-row scales."""
@@ -260,20 +274,25 @@ def _int8_weights(q, zero_point, scale, name, n_dirs, rows, cols, hidden):
         raise TypeError(f"DynamicQuantizeLSTM: {name} must be int8 (quantize_dynamic with "
                         f"weight_type=QInt8), got {q.dtype}")
     v.shape(q, (n_dirs, cols, rows), name, "num_directions, in, 4*hidden_size")
-    zp = np.asarray(zero_point if zero_point is not None else np.zeros(n_dirs, np.int8))
-    sc = np.asarray(scale, dtype=np.float64) if scale is not None else None
-    if sc is None:
+    if scale is None:
         raise ValueError(f"DynamicQuantizeLSTM: {name} has no scale")
-    for what, arr in (("scale", sc), ("zero point", zp)):
-        if arr.shape not in ((n_dirs,), (n_dirs, rows)) and arr.size != 1:
-            raise ValueError(f"DynamicQuantizeLSTM: the {what} of {name} has shape {arr.shape}, "
-                             f"expected ({n_dirs},) per tensor or ({n_dirs}, {rows}) per channel")
+    zp = np.asarray(0 if zero_point is None else zero_point)
     if zp.dtype.kind not in "iu":
         raise TypeError(f"DynamicQuantizeLSTM: the zero point of {name} must be integers")
+    per_row = []
+    for what, arr in (("scale", np.asarray(scale, np.float64)), ("zero point", zp.astype(np.int16))):
+        if arr.size == 1:              # one value for every direction
+            arr = arr.reshape(())
+        elif arr.shape == (n_dirs,):   # per tensor
+            arr = arr[:, None]
+        elif arr.shape != (n_dirs, rows):
+            raise ValueError(f"DynamicQuantizeLSTM: the {what} of {name} has shape {arr.shape}, "
+                             f"expected ({n_dirs},) per tensor or ({n_dirs}, {rows}) per channel")
+        per_row.append(np.broadcast_to(arr, (n_dirs, rows)))
+    sc, zp = per_row
     if not (np.isfinite(sc).all() and (sc > 0).all()):
         raise ValueError(f"DynamicQuantizeLSTM: the scales of {name} must be finite and > 0")
-    sc = np.broadcast_to(sc.reshape(n_dirs, -1), (n_dirs, rows)).astype(np.float32)
-    zp = np.broadcast_to(zp.reshape(n_dirs, -1).astype(np.int16), (n_dirs, rows))
+    sc = sc.astype(np.float32)
     ints = q.astype(np.int16).transpose(0, 2, 1) - zp[:, :, None]
     if ints.min(initial=0) < -128 or ints.max(initial=0) > 127:
         raise ValueError(f"DynamicQuantizeLSTM: {name} minus its zero point leaves -128..127")
@@ -282,15 +301,17 @@ def _int8_weights(q, zero_point, scale, name, n_dirs, rows, cols, hidden):
     return ints.astype(np.int8), np.ascontiguousarray(sc)
 
 
-def _quantized_packs(W, R, B, W_scale, W_zp, R_scale, R_zp, hidden, n_dirs, input_size):
-    """The int8 kernels' packed weights (per direction) and summed bias of a node, cached."""
+def _quantized_packs(W, R, B, W_scale, W_zp, R_scale, R_zp, hidden, n_dirs, input_size, ctx):
+    """The int8 kernels' packed weights (per direction) and summed bias of a node. A session
+    passes the same initializer arrays every run: packed once per session (ctx.packs, by the
+    arrays' identity; the entry keeps the arrays, so an identity is never reused while cached)."""
     from . import _lowp
 
     arrays = (W, R, B, W_scale, W_zp, R_scale, R_zp)
     key = tuple(id(a) for a in arrays)
-    hit = _QUANTIZED_MODELS.get(key)
-    if hit is not None and all(x is y for x, y in zip(hit[0], arrays)):
-        return hit[1]
+    cache = ctx.packs if ctx is not None else {}
+    if key in cache:
+        return cache[key][1]
     qi, si = _int8_weights(W, W_zp, W_scale, "W", n_dirs, 4 * hidden, input_size, hidden)
     qh, sh = _int8_weights(R, R_zp, R_scale, "R", n_dirs, 4 * hidden, hidden, hidden)
     if B is None:
@@ -302,9 +323,7 @@ def _quantized_packs(W, R, B, W_scale, W_zp, R_scale, R_zp, hidden, n_dirs, inpu
     packs = ([_lowp.Packed("int8", None, q=qi[d], q_scale=si[d]) for d in range(n_dirs)],
              [_lowp.Packed("int8", None, q=qh[d], q_scale=sh[d]) for d in range(n_dirs)],
              np.ascontiguousarray(bias, np.float32))
-    if len(_QUANTIZED_MODELS) >= 16:
-        _QUANTIZED_MODELS.clear()
-    _QUANTIZED_MODELS[key] = (arrays, packs)
+    cache[key] = (arrays, packs)
     return packs
 
 
@@ -333,44 +352,21 @@ def _op_dynamic_quantize_lstm(args, a, ctx):
         raise ValueError(f"DynamicQuantizeLSTM: X must be (seq_length, batch_size, input_size), "
                          f"got shape {x.shape}")
     T, batch, input_size = x.shape
-    n_dirs = 2 if direction == "bidirectional" else 1
+    n_dirs = DIRECTIONS[direction]
     if np.ndim(W) != 3 or np.ndim(R) != 3:
         raise ValueError("DynamicQuantizeLSTM: W and R must be 3-D (num_directions, in, 4*hidden)")
     hidden = int(a.get("hidden_size") or np.shape(R)[1])
     if np.shape(R)[1] != hidden:
         raise ValueError(f"hidden_size={hidden} but R has shape {np.shape(R)}")
     ih, hh, bias = _quantized_packs(W, R, B, W_scale, W_zp, R_scale, R_zp, hidden, n_dirs,
-                                    input_size)
-    states = []
-    for name, value in (("initial_h", h0), ("initial_c", c0)):
-        if value is None:
-            states.append(np.zeros((n_dirs, batch, hidden), np.float32))
-        else:
-            value = v.float_array(value, name, np.float32)
-            v.shape(value, (n_dirs, batch, hidden), name)
-            states.append(np.array(value, order="C"))   # the kernel writes the final state here
-    h, c = states
-    if seq is None:
-        lengths = np.full(batch, T, np.intp)
-    else:
-        lengths = np.asarray(seq)
-        if lengths.dtype.kind not in "iu" or lengths.shape != (batch,):
-            raise ValueError(f"sequence_lens must be {batch} integers, got {lengths.dtype} "
-                             f"{lengths.shape}")
-        if lengths.size and (lengths.min() < 0 or lengths.max() > T):
-            raise ValueError(f"sequence_lens must lie in 0..{T}")
-        lengths = np.ascontiguousarray(lengths, np.intp)
-    order = np.argsort(-lengths, kind="stable").astype(np.intp)
+                                    input_size, ctx)
+    h, c = _initial_states(h0, c0, n_dirs, batch, hidden, 0, np.float32)
+    lengths, order = _sequence_lengths(seq, batch, T)
     y = np.zeros((T, batch, n_dirs * hidden), np.float32)
     path = _precision._kernel_path(_precision.path_for("int8"))
     _lowp.layer_forward("int8", path, x, ih, hh, None, bias, order, lengths, h, c, y,
                         _threads.get_num_threads())
-    empty = lengths == 0
-    if empty.any():
-        h[:, empty] = 0
-        c[:, empty] = 0
-    Y = y.reshape(T, batch, n_dirs, hidden).transpose(0, 2, 1, 3)
-    return np.ascontiguousarray(Y), h, c
+    return _outputs(y, h, c, lengths, n_dirs, 0)
 
 
 @_op("Constant")

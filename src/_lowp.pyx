@@ -90,8 +90,8 @@ cdef class Packed:
         cdef cnp.ndarray[float, ndim=2, mode="c"] w2
         if q is not None:
             q = np.asarray(q)
-            if kind != LF_LP_INT8 or q.ndim != 2:
-                raise ValueError("q takes an (n, k) int8 matrix")
+            if kind != LF_LP_INT8 or q.ndim != 2 or q.dtype.kind not in "iu":
+                raise ValueError("q takes an (n, k) matrix of integers, for int8 only")
             w2 = np.zeros((1, 1), np.float32)
             n_, k_ = q.shape
         else:

@@ -124,3 +124,26 @@ def test_sequence_lens_and_states_as_each_sequence_alone():
         np.testing.assert_array_equal(Y[n:, :, b], 0)
         np.testing.assert_array_equal(h[:, b], ha[:, 0])
         np.testing.assert_array_equal(c[:, b], ca[:, 0])
+
+
+def test_one_scale_serves_both_directions_and_packs_once_per_session(tmp_path):
+    op = lf.onnx.OPS[("com.microsoft", "DynamicQuantizeLSTM")]
+    args = _node_args()
+    rng = np.random.default_rng(5)
+    args[1] = rng.integers(-127, 128, (2, 4, 32)).astype(np.int8)
+    args[2] = rng.integers(-127, 128, (2, 8, 32)).astype(np.int8)
+    args[3] = np.zeros((2, 64), np.float32)
+    per_dir = list(args)
+    per_dir[8] = per_dir[10] = np.array([0.01, 0.01], np.float32)
+    per_dir[9] = per_dir[11] = np.array([0, 0], np.int8)
+    attrs = {"hidden_size": 8, "direction": b"bidirectional"}
+    for a, b in zip(op(args, attrs, None), op(per_dir, attrs, None)):
+        np.testing.assert_array_equal(a, b)
+    _, q8 = _quantized(tmp_path, 8, 16, True, False)
+    session = lf.onnx.load(q8)
+    x = np.zeros((3, 2, 8), np.float32)
+    first = session.run(None, {"x": x})
+    assert len(session._ctx.packs) == 1
+    for a, b in zip(session.run(None, {"x": x}), first):
+        np.testing.assert_array_equal(a, b)
+    assert len(session._ctx.packs) == 1
