@@ -1,7 +1,8 @@
 """Which kernel path runs each precision: the CPU's features, capped by LSTM_FAST_ISA.
 
 Paths: "amx" (AMX tiles, TDPBF16PS / TDPBUSD), "avx512_bf16" (VDPBF16PS), "avx512_vnni"
-(VPDPBUSD), "generic" (portable C, the same numerics). Detection is in C (lf_lowp.h):
+(VPDPBUSD), "avx512_fma" and "avx2_fma" (bfloat16 on CPUs without VDPBF16PS: VDPBF16PS's chain
+in float32 FMAs, the same bits), "generic" (portable C, the same numerics). Detection is in C (lf_lowp.h):
 __builtin_cpu_supports for AVX512-BF16/VNNI; CPUID plus the Linux tile-state permission
 (arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)) for AMX, a refusal meaning no AMX.
 
@@ -40,9 +41,13 @@ def _kernel_path(path):
     return {"avx512_bf16": "avx512", "avx512_vnni": "avx512"}.get(path, path)
 
 
+_FORCEABLE = ("generic", "avx512_bf16", "avx512_vnni", "avx512_fma", "avx2_fma", "amx", "amx_emulated")
+
+
 def path_for(precision: str) -> str:
-    """The path `precision` runs on here: amx, avx512_bf16 (bfloat16), avx512_vnni (int8) or
-    generic (float32 reports the float32 kernels: "avx512" or "generic")."""
+    """The path `precision` runs on here: amx, avx512_bf16 or avx512_fma or avx2_fma (bfloat16),
+    avx512_vnni (int8), or generic (float32 reports the float32 kernels: "avx512", "avx2" or
+    "generic")."""
     from . import _lowp
 
     check_precision(precision)
@@ -57,14 +62,18 @@ def path_for(precision: str) -> str:
         return "amx"
     if level >= 2 and _lowp.path_ok(precision, "avx512"):
         return "avx512_bf16" if precision == "bfloat16" else "avx512_vnni"
+    if level >= 2 and _lowp.path_ok(precision, "avx512_fma"):
+        return "avx512_fma"
+    if level >= 1 and _lowp.path_ok(precision, "avx2_fma"):
+        return "avx2_fma"
     return "generic"
 
 
 def _force_path(path: str | None) -> None:
-    """Tests: every later freeze runs `path` (generic, avx512_bf16, avx512_vnni, amx or
-    amx_emulated, the AMX tile logic over emulated tiles); None returns to detection."""
+    """Tests: every later freeze runs `path` (one of _FORCEABLE; amx_emulated is the AMX tile
+    logic over emulated tiles); None returns to detection."""
     global _forced
-    if path is not None and path not in ("generic", "avx512_bf16", "avx512_vnni", "amx", "amx_emulated"):
+    if path is not None and path not in _FORCEABLE:
         raise ValueError(f"unknown path {path!r}")
     _forced = path
 

@@ -21,6 +21,8 @@ cdef extern from "lf_lowp.h" nogil:
         LF_PATH_AVX512
         LF_PATH_AMX
         LF_PATH_AMX_EMU
+        LF_PATH_AVX512_FMA
+        LF_PATH_AVX2_FMA
     ctypedef struct lf_lp_mat:
         int kind, n, k, kp, nb
         const void* w
@@ -53,12 +55,15 @@ cdef extern from "lf_lowp.h" nogil:
     int lf_lp_cpu_bf16()
     int lf_lp_cpu_vnni()
     int lf_lp_cpu_amx()
+    int lf_lp_cpu_fma512()
+    int lf_lp_cpu_fma2()
     int lf_lp_amx_granted()
     int lf_lp_layer_forward(const lf_lp_layer* L)
 
 KINDS = {"bfloat16": LF_LP_BF16, "int8": LF_LP_INT8}
 PATHS = {"generic": LF_PATH_GENERIC, "avx512": LF_PATH_AVX512, "amx": LF_PATH_AMX,
-         "amx_emulated": LF_PATH_AMX_EMU}
+         "amx_emulated": LF_PATH_AMX_EMU, "avx512_fma": LF_PATH_AVX512_FMA,
+         "avx2_fma": LF_PATH_AVX2_FMA}
 # int8 sums stay exact in int32 up to this many inputs (255 * 127 * k < 2**31)
 MAX_INT8_INPUTS = 65536
 # flops per thread below which more threads cost more than they save (see _forward.pyx)
@@ -68,7 +73,8 @@ DEF MIN_FLOPS_PER_THREAD = 200000
 def cpu_features():
     """What this CPU (and OS) offers the reduced-precision kernels."""
     return {"avx512_bf16": bool(lf_lp_cpu_bf16()), "avx512_vnni": bool(lf_lp_cpu_vnni()),
-            "amx": bool(lf_lp_cpu_amx()),
+            "amx": bool(lf_lp_cpu_amx()), "avx512_fma": bool(lf_lp_cpu_fma512()),
+            "avx2_fma": bool(lf_lp_cpu_fma2()),
             "amx_granted": bool(lf_lp_amx_granted()) if lf_lp_cpu_amx() else False}
 
 

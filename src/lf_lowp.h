@@ -41,7 +41,8 @@
 #endif
 
 enum { LF_LP_BF16 = 1, LF_LP_INT8 = 2 };
-enum { LF_PATH_GENERIC = 0, LF_PATH_AVX512 = 1, LF_PATH_AMX = 2, LF_PATH_AMX_EMU = 3 };
+enum { LF_PATH_GENERIC = 0, LF_PATH_AVX512 = 1, LF_PATH_AMX = 2, LF_PATH_AMX_EMU = 3,
+       LF_PATH_AVX512_FMA = 4, LF_PATH_AVX2_FMA = 5 };
 
 typedef struct {
     int kind;
@@ -115,6 +116,87 @@ static void lf_lp_quant_row(int kind, int k, int kp, const float* x, void* dst, 
     for (int i = k; i < kp; i++)
         q[i] = 128;
     *sx = amax / 127.0f;
+}
+
+/* The same conversion of a row in AVX-512 (the same operations lane by lane: the same bits; the
+   maximum of magnitudes is exact in any order). Used where the CPU has AVX-512F/BW. */
+#if LF_PGEMM_X86
+__attribute__((target("avx2,fma,avx512f,avx512bw"))) static void
+lf_lp_quant_row_avx512(int kind, int k, int kp, const float* x, void* dst, float* sx) {
+    if (kind == LF_LP_BF16) {
+        uint16_t* q = (uint16_t*) dst;
+        const __m512i absm = _mm512_set1_epi32(0x7fffffff), inf = _mm512_set1_epi32(0x7f800000);
+        int i = 0;
+        for (; i < k; i += 16) {
+            const __mmask16 mk = k - i >= 16 ? (__mmask16) 0xFFFF : (__mmask16) ((1u << (k - i)) - 1u);
+            const __m512i u = _mm512_castps_si512(_mm512_maskz_loadu_ps(mk, x + i));
+            const __m512i hi = _mm512_srli_epi32(u, 16);
+            __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)),
+                                          _mm512_and_si512(hi, _mm512_set1_epi32(1))), 16);
+            const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, absm), inf);
+            const __mmask16 sub = _mm512_testn_epi32_mask(u, inf);
+            r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(hi, _mm512_set1_epi32(0x40)));
+            r = _mm512_mask_mov_epi32(r, sub, _mm512_and_si512(hi, _mm512_set1_epi32(0x8000)));
+            _mm512_mask_cvtepi32_storeu_epi16(q + i, mk, r);
+        }
+        for (i = k; i < kp; i++)
+            q[i] = 0;
+        return;
+    }
+    uint8_t* q = (uint8_t*) dst;
+    __m512 vmax = _mm512_setzero_ps();
+    __mmask16 bad = 0;
+    for (int i = 0; i < k; i += 16) {
+        const __mmask16 mk = k - i >= 16 ? (__mmask16) 0xFFFF : (__mmask16) ((1u << (k - i)) - 1u);
+        const __m512 a = _mm512_abs_ps(_mm512_maskz_loadu_ps(mk, x + i));
+        bad |= _mm512_mask_cmp_ps_mask(mk, a, _mm512_set1_ps(FLT_MAX), _CMP_NLE_UQ);
+        vmax = _mm512_max_ps(vmax, a);
+    }
+    const float amax = _mm512_reduce_max_ps(vmax);
+    if (bad || amax < LF_LP_TINY) {
+        memset(q, 128, (size_t) kp);
+        *sx = bad ? NAN : 0.0f;
+        return;
+    }
+    const __m512 inv = _mm512_set1_ps(127.0f / amax);
+    const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+    for (int i = 0; i < k; i += 16) {
+        const __mmask16 mk = k - i >= 16 ? (__mmask16) 0xFFFF : (__mmask16) ((1u << (k - i)) - 1u);
+        __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, x + i), inv),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        r = _mm512_min_ps(_mm512_max_ps(r, lo), hi);
+        _mm512_mask_cvtepi32_storeu_epi8(q + i, mk, _mm512_add_epi32(_mm512_cvtps_epi32(r),
+                                                                      _mm512_set1_epi32(128)));
+    }
+    memset(q + k, 128, (size_t) (kp - k));
+    *sx = amax / 127.0f;
+}
+#endif
+
+static int lf_lp_avx512bw_cached(void) {
+    static int v = -1;
+#if LF_PGEMM_X86
+    if (v < 0) {
+        __builtin_cpu_init();
+        v = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+            __builtin_cpu_supports("fma");
+    }
+#else
+    v = 0;
+#endif
+    return v;
+}
+
+/* the layer's conversion of activation rows: AVX-512 where the CPU has it (same bits) */
+static inline void lf_lp_quant_row_fast(int kind, int k, int kp, const float* x, void* dst,
+                                        float* sx) {
+#if LF_PGEMM_X86
+    if (lf_lp_avx512bw_cached()) {
+        lf_lp_quant_row_avx512(kind, k, kp, x, dst, sx);
+        return;
+    }
+#endif
+    lf_lp_quant_row(kind, k, kp, x, dst, sx);
 }
 
 /* Pack an (n, k) row-major float32 matrix (leading dimension ldw). int8: scale and corr get nb*16
@@ -373,6 +455,27 @@ static int lf_lp_cpu_vnni(void) {
 #if LF_PGEMM_X86
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vnni");
+#else
+    return 0;
+#endif
+}
+
+/* bfloat16 without VDPBF16PS: AVX-512F/BW, or AVX2 with FMA (and the OS saving their registers,
+   which __builtin_cpu_supports checks) */
+static int lf_lp_cpu_fma512(void) {
+#if LF_PGEMM_X86
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("fma");
+#else
+    return 0;
+#endif
+}
+
+static int lf_lp_cpu_fma2(void) {
+#if LF_PGEMM_X86
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #else
     return 0;
 #endif
@@ -677,6 +780,238 @@ lf_amx_order_bf16_row(const lf_lp_mat* W, const uint16_t* a, int b0, int b1, flo
     }
 }
 
+/* ------------------------------------------------------------------ bfloat16 without VDPBF16PS */
+/* CPUs with AVX-512F or AVX2 + FMA but no AVX512-BF16 (Skylake to Ice Lake Xeons, AMD Zen 2/3,
+   and machines whose hypervisor hides the BF16 and AMX bits) run VDPBF16PS's chain in float32
+   FMAs: per output, acc = fma(w_odd, x_odd, acc); acc = fma(w_even, x_even, acc). A bfloat16 value
+   widens to float32 exactly (its bits in the high half), the product of two is exact in float32,
+   so each FMA rounds once, as the instruction does; MXCSR's flush-to-zero, set for the call, flushes
+   subnormal sums as the instruction and the generic path do. Same bits as those paths (x86 judges
+   a result tiny before rounding to the subnormal grid: a sum within 2^-150 below FLT_MIN could
+   differ; no product of bfloat16 activations and weights of an LSTM comes near).
+   Activations are widened once per call, in chunks of LF_FMA_KC inputs, into float32 rows that
+   the register tile broadcasts from memory at constant offsets; weights are widened in registers
+   (a shift or a masked move of the packed pairs). */
+#define LF_FTZ_BIT 0x8000u
+#define LF_FMA_ROWS 12          /* rows per AVX-512 register tile: 12 x 2 blocks = 24 accumulators */
+#define LF_FMA2_ROWS 4          /* rows per AVX2 register tile: 4 x 16 outputs = 8 accumulators */
+#define LF_FMA_KC 256           /* inputs per widened chunk: 12 rows x 256 float32 = 12 KiB of L1,
+                                   a row stride the tiles address as a constant */
+
+#define LF_FMA512_ATTR __attribute__((target("avx2,fma,avx512f,avx512bw"), noinline)) static
+#define LF_FMA2_ATTR __attribute__((target("avx2,fma"), noinline)) static
+#define LF_R12(M) M(0) M(1) M(2) M(3) M(4) M(5) M(6) M(7) M(8) M(9) M(10) M(11)
+
+/* A tile: RR rows x NN blocks of 16 outputs over the pairs p0..p1 of one widened chunk X (row
+   stride LF_FMA_KC, pair p at X[2 (p - p0)]). The accumulators start from zero on the first chunk
+   and from out (where the previous chunk left them: float32 round trips exactly) after it. */
+#define LF_F512_DECL(r) __m512 c##r##0 = _mm512_setzero_ps(), c##r##1 = _mm512_setzero_ps();
+#define LF_F512_LD(r) if (r < RR_) {                                                             \
+        c##r##0 = _mm512_maskz_loadu_ps(m0, out + (size_t) r * ldo + j0);                        \
+        if (NN_ > 1) c##r##1 = _mm512_maskz_loadu_ps(m1, out + (size_t) r * ldo + j0 + 16); }
+#define LF_F512_ROW(r) if (r < RR_) {                                                            \
+        const __m512 xo = _mm512_set1_ps(xp[r * LF_FMA_KC + 1]);                                 \
+        const __m512 xe = _mm512_set1_ps(xp[r * LF_FMA_KC]);                                     \
+        c##r##0 = _mm512_fmadd_ps(wo0, xo, c##r##0);                                             \
+        if (NN_ > 1) c##r##1 = _mm512_fmadd_ps(wo1, xo, c##r##1);                                \
+        c##r##0 = _mm512_fmadd_ps(we0, xe, c##r##0);                                             \
+        if (NN_ > 1) c##r##1 = _mm512_fmadd_ps(we1, xe, c##r##1); }
+#define LF_F512_ST(r) if (r < RR_) {                                                             \
+        _mm512_mask_storeu_ps(out + (size_t) r * ldo + j0, m0, c##r##0);                         \
+        if (NN_ > 1) _mm512_mask_storeu_ps(out + (size_t) r * ldo + j0 + 16, m1, c##r##1); }
+#define LF_F512_FN(RR, NN)                                                                      \
+LF_FMA512_ATTR void lf_bf16f512_##RR##_##NN(const lf_lp_mat* W, const float* X, int p0, int p1, \
+                                            int b, float* out, size_t ldo) {                    \
+    enum { RR_ = RR, NN_ = NN };                                                                \
+    const uint16_t* w = (const uint16_t*) W->w + (size_t) b * 16 * W->kp;                       \
+    const size_t bs = (size_t) 16 * W->kp;                                                      \
+    const __mmask32 odd = (__mmask32) 0xAAAAAAAAu;                                              \
+    const int j0 = 16 * b, left0 = W->n - j0, left1 = left0 - 16;                               \
+    const __mmask16 m0 = left0 >= 16 ? (__mmask16) 0xFFFF : (__mmask16) ((1u << left0) - 1u);  \
+    const __mmask16 m1 = left1 >= 16 ? (__mmask16) 0xFFFF                                       \
+                         : (left1 > 0 ? (__mmask16) ((1u << left1) - 1u) : (__mmask16) 0);      \
+    LF_R12(LF_F512_DECL)                                                                        \
+    if (p0 > 0) { LF_R12(LF_F512_LD) }                                                          \
+    const float* xp = X;                                                                        \
+    for (int p = p0; p < p1; p++, xp += 2) {                                                    \
+        const __m512i v0 = _mm512_loadu_si512((const void*) (w + (size_t) p * 32));             \
+        const __m512 we0 = _mm512_castsi512_ps(_mm512_slli_epi32(v0, 16));                      \
+        const __m512 wo0 = _mm512_castsi512_ps(_mm512_maskz_mov_epi16(odd, v0));                \
+        __m512 we1 = _mm512_setzero_ps(), wo1 = _mm512_setzero_ps();                            \
+        if (NN_ > 1) {                                                                          \
+            const __m512i v1 = _mm512_loadu_si512((const void*) (w + bs + (size_t) p * 32));    \
+            we1 = _mm512_castsi512_ps(_mm512_slli_epi32(v1, 16));                               \
+            wo1 = _mm512_castsi512_ps(_mm512_maskz_mov_epi16(odd, v1));                         \
+        }                                                                                       \
+        LF_R12(LF_F512_ROW)                                                                     \
+    }                                                                                           \
+    LF_R12(LF_F512_ST)                                                                          \
+}
+#define LF_F512_CASES(X) X(1,1) X(2,1) X(3,1) X(4,1) X(5,1) X(6,1) X(7,1) X(8,1) X(9,1) X(10,1) \
+    X(11,1) X(12,1) X(1,2) X(2,2) X(3,2) X(4,2) X(5,2) X(6,2) X(7,2) X(8,2) X(9,2) X(10,2)      \
+    X(11,2) X(12,2)
+LF_F512_CASES(LF_F512_FN)
+
+/* one row x 8 blocks (batch-1 steps: the weights stream from L2 at half float32's bytes) */
+#define LF_F8(M) M(0) M(1) M(2) M(3) M(4) M(5) M(6) M(7)
+LF_FMA512_ATTR void lf_bf16f512_row8(const lf_lp_mat* W, const float* X, int p0, int p1, int b,
+                                     float* out) {
+    const uint16_t* w = (const uint16_t*) W->w + (size_t) b * 16 * W->kp;
+    const size_t bs = (size_t) 16 * W->kp;
+    const __mmask32 odd = (__mmask32) 0xAAAAAAAAu;
+#define LF_R8_DECL(q) __m512 c##q = p0 > 0 ? _mm512_loadu_ps(out + 16 * (b + q)) : _mm512_setzero_ps();
+    LF_F8(LF_R8_DECL)
+    const float* xp = X;
+    for (int p = p0; p < p1; p++, xp += 2) {
+        const __m512 xo = _mm512_set1_ps(xp[1]), xe = _mm512_set1_ps(xp[0]);
+#define LF_R8_DP(q) { const __m512i v = _mm512_loadu_si512((const void*) (w + q * bs + (size_t) p * 32)); \
+            c##q = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_maskz_mov_epi16(odd, v)), xo, c##q);     \
+            c##q = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), xe, c##q); }
+        LF_F8(LF_R8_DP)
+    }
+    /* only whole blocks come here (8 of them, all below n): plain stores */
+#define LF_R8_ST(q) _mm512_storeu_ps(out + 16 * (b + q), c##q);
+    LF_F8(LF_R8_ST)
+#undef LF_R8_DECL
+#undef LF_R8_DP
+#undef LF_R8_ST
+}
+
+typedef void (*lf_bf16f_tile)(const lf_lp_mat*, const float*, int, int, int, float*, size_t);
+
+/* bfloat16 rows (inputs i0..i0+len) -> float32 rows of stride LF_FMA_KC (exact: the bits move to
+   the high half) */
+LF_FMA512_ATTR void lf_widen_bf16_512(const uint16_t* a, size_t lda, int rows, int i0, int len,
+                                      float* X) {
+    for (int r = 0; r < rows; r++)
+        for (int i = 0; i < len; i += 16) {
+            const __m256i h = _mm256_loadu_si256((const __m256i*) (a + r * lda + i0 + i));
+            _mm512_storeu_si512((void*) (X + (size_t) r * LF_FMA_KC + i),
+                                _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+        }
+}
+
+/* The AVX-512 driver: rows in chunks of 12, inputs in chunks of LF_FMA_KC (widened once each),
+   2 blocks per register tile (8 for a single row). */
+__attribute__((target("avx2,fma,avx512f,avx512bw"))) static void
+lf_lp_gemm_bf16_fma512(const lf_lp_mat* W, int rows, const void* A, size_t lda, int b0, int b1,
+                       float* out, size_t ldo) {
+    static const lf_bf16f_tile tiles[2][LF_FMA_ROWS] = {
+        {lf_bf16f512_1_1, lf_bf16f512_2_1, lf_bf16f512_3_1, lf_bf16f512_4_1, lf_bf16f512_5_1,
+         lf_bf16f512_6_1, lf_bf16f512_7_1, lf_bf16f512_8_1, lf_bf16f512_9_1, lf_bf16f512_10_1,
+         lf_bf16f512_11_1, lf_bf16f512_12_1},
+        {lf_bf16f512_1_2, lf_bf16f512_2_2, lf_bf16f512_3_2, lf_bf16f512_4_2, lf_bf16f512_5_2,
+         lf_bf16f512_6_2, lf_bf16f512_7_2, lf_bf16f512_8_2, lf_bf16f512_9_2, lf_bf16f512_10_2,
+         lf_bf16f512_11_2, lf_bf16f512_12_2}};
+    _Alignas(64) float X[LF_FMA_ROWS * LF_FMA_KC];
+    const int kp = W->kp;
+    const unsigned csr = _mm_getcsr();
+    _mm_setcsr(csr | LF_FTZ_BIT);
+    for (int r = 0; r < rows; r += LF_FMA_ROWS) {
+        const int R = rows - r < LF_FMA_ROWS ? rows - r : LF_FMA_ROWS;
+        float* o = out + (size_t) r * ldo;
+        for (int i0 = 0; i0 < kp; i0 += LF_FMA_KC) {
+            const int len = kp - i0 < LF_FMA_KC ? kp - i0 : LF_FMA_KC;
+            const int p0 = i0 / 2, p1 = (i0 + len) / 2;
+            lf_widen_bf16_512((const uint16_t*) A + (size_t) r * lda, lda, R, i0, len, X);
+            int b = b0;
+            if (R == 1)
+                for (; b + 8 <= b1 && 16 * (b + 8) <= W->n; b += 8)
+                    lf_bf16f512_row8(W, X, p0, p1, b, o);
+            for (; b < b1; b += 2)
+                tiles[b1 - b < 2 ? 0 : 1][R - 1](W, X, p0, p1, b, o, ldo);
+        }
+    }
+    _mm_setcsr(csr);
+}
+
+/* AVX2: 8 outputs a vector, so a block of 16 is two halves (the low and high 32 bytes of each
+   packed 64-byte row); RR rows (1..4) x one block */
+#define LF_R4(M) M(0) M(1) M(2) M(3)
+#define LF_F2_DECL(r) __m256 c##r##l = _mm256_setzero_ps(), c##r##h = _mm256_setzero_ps();
+#define LF_F2_LD(r) if (r < RR_) {                                                               \
+        const float* o = out + (size_t) r * ldo + j0;                                            \
+        if (left >= 16) {                                                                        \
+            c##r##l = _mm256_loadu_ps(o);                                                        \
+            c##r##h = _mm256_loadu_ps(o + 8);                                                    \
+        } else {                                                                                 \
+            _Alignas(32) float t[16] = {0};                                                      \
+            memcpy(t, o, (size_t) left * sizeof(float));                                         \
+            c##r##l = _mm256_load_ps(t);                                                         \
+            c##r##h = _mm256_load_ps(t + 8);                                                     \
+        } }
+#define LF_F2_ROW(r) if (r < RR_) {                                                              \
+        const __m256 xo = _mm256_broadcast_ss(xp + r * LF_FMA_KC + 1);                           \
+        const __m256 xe = _mm256_broadcast_ss(xp + r * LF_FMA_KC);                               \
+        c##r##l = _mm256_fmadd_ps(wol, xo, c##r##l);                                             \
+        c##r##h = _mm256_fmadd_ps(woh, xo, c##r##h);                                             \
+        c##r##l = _mm256_fmadd_ps(wel, xe, c##r##l);                                             \
+        c##r##h = _mm256_fmadd_ps(weh, xe, c##r##h); }
+#define LF_F2_ST(r) if (r < RR_) {                                                               \
+        float* o = out + (size_t) r * ldo + j0;                                                  \
+        if (left >= 16) {                                                                        \
+            _mm256_storeu_ps(o, c##r##l);                                                        \
+            _mm256_storeu_ps(o + 8, c##r##h);                                                    \
+        } else {                                                                                 \
+            _Alignas(32) float t[16];                                                            \
+            _mm256_store_ps(t, c##r##l);                                                         \
+            _mm256_store_ps(t + 8, c##r##h);                                                     \
+            memcpy(o, t, (size_t) left * sizeof(float));                                         \
+        } }
+#define LF_F2_FN(RR)                                                                            \
+LF_FMA2_ATTR void lf_bf16f2_##RR(const lf_lp_mat* W, const float* X, int p0, int p1, int b,     \
+                                 float* out, size_t ldo) {                                      \
+    enum { RR_ = RR };                                                                          \
+    const uint16_t* w = (const uint16_t*) W->w + (size_t) b * 16 * W->kp;                       \
+    const __m256i hi = _mm256_set1_epi32((int) 0xFFFF0000u);                                    \
+    const int j0 = 16 * b, left = W->n - j0;                                                    \
+    LF_R4(LF_F2_DECL)                                                                           \
+    if (p0 > 0) { LF_R4(LF_F2_LD) }                                                             \
+    const float* xp = X;                                                                        \
+    for (int p = p0; p < p1; p++, xp += 2) {                                                    \
+        const __m256i vl = _mm256_loadu_si256((const __m256i*) (w + (size_t) p * 32));          \
+        const __m256i vh = _mm256_loadu_si256((const __m256i*) (w + (size_t) p * 32 + 16));     \
+        const __m256 wel = _mm256_castsi256_ps(_mm256_slli_epi32(vl, 16));                      \
+        const __m256 wol = _mm256_castsi256_ps(_mm256_and_si256(vl, hi));                       \
+        const __m256 weh = _mm256_castsi256_ps(_mm256_slli_epi32(vh, 16));                      \
+        const __m256 woh = _mm256_castsi256_ps(_mm256_and_si256(vh, hi));                       \
+        LF_R4(LF_F2_ROW)                                                                        \
+    }                                                                                           \
+    LF_R4(LF_F2_ST)                                                                             \
+}
+LF_F2_FN(1) LF_F2_FN(2) LF_F2_FN(3) LF_F2_FN(4)
+
+LF_FMA2_ATTR void lf_widen_bf16_avx2(const uint16_t* a, size_t lda, int rows, int i0, int len,
+                                     float* X) {
+    for (int r = 0; r < rows; r++)
+        for (int i = 0; i < len; i += 8) {
+            const __m128i h = _mm_loadu_si128((const __m128i*) (a + r * lda + i0 + i));
+            _mm256_storeu_si256((__m256i*) (X + (size_t) r * LF_FMA_KC + i),
+                                _mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+        }
+}
+
+__attribute__((target("avx2,fma"))) static void
+lf_lp_gemm_bf16_fma2(const lf_lp_mat* W, int rows, const void* A, size_t lda, int b0, int b1,
+                     float* out, size_t ldo) {
+    static const lf_bf16f_tile tiles[LF_FMA2_ROWS] = {lf_bf16f2_1, lf_bf16f2_2, lf_bf16f2_3,
+                                                      lf_bf16f2_4};
+    _Alignas(64) float X[LF_FMA2_ROWS * LF_FMA_KC];
+    const int kp = W->kp;
+    const unsigned csr = _mm_getcsr();
+    _mm_setcsr(csr | LF_FTZ_BIT);
+    for (int r = 0; r < rows; r += LF_FMA2_ROWS) {
+        const int R = rows - r < LF_FMA2_ROWS ? rows - r : LF_FMA2_ROWS;
+        for (int i0 = 0; i0 < kp; i0 += LF_FMA_KC) {
+            const int len = kp - i0 < LF_FMA_KC ? kp - i0 : LF_FMA_KC;
+            lf_widen_bf16_avx2((const uint16_t*) A + (size_t) r * lda, lda, R, i0, len, X);
+            for (int b = b0; b < b1; b++)
+                tiles[R - 1](W, X, i0 / 2, (i0 + len) / 2, b, out + (size_t) r * ldo, ldo);
+        }
+    }
+    _mm_setcsr(csr);
+}
+
 #define LF_HW_ATTR __attribute__((target("amx-tile,amx-bf16,amx-int8,avx512f,avx512bw")))
 #define LF_HW_DECL
 #define LF_HW_CFG(c) _tile_loadconfig((const void*) (c))
@@ -702,6 +1037,10 @@ static int lf_lp_path_ok(int kind, int path) {
         return kind == LF_LP_BF16 ? lf_lp_cpu_bf16() : lf_lp_cpu_vnni();
     case LF_PATH_AMX:
         return lf_lp_amx_granted();
+    case LF_PATH_AVX512_FMA:
+        return kind == LF_LP_BF16 && lf_lp_cpu_fma512();
+    case LF_PATH_AVX2_FMA:
+        return kind == LF_LP_BF16 && lf_lp_cpu_fma2();
     }
     return 0;
 }
@@ -733,6 +1072,14 @@ static void lf_lp_gemm(int path, const lf_lp_mat* W, int rows, const void* A, co
             lf_lp_gemm_bf16_avx512(W, rows, A, lda, b0, b1, out, ldo);
         else
             lf_lp_gemm_int8_avx512(W, rows, A, lda, sx, b0, b1, out, ldo);
+        return;
+    }
+    if (path == LF_PATH_AVX512_FMA && W->kind == LF_LP_BF16) {
+        lf_lp_gemm_bf16_fma512(W, rows, A, lda, b0, b1, out, ldo);
+        return;
+    }
+    if (path == LF_PATH_AVX2_FMA && W->kind == LF_LP_BF16) {
+        lf_lp_gemm_bf16_fma2(W, rows, A, lda, b0, b1, out, ldo);
         return;
     }
     if (path == LF_PATH_AMX) {
@@ -806,7 +1153,7 @@ static void lf_lp_layer_proj(const lf_lp_layer* L, const lf_lp_ws* W) {
     const int n_rblk = (int) ((TB + LF_LP_ITEM_ROWS - 1) / LF_LP_ITEM_ROWS);
     #pragma omp for schedule(static)
     for (Py_ssize_t r = 0; r < (Py_ssize_t) TB; r++)
-        lf_lp_quant_row(kind, L->n_in, kp_ih, L->x + r * L->n_in,
+        lf_lp_quant_row_fast(kind, L->n_in, kp_ih, L->x + r * L->n_in,
                         (uint8_t*) W->xa + r * kp_ih * es, W->xs + r);
     #pragma omp for schedule(static)
     for (int it = 0; it < D * n_groups * n_rblk; it++) {
@@ -840,7 +1187,7 @@ static void lf_lp_layer_rec(const lf_lp_layer* L, const lf_lp_ws* W) {
         for (int it = 0; it < D * n_act; it++) {
             const int d = it / n_act, i = it % n_act;
             const Py_ssize_t b = L->order[i];
-            lf_lp_quant_row(kind, Hout, kp_hh, L->h + ((size_t) d * B + b) * Hout,
+            lf_lp_quant_row_fast(kind, Hout, kp_hh, L->h + ((size_t) d * B + b) * Hout,
                             (uint8_t*) W->ha + ((size_t) d * B + i) * kp_hh * es, W->hs + d * B + i);
         }
         #pragma omp for schedule(static)
@@ -861,7 +1208,7 @@ static void lf_lp_layer_rec(const lf_lp_layer* L, const lf_lp_ws* W) {
             L->cell(H, W->gh + ((size_t) d * B + i) * G, W->gx + ((size_t) d * TB + t * B + b) * G,
                     L->bias + (size_t) d * G, c, hrow);
             if (P)
-                lf_lp_quant_row(kind, H, kp_hr, hrow,
+                lf_lp_quant_row_fast(kind, H, kp_hr, hrow,
                                 (uint8_t*) W->pa + ((size_t) d * B + i) * kp_hr * es, W->ps + d * B + i);
             else
                 memcpy(L->y + ((size_t) t * B + b) * D * Hout + (size_t) d * Hout, hrow,
@@ -890,6 +1237,8 @@ static void lf_lp_layer_rec(const lf_lp_layer* L, const lf_lp_ws* W) {
     }
 }
 
+enum { LF_LP_WS_XA = 0, LF_LP_WS_GX = 1 };   /* work-buffer slots of this module */
+
 /* The layer: inputs projected first, then the recurrence. One thread runs the phases without
    entering a parallel region (libgomp then wakes no pool threads: a few us a batch-1 call).
    Returns 0, or -1 when memory ran out (nothing is written then). */
@@ -898,9 +1247,11 @@ static int lf_lp_layer_forward(const lf_lp_layer* L) {
     const size_t TB = (size_t) L->T * B, es = lf_lp_elem(L->kind);
     const int kp_ih = L->ih[0]->kp, kp_hh = L->hh[0]->kp, kp_hr = P ? L->hr[0]->kp : 0;
     lf_lp_ws W;
-    W.xa = lf_malloc64(TB * kp_ih * es);
+    /* the two large buffers are kept per thread from call to call (lf_ws_get): a fresh one's
+       first touch costs a page fault per 4 KB on every call */
+    W.xa = lf_ws_get(LF_LP_WS_XA, TB * kp_ih * es);
     W.xs = (float*) lf_malloc64(TB * sizeof(float));
-    W.gx = (float*) lf_alloc_big((size_t) D * TB * G * sizeof(float));
+    W.gx = (float*) lf_ws_get(LF_LP_WS_GX, (size_t) D * TB * G * sizeof(float));
     W.ha = lf_malloc64((size_t) D * B * kp_hh * es);
     W.hs = (float*) lf_malloc64((size_t) D * B * sizeof(float));
     W.gh = (float*) lf_malloc64((size_t) D * B * G * sizeof(float));
@@ -923,7 +1274,9 @@ static int lf_lp_layer_forward(const lf_lp_layer* L) {
             lf_lp_layer_rec(L, &W);
         }
     }
-    free(W.xa); free(W.xs); free(W.gx); free(W.ha); free(W.hs); free(W.gh); free(W.pa);
+    lf_ws_release(LF_LP_WS_XA, W.xa);
+    lf_ws_release(LF_LP_WS_GX, W.gx);
+    free(W.xs); free(W.ha); free(W.hs); free(W.gh); free(W.pa);
     free(W.ps); free(W.hraw); free(W.hp);
     return ok ? 0 : -1;
 }

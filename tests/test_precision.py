@@ -23,12 +23,15 @@ FEAT = _lowp.cpu_features()
 # every path this CPU runs, per precision (amx_emulated: the AMX tile logic over emulated tiles)
 PATHS = {
     "bfloat16": ["generic", "amx_emulated"] + (["avx512_bf16"] if FEAT["avx512_bf16"] else [])
+    + (["avx512_fma"] if FEAT["avx512_fma"] else []) + (["avx2_fma"] if FEAT["avx2_fma"] else [])
     + (["amx"] if FEAT["amx_granted"] else []),
     "int8": ["generic", "amx_emulated"] + (["avx512_vnni"] if FEAT["avx512_vnni"] else [])
     + (["amx"] if FEAT["amx_granted"] else []),
 }
 KERNEL = {"generic": "generic", "amx_emulated": "amx_emulated", "avx512_bf16": "avx512",
-          "avx512_vnni": "avx512", "amx": "amx"}
+          "avx512_vnni": "avx512", "amx": "amx", "avx512_fma": "avx512_fma", "avx2_fma": "avx2_fma"}
+# bfloat16 paths that compute VDPBF16PS's chain (odd element first, FTZ): the generic path's bits
+SAME_BITS_BF16 = ("avx512_bf16", "avx512_fma", "avx2_fma")
 
 
 @pytest.fixture
@@ -169,9 +172,13 @@ def test_products_match_the_numpy_emulation_on_every_path(precision, shape, rng)
         else:
             bound = 4 * k * np.finfo(np.float32).eps * (np.abs(bf16(a)) @ np.abs(bf16(w)).T)
             assert (np.abs(got - want) <= bound + 1e-30).all(), path
-    if precision == "bfloat16" and "avx512_bf16" in outs:
-        # the generic path computes VDPBF16PS's chain (odd element first, FTZ): the same bits
-        np.testing.assert_array_equal(outs["generic"], outs["avx512_bf16"])
+    if precision == "bfloat16":
+        # the generic path computes VDPBF16PS's chain (odd element first, FTZ), and so do the FMA
+        # paths of CPUs without it: the same bits
+        for path in SAME_BITS_BF16:
+            if path in outs:
+                np.testing.assert_array_equal(outs["generic"].view(np.uint32),
+                                              outs[path].view(np.uint32), err_msg=path)
     if "amx" in outs:
         # the emulation of TDPBF16PS (even and odd chains per tile) gives the hardware's bits
         np.testing.assert_array_equal(outs["amx"], outs["amx_emulated"])
@@ -192,6 +199,25 @@ def test_amx_hardware_matches_its_emulation_bit_for_bit(precision, rng):
         packed = _lowp.Packed(precision, w)
         hw, emu = packed.matmul("amx", a), packed.matmul("amx_emulated", a)
         np.testing.assert_array_equal(hw.view(np.uint32), emu.view(np.uint32), err_msg=str((rows, k, n)))
+
+
+@pytest.mark.parametrize("path", [p for p in ("avx512_fma", "avx2_fma") if FEAT[p]])
+def test_fma_paths_give_the_generic_bits(path, rng):
+    """bfloat16 on CPUs without VDPBF16PS: random shapes (partial row tiles, blocks and input
+    chunks), magnitudes over 12 decades and products that underflow, bit for bit the generic
+    path; and the caller's flush-to-zero setting is left as it was."""
+    for trial in range(60):
+        rows, k, n = int(rng.integers(1, 40)), int(rng.integers(1, 700)), int(rng.integers(1, 300))
+        w = (rng.standard_normal((n, k)) * 0.1).astype(np.float32)
+        a = (rng.standard_normal((rows, k)) * np.exp(rng.uniform(-7, 7, (rows, k)))).astype(np.float32)
+        if trial % 6 == 0:
+            a *= np.float32(1e-20)
+            w *= np.float32(1e-18)
+        packed = _lowp.Packed("bfloat16", w)
+        got, want = packed.matmul(path, a), packed.matmul("generic", a)
+        np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32), err_msg=str((rows, k, n)))
+    tiny = np.float32(1e-38) * np.float32(np.random.default_rng(0).uniform(0.25, 0.5))
+    assert 0 < tiny < np.finfo(np.float32).tiny      # still subnormal: MXCSR restored
 
 
 def test_int8_row_with_nan_gives_nan_outputs_only_there(rng):
@@ -348,7 +374,7 @@ def test_every_path_same_bits_int8_close_bfloat16(precision, forced, rng):
         for a, b in zip(got["amx"], got["amx_emulated"]):
             np.testing.assert_array_equal(a, b)
     for path, res in got.items():
-        if precision == "int8" or path == "avx512_bf16":
+        if precision == "int8" or path in SAME_BITS_BF16:
             for a, b in zip(base, res):
                 np.testing.assert_array_equal(a, b, err_msg=path)
         else:   # AMX's TDPBF16PS sums even and odd elements apart: a few float32 ulps
@@ -378,10 +404,16 @@ def test_lstm_fast_isa_forces_a_lower_path(precision):
     path_g, bits_g = _run_in_child("generic", precision)
     assert path_g == "generic"
     path_a, bits_a = _run_in_child("avx512", precision)
-    assert path_a in ("generic", "avx512_bf16", "avx512_vnni")
-    assert _run_in_child("avx2", precision)[0] == "generic"
-    # int8 everywhere, bfloat16 between generic and VDPBF16PS: the same bits
-    assert bits_g == bits_a
+    assert path_a in ("generic", "avx512_bf16", "avx512_vnni", "avx512_fma", "avx2_fma")
+    path_2, bits_2 = _run_in_child("avx2", precision)
+    if precision == "bfloat16" and FEAT["avx2_fma"]:
+        assert path_2 == "avx2_fma"
+    else:
+        assert path_2 == "generic"
+    if precision == "bfloat16" and FEAT["avx512_fma"] and not FEAT["avx512_bf16"]:
+        assert path_a == "avx512_fma"
+    # int8 everywhere, bfloat16 between generic, VDPBF16PS and the FMA paths: the same bits
+    assert bits_g == bits_a == bits_2
 
 
 def test_an_unknown_isa_value_warns_and_is_ignored():
