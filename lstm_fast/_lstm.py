@@ -601,7 +601,7 @@ class FrozenLSTM(LSTM):
     @property
     def kernel_path(self) -> str:
         """The CPU path this model's products run on: amx, avx512_bf16, avx512_fma, avx2_fma,
-        avx512_vnni or generic for reduced precision (chosen at freeze), avx512 or blas for
+        avx512_vnni, avx2 or generic for reduced precision (chosen at freeze), avx512 or blas for
         float32."""
         if self._lowp is not None:
             return self._lowp_path

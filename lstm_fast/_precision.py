@@ -2,7 +2,8 @@
 
 Paths: "amx" (AMX tiles, TDPBF16PS / TDPBUSD), "avx512_bf16" (VDPBF16PS), "avx512_vnni"
 (VPDPBUSD), "avx512_fma" and "avx2_fma" (bfloat16 on CPUs without VDPBF16PS: VDPBF16PS's chain
-in float32 FMAs, the same bits), "generic" (portable C, the same numerics). Detection is in C (lf_lowp.h):
+in float32 FMAs, the same bits), "avx2" (int8 on CPUs without VPDPBUSD: VPMADDWD, exact sums, the
+same bits), "generic" (portable C, the same numerics). Detection is in C (lf_lowp.h):
 __builtin_cpu_supports for AVX512-BF16/VNNI; CPUID plus the Linux tile-state permission
 (arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)) for AMX, a refusal meaning no AMX.
 
@@ -41,12 +42,13 @@ def _kernel_path(path):
     return {"avx512_bf16": "avx512", "avx512_vnni": "avx512"}.get(path, path)
 
 
-_FORCEABLE = ("generic", "avx512_bf16", "avx512_vnni", "avx512_fma", "avx2_fma", "amx", "amx_emulated")
+_FORCEABLE = ("generic", "avx512_bf16", "avx512_vnni", "avx512_fma", "avx2_fma", "avx2", "amx",
+              "amx_emulated")
 
 
 def path_for(precision: str) -> str:
     """The path `precision` runs on here: amx, avx512_bf16 or avx512_fma or avx2_fma (bfloat16),
-    avx512_vnni (int8), or generic (float32 reports the float32 kernels: "avx512", "avx2" or
+    avx512_vnni or avx2 (int8), or generic (float32 reports the float32 kernels: "avx512", "avx2" or
     "generic")."""
     from . import _lowp
 
@@ -64,8 +66,10 @@ def path_for(precision: str) -> str:
         return "avx512_bf16" if precision == "bfloat16" else "avx512_vnni"
     if level >= 2 and _lowp.path_ok(precision, "avx512_fma"):
         return "avx512_fma"
-    if level >= 1 and _lowp.path_ok(precision, "avx2_fma"):
+    if level >= 1 and precision == "bfloat16" and _lowp.path_ok(precision, "avx2_fma"):
         return "avx2_fma"
+    if level >= 1 and precision == "int8" and _lowp.path_ok(precision, "avx2"):
+        return "avx2"
     return "generic"
 
 

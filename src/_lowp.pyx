@@ -57,13 +57,14 @@ cdef extern from "lf_lowp.h" nogil:
     int lf_lp_cpu_amx()
     int lf_lp_cpu_fma512()
     int lf_lp_cpu_fma2()
+    int lf_lp_cpu_avx2()
     int lf_lp_amx_granted()
     int lf_lp_layer_forward(const lf_lp_layer* L)
 
 KINDS = {"bfloat16": LF_LP_BF16, "int8": LF_LP_INT8}
 PATHS = {"generic": LF_PATH_GENERIC, "avx512": LF_PATH_AVX512, "amx": LF_PATH_AMX,
          "amx_emulated": LF_PATH_AMX_EMU, "avx512_fma": LF_PATH_AVX512_FMA,
-         "avx2_fma": LF_PATH_AVX2_FMA}
+         "avx2_fma": LF_PATH_AVX2_FMA, "avx2": LF_PATH_AVX2_FMA}
 # int8 sums stay exact in int32 up to this many inputs (255 * 127 * k < 2**31)
 MAX_INT8_INPUTS = 65536
 # flops per thread below which more threads cost more than they save (see _forward.pyx)
@@ -74,7 +75,7 @@ def cpu_features():
     """What this CPU (and OS) offers the reduced-precision kernels."""
     return {"avx512_bf16": bool(lf_lp_cpu_bf16()), "avx512_vnni": bool(lf_lp_cpu_vnni()),
             "amx": bool(lf_lp_cpu_amx()), "avx512_fma": bool(lf_lp_cpu_fma512()),
-            "avx2_fma": bool(lf_lp_cpu_fma2()),
+            "avx2_fma": bool(lf_lp_cpu_fma2()), "avx2": bool(lf_lp_cpu_avx2()),
             "amx_granted": bool(lf_lp_amx_granted()) if lf_lp_cpu_amx() else False}
 
 

@@ -42,7 +42,7 @@
 
 enum { LF_LP_BF16 = 1, LF_LP_INT8 = 2 };
 enum { LF_PATH_GENERIC = 0, LF_PATH_AVX512 = 1, LF_PATH_AMX = 2, LF_PATH_AMX_EMU = 3,
-       LF_PATH_AVX512_FMA = 4, LF_PATH_AVX2_FMA = 5 };
+       LF_PATH_AVX512_FMA = 4, LF_PATH_AVX2_FMA = 5 };   /* AVX2_FMA: also int8 on AVX2 */
 
 typedef struct {
     int kind;
@@ -187,11 +187,13 @@ static int lf_lp_avx512bw_cached(void) {
     return v;
 }
 
-/* the layer's conversion of activation rows: AVX-512 where the CPU has it (same bits) */
-static inline void lf_lp_quant_row_fast(int kind, int k, int kp, const float* x, void* dst,
-                                        float* sx) {
+/* the layer's conversion of activation rows: AVX-512 on the paths that run AVX-512 anyway (so a
+   path capped below it by LSTM_FAST_ISA runs none), the same bits as the scalar code */
+static inline void lf_lp_quant_row_fast(int path, int kind, int k, int kp, const float* x,
+                                        void* dst, float* sx) {
 #if LF_PGEMM_X86
-    if (lf_lp_avx512bw_cached()) {
+    if ((path == LF_PATH_AVX512 || path == LF_PATH_AMX || path == LF_PATH_AVX512_FMA) &&
+        lf_lp_avx512bw_cached()) {
         lf_lp_quant_row_avx512(kind, k, kp, x, dst, sx);
         return;
     }
@@ -476,6 +478,15 @@ static int lf_lp_cpu_fma2(void) {
 #if LF_PGEMM_X86
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    return 0;
+#endif
+}
+
+static int lf_lp_cpu_avx2(void) {
+#if LF_PGEMM_X86
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2");
 #else
     return 0;
 #endif
@@ -1012,6 +1023,69 @@ lf_lp_gemm_bf16_fma2(const lf_lp_mat* W, int rows, const void* A, size_t lda, in
     _mm_setcsr(csr);
 }
 
+/* int8 on CPUs without VPDPBUSD (AVX2; AVX-512 without VNNI): VPMADDWD on int16. The packed
+   weights sign-extend to int16 in registers (16 bytes: 4 outputs x 4 inputs), a row's four
+   activation bytes (q + 128, unsigned) zero-extend to int16 and repeat in every 64 bits; VPMADDWD
+   sums the pairs exactly (255 * 127 * 2 fits int32), two lanes per output are added at the end and
+   128 * sum(q_w) subtracted as on the other paths: exact integer sums, the same bits. */
+#define LF_I2_ROWS 4            /* rows x 8 outputs per register tile: 8 accumulators */
+#define LF_I2_DECL(r) __m256i c##r##a = _mm256_setzero_si256(), c##r##b = _mm256_setzero_si256();
+#define LF_I2_ROW(r) if (r < RR_) {                                                              \
+        const __m256i x = _mm256_unpacklo_epi8(                                                  \
+            _mm256_set1_epi32(lf_load32(a + (size_t) r * lda + 4 * p)), zero);                   \
+        c##r##a = _mm256_add_epi32(c##r##a, _mm256_madd_epi16(wl, x));                           \
+        c##r##b = _mm256_add_epi32(c##r##b, _mm256_madd_epi16(wh, x)); }
+#define LF_I2_ST(r) if (r < RR_) {                                                               \
+        const __m256i s = _mm256_permute4x64_epi64(_mm256_hadd_epi32(c##r##a, c##r##b), 0xD8);   \
+        const __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(s, corr)),            \
+                                       _mm256_mul_ps(_mm256_set1_ps(sx[r]), sw));                \
+        float* o = out + (size_t) r * ldo + j0;                                                  \
+        if (left >= 8) {                                                                         \
+            _mm256_storeu_ps(o, v);                                                              \
+        } else {                                                                                 \
+            _Alignas(32) float t[8];                                                             \
+            _mm256_store_ps(t, v);                                                               \
+            memcpy(o, t, (size_t) left * sizeof(float));                                        \
+        } }
+#define LF_I2_FN(RR)                                                                            \
+__attribute__((target("avx2"), noinline)) static void                                          \
+lf_int8_avx2_##RR(const lf_lp_mat* W, const uint8_t* a, size_t lda, const float* sx, int b,     \
+                  int half, float* out, size_t ldo) {                                           \
+    enum { RR_ = RR };                                                                          \
+    const int8_t* w = (const int8_t*) W->w + (size_t) b * 16 * W->kp + 32 * half;               \
+    const __m256i zero = _mm256_setzero_si256();                                                \
+    const int j0 = 16 * b + 8 * half, left = W->n - j0;                                         \
+    LF_R4(LF_I2_DECL)                                                                           \
+    for (int p = 0; p < W->kp / 4; p++) {                                                       \
+        const int8_t* wp = w + (size_t) p * 64;                                                 \
+        const __m256i wl = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*) wp));         \
+        const __m256i wh = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*) (wp + 16)));  \
+        LF_R4(LF_I2_ROW)                                                                        \
+    }                                                                                           \
+    /* outputs past n have scale 0 and corr 0 in the packing: reading them is safe */           \
+    const __m256i corr = _mm256_loadu_si256((const __m256i*) (W->corr + j0));                   \
+    const __m256 sw = _mm256_loadu_ps(W->scale + j0);                                           \
+    LF_R4(LF_I2_ST)                                                                             \
+}
+LF_I2_FN(1) LF_I2_FN(2) LF_I2_FN(3) LF_I2_FN(4)
+
+typedef void (*lf_int8_avx2_tile)(const lf_lp_mat*, const uint8_t*, size_t, const float*, int,
+                                  int, float*, size_t);
+
+__attribute__((target("avx2"))) static void
+lf_lp_gemm_int8_avx2(const lf_lp_mat* W, int rows, const void* A, size_t lda, const float* sx,
+                     int b0, int b1, float* out, size_t ldo) {
+    static const lf_int8_avx2_tile tiles[LF_I2_ROWS] = {lf_int8_avx2_1, lf_int8_avx2_2,
+                                                        lf_int8_avx2_3, lf_int8_avx2_4};
+    for (int r = 0; r < rows; r += LF_I2_ROWS) {
+        const int R = rows - r < LF_I2_ROWS ? rows - r : LF_I2_ROWS;
+        for (int b = b0; b < b1; b++)
+            for (int half = 0; half < 2 && 16 * b + 8 * half < W->n; half++)
+                tiles[R - 1](W, (const uint8_t*) A + (size_t) r * lda, lda, sx + r, b, half,
+                             out + (size_t) r * ldo, ldo);
+    }
+}
+
 #define LF_HW_ATTR __attribute__((target("amx-tile,amx-bf16,amx-int8,avx512f,avx512bw")))
 #define LF_HW_DECL
 #define LF_HW_CFG(c) _tile_loadconfig((const void*) (c))
@@ -1040,7 +1114,7 @@ static int lf_lp_path_ok(int kind, int path) {
     case LF_PATH_AVX512_FMA:
         return kind == LF_LP_BF16 && lf_lp_cpu_fma512();
     case LF_PATH_AVX2_FMA:
-        return kind == LF_LP_BF16 && lf_lp_cpu_fma2();
+        return kind == LF_LP_BF16 ? lf_lp_cpu_fma2() : lf_lp_cpu_avx2();
     }
     return 0;
 }
@@ -1078,8 +1152,11 @@ static void lf_lp_gemm(int path, const lf_lp_mat* W, int rows, const void* A, co
         lf_lp_gemm_bf16_fma512(W, rows, A, lda, b0, b1, out, ldo);
         return;
     }
-    if (path == LF_PATH_AVX2_FMA && W->kind == LF_LP_BF16) {
-        lf_lp_gemm_bf16_fma2(W, rows, A, lda, b0, b1, out, ldo);
+    if (path == LF_PATH_AVX2_FMA) {
+        if (W->kind == LF_LP_BF16)
+            lf_lp_gemm_bf16_fma2(W, rows, A, lda, b0, b1, out, ldo);
+        else
+            lf_lp_gemm_int8_avx2(W, rows, A, lda, sx, b0, b1, out, ldo);
         return;
     }
     if (path == LF_PATH_AMX) {
@@ -1153,7 +1230,7 @@ static void lf_lp_layer_proj(const lf_lp_layer* L, const lf_lp_ws* W) {
     const int n_rblk = (int) ((TB + LF_LP_ITEM_ROWS - 1) / LF_LP_ITEM_ROWS);
     #pragma omp for schedule(static)
     for (Py_ssize_t r = 0; r < (Py_ssize_t) TB; r++)
-        lf_lp_quant_row_fast(kind, L->n_in, kp_ih, L->x + r * L->n_in,
+        lf_lp_quant_row_fast(L->path, kind, L->n_in, kp_ih, L->x + r * L->n_in,
                         (uint8_t*) W->xa + r * kp_ih * es, W->xs + r);
     #pragma omp for schedule(static)
     for (int it = 0; it < D * n_groups * n_rblk; it++) {
@@ -1187,7 +1264,7 @@ static void lf_lp_layer_rec(const lf_lp_layer* L, const lf_lp_ws* W) {
         for (int it = 0; it < D * n_act; it++) {
             const int d = it / n_act, i = it % n_act;
             const Py_ssize_t b = L->order[i];
-            lf_lp_quant_row_fast(kind, Hout, kp_hh, L->h + ((size_t) d * B + b) * Hout,
+            lf_lp_quant_row_fast(path, kind, Hout, kp_hh, L->h + ((size_t) d * B + b) * Hout,
                             (uint8_t*) W->ha + ((size_t) d * B + i) * kp_hh * es, W->hs + d * B + i);
         }
         #pragma omp for schedule(static)
@@ -1208,7 +1285,7 @@ static void lf_lp_layer_rec(const lf_lp_layer* L, const lf_lp_ws* W) {
             L->cell(H, W->gh + ((size_t) d * B + i) * G, W->gx + ((size_t) d * TB + t * B + b) * G,
                     L->bias + (size_t) d * G, c, hrow);
             if (P)
-                lf_lp_quant_row_fast(kind, H, kp_hr, hrow,
+                lf_lp_quant_row_fast(path, kind, H, kp_hr, hrow,
                                 (uint8_t*) W->pa + ((size_t) d * B + i) * kp_hr * es, W->ps + d * B + i);
             else
                 memcpy(L->y + ((size_t) t * B + b) * D * Hout + (size_t) d * Hout, hrow,

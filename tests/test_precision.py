@@ -26,10 +26,12 @@ PATHS = {
     + (["avx512_fma"] if FEAT["avx512_fma"] else []) + (["avx2_fma"] if FEAT["avx2_fma"] else [])
     + (["amx"] if FEAT["amx_granted"] else []),
     "int8": ["generic", "amx_emulated"] + (["avx512_vnni"] if FEAT["avx512_vnni"] else [])
+    + (["avx2"] if FEAT["avx2"] else [])
     + (["amx"] if FEAT["amx_granted"] else []),
 }
 KERNEL = {"generic": "generic", "amx_emulated": "amx_emulated", "avx512_bf16": "avx512",
-          "avx512_vnni": "avx512", "amx": "amx", "avx512_fma": "avx512_fma", "avx2_fma": "avx2_fma"}
+          "avx512_vnni": "avx512", "amx": "amx", "avx512_fma": "avx512_fma", "avx2_fma": "avx2_fma",
+          "avx2": "avx2"}
 # bfloat16 paths that compute VDPBF16PS's chain (odd element first, FTZ): the generic path's bits
 SAME_BITS_BF16 = ("avx512_bf16", "avx512_fma", "avx2_fma")
 
@@ -220,6 +222,22 @@ def test_fma_paths_give_the_generic_bits(path, rng):
     assert 0 < tiny < np.finfo(np.float32).tiny      # still subnormal: MXCSR restored
 
 
+@pytest.mark.skipif(not FEAT["avx2"], reason="no AVX2 on this CPU")
+def test_int8_avx2_path_gives_the_exact_sums(rng):
+    """int8 on CPUs without VPDPBUSD (VPMADDWD on int16): random shapes (partial row tiles and
+    half blocks), rows with NaN and all-zero rows, bit for bit the generic path."""
+    for trial in range(60):
+        rows, k, n = int(rng.integers(1, 40)), int(rng.integers(1, 700)), int(rng.integers(1, 300))
+        w = (rng.standard_normal((n, k)) * 0.1).astype(np.float32)
+        a = (rng.standard_normal((rows, k)) * np.exp(rng.uniform(-3, 3, (rows, k)))).astype(np.float32)
+        if trial % 5 == 0:
+            a[0] = 0.0
+            a[-1, 0] = np.nan
+        packed = _lowp.Packed("int8", w)
+        got, want = packed.matmul("avx2", a), packed.matmul("generic", a)
+        np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32), err_msg=str((rows, k, n)))
+
+
 def test_int8_row_with_nan_gives_nan_outputs_only_there(rng):
     w = rng.standard_normal((20, 8)).astype(np.float32)
     a = rng.standard_normal((3, 8)).astype(np.float32)
@@ -404,10 +422,12 @@ def test_lstm_fast_isa_forces_a_lower_path(precision):
     path_g, bits_g = _run_in_child("generic", precision)
     assert path_g == "generic"
     path_a, bits_a = _run_in_child("avx512", precision)
-    assert path_a in ("generic", "avx512_bf16", "avx512_vnni", "avx512_fma", "avx2_fma")
+    assert path_a in ("generic", "avx512_bf16", "avx512_vnni", "avx512_fma", "avx2_fma", "avx2")
     path_2, bits_2 = _run_in_child("avx2", precision)
     if precision == "bfloat16" and FEAT["avx2_fma"]:
         assert path_2 == "avx2_fma"
+    elif precision == "int8" and FEAT["avx2"]:
+        assert path_2 == "avx2"
     else:
         assert path_2 == "generic"
     if precision == "bfloat16" and FEAT["avx512_fma"] and not FEAT["avx512_bf16"]:
@@ -440,7 +460,7 @@ def test_show_config_names_the_path_of_each_precision(capsys):
         assert line, text
     cfg = lf._config.config()
     assert cfg["path bfloat16"] == _precision.path_for("bfloat16")
-    assert cfg["path int8"] in ("amx", "avx512_vnni", "generic")
+    assert cfg["path int8"] in ("amx", "avx512_vnni", "avx2", "generic")
 
 
 # ---------------------------------------------------------------------------- files, errors
