@@ -67,8 +67,15 @@ PATHS = {"generic": LF_PATH_GENERIC, "avx512": LF_PATH_AVX512, "amx": LF_PATH_AM
          "avx2_fma": LF_PATH_AVX2_FMA, "avx2": LF_PATH_AVX2_FMA}
 # int8 sums stay exact in int32 up to this many inputs (255 * 127 * k < 2**31)
 MAX_INT8_INPUTS = 65536
-# flops per thread below which more threads cost more than they save (see _forward.pyx)
-DEF MIN_FLOPS_PER_THREAD = 200000
+# Products per thread below which a second thread costs more than it saves. The recurrence has
+# three OpenMP barriers a step, and lstm_fast's GOMP_SPINCOUNT default (busy cores,
+# docs/threads.md) puts a waiting thread to sleep almost at once, so each costs a wake-up of tens
+# of microseconds: a step must give each thread several times that in products. Measured on the
+# Intel Xeon family 6 model 207 of 2026-12-06 (bench --precision, 1 and 2 threads): with the
+# former 0.2 MFLOP a thread, 2 threads ran batch 16 (2.1 MFLOP a step) 2.5x slower than 1 and
+# batch 256 at H 64 (8.4 MFLOP) 1.2x slower; from about 30 MFLOP a step 2 threads gain.
+DEF MIN_PROJ_FLOPS_PER_THREAD = 16000000
+DEF MIN_STEP_FLOPS_PER_THREAD = 12000000
 
 
 def cpu_features():
@@ -196,8 +203,8 @@ cdef void _cell(Py_ssize_t hidden, const float* gh, const float* gx, const float
     cell_row_standard(hidden, gh, gx, bias, c, h_raw)
 
 
-cdef inline int _threads_for(int n_threads, long items, double flops) noexcept nogil:
-    cdef double by_work = flops / MIN_FLOPS_PER_THREAD
+cdef inline int _threads_for(int n_threads, long items, double flops, double min_flops) noexcept nogil:
+    cdef double by_work = flops / min_flops
     cdef long n = n_threads
     if items < n:
         n = items
@@ -246,9 +253,10 @@ def layer_forward(str precision, str path, const float[:, :, ::1] x, list ih, li
     L.y = &y[0, 0, 0]
     L.cell = _cell
     cdef double G = 4.0 * L.H
-    L.threads_proj = _threads_for(n_threads, L.D * L.T * L.B, 2.0 * L.D * L.T * L.B * G * L.n_in)
+    L.threads_proj = _threads_for(n_threads, L.D * L.T * L.B, 2.0 * L.D * L.T * L.B * G * L.n_in,
+                                  MIN_PROJ_FLOPS_PER_THREAD)
     L.threads_rec = _threads_for(n_threads, L.D * ((4 * L.H + 127) // 128),
-                                 2.0 * L.D * L.B * (G * L.Hout + L.P * L.H))
+                                 2.0 * L.D * L.B * (G * L.Hout + L.P * L.H), MIN_STEP_FLOPS_PER_THREAD)
     cdef int rc
     with nogil:
         rc = lf_lp_layer_forward(&L)
