@@ -703,9 +703,16 @@ lf_lp_gemm_bf16_avx512(const lf_lp_mat* W, int rows, const void* A, size_t lda, 
     }
 }
 
+static void lf_lp_gemm_int8_vnni_rows(const lf_lp_mat* W, int rows, const void* A, size_t lda,
+                                      const float* sx, int b0, int b1, float* out, size_t ldo);
+
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void
 lf_lp_gemm_int8_avx512(const lf_lp_mat* W, int rows, const void* A, size_t lda, const float* sx,
                        int b0, int b1, float* out, size_t ldo) {
+    if (rows > 1) {
+        lf_lp_gemm_int8_vnni_rows(W, rows, A, lda, sx, b0, b1, out, ldo);
+        return;
+    }
     for (int r = 0; r < rows;) {
         const int R = rows - r >= LF_LP_MR ? LF_LP_MR : rows - r, nbmax = R == 1 ? 8 : 4;
         const uint8_t* a = (const uint8_t*) A + r * lda;
@@ -721,6 +728,77 @@ lf_lp_gemm_int8_avx512(const lf_lp_mat* W, int rows, const void* A, size_t lda, 
             b += NB;
         }
         r += R;
+    }
+}
+
+/* int8 on VPDPBUSD, the register tile for many rows: RR rows (1..6) x NN blocks (1..4) of 16
+   outputs, 24 accumulators at most. The instruction is written as inline assembly: gcc 12 copies
+   every accumulator to another register around the intrinsic once per step of k (measured: as
+   many register moves as products in the loop above). */
+#define LF_VNNI_ACC(acc, x, w) __asm__("vpdpbusd %1, %2, %0" : "+v"(acc) : "v"(w), "v"(x))
+#define LF_R6(M) M(0) M(1) M(2) M(3) M(4) M(5)
+#define LF_I512_DECL(r) __m512i c##r##0 = _mm512_setzero_si512(), c##r##1 = c##r##0,             \
+                                c##r##2 = c##r##0, c##r##3 = c##r##0;
+#define LF_I512_ROW(r) if (r < RR_) {                                                            \
+        const __m512i x = _mm512_set1_epi32(lf_load32(a + (size_t) r * lda + 4 * p));            \
+        LF_VNNI_ACC(c##r##0, x, w0);                                                             \
+        if (NN_ > 1) LF_VNNI_ACC(c##r##1, x, w1);                                                \
+        if (NN_ > 2) LF_VNNI_ACC(c##r##2, x, w2);                                                \
+        if (NN_ > 3) LF_VNNI_ACC(c##r##3, x, w3); }
+#define LF_I512_STQ(r, q, acc) {                                                                 \
+        const int j0 = 16 * (b + q), left = W->n - j0;                                           \
+        const __mmask16 mk = left >= 16 ? (__mmask16) 0xFFFF : (__mmask16) ((1u << left) - 1u);  \
+        const __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc,                                \
+                             _mm512_loadu_si512((const void*) (W->corr + j0))));                 \
+        const __m512 sc = _mm512_mul_ps(_mm512_set1_ps(sx[r]), _mm512_loadu_ps(W->scale + j0)); \
+        _mm512_mask_storeu_ps(out + (size_t) (r) * ldo + j0, mk, _mm512_mul_ps(f, sc)); }
+#define LF_I512_ST(r) if (r < RR_) {                                                             \
+        LF_I512_STQ(r, 0, c##r##0)                                                               \
+        if (NN_ > 1) LF_I512_STQ(r, 1, c##r##1)                                                  \
+        if (NN_ > 2) LF_I512_STQ(r, 2, c##r##2)                                                  \
+        if (NN_ > 3) LF_I512_STQ(r, 3, c##r##3) }
+#define LF_I512_FN(RR, NN)                                                                      \
+__attribute__((target("avx512f,avx512bw,avx512vnni"), noinline)) static void                   \
+lf_int8v_##RR##_##NN(const lf_lp_mat* W, const uint8_t* a, size_t lda, const float* sx, int b,  \
+                     float* out, size_t ldo) {                                                  \
+    enum { RR_ = RR, NN_ = NN };                                                                \
+    const int8_t* w = (const int8_t*) W->w + (size_t) b * 16 * W->kp;                           \
+    const size_t bs = (size_t) 16 * W->kp;                                                      \
+    LF_R6(LF_I512_DECL)                                                                         \
+    for (int p = 0; p < W->kp / 4; p++) {                                                       \
+        const int8_t* wp = w + (size_t) p * 64;                                                 \
+        const __m512i w0 = _mm512_loadu_si512((const void*) wp);                                \
+        const __m512i w1 = NN_ > 1 ? _mm512_loadu_si512((const void*) (wp + bs)) : w0;          \
+        const __m512i w2 = NN_ > 2 ? _mm512_loadu_si512((const void*) (wp + 2 * bs)) : w0;      \
+        const __m512i w3 = NN_ > 3 ? _mm512_loadu_si512((const void*) (wp + 3 * bs)) : w0;      \
+        LF_R6(LF_I512_ROW)                                                                      \
+    }                                                                                           \
+    LF_R6(LF_I512_ST)                                                                           \
+}
+#define LF_I512_CASES(X) X(1,1) X(2,1) X(3,1) X(4,1) X(5,1) X(6,1) X(1,2) X(2,2) X(3,2) X(4,2)  \
+    X(5,2) X(6,2) X(1,3) X(2,3) X(3,3) X(4,3) X(5,3) X(6,3) X(1,4) X(2,4) X(3,4) X(4,4) X(5,4)  \
+    X(6,4)
+LF_I512_CASES(LF_I512_FN)
+
+typedef void (*lf_int8v_tile)(const lf_lp_mat*, const uint8_t*, size_t, const float*, int,
+                              float*, size_t);
+#define LF_I512_ROWS 6
+
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) static void
+lf_lp_gemm_int8_vnni_rows(const lf_lp_mat* W, int rows, const void* A, size_t lda,
+                          const float* sx, int b0, int b1, float* out, size_t ldo) {
+    static const lf_int8v_tile tiles[4][LF_I512_ROWS] = {
+        {lf_int8v_1_1, lf_int8v_2_1, lf_int8v_3_1, lf_int8v_4_1, lf_int8v_5_1, lf_int8v_6_1},
+        {lf_int8v_1_2, lf_int8v_2_2, lf_int8v_3_2, lf_int8v_4_2, lf_int8v_5_2, lf_int8v_6_2},
+        {lf_int8v_1_3, lf_int8v_2_3, lf_int8v_3_3, lf_int8v_4_3, lf_int8v_5_3, lf_int8v_6_3},
+        {lf_int8v_1_4, lf_int8v_2_4, lf_int8v_3_4, lf_int8v_4_4, lf_int8v_5_4, lf_int8v_6_4}};
+    for (int r = 0; r < rows; r += LF_I512_ROWS) {
+        const int R = rows - r < LF_I512_ROWS ? rows - r : LF_I512_ROWS;
+        for (int b = b0; b < b1; b += 4) {
+            const int NB = b1 - b < 4 ? b1 - b : 4;
+            tiles[NB - 1][R - 1](W, (const uint8_t*) A + (size_t) r * lda, lda, sx + r, b,
+                                 out + (size_t) r * ldo, ldo);
+        }
     }
 }
 
