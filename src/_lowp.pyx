@@ -67,15 +67,15 @@ PATHS = {"generic": LF_PATH_GENERIC, "avx512": LF_PATH_AVX512, "amx": LF_PATH_AM
          "avx2_fma": LF_PATH_AVX2_FMA, "avx2": LF_PATH_AVX2_FMA}
 # int8 sums stay exact in int32 up to this many inputs (255 * 127 * k < 2**31)
 MAX_INT8_INPUTS = 65536
-# Products per thread below which a second thread costs more than it saves. The recurrence has
-# three OpenMP barriers a step, and lstm_fast's GOMP_SPINCOUNT default (busy cores,
-# docs/threads.md) puts a waiting thread to sleep almost at once, so each costs a wake-up of tens
-# of microseconds: a step must give each thread several times that in products. Measured on the
-# Intel Xeon family 6 model 207 of 2026-12-06 (bench --precision, 1 and 2 threads): with the
-# former 0.2 MFLOP a thread, 2 threads ran batch 16 (2.1 MFLOP a step) 2.5x slower than 1 and
-# batch 256 at H 64 (8.4 MFLOP) 1.2x slower; from about 30 MFLOP a step 2 threads gain.
+# Products per thread below which a second thread costs more than it saves, for the input
+# projection (one parallel region: waking the team costs tens of microseconds under lstm_fast's
+# GOMP_SPINCOUNT default, docs/threads.md) and for one recurrent step (three spin barriers a step,
+# lf_split.h). Measured on the Intel Xeon family 6 model 207 of 2026-12-06 (1 and 2 threads,
+# the bench grid): with 0.2 MFLOP a thread and OpenMP's barriers, 2 threads ran batch 16 2.5x
+# slower than 1; with these, 2 threads are 0.95x-2.5x one thread on every grid row (batch 1:
+# one thread throughout).
 DEF MIN_PROJ_FLOPS_PER_THREAD = 16000000
-DEF MIN_STEP_FLOPS_PER_THREAD = 12000000
+DEF MIN_STEP_FLOPS_PER_THREAD = 1000000
 
 
 def cpu_features():

@@ -32,6 +32,7 @@
 #include <math.h>
 #include <float.h>
 #include "lf_pgemm.h"
+#include "lf_split.h"
 #if defined(__linux__)
 #include <unistd.h>
 #include <sys/syscall.h>
@@ -1296,6 +1297,7 @@ static inline size_t lf_lp_elem(int kind) { return kind == LF_LP_BF16 ? 2 : 1; }
 typedef struct {
     void* xa; float* xs; float* gx; void* ha; float* hs; float* gh; void* pa; float* ps;
     float* hraw; float* hp;
+    lf_barrier step_barrier;   /* the recurrence's: spins ~20 us before it sleeps (lf_split.h) */
 } lf_lp_ws;
 
 /* 1. every step's inputs: quantized once (both directions read them), then projected. Called
@@ -1332,20 +1334,25 @@ static void lf_lp_layer_rec(const lf_lp_layer* L, const lf_lp_ws* W) {
     const int nb_g = L->hh[0]->nb, nb_p = P ? L->hr[0]->nb : 0;
     const int n_groups = (nb_g + LF_LP_ITEM_BLOCKS - 1) / LF_LP_ITEM_BLOCKS;
     const int n_pgroups = (nb_p + LF_LP_ITEM_BLOCKS - 1) / LF_LP_ITEM_BLOCKS;
+    /* OpenMP's barrier puts a waiting thread to sleep at once under lstm_fast's GOMP_SPINCOUNT
+       default (docs/threads.md), a wake-up of tens of microseconds three times a step */
+    lf_barrier* bar = (lf_barrier*) &W->step_barrier;
+    const int team = lf_team_size();
     for (int s = 0; s < T; s++) {
         int n_act = B;
         while (n_act > 0 && L->lengths[L->order[n_act - 1]] <= s)
             n_act--;
         if (n_act == 0)
             break;
-        #pragma omp for schedule(static)
+        #pragma omp for schedule(static) nowait
         for (int it = 0; it < D * n_act; it++) {
             const int d = it / n_act, i = it % n_act;
             const Py_ssize_t b = L->order[i];
             lf_lp_quant_row_fast(path, kind, Hout, kp_hh, L->h + ((size_t) d * B + b) * Hout,
                             (uint8_t*) W->ha + ((size_t) d * B + i) * kp_hh * es, W->hs + d * B + i);
         }
-        #pragma omp for schedule(static)
+        lf_barrier_wait(bar, team);
+        #pragma omp for schedule(static) nowait
         for (int it = 0; it < D * n_groups; it++) {
             const int d = it / n_groups, g = it % n_groups;
             const int b0 = g * LF_LP_ITEM_BLOCKS;
@@ -1353,7 +1360,8 @@ static void lf_lp_layer_rec(const lf_lp_layer* L, const lf_lp_ws* W) {
             lf_lp_gemm(path, L->hh[d], n_act, (const uint8_t*) W->ha + (size_t) d * B * kp_hh * es,
                        W->hs + d * B, b0, b1, W->gh + (size_t) d * B * G, (size_t) G);
         }
-        #pragma omp for schedule(static)
+        lf_barrier_wait(bar, team);
+        #pragma omp for schedule(static) nowait
         for (int it = 0; it < D * n_act; it++) {
             const int d = it / n_act, i = it % n_act;
             const Py_ssize_t b = L->order[i];
@@ -1369,8 +1377,9 @@ static void lf_lp_layer_rec(const lf_lp_layer* L, const lf_lp_ws* W) {
                 memcpy(L->y + ((size_t) t * B + b) * D * Hout + (size_t) d * Hout, hrow,
                        (size_t) Hout * sizeof(float));
         }
+        lf_barrier_wait(bar, team);
         if (P) {
-            #pragma omp for schedule(static)
+            #pragma omp for schedule(static) nowait
             for (int it = 0; it < D * n_pgroups; it++) {
                 const int d = it / n_pgroups, g = it % n_pgroups;
                 const int b0 = g * LF_LP_ITEM_BLOCKS;
@@ -1378,7 +1387,8 @@ static void lf_lp_layer_rec(const lf_lp_layer* L, const lf_lp_ws* W) {
                 lf_lp_gemm(path, L->hr[d], n_act, (const uint8_t*) W->pa + (size_t) d * B * kp_hr * es,
                            W->ps + d * B, b0, b1, W->hp + (size_t) d * B * Hout, (size_t) Hout);
             }
-            #pragma omp for schedule(static)
+            lf_barrier_wait(bar, team);
+            #pragma omp for schedule(static) nowait
             for (int it = 0; it < D * n_act; it++) {
                 const int d = it / n_act, i = it % n_act;
                 const Py_ssize_t b = L->order[i];
@@ -1388,6 +1398,7 @@ static void lf_lp_layer_rec(const lf_lp_layer* L, const lf_lp_ws* W) {
                 memcpy(L->y + ((size_t) t * B + b) * D * Hout + (size_t) d * Hout, src,
                        (size_t) Hout * sizeof(float));
             }
+            lf_barrier_wait(bar, team);
         }
     }
 }
@@ -1414,6 +1425,7 @@ static int lf_lp_layer_forward(const lf_lp_layer* L) {
     W.ps = P ? (float*) lf_malloc64((size_t) D * B * sizeof(float)) : NULL;
     W.hraw = P ? (float*) lf_malloc64((size_t) D * B * H * sizeof(float)) : NULL;
     W.hp = P ? (float*) lf_malloc64((size_t) D * B * Hout * sizeof(float)) : NULL;
+    lf_barrier_init(&W.step_barrier);
     int ok = W.xa && W.xs && W.gx && W.ha && W.hs && W.gh && (!P || (W.pa && W.ps && W.hraw && W.hp));
     if (ok) {
         if (L->threads_proj > 1) {
