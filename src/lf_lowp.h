@@ -174,17 +174,11 @@ lf_lp_quant_row_avx512(int kind, int k, int kp, const float* x, void* dst, float
 }
 #endif
 
-static int lf_lp_avx512bw_cached(void) {
+static int lf_lp_cpu_fma512(void);
+static int lf_lp_fma512_cached(void) {
     static int v = -1;
-#if LF_PGEMM_X86
-    if (v < 0) {
-        __builtin_cpu_init();
-        v = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-            __builtin_cpu_supports("fma");
-    }
-#else
-    v = 0;
-#endif
+    if (v < 0)
+        v = lf_lp_cpu_fma512();
     return v;
 }
 
@@ -194,7 +188,7 @@ static inline void lf_lp_quant_row_fast(int path, int kind, int k, int kp, const
                                         void* dst, float* sx) {
 #if LF_PGEMM_X86
     if ((path == LF_PATH_AVX512 || path == LF_PATH_AMX || path == LF_PATH_AVX512_FMA) &&
-        lf_lp_avx512bw_cached()) {
+        lf_lp_fma512_cached()) {
         lf_lp_quant_row_avx512(kind, k, kp, x, dst, sx);
         return;
     }
@@ -445,53 +439,23 @@ LF_AMX_KERNEL(lf_amx_emu_int8, LF_EMU_ATTR, LF_EMU_DECL, LF_EMU_CFG, LF_EMU_REL,
               LF_EMU_LOAD, LF_EMU_DP_INT8, LF_EMU_STORE, lf_amx_epi_scalar)
 
 /* ------------------------------------------------------------------ CPU features */
-static int lf_lp_cpu_bf16(void) {
+/* 1: the CPU (and the OS, which saves the registers) offers every feature of `cond`, a test made
+   of __builtin_cpu_supports calls; 0 off x86 */
 #if LF_PGEMM_X86
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
+#define LF_CPU_HAS(cond) (__builtin_cpu_init(), (cond))
 #else
-    return 0;
+#define LF_CPU_HAS(cond) 0
 #endif
-}
+#define LF_FEAT(name) __builtin_cpu_supports(name)
 
-static int lf_lp_cpu_vnni(void) {
-#if LF_PGEMM_X86
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vnni");
-#else
-    return 0;
-#endif
-}
-
-/* bfloat16 without VDPBF16PS: AVX-512F/BW, or AVX2 with FMA (and the OS saving their registers,
-   which __builtin_cpu_supports checks) */
+static int lf_lp_cpu_bf16(void) { return LF_CPU_HAS(LF_FEAT("avx512f") && LF_FEAT("avx512bf16")); }
+static int lf_lp_cpu_vnni(void) { return LF_CPU_HAS(LF_FEAT("avx512f") && LF_FEAT("avx512vnni")); }
+/* bfloat16 without VDPBF16PS: AVX-512F/BW or AVX2, with FMA; int8 without VNNI: AVX2 */
 static int lf_lp_cpu_fma512(void) {
-#if LF_PGEMM_X86
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("fma");
-#else
-    return 0;
-#endif
+    return LF_CPU_HAS(LF_FEAT("avx512f") && LF_FEAT("avx512bw") && LF_FEAT("fma"));
 }
-
-static int lf_lp_cpu_fma2(void) {
-#if LF_PGEMM_X86
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-    return 0;
-#endif
-}
-
-static int lf_lp_cpu_avx2(void) {
-#if LF_PGEMM_X86
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2");
-#else
-    return 0;
-#endif
-}
+static int lf_lp_cpu_fma2(void) { return LF_CPU_HAS(LF_FEAT("avx2") && LF_FEAT("fma")); }
+static int lf_lp_cpu_avx2(void) { return LF_CPU_HAS(LF_FEAT("avx2")); }
 
 /* 1: the CPU reports AMX-TILE, AMX-BF16 and AMX-INT8 (CPUID leaf 7, EDX bits 24, 22, 25) */
 static int lf_lp_cpu_amx(void) {

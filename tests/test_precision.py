@@ -186,21 +186,28 @@ def test_products_match_the_numpy_emulation_on_every_path(precision, shape, rng)
         np.testing.assert_array_equal(outs["amx"], outs["amx_emulated"])
 
 
+def random_products(rng, trials, k_max, n_max, underflow=True):
+    """(w, a) pairs of random shapes (1-39 rows), inputs over 12 decades; every sixth trial
+    scaled so that products underflow."""
+    for trial in range(trials):
+        rows, k, n = int(rng.integers(1, 40)), int(rng.integers(1, k_max)), int(rng.integers(1, n_max))
+        w = (rng.standard_normal((n, k)) * 0.1).astype(np.float32)
+        a = (rng.standard_normal((rows, k)) * np.exp(rng.uniform(-7, 7, (rows, k)))).astype(np.float32)
+        if underflow and trial % 6 == 0:
+            a *= np.float32(1e-20)
+            w *= np.float32(1e-18)
+        yield w, a
+
+
 @pytest.mark.skipif(not FEAT["amx_granted"], reason="no AMX on this CPU")
 @pytest.mark.parametrize("precision", REDUCED)
 def test_amx_hardware_matches_its_emulation_bit_for_bit(precision, rng):
     """Random shapes (partial tiles of rows, inputs and outputs), magnitudes over 12 decades and
     products that underflow: the real tile instructions against their C emulation."""
-    for trial in range(60):
-        rows, k, n = int(rng.integers(1, 40)), int(rng.integers(1, 200)), int(rng.integers(1, 100))
-        w = (rng.standard_normal((n, k)) * 0.1).astype(np.float32)
-        a = (rng.standard_normal((rows, k)) * np.exp(rng.uniform(-7, 7, (rows, k)))).astype(np.float32)
-        if trial % 6 == 0:
-            a *= np.float32(1e-20)
-            w *= np.float32(1e-18)
+    for w, a in random_products(rng, 60, 200, 100):
         packed = _lowp.Packed(precision, w)
         hw, emu = packed.matmul("amx", a), packed.matmul("amx_emulated", a)
-        np.testing.assert_array_equal(hw.view(np.uint32), emu.view(np.uint32), err_msg=str((rows, k, n)))
+        np.testing.assert_array_equal(hw.view(np.uint32), emu.view(np.uint32), err_msg=str((a.shape, w.shape)))
 
 
 @pytest.mark.parametrize("path", [p for p in ("avx512_fma", "avx2_fma") if FEAT[p]])
@@ -208,16 +215,10 @@ def test_fma_paths_give_the_generic_bits(path, rng):
     """bfloat16 on CPUs without VDPBF16PS: random shapes (partial row tiles, blocks and input
     chunks), magnitudes over 12 decades and products that underflow, bit for bit the generic
     path; and the caller's flush-to-zero setting is left as it was."""
-    for trial in range(60):
-        rows, k, n = int(rng.integers(1, 40)), int(rng.integers(1, 700)), int(rng.integers(1, 300))
-        w = (rng.standard_normal((n, k)) * 0.1).astype(np.float32)
-        a = (rng.standard_normal((rows, k)) * np.exp(rng.uniform(-7, 7, (rows, k)))).astype(np.float32)
-        if trial % 6 == 0:
-            a *= np.float32(1e-20)
-            w *= np.float32(1e-18)
+    for w, a in random_products(rng, 60, 700, 300):
         packed = _lowp.Packed("bfloat16", w)
         got, want = packed.matmul(path, a), packed.matmul("generic", a)
-        np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32), err_msg=str((rows, k, n)))
+        np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32), err_msg=str((a.shape, w.shape)))
     tiny = np.float32(1e-38) * np.float32(np.random.default_rng(0).uniform(0.25, 0.5))
     assert 0 < tiny < np.finfo(np.float32).tiny      # still subnormal: MXCSR restored
 
@@ -226,16 +227,13 @@ def test_fma_paths_give_the_generic_bits(path, rng):
 def test_int8_avx2_path_gives_the_exact_sums(rng):
     """int8 on CPUs without VPDPBUSD (VPMADDWD on int16): random shapes (partial row tiles and
     half blocks), rows with NaN and all-zero rows, bit for bit the generic path."""
-    for trial in range(60):
-        rows, k, n = int(rng.integers(1, 40)), int(rng.integers(1, 700)), int(rng.integers(1, 300))
-        w = (rng.standard_normal((n, k)) * 0.1).astype(np.float32)
-        a = (rng.standard_normal((rows, k)) * np.exp(rng.uniform(-3, 3, (rows, k)))).astype(np.float32)
+    for trial, (w, a) in enumerate(random_products(rng, 60, 700, 300, underflow=False)):
         if trial % 5 == 0:
             a[0] = 0.0
             a[-1, 0] = np.nan
         packed = _lowp.Packed("int8", w)
         got, want = packed.matmul("avx2", a), packed.matmul("generic", a)
-        np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32), err_msg=str((rows, k, n)))
+        np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32), err_msg=str((a.shape, w.shape)))
 
 
 def test_int8_row_with_nan_gives_nan_outputs_only_there(rng):
