@@ -1391,19 +1391,37 @@ static int lf_lp_layer_forward(const lf_lp_layer* L) {
     W.hp = P ? (float*) lf_malloc64((size_t) D * B * Hout * sizeof(float)) : NULL;
     lf_barrier_init(&W.step_barrier);
     int ok = W.xa && W.xs && W.gx && W.ha && W.hs && W.gh && (!P || (W.pa && W.ps && W.hraw && W.hp));
+    /* threads or one, by the measured speed of each for this shape (lf_split_choose): a core
+       taken by another process makes every step wait for the thread that lost it (measured on
+       the Xeon 6/207 with one core busy, batch 16: 2 threads 3-6x slower than 1). Both ways
+       give the same bits. */
+    int threads_proj = L->threads_proj, threads_rec = L->threads_rec, choice = 1;
+    long key = 0, start = 0;
+    if (ok && (threads_proj > 1 || threads_rec > 1)) {
+        key = lf_split_key(B, H, L->n_in, threads_proj > threads_rec ? threads_proj : threads_rec,
+                           (L->kind - 1) + 2 * (D - 1) + 4 * (P > 0));
+        choice = lf_split_choose(key);
+        if (!(choice & 1))
+            threads_proj = threads_rec = 1;
+        start = lf_ticks();
+    }
     if (ok) {
-        if (L->threads_proj > 1) {
-            #pragma omp parallel num_threads(L->threads_proj)
+        if (threads_proj > 1) {
+            #pragma omp parallel num_threads(threads_proj)
             lf_lp_layer_proj(L, &W);
         } else {
             lf_lp_layer_proj(L, &W);
         }
-        if (L->threads_rec > 1) {
-            #pragma omp parallel num_threads(L->threads_rec)
+        if (threads_rec > 1) {
+            #pragma omp parallel num_threads(threads_rec)
             lf_lp_layer_rec(L, &W);
         } else {
             lf_lp_layer_rec(L, &W);
         }
+        if (key != 0 && (choice & 2))
+            lf_split_record(key, choice & 1, lf_ticks() - start, L->T);
+        if (key != 0)
+            lf_split_ended(key);
     }
     lf_ws_release(LF_LP_WS_XA, W.xa);
     lf_ws_release(LF_LP_WS_GX, W.gx);

@@ -217,6 +217,14 @@ static inline int lf_split_choose(long key) {
     return best | measure;
 }
 
+/* the shape's call ended now: the next call's pause is counted from here, not from this call's
+   start (for calls longer than LF_CHOICE_IDLE_TICKS, which would otherwise never be measured) */
+static inline void lf_split_ended(long key) {
+    lf_choice* c = lf_choice_find(key);
+    if (c != NULL)
+        __atomic_store_n(&c->last_tick, lf_ticks(), __ATOMIC_RELAXED);
+}
+
 /* a measured call of the way `split` took `ticks` for `steps` steps: a moving average per way */
 static inline void lf_split_record(long key, int split, long ticks, long steps) {
     lf_choice* c = lf_choice_find(key);

@@ -373,6 +373,21 @@ def test_one_and_two_threads_give_the_same_bits(precision, shape, rng):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("precision", REDUCED)
+def test_threads_or_one_by_measurement_keep_the_bits(precision, rng):
+    """A layer with work for two threads runs on two or on one as measured faster for its shape
+    (the first 16 calls try both ways): every call gives the one-thread bits."""
+    _, m = torch_model(64, 128)
+    f = m.freeze(precision=precision)
+    x = rng.standard_normal((6, 48, 64)).astype(np.float32)
+    with lf.threads(1):
+        want = flat(f(x))
+    with lf.threads(2):
+        for _ in range(40):
+            for a, b in zip(want, flat(f(x))):
+                np.testing.assert_array_equal(a, b)
+
+
 # ---------------------------------------------------------------------------- paths
 @pytest.mark.parametrize("precision", REDUCED)
 def test_every_path_same_bits_int8_close_bfloat16(precision, forced, rng):
