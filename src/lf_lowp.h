@@ -3,8 +3,9 @@
    Numerics (docs/precision.md):
    - bfloat16: weights and activations rounded to bfloat16, nearest-even, with float32 subnormals
      flushed to (signed) zero, NaN kept quiet: what VCVTNE2PS2BF16 does. Each output is one float32
-     chain over the input pairs in order, acc = acc + w[2p+1]*x[2p+1]; acc = acc + w[2p]*x[2p]
-     (the products of two bfloat16 are exact in float32), a subnormal sum flushed to zero: what
+     chain over the input pairs in order, acc = fma(w[2p+1], x[2p+1], acc); acc = fma(w[2p],
+     x[2p], acc) (the product of two bfloat16 is exact in float32 unless it underflows; fused, it
+     is not rounded on its own then), a subnormal sum flushed to zero: what
      VDPBF16PS does, measured bit for bit on AMD Zen 5 (3.2M random cases); the generic path
      computes the same, so both give the same bits. AMX's TDPBF16PS sums differently (an even and an
      odd chain per 32 inputs, then added to the accumulator: lf_emu_dpbf16, measured bit for bit
@@ -263,9 +264,12 @@ static void lf_lp_gemm_generic(const lf_lp_mat* W, int rows, const void* A, size
                 for (int p = 0; p < kp / 2; p++) {
                     const float x0 = lf_bf16_to_f32(a[2 * p]), x1 = lf_bf16_to_f32(a[2 * p + 1]);
                     const uint16_t* wp = w + (size_t) p * 32;
+                    /* fused, as the instructions: a product that underflows is not rounded on
+                       its own (a plain a * b + c compiles fused or not depending on -march, and
+                       the portable build then differed from the FMA paths) */
                     for (int l = 0; l < 16; l++) {
-                        float t = lf_ftz(acc[l] + lf_bf16_to_f32(wp[2 * l + 1]) * x1);
-                        acc[l] = lf_ftz(t + lf_bf16_to_f32(wp[2 * l]) * x0);
+                        float t = lf_ftz(fmaf(lf_bf16_to_f32(wp[2 * l + 1]), x1, acc[l]));
+                        acc[l] = lf_ftz(fmaf(lf_bf16_to_f32(wp[2 * l]), x0, t));
                     }
                 }
                 memcpy(out + r * ldo + j0, acc, (size_t) width * sizeof(float));
