@@ -25,7 +25,7 @@ from _pgemm cimport (lf_set_kernel, lf_ws_get, lf_ws_release, lf_ws_aligned, lf_
 from _gates cimport lf_tanhf   # brings the vectorisable float32 tanh into this module's C
 from _split cimport (lf_barrier, lf_barrier_init, lf_team_size, lf_team_unit_begin,
                      lf_team_unit_end, lf_barrier_wait, lf_ticks, lf_split_choose,
-                     lf_split_record, lf_split_key)
+                     lf_split_record, lf_split_key, lf_split_ended)
 
 from lstm_fast._forward import batch_chunk, recurrence_mode, packed_gemm_active, split_mode_ok
 
@@ -880,6 +880,8 @@ def backward_layer(const floating[:, :, ::1] x,            # IN  (T, B, I) the l
                         _input_grad_item(item - n_weight_items, n_x_col_groups, &K, w_ih_ptr, g_x)
         if choice & 2 and not split_ok:
             lf_split_record(choice_key, choice & 1, lf_ticks() - ticks, K.seq_len)
+        if choice_key != 0:
+            lf_split_ended(choice_key)      # the next call's pause counts from here, as in the forward
         _release_all(dz, h_prev, h_raw, dh_proj)
         lf_ws_release(WS_PACKED, pk_raw)
         lf_ws_release(WS_PACKED_GRAD, pk2_raw)

@@ -41,7 +41,7 @@ from _pgemm cimport (lf_malloc64, lf_ws_get, lf_ws_release, lf_ws_aligned, lf_pa
                      lf_pgemv, lf_pgemv_dir, lf_pgemv_gates, lf_pgemv_gates_tiles, lf_prefetch)
 from _split cimport (lf_barrier, lf_barrier_init, lf_team_size, lf_team_unit_begin,
                      lf_team_unit_end, lf_barrier_wait, lf_ticks, lf_split_choose,
-                     lf_split_record, lf_split_key)
+                     lf_split_record, lf_split_key, lf_split_ended)
 from _gates cimport (CellSpec, cell_row_standard, cell_row_cached, cell_row_general, sigmoid,
                      tanh_, activate, lf_matvec_t_f32, lf_matvec_t_f64, lf_cell_units_simd)
 
@@ -1009,6 +1009,10 @@ cdef int _forward_run(const Layer* layer, const floating* x_ptr, int n_threads,
                 free(scratch)
         if choice & 2:
             lf_split_record(choice_key, choice & 1, lf_ticks() - ticks, L.seq_len)
+        if choice_key != 0:
+            # the next call's pause counts from here: a call slowed past the chooser's 1 ms idle
+            # threshold (a busy core) must still be measured, or the choice never changes
+            lf_split_ended(choice_key)
         lf_ws_release(WS_GX, gx_all)
         free(w_hh_t)
         lf_ws_release(WS_PACKED, pk_raw)
