@@ -596,6 +596,17 @@ def test_split_choice_follows_the_measured_speed():
     assert ways[:41] == [1] * 41
 
 
+def test_split_choice_measures_calls_longer_than_the_idle_threshold():
+    # calls of 3 ms (past the chooser's ~1 ms pause threshold, as when a busy core slows split
+    # mode down) are still measured: the pause counts from the end of the last call
+    # (lf_split_ended), so that the choice follows split mode becoming slower
+    from lstm_fast import _forward
+    n = 60
+    ways = _forward.split_choice_trace(424243, [400] * n, [100] * n, hold=0.003)
+    assert ways[:8] == [1] * 8
+    assert ways[24:] == [0] * (n - 24)      # one thread, measured faster
+
+
 @pytest.mark.parametrize("shape", [(40, 1, 32, 64), (30, 1, 128, 128), (25, 3, 16, 96), (12, 5, 8, 256)])
 def test_split_mode_gives_the_chunked_bits(shape):
     # split mode shares each step's 32-unit panels between the threads and meets at a spin barrier;
