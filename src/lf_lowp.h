@@ -175,13 +175,16 @@ lf_lp_quant_row_avx512(int kind, int k, int kp, const float* x, void* dst, float
 }
 #endif
 
-static int lf_lp_cpu_fma512(void);
-static int lf_lp_fma512_cached(void) {
-    static int v = -1;
-    if (v < 0)
-        v = lf_lp_cpu_fma512();
-    return v;
+/* a CPU check asked once (the answer does not change while the process runs) */
+#define LF_CACHED_CHECK(name, check)                                                            \
+static int name(void) {                                                                         \
+    static int v = -1;                                                                          \
+    if (v < 0)                                                                                  \
+        v = check();                                                                            \
+    return v;                                                                                   \
 }
+static int lf_lp_cpu_fma512(void);
+LF_CACHED_CHECK(lf_lp_fma512_cached, lf_lp_cpu_fma512)
 
 /* the layer's conversion of activation rows: AVX-512 on the paths that run AVX-512 anyway (so a
    path capped below it by LSTM_FAST_ISA runs none), the same bits as the scalar code */
@@ -533,54 +536,18 @@ LF_BF16_ATTR void lf_bf16_tile_##RR##_##NN(const lf_lp_mat* W, const uint16_t* a
     }                                                                                           \
 }
 
-/* int8: VPDPBUSD (u8 activations x s8 weights) into int32, then the exact correction and the
-   float32 scales. The outputs past n have scale 0 and corr 0 in the packing: reading them is safe. */
-#define LF_INT8_TILE_FN(RR, NN)                                                                 \
-LF_VNNI_ATTR void lf_int8_tile_##RR##_##NN(const lf_lp_mat* W, const uint8_t* a, size_t lda,   \
-                                           const float* sx, int b, float* out, size_t ldo) {    \
-    const int kp = W->kp;                                                                       \
-    const int8_t* w = (const int8_t*) W->w + (size_t) b * 16 * kp;                              \
-    const size_t bs = (size_t) 16 * kp;                                                         \
-    __m512i acc[RR][NN];                                                                        \
-    for (int r = 0; r < RR; r++)                                                                \
-        for (int q = 0; q < NN; q++)                                                            \
-            acc[r][q] = _mm512_setzero_si512();                                                 \
-    for (int p = 0; p < kp / 4; p++) {                                                          \
-        __m512i wv[NN];                                                                         \
-        for (int q = 0; q < NN; q++)                                                            \
-            wv[q] = _mm512_loadu_si512((const void*) (w + q * bs + (size_t) p * 64));           \
-        for (int r = 0; r < RR; r++) {                                                          \
-            __m512i xv = _mm512_set1_epi32(lf_load32(a + r * lda + 4 * p));                     \
-            for (int q = 0; q < NN; q++)                                                        \
-                acc[r][q] = _mm512_dpbusd_epi32(acc[r][q], xv, wv[q]);                          \
-        }                                                                                       \
-    }                                                                                           \
-    for (int q = 0; q < NN; q++) {                                                              \
-        const int j0 = 16 * (b + q), left = W->n - j0;                                          \
-        const __mmask16 mk = left >= 16 ? (__mmask16) 0xFFFF : (__mmask16) ((1u << left) - 1u); \
-        __m512i corr = _mm512_loadu_si512((const void*) (W->corr + j0));                        \
-        __m512 sw = _mm512_loadu_ps(W->scale + j0);                                             \
-        for (int r = 0; r < RR; r++) {                                                          \
-            __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][q], corr));                   \
-            _mm512_mask_storeu_ps(out + r * ldo + j0, mk,                                       \
-                                  _mm512_mul_ps(v, _mm512_mul_ps(_mm512_set1_ps(sx[r]), sw)));  \
-        }                                                                                       \
-    }                                                                                           \
-}
-
 #define LF_LP_MR 4   /* rows per register tile: 4 x 4 blocks = 16 accumulators (6 x 4 spilled) */
 #define LF_TILE_CASES(X) X(1,1) X(1,2) X(1,3) X(1,4) X(1,5) X(1,6) X(1,7) \
     X(2,1) X(2,2) X(2,3) X(2,4) X(3,1) X(3,2) X(3,3) X(3,4) X(4,1) X(4,2) X(4,3) \
     X(5,1) X(5,2) X(5,3) X(5,4) X(6,1) X(6,2) X(6,3) X(6,4)
 LF_TILE_CASES(LF_BF16_TILE_FN)
-LF_TILE_CASES(LF_INT8_TILE_FN)
 
 /* The two hot shapes, 4 rows x 4 blocks and 1 row x 8 blocks, with named accumulators: with an
    array gcc 12 copies every accumulator between registers once per step of k. Same chains,
    same bits as the functions above. */
 #define LF_X4(M) M(0) M(1) M(2) M(3)
 #define LF_X8(M) M(0) M(1) M(2) M(3) M(4) M(5) M(6) M(7)
-#define LF_HOT_KERNELS(SUF, ATTR, ET, VT, ZERO, DP, PSTEP, STORE)                                \
+#define LF_HOT44(SUF, ATTR, ET, VT, ZERO, DP, PSTEP, STORE)                                      \
 ATTR void lf_##SUF##_tile_hot44(const lf_lp_mat* W, const ET* a, size_t lda, const float* sx,   \
                                 int b, float* out, size_t ldo) {                                \
     const int kp = W->kp;                                                                       \
@@ -610,7 +577,8 @@ ATTR void lf_##SUF##_tile_hot44(const lf_lp_mat* W, const ET* a, size_t lda, con
     STORE(1, 0, c10) STORE(1, 1, c11) STORE(1, 2, c12) STORE(1, 3, c13)                          \
     STORE(2, 0, c20) STORE(2, 1, c21) STORE(2, 2, c22) STORE(2, 3, c23)                          \
     STORE(3, 0, c30) STORE(3, 1, c31) STORE(3, 2, c32) STORE(3, 3, c33)                          \
-}                                                                                               \
+}
+#define LF_HOT18(SUF, ATTR, ET, VT, ZERO, DP, PSTEP, STORE)                                 \
 ATTR void lf_##SUF##_tile_hot18(const lf_lp_mat* W, const ET* a, size_t lda, const float* sx,   \
                                 int b, float* out, size_t ldo) {                                \
     (void) lda;                                                                                 \
@@ -648,8 +616,9 @@ ATTR void lf_##SUF##_tile_hot18(const lf_lp_mat* W, const ET* a, size_t lda, con
                        _mm512_loadu_si512((const void*) (W->corr + j0))));                       \
         __m512 sc = _mm512_mul_ps(_mm512_set1_ps(sx[r]), _mm512_loadu_ps(W->scale + j0));       \
         _mm512_mask_storeu_ps(out + (r) * ldo + j0, mk, _mm512_mul_ps(f, sc)); }
-LF_HOT_KERNELS(bf16, LF_BF16_ATTR, uint16_t, __m512, _mm512_setzero_ps(), LF_DP_BF16, 2, LF_STORE_BF16)
-LF_HOT_KERNELS(int8, LF_VNNI_ATTR, uint8_t, __m512i, _mm512_setzero_si512(), LF_DP_INT8, 4, LF_STORE_INT8)
+LF_HOT44(bf16, LF_BF16_ATTR, uint16_t, __m512, _mm512_setzero_ps(), LF_DP_BF16, 2, LF_STORE_BF16)
+LF_HOT18(bf16, LF_BF16_ATTR, uint16_t, __m512, _mm512_setzero_ps(), LF_DP_BF16, 2, LF_STORE_BF16)
+LF_HOT18(int8, LF_VNNI_ATTR, uint8_t, __m512i, _mm512_setzero_si512(), LF_DP_INT8, 4, LF_STORE_INT8)
 
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) static void
 lf_lp_gemm_bf16_avx512(const lf_lp_mat* W, int rows, const void* A, size_t lda, int b0, int b1,
@@ -675,29 +644,17 @@ lf_lp_gemm_bf16_avx512(const lf_lp_mat* W, int rows, const void* A, size_t lda, 
 static void lf_lp_gemm_int8_vnni_rows(const lf_lp_mat* W, int rows, const void* A, size_t lda,
                                       const float* sx, int b0, int b1, float* out, size_t ldo);
 
+/* int8 on VPDPBUSD: a single row takes 8 blocks a tile (eight accumulator chains hide the
+   instruction's latency), the rest the 6 x 4 tiles below */
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void
 lf_lp_gemm_int8_avx512(const lf_lp_mat* W, int rows, const void* A, size_t lda, const float* sx,
                        int b0, int b1, float* out, size_t ldo) {
-    if (rows > 1) {
-        lf_lp_gemm_int8_vnni_rows(W, rows, A, lda, sx, b0, b1, out, ldo);
-        return;
-    }
-    for (int r = 0; r < rows;) {
-        const int R = rows - r >= LF_LP_MR ? LF_LP_MR : rows - r, nbmax = R == 1 ? 8 : 4;
-        const uint8_t* a = (const uint8_t*) A + r * lda;
-        for (int b = b0; b < b1;) {
-            const int NB = b1 - b < nbmax ? b1 - b : nbmax;
-            switch (R * 16 + NB) {
-#define LF_CASE_INT8(RR, NN) case RR * 16 + NN: lf_int8_tile_##RR##_##NN(W, a, lda, sx + r, b, out + r * ldo, ldo); break;
-            case 4 * 16 + 4: lf_int8_tile_hot44(W, a, lda, sx + r, b, out + r * ldo, ldo); break;
-            case 1 * 16 + 8: lf_int8_tile_hot18(W, a, lda, sx + r, b, out + r * ldo, ldo); break;
-                LF_TILE_CASES(LF_CASE_INT8)
-#undef LF_CASE_INT8
-            }
-            b += NB;
-        }
-        r += R;
-    }
+    int b = b0;
+    if (rows == 1)
+        for (; b + 8 <= b1; b += 8)
+            lf_int8_tile_hot18(W, (const uint8_t*) A, lda, sx, b, out, ldo);
+    if (b < b1)
+        lf_lp_gemm_int8_vnni_rows(W, rows, A, lda, sx, b, b1, out, ldo);
 }
 
 /* int8 on VPDPBUSD, the register tile for many rows: RR rows (1..6) x NN blocks (1..4) of 16
@@ -1167,18 +1124,8 @@ static int lf_lp_path_ok(int kind, int path) {
 }
 
 #define LF_LP_AMX_MIN_ROWS 4
-static int lf_lp_bf16_cached(void) {
-    static int v = -1;
-    if (v < 0)
-        v = lf_lp_cpu_bf16();
-    return v;
-}
-static int lf_lp_vnni_cached(void) {
-    static int v = -1;
-    if (v < 0)
-        v = lf_lp_cpu_vnni();
-    return v;
-}
+LF_CACHED_CHECK(lf_lp_bf16_cached, lf_lp_cpu_bf16)
+LF_CACHED_CHECK(lf_lp_vnni_cached, lf_lp_cpu_vnni)
 
 /* out = dequant(A . W^T) for rows of A and blocks b0..b1 of W (the path was checked) */
 static void lf_lp_gemm(int path, const lf_lp_mat* W, int rows, const void* A, const float* sx,
