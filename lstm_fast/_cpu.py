@@ -211,7 +211,11 @@ def derive(description):
       (kc x 32 floats) fills L1d. kc_narrow: the same for products of at most 64 columns, a
       quarter of L1d (the panel slice stays in L1 beside A's rows).
     - fused_max_bytes / packed_wide_max_bytes: W_ih + W_hh (fused per-step projection), W_hh
-      (one pass per step instead of per chunk) up to a quarter of the L3 instance.
+      (one pass per step instead of per chunk) up to the cache each chunk's pass may stream the
+      weights from at the FMA rate: a quarter of the L3 instance on AMD (a CCX's own L3), the L2
+      on Intel, whose mesh L3 feeds one core too slowly (Xeon family 6 model 207, 1 thread:
+      (25,128,1024,1024) 422 -> 362 ms and (50,64,512,512) 103 -> 93-96 ms with one pass per
+      step; its 260 MiB L3 gave 65 MiB before).
     - wide_min_bytes (BLAS, batch > 1): an eighth of L2; wide_gemv_bytes (BLAS, batch 1): 2 x L2.
     - packed_wide_bytes: W_hh beyond half of L2 for a single work item.
     - interleave_min_bytes: batch-1 steps interleave the projection from 3 x L1d of W_hh.
@@ -225,6 +229,9 @@ def derive(description):
     two_fma_intel = (description.get("vendor") == "GenuineIntel"
                      and (description.get("fma_units_512") or 1.0) >= 2.0)
     tile_rows = 12 if two_fma_intel else 8
+    # Intel's L3 is a mesh of slices, a few MB per core at 15-20 GB/s a core: a pass over the
+    # weights per chunk (or per fused step) must find them in L2 there
+    stream_cache = l2 if description.get("vendor") == "GenuineIntel" else l3 // 4
     return {
         "tile_rows": tile_rows,
         "tile_cols": 32,
@@ -232,11 +239,11 @@ def derive(description):
         "avx2_tile_cols": 16,
         "kc": max(64, l1d // panel_row // 16 * 16),
         "kc_narrow": max(16, l1d // 4 // panel_row // 16 * 16),
-        "fused_max_bytes": l3 // 4,
+        "fused_max_bytes": stream_cache,
         "wide_min_bytes": l2 // 8,
         "wide_gemv_bytes": 2 * l2,
         "packed_wide_bytes": l2 // 2,
-        "packed_wide_max_bytes": l3 // 4,
+        "packed_wide_max_bytes": stream_cache,
         "interleave_min_bytes": 3 * l1d,
     }
 

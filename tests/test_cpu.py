@@ -30,9 +30,9 @@ def test_xeon_167_description_derives_its_own_blocking():
     # than Zen 4's, and a 12 x 32 register tile (24 accumulators, fewer panel loads an FMA)
     got = _cpu.derive(_cpu.xeon_167_description())
     assert got == {"tile_rows": 12, "tile_cols": 32, "avx2_tile_rows": 6, "avx2_tile_cols": 16,
-                   "kc": 384, "kc_narrow": 96, "fused_max_bytes": 120 * 1024 * 1024,
+                   "kc": 384, "kc_narrow": 96, "fused_max_bytes": 2 * 1024 * 1024,
                    "wide_min_bytes": 256 * 1024, "wide_gemv_bytes": 4 * 1024 * 1024,
-                   "packed_wide_bytes": 1024 * 1024, "packed_wide_max_bytes": 120 * 1024 * 1024,
+                   "packed_wide_bytes": 1024 * 1024, "packed_wide_max_bytes": 2 * 1024 * 1024,
                    "interleave_min_bytes": 144 * 1024}
     assert got["kc"] * 32 * 4 == 48 * 1024             # one panel block fills L1d
     assert got != _cpu.derive(_cpu.zen4_description())
@@ -52,6 +52,11 @@ def test_derive_is_a_function_of_the_description_only():
     assert px["tile_rows"] == 12 and px["kc"] == 384 and px["kc_narrow"] == 96
     assert px["packed_wide_bytes"] == 1024 * 1024 and px["wide_min_bytes"] == 256 * 1024
     assert px["interleave_min_bytes"] == 144 * 1024
+    # Intel's mesh L3 is no place to stream the weights from once per chunk: L2 bounds the fused
+    # step and the per-chunk passes there, a quarter of the L3 on AMD
+    assert px["fused_max_bytes"] == px["packed_wide_max_bytes"] == 2 * 1024 * 1024
+    amd = _cpu.derive(dict(xeon, vendor="AuthenticAMD"))
+    assert amd["fused_max_bytes"] == amd["packed_wide_max_bytes"] == 105 * 1024 * 1024 // 4
     # missing sizes fall back to the Zen 4 ones
     assert _cpu.derive({}) == first
 

@@ -408,8 +408,11 @@ def test_wide_mode_on_large_hidden_matches_torch(dtype, packed):
     if packed:
         # the threshold is derived from this CPU's L2: a hidden size whose W_hh (with proj 200)
         # is just past it
-        limit = _forward.kernel_settings()["packed_wide_bytes"]
-        hidden = max(300, -(-limit // (4 * 200 * 4)) + 1)
+        settings = _forward.kernel_settings()
+        limit, itemsize = settings["packed_wide_bytes"], np.dtype(dtype).itemsize
+        hidden = max(300, -(-limit // (4 * 200 * itemsize)) + 1)
+        # ... and short of the size from which even two work items take one pass a step
+        assert 4 * hidden * 200 * itemsize < settings["packed_wide_max_bytes"]
         assert _forward.recurrence_mode(5, hidden, 200, np.dtype(dtype).itemsize, True, 2) == "chunked"
         assert _forward.recurrence_mode(5, hidden, 200, np.dtype(dtype).itemsize, True, 1) == "wide"
         m = lf.LSTM(24, hidden, proj_size=200, dtype=dtype, seed=0)
