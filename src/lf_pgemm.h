@@ -94,6 +94,7 @@ static inline void* lf_alloc_big(size_t bytes) {
    destructor); without pthreads every call allocates and frees. lf_ws_get(slot, bytes) returns
    at least `bytes` (NULL on failure); hand it back with lf_ws_release(slot, p) when done. */
 #define LF_WS_SLOTS 8
+#define LF_WS_APACK 7   /* this header's own slot (lf_pgemm_at2's packed A); modules use 0..6 */
 #define LF_WS_MAX ((size_t) 16 << 20)
 #if defined(__unix__) || defined(__APPLE__)
 #include <pthread.h>
@@ -490,6 +491,78 @@ lf_pgemm_at_avx512(size_t m, size_t n, size_t k, const float* at, size_t ldat, c
         lf_pgemm_at_block(m, n, k, k0, lf_kc, at, ldat, packed, 0, c, ldc, 1);
 }
 
+/* One k-block (kb values from at, rows of m) of A packed for lf_at_panels: tile t's rows
+   r0..r0+mr as apack[(t * kb + q) * mr + i] (18 KB a 12-row tile at kb = 384: it stays in L1
+   while every panel of a group runs over it). A's rows are read whole and in order (dZ's 4H
+   floats a row: the prefetchers' favourite) where the tiles read 48 bytes at a stride of 4H.
+   colsum (or NULL) gets each row added in order: the same sums as lf_pgemm_at2 made before. */
+__attribute__((target("avx512f"))) static void
+lf_pack_at_block(size_t m, size_t kb, const float* at, size_t ldat, size_t mr, float* apack,
+                 float* colsum) {
+    size_t n_tiles = (m + mr - 1) / mr;
+    for (size_t q = 0; q < kb; q++) {
+        const float* row = at + q * ldat;
+        for (size_t t = 0; t < n_tiles; t++) {
+            size_t r0 = t * mr, rows = m - r0 < mr ? m - r0 : mr;
+            __mmask16 lanes = (__mmask16) ((1u << rows) - 1u);
+            _mm512_mask_storeu_ps(apack + (t * kb + q) * mr, lanes,
+                                  _mm512_maskz_loadu_ps(lanes, row + r0));
+        }
+        if (colsum != NULL) {
+            for (size_t i = 0; i < m; i += 16) {
+                __mmask16 lanes = m - i >= 16 ? (__mmask16) 0xFFFF
+                                              : (__mmask16) ((1u << (m - i)) - 1u);
+                _mm512_mask_storeu_ps(colsum + i, lanes,
+                                      _mm512_add_ps(_mm512_maskz_loadu_ps(lanes, colsum + i),
+                                                    _mm512_maskz_loadu_ps(lanes, row + i)));
+            }
+        }
+    }
+}
+
+/* Panels of B per pass over A's row tiles: 8 x 32 columns x kb (384 KB at kb = 384, 256 KB at
+   Zen 4's 256), a quarter of L2 or less, read from L2 by every row tile */
+#define LF_AT_GROUP 8
+
+/* C(m, n) of one k-block from A packed by lf_pack_at_block: for each group of panels, every row
+   tile (from L1) over the group's panels (from L2). Each output is the same FMA chain as in
+   lf_pgemm_at_block (C's partial sums carried on from block to block). */
+__attribute__((target("avx512f"), always_inline)) static inline void
+lf_at_panels_mr(const int mr, size_t m, size_t n, size_t k, size_t k0, size_t kb,
+                const float* apack, const float* packed, size_t ldb, float* c, size_t ldc) {
+    size_t n_panels = (n + LF_NR - 1) / LF_NR, n_tiles = (m + mr - 1) / mr;
+    int cont = k0 > 0;
+    for (size_t g0 = 0; g0 < n_panels; g0 += LF_AT_GROUP) {
+        size_t g1 = g0 + LF_AT_GROUP < n_panels ? g0 + LF_AT_GROUP : n_panels;
+        for (size_t t = 0; t < n_tiles; t++) {
+            size_t r0 = t * mr, rows = m - r0 < (size_t) mr ? m - r0 : (size_t) mr;
+            const float* a = apack + t * kb * mr;
+            for (size_t p = g0; p < g1; p++) {
+                size_t j0 = p * LF_NR;
+                size_t width = n - j0 < LF_NR ? n - j0 : LF_NR;
+                __mmask16 mask0 = lf_mask_lo(width), mask1 = lf_mask_hi(width);
+                const float* bp = ldb ? packed + k0 * ldb + j0 : packed + (p * k + k0) * LF_NR;
+                float* cp = c + r0 * ldc + j0;
+                if (rows < (size_t) mr)
+                    lf_tile_at_any((int) rows, kb, a, mr, bp, ldb, cp, ldc, mask0, mask1, cont);
+                else if (ldb)
+                    lf_tile_avx512_bx(mr, 1, 1, kb, a, mr, bp, ldb, cp, ldc, mask0, mask1, 0, cont);
+                else
+                    lf_tile_avx512_ex(mr, 1, kb, a, mr, bp, cp, ldc, mask0, mask1, 0, cont);
+            }
+        }
+    }
+}
+
+__attribute__((target("avx512f"))) static void
+lf_at_panels(size_t m, size_t n, size_t k, size_t k0, size_t kb, const float* apack,
+             const float* packed, size_t ldb, float* c, size_t ldc) {
+    if (lf_mr == 12)
+        lf_at_panels_mr(12, m, n, k, k0, kb, apack, packed, ldb, c, ldc);
+    else
+        lf_at_panels_mr(LF_MR, m, n, k, k0, kb, apack, packed, ldb, c, ldc);
+}
+
 /* Two lf_pgemm_at products of one A, C1 = A @ W1.T and C2 = A @ W2.T (each W packed, ldb 0, or
    given as W.T's rows in place, see lf_pgemm_at_block), block by block over k, and
    the sums of A's columns over k in order (colsum[i] = sum of at[q * ldat + i], or NULL): each
@@ -513,6 +586,23 @@ lf_pgemm_at2_avx512(size_t m, size_t k, const float* at, size_t ldat, size_t n1,
     if (colsum != NULL)
         memset(colsum, 0, m * sizeof(float));
     size_t kc = n1 <= 64 && n2 <= 64 ? lf_kc_narrow : lf_kc;
+    /* wider products: A packed a k-block at a time (lf_pack_at_block), the tiles over groups of
+       panels ((50,64,512,512) dW_ih + dW_hh, 1 thread, Xeon 6/207: A re-read from L2/L3 at a
+       stride of 4H for every panel before) */
+    void* raw = NULL;
+    size_t mr = (size_t) lf_mr, n_tiles = (m + mr - 1) / mr;
+    float* apack = n1 <= 64 && n2 <= 64 ? NULL
+                 : lf_ws_aligned(LF_WS_APACK, kc * n_tiles * mr, &raw);
+    if (apack != NULL) {
+        for (size_t k0 = 0; k0 < k; k0 += kc) {
+            size_t kb = k - k0 < kc ? k - k0 : kc;
+            lf_pack_at_block(m, kb, at + k0 * ldat, ldat, mr, apack, colsum);
+            lf_at_panels(m, n1, k, k0, kb, apack, b1, ldb1, c1, ldc1);
+            lf_at_panels(m, n2, k, k0, kb, apack, b2, ldb2, c2, ldc2);
+        }
+        lf_ws_release(LF_WS_APACK, raw);
+        return;
+    }
     for (size_t k0 = 0; k0 < k; k0 += kc) {
         lf_pgemm_at_block(m, n1, k, k0, kc, at, ldat, b1, ldb1, c1, ldc1, 1);
         lf_pgemm_at_block(m, n2, k, k0, kc, at, ldat, b2, ldb2, c2, ldc2, 0);

@@ -573,3 +573,27 @@ def test_backward_packing_over_another_models_copy_reads_this_models_weights(sha
                 assert_array_equal(got.input, ref.input)
                 for name in ref.params:
                     assert_array_equal(got.params[name], ref.params[name])
+
+
+@pytest.mark.parametrize("I, H", [(70, 50), (200, 96)], ids=["x-in-place", "x-packed"])
+def test_weight_gradients_over_several_k_blocks_match_torch(I, H):
+    # T*B = 520 rows: more than one k-block of the weight-gradient products (kc <= 384), 4H rows
+    # not a multiple of the register tile, more than 64 columns: A (dZ) packed a block at a time
+    # (lf_pack_at_block), x read in place (I <= 128) or packed; against torch, and the same bits
+    # on one and two threads
+    m = lf.LSTM(I, H, seed=11)
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((40, 13, I)).astype(np.float32)
+    g_out = rng.standard_normal((40, 13, H)).astype(np.float32)
+    runs = []
+    for n in (1, 2):
+        with lf.threads(n):
+            _, _, cache = m.forward_train(x)
+            runs.append(m.backward(cache, g_out))
+    for name in runs[0].params:
+        assert_array_equal(runs[0].params[name], runs[1].params[name], err_msg=name)
+    zeros = np.zeros((1, 13, H), np.float32)
+    _, t_dx, _, t_params = _torch_grads(m, x, (zeros, zeros), (g_out, zeros, zeros), None)
+    assert_allclose(runs[0].input, t_dx, **GRAD_TOL[np.float32])
+    for name, value in t_params.items():
+        assert_allclose(runs[0].params[name], value, err_msg=name, **GRAD_TOL[np.float32])
