@@ -45,14 +45,17 @@ def main(argv=None):
                           out_md=args.out if args.out != "bench.md" else None)
             return 0
         counts = tuple(int(t) for t in args.threads.split(","))
+        from ._bench import GRID
+
+        try:
+            grid = [GRID[int(i)] for i in args.rows.split(",")] if args.rows else None
+        except (ValueError, IndexError):
+            parser.error(f"--rows takes indices 0..{len(GRID) - 1} of the grid, got {args.rows!r}")
         if args.train:
             from ._bench import run_training
 
-            run_training(thread_counts=counts, repeats=args.repeats, quick=args.quick)
+            run_training(thread_counts=counts, repeats=args.repeats, quick=args.quick, grid=grid)
             return 0
-        from ._bench import GRID
-
-        grid = [GRID[int(i)] for i in args.rows.split(",")] if args.rows else None
         if args.precision:
             from ._bench import run_precision
             from ._precision import REDUCED

@@ -170,9 +170,11 @@ def _lf_train_runner(model, x):
     return run
 
 
-def run_training(thread_counts=(1, 2), repeats=5, min_time=0.05, quick=False, pause=0.05):
-    """Forward + backward of a sum loss: lstm_fast against torch autograd, interleaved."""
-    grid = TRAIN_GRID[:2] if quick else TRAIN_GRID
+def run_training(thread_counts=(1, 2), repeats=5, min_time=0.05, quick=False, pause=0.05,
+                 grid=None):
+    """Forward + backward of a sum loss: lstm_fast against torch autograd, interleaved (grid:
+    the shapes, default the whole grid)."""
+    grid = grid or (TRAIN_GRID[:2] if quick else TRAIN_GRID)
     if quick:
         repeats, min_time = 2, 0.01
     print("Machine:\n" + machine_description())

@@ -55,3 +55,12 @@ def test_bench_contended_quick_runs_and_kills_its_helper(tmp_path):
     # the busy helper is gone once the command returns
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert "while time.monotonic() < end" not in ps
+
+
+def test_bench_train_follows_rows_and_rejects_bad_ones():
+    # --rows picks the training shapes too (it was ignored by --train: every shape ran)
+    result = _run("bench", "--train", "--threads", "1", "--repeats", "1", "--rows", "0")
+    assert result.returncode == 0, result.stderr
+    assert "T100 B1 I32 H64 L1" in result.stdout and "T100 B1 I128 H128" not in result.stdout
+    bad = _run("bench", "--train", "--rows", "99")
+    assert bad.returncode != 0 and "--rows takes indices 0..8" in bad.stderr
