@@ -108,6 +108,8 @@ cdef Py_ssize_t WIDE_GEMV_BYTES = 2 * 1024 * 1024         # 2 x L2
 cdef Py_ssize_t PACKED_WIDE_BYTES = 512 * 1024            # L2 / 2
 cdef Py_ssize_t PACKED_WIDE_MAX_BYTES = 8 * 1024 * 1024   # L3 / 4
 cdef Py_ssize_t INTERLEAVE_MIN_BYTES = 96 * 1024          # 3 x L1d
+cdef Py_ssize_t WIDE_FUSED_MAX_BYTES = 4 * 1024 * 1024    # 4 x L2 (never reached on Zen 4: batches
+                                                          # of 9+ go wide from 8 MB of W_hh alone)
 
 
 def _set_kernel(int isa, dict params):
@@ -115,13 +117,14 @@ def _set_kernel(int isa, dict params):
     derived parameters (lstm_fast._cpu.derive); called at import and by lstm_fast._cpu._set_isa.
     Not thread-safe: no call may be running."""
     global FUSED_MAX_BYTES, WIDE_MIN_BYTES, WIDE_GEMV_BYTES, PACKED_WIDE_BYTES
-    global PACKED_WIDE_MAX_BYTES, INTERLEAVE_MIN_BYTES
+    global PACKED_WIDE_MAX_BYTES, INTERLEAVE_MIN_BYTES, WIDE_FUSED_MAX_BYTES
     FUSED_MAX_BYTES = params["fused_max_bytes"]
     WIDE_MIN_BYTES = params["wide_min_bytes"]
     WIDE_GEMV_BYTES = params["wide_gemv_bytes"]
     PACKED_WIDE_BYTES = params["packed_wide_bytes"]
     PACKED_WIDE_MAX_BYTES = params["packed_wide_max_bytes"]
     INTERLEAVE_MIN_BYTES = params["interleave_min_bytes"]
+    WIDE_FUSED_MAX_BYTES = params["wide_fused_max_bytes"]
     return lf_set_kernel(isa, params["tile_rows"], params["kc"], params["kc_narrow"])
 
 
@@ -130,7 +133,7 @@ def kernel_settings():
     return dict(isa=("generic", "avx2", "avx512")[lf_isa()], fused_max_bytes=FUSED_MAX_BYTES,
                 wide_min_bytes=WIDE_MIN_BYTES, wide_gemv_bytes=WIDE_GEMV_BYTES,
                 packed_wide_bytes=PACKED_WIDE_BYTES, packed_wide_max_bytes=PACKED_WIDE_MAX_BYTES,
-                interleave_min_bytes=INTERLEAVE_MIN_BYTES)
+                interleave_min_bytes=INTERLEAVE_MIN_BYTES, wide_fused_max_bytes=WIDE_FUSED_MAX_BYTES)
 
 
 cdef enum:
@@ -156,7 +159,7 @@ ctypedef struct Layer:
     # arrays, typed by the caller's `floating`
     const void* gx               # (D, T*B, 4H) projected inputs, or NULL when fused (below)
     const void* x                # (T, B, I) layer input
-    int fused                    # chunked + packed: each step projects its own rows' inputs
+    int fused                    # packed, chunked or wide: each step projects its own rows' inputs
     int interleave               # packed, batch 1: steps project later steps' inputs
     const void* w_ih
     const void* w_hh
@@ -535,26 +538,58 @@ cdef void _run_chunk(Py_ssize_t item, const Layer* L, floating* scratch) noexcep
     _gather_state(L, d, order, rows, hs, cs, True)
 
 
-cdef void _wide_gemm_item(Py_ssize_t item, Py_ssize_t n_active, const Layer* L,
-                          floating* hs, floating* gh) noexcept nogil:
-    # wide mode, phase 1: one block of gate columns of one direction
+cdef void _wide_gemm_item(Py_ssize_t item, Py_ssize_t s, Py_ssize_t n_active, const Layer* L,
+                          floating* hs, floating* gh, float* gxs, const float* xs,
+                          bint x_contiguous) noexcept nogil:
+    # wide mode, phase 1: one block of gate columns of one direction; fused: first the same
+    # columns of the step's input projection, gxs = x[t_r, b_r] @ W_ih[d, cols].T (the up-front
+    # projection's FMA chains: same bits)
     cdef Py_ssize_t d = item // L.n_col_blocks
     cdef Py_ssize_t col0 = (item % L.n_col_blocks) * L.col_block
     cdef Py_ssize_t n_cols = L.col_block if col0 + L.col_block <= L.four_h else L.four_h - col0
+    cdef Py_ssize_t I = L.input_size, B = L.batch
+    cdef const float* src
+    if floating is float:
+        if L.fused:
+            src = ((<const float*> L.x) + (_time_of(L, d, L.order[0], s) * B + L.order[0]) * I
+                   if x_contiguous else xs + d * B * I)
+            if n_active == 1:
+                lf_pgemv(col0, n_cols, I, src, L.pk_ih + d * L.pk_ih_len, gxs + d * B * L.four_h)
+            else:
+                lf_pgemm(n_active, col0, n_cols, I, src, I, L.pk_ih + d * L.pk_ih_len,
+                         gxs + d * B * L.four_h, L.four_h, 0)
     _gates_product(n_active, d, col0, n_cols, L, hs + d * L.batch * L.hidden_out,
                    gh + d * L.batch * L.four_h)
 
 
+cdef void _wide_gather_x(const Layer* L, Py_ssize_t d, Py_ssize_t s, Py_ssize_t r0, Py_ssize_t r1,
+                         float* xs) noexcept nogil:
+    # fused wide mode, rows not laid out as one block of x: x[t_r, b_r] of positions r0..r1 still
+    # running at step s, into xs (B, I) by position
+    cdef const float* x = <const float*> L.x
+    cdef Py_ssize_t r, b, I = L.input_size
+    for r in range(r0, r1):
+        b = L.order[r]
+        if L.lengths[b] > s:
+            memcpy(xs + (d * L.batch + r) * I, x + (_time_of(L, d, b, s) * L.batch + b) * I,
+                   I * sizeof(float))
+
+
 cdef void _wide_cell_item(Py_ssize_t item, Py_ssize_t s, Py_ssize_t n_active, Py_ssize_t n_row_blocks,
                           const Layer* L, floating* hs, floating* cs, floating* gh,
-                          floating* hraw) noexcept nogil:
-    # wide mode, phase 2: the cell update of one block of rows of one direction
+                          floating* hraw, floating* gxs, float* xs) noexcept nogil:
+    # wide mode, phase 2: the cell update of one block of rows of one direction; fused, rows
+    # not in place: their inputs of the next step gathered too (its GEMM phase reads them)
     cdef Py_ssize_t d = item // n_row_blocks
     cdef Py_ssize_t r0 = (item % n_row_blocks) * WIDE_ROWS
     cdef Py_ssize_t r1 = r0 + WIDE_ROWS if r0 + WIDE_ROWS <= n_active else n_active
     cdef floating* dst = (hraw + d * L.batch * L.hidden) if L.proj > 0 else (hs + d * L.batch * L.hidden_out)
-    _cell_rows(L, d, s, L.order, r0, r1, gh + d * L.batch * L.four_h, NULL,
+    _cell_rows(L, d, s, L.order, r0, r1, gh + d * L.batch * L.four_h,
+               (gxs + d * L.batch * L.four_h) if L.fused else NULL,
                cs + d * L.batch * L.hidden, dst)
+    if floating is float:
+        if xs != NULL:
+            _wide_gather_x(L, d, s + 1, r0, r1, xs)
 
 
 cdef void _wide_proj_item(Py_ssize_t item, Py_ssize_t s, Py_ssize_t n_active, const Layer* L,
@@ -571,16 +606,28 @@ cdef void _wide_proj_item(Py_ssize_t item, Py_ssize_t s, Py_ssize_t n_active, co
 cdef int _run_wide(const Layer* L, floating* state, int n_threads) noexcept nogil:
     """Wide mode: all rows and directions step by step, each step's work split over the threads.
 
-    `state` is the shared buffer hs (D, B, H_out) | cs (D, B, H) | gh (D, B, 4H) | hraw (D, B, H),
-    rows in `order`.
+    `state` is the shared buffer hs (D, B, H_out) | cs (D, B, H) | gh (D, B, 4H) | hraw (D, B, H)
+    [fused: | gxs (D, B, 4H) | xs (D, B, I)], rows in `order`.
     """
     cdef Py_ssize_t D = L.n_dirs, B = L.batch
     cdef floating* hs = state
     cdef floating* cs = hs + D * B * L.hidden_out
     cdef floating* gh = cs + D * B * L.hidden
     cdef floating* hraw = gh + D * B * L.four_h
-    cdef Py_ssize_t d, s, item, n_active, n_row_blocks
+    cdef floating* gxs = hraw + D * B * L.hidden
+    cdef float* xs = NULL
+    cdef Py_ssize_t d, s, item, n_active, n_row_blocks, r
     cdef Py_ssize_t max_len = L.lengths[L.order[0]]
+    # fused: rows of consecutive batch indices and one length read their inputs in place
+    cdef bint x_contiguous = True
+    for r in range(B):
+        if L.order[r] != r or L.lengths[r] != L.lengths[0]:
+            x_contiguous = False
+    if floating is float:
+        if L.fused and not x_contiguous:
+            xs = <float*> (gxs + D * B * L.four_h)
+            for d in range(D):
+                _wide_gather_x(L, d, 0, 0, B, xs)
     for d in range(D):
         _gather_state(L, d, L.order, B, hs + d * B * L.hidden_out, cs + d * B * L.hidden, False)
     if n_threads <= 1:
@@ -588,9 +635,9 @@ cdef int _run_wide(const Layer* L, floating* state, int n_threads) noexcept nogi
             n_active = _n_active(L, 0, B, s)
             n_row_blocks = (n_active + WIDE_ROWS - 1) // WIDE_ROWS
             for item in range(D * L.n_col_blocks):
-                _wide_gemm_item(item, n_active, L, hs, gh)
+                _wide_gemm_item(item, s, n_active, L, hs, gh, <float*> gxs, xs, x_contiguous)
             for item in range(D * n_row_blocks):
-                _wide_cell_item(item, s, n_active, n_row_blocks, L, hs, cs, gh, hraw)
+                _wide_cell_item(item, s, n_active, n_row_blocks, L, hs, cs, gh, hraw, gxs, xs)
             if L.proj > 0:
                 for item in range(D * L.n_proj_blocks):
                     _wide_proj_item(item, s, n_active, L, hs, hraw)
@@ -602,9 +649,9 @@ cdef int _run_wide(const Layer* L, floating* state, int n_threads) noexcept nogi
                 n_active = _n_active(L, 0, B, s)
                 n_row_blocks = (n_active + WIDE_ROWS - 1) // WIDE_ROWS
                 for item in prange(D * L.n_col_blocks, schedule='static'):
-                    _wide_gemm_item(item, n_active, L, hs, gh)
+                    _wide_gemm_item(item, s, n_active, L, hs, gh, <float*> gxs, xs, x_contiguous)
                 for item in prange(D * n_row_blocks, schedule='static'):
-                    _wide_cell_item(item, s, n_active, n_row_blocks, L, hs, cs, gh, hraw)
+                    _wide_cell_item(item, s, n_active, n_row_blocks, L, hs, cs, gh, hraw, gxs, xs)
                 if L.proj > 0:
                     for item in prange(D * L.n_proj_blocks, schedule='static'):
                         _wide_proj_item(item, s, n_active, L, hs, hraw)
@@ -866,8 +913,16 @@ cdef int _forward_run(const Layer* layer, const floating* x_ptr, int n_threads,
     cdef Py_ssize_t wide_len = L.n_dirs * L.batch * (L.hidden_out + 2 * L.hidden + L.four_h)
     # packed chunked rows of at least one full kernel tile project their inputs step by step
     # (fused), unless W_ih and W_hh together would crowd the L3 cache that every step reads them from
-    L.fused = (use_packed and mode == MODE_CHUNKED and L.chunk >= 8
-               and L.four_h * (L.input_size + L.hidden_out) * sizeof(floating) <= FUSED_MAX_BYTES)
+    # Wide mode (W_hh past what a chunk per pass can stream well), more than one chunk of rows,
+    # W_ih + W_hh up to WIDE_FUSED_MAX_BYTES: fused too, its one pass a step over W_hh carrying
+    # W_ih, instead of a (T*B, I) GEMM up front (~150 GF/s against ~175 for a step's rows in a C
+    # benchmark) and its T*B*4H buffer from memory. Xeon 6/207, 1 thread, min of 12 alternating
+    # rounds: (50,64,512,512) (8 MB) 93.7 -> 89.0 ms; but (25,128,1024,1024) (32 MB) 373 -> 398.
+    L.fused = use_packed and (
+        (mode == MODE_CHUNKED and L.chunk >= 8
+         and L.four_h * (L.input_size + L.hidden_out) * sizeof(floating) <= FUSED_MAX_BYTES)
+        or (mode == MODE_WIDE and L.batch > 8
+            and L.four_h * (L.input_size + L.hidden_out) * sizeof(floating) <= WIDE_FUSED_MAX_BYTES))
     # batch 1, gate columns in whole groups of 4 panels, W_hh (a thread's share of it) well beyond
     # L1: the input projection runs inside the steps' row products (_gates_interleaved)
     L.interleave = (use_packed and _interleave_enabled and L.batch == 1 and L.four_h % 128 == 0
@@ -880,6 +935,7 @@ cdef int _forward_run(const Layer* layer, const floating* x_ptr, int n_threads,
     scratch_len = L.chunk * (L.four_h + L.hidden_out + 2 * L.hidden)
     if L.fused:
         scratch_len += L.chunk * (L.four_h + L.input_size)
+        wide_len += L.n_dirs * L.batch * (L.four_h + L.input_size)
     cdef floating* gx_all = NULL
     if not L.fused:
         gx_all = <floating*> lf_ws_get(WS_GX, L.n_dirs * total_rows * L.four_h * sizeof(floating))

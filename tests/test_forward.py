@@ -885,3 +885,37 @@ def test_packing_over_another_models_copy_reads_this_models_weights(shape, mode)
     with torch.no_grad():
         t_out, _ = _torch_lstm(b)(torch.from_numpy(x))
     assert_allclose(ref_b, t_out.numpy(), **tol(np.float32))
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_wide_mode_projecting_step_by_step_gives_the_up_front_bits(bidirectional):
+    # wide mode with more than 8 rows projects each step's inputs beside its W_hh product when
+    # W_ih + W_hh is at most wide_fused_max_bytes: the same FMA chains as the up-front projection,
+    # so the same bits, with rows gathered by length (variable lengths, reversed direction) or
+    # read in place (equal lengths)
+    from lstm_fast import _cpu, _forward
+    if not _forward.packed_gemm_active():
+        pytest.skip("the packed kernel is not active (generic path)")
+    m = lf.LSTM(24, 64, bidirectional=bidirectional, seed=5)
+    m._recurrence_mode = 2
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((9, 21, 24)).astype(np.float32)
+    lengths = rng.integers(1, 10, size=21)
+    code, params = _cpu.kernel_settings()
+    runs = []
+    try:
+        for limit in (1 << 40, 0):
+            _forward._set_kernel(code, dict(params, wide_fused_max_bytes=limit))
+            for n in (1, 2):
+                with lf.threads(n):
+                    runs.append([m(x), m(x, lengths=lengths)])
+    finally:
+        _cpu._apply()
+    for (out, state), (out_ref, state_ref) in zip(sum(runs[1:], []), runs[0] * 3):
+        assert_array_equal(out, out_ref)
+        assert_array_equal(state[0], state_ref[0])
+        assert_array_equal(state[1], state_ref[1])
+    torch = _torch()
+    with torch.no_grad():
+        torch_out = _torch_lstm(m)(torch.from_numpy(x))[0].numpy()
+    assert_allclose(runs[0][0][0], torch_out, rtol=1e-5, atol=2e-6)
