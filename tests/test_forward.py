@@ -946,3 +946,14 @@ def test_packed_chunks_follow_the_threads_and_keep_the_bits():
     with torch.no_grad():
         torch_out = _torch_lstm(m)(torch.from_numpy(x))[0].numpy()
     assert_allclose(runs[0][0][0], torch_out, rtol=1e-5, atol=2e-6)
+    # the training step after forward_train's chunks of 1, 2 and 3 threads: the same gradients
+    g_out = rng.standard_normal((7, 70, 80)).astype(np.float32)
+    grads = []
+    for n in (1, 2, 3):
+        with lf.threads(n):
+            _, _, cache = m.forward_train(x, lengths=lengths)
+            grads.append(m.backward(cache, g_out))
+    for got in grads[1:]:
+        assert_array_equal(got.input, grads[0].input)
+        for name in got.params:
+            assert_array_equal(got.params[name], grads[0].params[name], err_msg=name)
