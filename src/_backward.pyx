@@ -842,7 +842,7 @@ def backward_layer(const floating[:, :, ::1] x,            # IN  (T, B, I) the l
                         _back_chunk(item, &K, scratch)
                 free(scratch)
         if choice & 2 and split_ok:
-            lf_split_record(choice_key, choice & 1, lf_ticks() - ticks, K.seq_len)
+            lf_split_record(choice_key, choice, lf_ticks() - ticks, K.seq_len)
         if floating is float:
             if not failed and K.fold_dx != NULL:
                 # the rows no block's tiles took: the first times, which the recurrence ends with
@@ -879,7 +879,7 @@ def backward_layer(const floating[:, :, ::1] x,            # IN  (T, B, I) the l
                     else:
                         _input_grad_item(item - n_weight_items, n_x_col_groups, &K, w_ih_ptr, g_x)
         if choice & 2 and not split_ok:
-            lf_split_record(choice_key, choice & 1, lf_ticks() - ticks, K.seq_len)
+            lf_split_record(choice_key, choice, lf_ticks() - ticks, K.seq_len)
         if choice_key != 0:
             lf_split_ended(choice_key)      # the next call's pause counts from here, as in the forward
         _release_all(dz, h_prev, h_raw, dh_proj)

@@ -1084,7 +1084,7 @@ cdef int _forward_run(const Layer* layer, const floating* x_ptr, int n_threads,
                         _run_chunk(item, &L, scratch)
                 free(scratch)
         if choice & 2:
-            lf_split_record(choice_key, choice & 1, lf_ticks() - ticks, L.seq_len)
+            lf_split_record(choice_key, choice, lf_ticks() - ticks, L.seq_len)
         if choice_key != 0:
             # the next call's pause counts from here: a call slowed past the chooser's 1 ms idle
             # threshold (a busy core) must still be measured, or the choice never changes
@@ -1331,24 +1331,27 @@ def forward_plain(object x, list w_ih, list w_hh, object b_ih, object b_hh, obje
     return None
 
 
-def split_choice_trace(long key, list ticks_split, list ticks_one, double hold=0.0):
+def split_choice_trace(long key, list ticks_split, list ticks_one, double hold=0.0,
+                       double pause=0.0):
     """Test twin of the split/one-thread choice (lf_split_choose, lf_split_record,
     lf_split_ended): one choice per entry of the lists for shape `key`, each measured call
     recorded as taking ticks_split[i] (split) or ticks_one[i] (one thread) ticks for its one step;
-    each call lasts `hold` seconds (spent waiting) before it ends. Returns the choices, 1 for
-    split."""
+    each call lasts `hold` seconds (spent waiting) before it ends and follows a sleep of `pause`
+    seconds. Returns the choices, 1 for split."""
     import time
     cdef list ways = []
     cdef Py_ssize_t i
     cdef int choice
     for i in range(len(ticks_split)):
+        if pause > 0:
+            time.sleep(pause)
         choice = lf_split_choose(key)
         if hold > 0:
             end = time.perf_counter() + hold
             while time.perf_counter() < end:
                 pass
         if choice & 2:
-            lf_split_record(key, choice & 1, ticks_split[i] if choice & 1 else ticks_one[i], 1)
+            lf_split_record(key, choice, ticks_split[i] if choice & 1 else ticks_one[i], 1)
         lf_split_ended(key)
         ways.append(choice & 1)
     return ways

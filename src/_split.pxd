@@ -9,6 +9,6 @@ cdef extern from "lf_split.h" nogil:
     long lf_team_unit_end(long hidden)
     void lf_barrier_wait(lf_barrier* b, int n_threads)
     int lf_split_choose(long key)
-    void lf_split_record(long key, int split, long ticks, long steps)
+    void lf_split_record(long key, int choice, long ticks, long steps)
     void lf_split_ended(long key)
     long lf_split_key(long batch, long hidden, long input_size, long n_threads, long tag)

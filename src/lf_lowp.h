@@ -1370,7 +1370,7 @@ static int lf_lp_layer_forward(const lf_lp_layer* L) {
             lf_lp_layer_rec(L, &W);
         }
         if (key != 0 && (choice & 2))
-            lf_split_record(key, choice & 1, lf_ticks() - start, L->T);
+            lf_split_record(key, choice, lf_ticks() - start, L->T);
         if (key != 0)
             lf_split_ended(key);
     }

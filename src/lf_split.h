@@ -153,23 +153,31 @@ static inline long lf_team_unit_end(long hidden) {
    runs the faster; every LF_CHOICE_EXPLORE calls, a run of LF_CHOICE_RUN calls takes the other
    way, so that a change of the machine's state is seen. Only the last half of a run is measured:
    right after split calls, OpenMP's idle worker still spins for a while and slows a one-thread
-   call on a shared core. A call that follows a pause of the shape's calls (LF_CHOICE_IDLE_TICKS)
-   is not measured either: its threads were asleep, and waking them cost 0.3-0.5 ms here, which
-   in one sample made split mode look slower than one thread for the next 128 calls. Only the
-   speed depends on the choice: both ways give the same bits. Exploring costs its share of calls
-   times how much slower the other way is: with 8 calls in 128, (100,1,128,128) on two shared
-   cores ran 0.355 ms against one thread's 0.335 (split mode 1.8x slower there); 8 in 512 keep
-   that near 1 % and still notice a change within a few hundred calls.
+   call on a shared core. Calls that follow a pause of the shape's calls (LF_CHOICE_IDLE_TICKS)
+   are a regime of their own, with their own measurements and choice: their threads were asleep,
+   and waking them costs what back-to-back calls never pay. Measured into one average, one slow
+   call after a pause made split mode look slower for the next 128 back-to-back calls; left
+   unmeasured (as before), calls spaced by pauses never saw that split mode cost them far more
+   than one thread: (100,1,32,64) called every 5 ms on a 2-vCPU guest (Xeon family 6 model 207)
+   ran 2.76 ms on two
+   threads against 0.15 ms on one (each woken thread arrived at the step barriers later than its
+   partner's spin, which then slept too, step after step). Only the speed depends on the choice:
+   both ways give the same bits. Exploring costs its share of calls times how much slower the
+   other way is: with 8 calls in 128, (100,1,128,128) on two shared cores ran 0.355 ms against
+   one thread's 0.335 (split mode 1.8x slower there); 8 in 512 keep that near 1 % and still
+   notice a change within a few hundred calls. Calls after pauses explore 8 in 4096: the other
+   way can cost them 18x.
    The table is shared by the callers' threads without locks: a lost update only costs a choice. */
 #define LF_CHOICE_SLOTS 8
 #define LF_CHOICE_EXPLORE 512
+#define LF_CHOICE_EXPLORE_PAUSED 4096
 #define LF_CHOICE_RUN 8
 #define LF_CHOICE_IDLE_TICKS (1L << 21)   /* about a millisecond at the cycle counter's rate */
 typedef struct {
     long key;
-    long calls;
-    long ticks_per_step[2];   /* [0]: one thread, [1]: split; 0 = not measured yet */
-    long last_tick;           /* when the shape's last call was chosen */
+    long calls[2];               /* per regime: [0] back-to-back calls, [1] calls after a pause */
+    long ticks_per_step[2][2];   /* [regime][0: one thread, 1: split]; 0 = not measured yet */
+    long last_tick;              /* when the shape's last call was chosen (or ended) */
 } lf_choice;
 static lf_choice lf_choices[LF_CHOICE_SLOTS];
 static long lf_choice_next = 0;
@@ -188,33 +196,38 @@ static inline lf_choice* lf_choice_find(long key) {
 }
 
 /* for a call of shape `key` (!= 0): bit 0 set to run it in split mode (else on one thread),
-   bit 1 set to measure it (lf_split_record) */
+   bit 1 set to measure it (lf_split_record), bit 2 set when it follows a pause (its regime) */
 static inline int lf_split_choose(long key) {
     lf_choice* c = lf_choice_find(key);
     if (c == NULL) {                          /* a new shape takes the oldest slot */
         long slot = __atomic_fetch_add(&lf_choice_next, 1, __ATOMIC_RELAXED) % LF_CHOICE_SLOTS;
         c = &lf_choices[slot];
-        __atomic_store_n(&c->ticks_per_step[0], 0, __ATOMIC_RELAXED);
-        __atomic_store_n(&c->ticks_per_step[1], 0, __ATOMIC_RELAXED);
-        __atomic_store_n(&c->calls, 0, __ATOMIC_RELAXED);
-        __atomic_store_n(&c->last_tick, 0, __ATOMIC_RELAXED);
+        for (int r = 0; r < 2; r++) {
+            __atomic_store_n(&c->ticks_per_step[r][0], 0, __ATOMIC_RELAXED);
+            __atomic_store_n(&c->ticks_per_step[r][1], 0, __ATOMIC_RELAXED);
+            __atomic_store_n(&c->calls[r], 0, __ATOMIC_RELAXED);
+        }
+        /* a shape's first call counts as back to back (no pause to measure from) */
+        __atomic_store_n(&c->last_tick, lf_ticks(), __ATOMIC_RELAXED);
         __atomic_store_n(&c->key, key, __ATOMIC_RELAXED);
     }
     long now = lf_ticks();
     long gap = now - __atomic_exchange_n(&c->last_tick, now, __ATOMIC_RELAXED);
-    int measure = gap < LF_CHOICE_IDLE_TICKS ? 2 : 0;
-    long calls = __atomic_fetch_add(&c->calls, 1, __ATOMIC_RELAXED);
-    long one = __atomic_load_n(&c->ticks_per_step[0], __ATOMIC_RELAXED);
-    long split = __atomic_load_n(&c->ticks_per_step[1], __ATOMIC_RELAXED);
+    int paused = gap >= LF_CHOICE_IDLE_TICKS;
+    int tag = paused << 2;
+    long explore = paused ? LF_CHOICE_EXPLORE_PAUSED : LF_CHOICE_EXPLORE;
+    long calls = __atomic_fetch_add(&c->calls[paused], 1, __ATOMIC_RELAXED);
+    long one = __atomic_load_n(&c->ticks_per_step[paused][0], __ATOMIC_RELAXED);
+    long split = __atomic_load_n(&c->ticks_per_step[paused][1], __ATOMIC_RELAXED);
     if (calls < 2 * LF_CHOICE_RUN)            /* first a run of each way */
-        return (calls < LF_CHOICE_RUN) | (calls % LF_CHOICE_RUN >= LF_CHOICE_RUN / 2 ? measure : 0);
+        return tag | (calls < LF_CHOICE_RUN) | (calls % LF_CHOICE_RUN >= LF_CHOICE_RUN / 2 ? 2 : 0);
     if (split == 0 || one == 0)               /* no clock to measure with */
-        return 1 | measure;
+        return tag | 1 | 2;
     int best = split <= one;
-    long phase = calls % LF_CHOICE_EXPLORE;
-    if (phase >= LF_CHOICE_EXPLORE - LF_CHOICE_RUN)
-        return !best | (phase >= LF_CHOICE_EXPLORE - LF_CHOICE_RUN / 2 ? measure : 0);
-    return best | measure;
+    long phase = calls % explore;
+    if (phase >= explore - LF_CHOICE_RUN)
+        return tag | !best | (phase >= explore - LF_CHOICE_RUN / 2 ? 2 : 0);
+    return tag | best | 2;
 }
 
 /* the shape's call ended now: the next call's pause is counted from here, not from this call's
@@ -225,15 +238,16 @@ static inline void lf_split_ended(long key) {
         __atomic_store_n(&c->last_tick, lf_ticks(), __ATOMIC_RELAXED);
 }
 
-/* a measured call of the way `split` took `ticks` for `steps` steps: a moving average per way */
-static inline void lf_split_record(long key, int split, long ticks, long steps) {
+/* a measured call (`choice` as lf_split_choose returned it: its way and regime) took `ticks`
+   for `steps` steps: a moving average per regime and way */
+static inline void lf_split_record(long key, int choice, long ticks, long steps) {
     lf_choice* c = lf_choice_find(key);
     if (c == NULL || ticks <= 0)
         return;
+    long* slot = &c->ticks_per_step[(choice >> 2) & 1][choice & 1];
     long now = ticks / (steps > 0 ? steps : 1) + 1;
-    long old = __atomic_load_n(&c->ticks_per_step[split != 0], __ATOMIC_RELAXED);
-    __atomic_store_n(&c->ticks_per_step[split != 0], old == 0 ? now : (7 * old + 3 * now) / 10,
-                     __ATOMIC_RELAXED);
+    long old = __atomic_load_n(slot, __ATOMIC_RELAXED);
+    __atomic_store_n(slot, old == 0 ? now : (7 * old + 3 * now) / 10, __ATOMIC_RELAXED);
 }
 
 #endif

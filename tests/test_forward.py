@@ -590,13 +590,26 @@ def test_split_choice_follows_the_measured_speed():
     # a shape where one thread is slightly faster from the start runs on one thread
     ways = _forward.split_choice_trace(987653, [100] * 600, [90] * 600)
     assert sum(ways[16:]) / 584 < 0.1
-    # the first call after a pause (sleeping threads to wake) is not measured: one very slow
-    # call there leaves split mode chosen
+    # a call after a pause (sleeping threads to wake) is measured apart from back-to-back calls:
+    # one very slow call there leaves split mode chosen for the calls that follow it
     import time
     _forward.split_choice_trace(555557, [100] * 200, [200] * 200)
     time.sleep(0.05)
     ways = _forward.split_choice_trace(555557, [10 ** 6] + [100] * 40, [200] * 41)
     assert ways[:41] == [1] * 41
+
+
+def test_split_choice_after_pauses_is_measured_on_its_own():
+    # calls spaced by pauses (a server's sporadic requests) pay for waking the threads, which
+    # back-to-back calls never do: they are measured and chosen apart, so that split mode, 20x
+    # slower after each pause, loses there while it keeps winning back to back
+    from lstm_fast import _forward
+    key = 777773
+    _forward.split_choice_trace(key, [100] * 40, [200] * 40)         # back to back: split
+    paused = _forward.split_choice_trace(key, [4000] * 30, [200] * 30, pause=0.003)
+    assert paused[:8] == [1] * 8 and paused[8:16] == [0] * 8          # a run of each way
+    assert paused[16:] == [0] * 14                                   # then one thread
+    assert _forward.split_choice_trace(key, [100] * 20, [200] * 20)[1:] == [1] * 19
 
 
 def test_split_choice_measures_calls_longer_than_the_idle_threshold():
