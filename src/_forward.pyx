@@ -229,7 +229,11 @@ cpdef Py_ssize_t batch_chunk(Py_ssize_t batch) noexcept nogil:
     Large enough for an efficient GEMM (M >= 8), small enough that batches of 16 and more give at
     least two items to share between threads.
     """
-    cdef Py_ssize_t chunk = (batch + 3) // 4
+    return _chunk_rows((batch + 3) // 4, batch)
+
+
+cdef inline Py_ssize_t _chunk_rows(Py_ssize_t chunk, Py_ssize_t batch) noexcept nogil:
+    # a chunk of 8 to 64 rows, never more than the batch
     if chunk < 8:
         chunk = 8
     if chunk > 64:
@@ -245,12 +249,7 @@ cpdef Py_ssize_t packed_chunk(Py_ssize_t batch, int n_threads) noexcept nogil:
     edge tiles (16 rows are a 12-row tile and a 4-row one). Xeon 6/207, (100,64,256,256,2), min
     of 8 rounds: 1 thread 94.4 -> 90.9 ms, 2 threads 51.8 -> 46.7 ms with 32-row chunks."""
     cdef Py_ssize_t items = n_threads if n_threads > 2 else 2
-    cdef Py_ssize_t chunk = ((batch + items - 1) // items + 7) // 8 * 8
-    if chunk < 8:
-        chunk = 8
-    if chunk > 64:
-        chunk = 64
-    return batch if chunk > batch else chunk
+    return _chunk_rows(((batch + items - 1) // items + 7) // 8 * 8, batch)
 
 
 cdef inline Py_ssize_t _n_active(const Layer* L, Py_ssize_t start, Py_ssize_t rows, Py_ssize_t s) noexcept nogil:
@@ -394,20 +393,37 @@ cdef inline void _prefetch_gx(const Layer* L, Py_ssize_t d, Py_ssize_t s, const 
                     * L.four_h * L.gx_itemsize, L.four_h * L.gx_itemsize)
 
 
+cdef bint _x_in_place(const Layer* L, const Py_ssize_t* order, Py_ssize_t rows) noexcept nogil:
+    # rows of consecutive batch indices and one length: their inputs of a step are one block of x
+    cdef Py_ssize_t r
+    for r in range(1, rows):
+        if order[r] != order[0] + r or L.lengths[order[r]] != L.lengths[order[0]]:
+            return False
+    return True
+
+
+cdef void _gather_x(const Layer* L, Py_ssize_t d, Py_ssize_t s, const Py_ssize_t* order,
+                    Py_ssize_t r0, Py_ssize_t r1, float* xs) noexcept nogil:
+    # x[t_r, b_r] of positions r0..r1 still running at step s, into xs (rows of I) by position
+    cdef const float* x = <const float*> L.x
+    cdef Py_ssize_t r, b, I = L.input_size
+    for r in range(r0, r1):
+        b = order[r]
+        if L.lengths[b] > s:
+            memcpy(xs + r * I, x + (_time_of(L, d, b, s) * L.batch + b) * I, I * sizeof(float))
+
+
 cdef void _step_inputs(const Layer* L, Py_ssize_t d, Py_ssize_t s, const Py_ssize_t* order,
                        Py_ssize_t rows, bint x_contiguous, float* xs, float* gxs) noexcept nogil:
     # fused mode: gxs = x[t_r, b_r] @ W_ih[d].T for the running rows of a chunk at step s. The
     # products are the same FMA chains as the up-front projection's (same bits); they run while
     # the chunk's inputs and gates are in L1/L2 instead of a (T*B, 4H) buffer in memory.
-    cdef const float* x = <const float*> L.x
     cdef const float* src
-    cdef Py_ssize_t r, b, I = L.input_size
+    cdef Py_ssize_t I = L.input_size
     if x_contiguous:
-        src = x + (_time_of(L, d, order[0], s) * L.batch + order[0]) * I
+        src = (<const float*> L.x) + (_time_of(L, d, order[0], s) * L.batch + order[0]) * I
     else:
-        for r in range(rows):
-            b = order[r]
-            memcpy(xs + r * I, x + (_time_of(L, d, b, s) * L.batch + b) * I, I * sizeof(float))
+        _gather_x(L, d, s, order, 0, rows, xs)
         src = xs
     if rows == 1:
         lf_pgemv(0, L.four_h, I, src, L.pk_ih + d * L.pk_ih_len, gxs)
@@ -516,14 +532,10 @@ cdef void _run_chunk(Py_ssize_t item, const Layer* L, floating* scratch) noexcep
     cdef floating* xs = NULL
     cdef Py_ssize_t s, n_active, max_len = L.lengths[order[0]]
     cdef bint x_contiguous = True
-    cdef Py_ssize_t r
     if L.fused:
         gxs = hraw + L.chunk * L.hidden
         xs = gxs + L.chunk * L.four_h
-        # rows of consecutive batch indices and one length read their inputs in place
-        for r in range(1, rows):
-            if order[r] != order[0] + r or L.lengths[order[r]] != L.lengths[order[0]]:
-                x_contiguous = False
+        x_contiguous = _x_in_place(L, order, rows)     # else gathered step by step
 
     _gather_state(L, d, order, rows, hs, cs, False)
     for s in range(max_len):
@@ -579,19 +591,6 @@ cdef void _wide_gemm_item(Py_ssize_t item, Py_ssize_t s, Py_ssize_t n_active, co
                    gh + d * L.batch * L.four_h)
 
 
-cdef void _wide_gather_x(const Layer* L, Py_ssize_t d, Py_ssize_t s, Py_ssize_t r0, Py_ssize_t r1,
-                         float* xs) noexcept nogil:
-    # fused wide mode, rows not laid out as one block of x: x[t_r, b_r] of positions r0..r1 still
-    # running at step s, into xs (B, I) by position
-    cdef const float* x = <const float*> L.x
-    cdef Py_ssize_t r, b, I = L.input_size
-    for r in range(r0, r1):
-        b = L.order[r]
-        if L.lengths[b] > s:
-            memcpy(xs + (d * L.batch + r) * I, x + (_time_of(L, d, b, s) * L.batch + b) * I,
-                   I * sizeof(float))
-
-
 cdef void _wide_cell_item(Py_ssize_t item, Py_ssize_t s, Py_ssize_t n_active, Py_ssize_t n_row_blocks,
                           const Layer* L, floating* hs, floating* cs, floating* gh,
                           floating* hraw, floating* gxs, float* xs) noexcept nogil:
@@ -606,7 +605,7 @@ cdef void _wide_cell_item(Py_ssize_t item, Py_ssize_t s, Py_ssize_t n_active, Py
                cs + d * L.batch * L.hidden, dst)
     if floating is float:
         if xs != NULL:
-            _wide_gather_x(L, d, s + 1, r0, r1, xs)
+            _gather_x(L, d, s + 1, L.order, r0, r1, xs + d * L.batch * L.input_size)
 
 
 cdef void _wide_proj_item(Py_ssize_t item, Py_ssize_t s, Py_ssize_t n_active, const Layer* L,
@@ -633,18 +632,15 @@ cdef int _run_wide(const Layer* L, floating* state, int n_threads) noexcept nogi
     cdef floating* hraw = gh + D * B * L.four_h
     cdef floating* gxs = hraw + D * B * L.hidden
     cdef float* xs = NULL
-    cdef Py_ssize_t d, s, item, n_active, n_row_blocks, r
+    cdef Py_ssize_t d, s, item, n_active, n_row_blocks
     cdef Py_ssize_t max_len = L.lengths[L.order[0]]
-    # fused: rows of consecutive batch indices and one length read their inputs in place
-    cdef bint x_contiguous = True
-    for r in range(B):
-        if L.order[r] != r or L.lengths[r] != L.lengths[0]:
-            x_contiguous = False
+    # fused: the inputs read in place, or gathered step by step (the next step's by the cell items)
+    cdef bint x_contiguous = L.fused and _x_in_place(L, L.order, B)
     if floating is float:
         if L.fused and not x_contiguous:
             xs = <float*> (gxs + D * B * L.four_h)
             for d in range(D):
-                _wide_gather_x(L, d, 0, 0, B, xs)
+                _gather_x(L, d, 0, L.order, 0, B, xs + d * B * L.input_size)
     for d in range(D):
         _gather_state(L, d, L.order, B, hs + d * B * L.hidden_out, cs + d * B * L.hidden, False)
     if n_threads <= 1:
@@ -938,11 +934,10 @@ cdef int _forward_run(const Layer* layer, const floating* x_ptr, int n_threads,
     # W_ih, instead of a (T*B, I) GEMM up front (~150 GF/s against ~175 for a step's rows in a C
     # benchmark) and its T*B*4H buffer from memory. Xeon 6/207, 1 thread, min of 12 alternating
     # rounds: (50,64,512,512) (8 MB) 93.7 -> 89.0 ms; but (25,128,1024,1024) (32 MB) 373 -> 398.
-    L.fused = use_packed and (
-        (mode == MODE_CHUNKED and L.chunk >= 8
-         and L.four_h * (L.input_size + L.hidden_out) * sizeof(floating) <= FUSED_MAX_BYTES)
-        or (mode == MODE_WIDE and L.batch > 8
-            and L.four_h * (L.input_size + L.hidden_out) * sizeof(floating) <= WIDE_FUSED_MAX_BYTES))
+    cdef Py_ssize_t w_bytes = L.four_h * (L.input_size + L.hidden_out) * sizeof(floating)
+    L.fused = use_packed and ((mode == MODE_CHUNKED and L.chunk >= 8 and w_bytes <= FUSED_MAX_BYTES)
+                              or (mode == MODE_WIDE and L.batch > 8
+                                  and w_bytes <= WIDE_FUSED_MAX_BYTES))
     # batch 1, gate columns in whole groups of 4 panels, W_hh (a thread's share of it) well beyond
     # L1: the input projection runs inside the steps' row products (_gates_interleaved)
     L.interleave = (use_packed and _interleave_enabled and L.batch == 1 and L.four_h % 128 == 0

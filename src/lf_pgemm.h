@@ -403,10 +403,18 @@ lf_pgemm_avx512(size_t m, size_t col0, size_t n_cols, size_t k, const float* a, 
         lf_pgemm_mr(LF_MR, m, col0, n_cols, k, a, lda, packed, c, ldc, accumulate);
 }
 
-#define LF_TILE_AT_CASE(R) case R: if (ldb) lf_tile_avx512_bx(R, 1, 1, k, a, lda, bp, ldb, c, ldc, \
-                                                              mask0, mask1, 0, continue_c); \
-                                   else lf_tile_avx512_ex(R, 1, k, a, lda, bp, c, ldc, mask0, \
-                                                          mask1, 0, continue_c); break;
+/* one tile of A given as its transpose; ldb: 0 for a packed panel, else B's rows in place */
+__attribute__((target("avx512f"), always_inline)) static inline void
+lf_tile_at(const int mr, size_t k, const float* a, size_t lda, const float* bp, size_t ldb,
+           float* c, size_t ldc, __mmask16 mask0, __mmask16 mask1, int continue_c) {
+    if (ldb)
+        lf_tile_avx512_bx(mr, 1, 1, k, a, lda, bp, ldb, c, ldc, mask0, mask1, 0, continue_c);
+    else
+        lf_tile_avx512_ex(mr, 1, k, a, lda, bp, c, ldc, mask0, mask1, 0, continue_c);
+}
+
+#define LF_TILE_AT_CASE(R) case R: lf_tile_at(R, k, a, lda, bp, ldb, c, ldc, mask0, mask1, \
+                                              continue_c); break;
 
 /* ldb: 0 for a packed panel, else B's rows in place (lf_tile_avx512_bx) */
 __attribute__((target("avx512f"))) static void
@@ -452,12 +460,7 @@ lf_pgemm_at_block_mr(const int mr, size_t m, size_t n, size_t k, size_t k0, size
             size_t off = r / mr * slice;
             if (off < next_bytes)
                 lf_prefetch(next_a + off, off + slice <= next_bytes ? slice : next_bytes - off);
-            if (ldb)
-                lf_tile_avx512_bx(mr, 1, 1, kb, a + r, ldat, bp, ldb, c + r * ldc + j0, ldc,
-                                  mask0, mask1, 0, cont);
-            else
-                lf_tile_avx512_ex(mr, 1, kb, a + r, ldat, bp, c + r * ldc + j0, ldc, mask0,
-                                  mask1, 0, cont);
+            lf_tile_at(mr, kb, a + r, ldat, bp, ldb, c + r * ldc + j0, ldc, mask0, mask1, cont);
         }
         if (kb_next > 0 && !ldb)
             lf_prefetch(bp + kc * LF_NR, kb_next * LF_NR * sizeof(float));
@@ -491,6 +494,17 @@ lf_pgemm_at_avx512(size_t m, size_t n, size_t k, const float* at, size_t ldat, c
         lf_pgemm_at_block(m, n, k, k0, lf_kc, at, ldat, packed, 0, c, ldc, 1);
 }
 
+/* colsum[0:m] += row[0:m] (the bias gradient's sums, one row of dZ at a time, in row order) */
+__attribute__((target("avx512f"))) static inline void
+lf_colsum_add(size_t m, const float* row, float* colsum) {
+    for (size_t i = 0; i < m; i += 16) {
+        __mmask16 lanes = m - i >= 16 ? (__mmask16) 0xFFFF : (__mmask16) ((1u << (m - i)) - 1u);
+        _mm512_mask_storeu_ps(colsum + i, lanes,
+                              _mm512_add_ps(_mm512_maskz_loadu_ps(lanes, colsum + i),
+                                            _mm512_maskz_loadu_ps(lanes, row + i)));
+    }
+}
+
 /* One k-block (kb values from at, rows of m) of A packed for lf_at_panels: tile t's rows
    r0..r0+mr as apack[(t * kb + q) * mr + i] (18 KB a 12-row tile at kb = 384: it stays in L1
    while every panel of a group runs over it). A's rows are read whole and in order (dZ's 4H
@@ -508,15 +522,8 @@ lf_pack_at_block(size_t m, size_t kb, const float* at, size_t ldat, size_t mr, f
             _mm512_mask_storeu_ps(apack + (t * kb + q) * mr, lanes,
                                   _mm512_maskz_loadu_ps(lanes, row + r0));
         }
-        if (colsum != NULL) {
-            for (size_t i = 0; i < m; i += 16) {
-                __mmask16 lanes = m - i >= 16 ? (__mmask16) 0xFFFF
-                                              : (__mmask16) ((1u << (m - i)) - 1u);
-                _mm512_mask_storeu_ps(colsum + i, lanes,
-                                      _mm512_add_ps(_mm512_maskz_loadu_ps(lanes, colsum + i),
-                                                    _mm512_maskz_loadu_ps(lanes, row + i)));
-            }
-        }
+        if (colsum != NULL)
+            lf_colsum_add(m, row, colsum);
     }
 }
 
@@ -545,10 +552,8 @@ lf_at_panels_mr(const int mr, size_t m, size_t n, size_t k, size_t k0, size_t kb
                 float* cp = c + r0 * ldc + j0;
                 if (rows < (size_t) mr)
                     lf_tile_at_any((int) rows, kb, a, mr, bp, ldb, cp, ldc, mask0, mask1, cont);
-                else if (ldb)
-                    lf_tile_avx512_bx(mr, 1, 1, kb, a, mr, bp, ldb, cp, ldc, mask0, mask1, 0, cont);
                 else
-                    lf_tile_avx512_ex(mr, 1, kb, a, mr, bp, cp, ldc, mask0, mask1, 0, cont);
+                    lf_tile_at(mr, kb, a, mr, bp, ldb, cp, ldc, mask0, mask1, cont);
             }
         }
     }
@@ -608,13 +613,8 @@ lf_pgemm_at2_avx512(size_t m, size_t k, const float* at, size_t ldat, size_t n1,
         lf_pgemm_at_block(m, n2, k, k0, kc, at, ldat, b2, ldb2, c2, ldc2, 0);
         if (colsum != NULL) {
             size_t kb = k - k0 < kc ? k - k0 : kc;
-            for (size_t i = 0; i < m; i += 16) {
-                __mmask16 lanes = m - i >= 16 ? (__mmask16) 0xFFFF : (__mmask16) ((1u << (m - i)) - 1u);
-                __m512 acc = _mm512_maskz_loadu_ps(lanes, colsum + i);
-                for (size_t q = k0; q < k0 + kb; q++)
-                    acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(lanes, at + q * ldat + i));
-                _mm512_mask_storeu_ps(colsum + i, lanes, acc);
-            }
+            for (size_t q = k0; q < k0 + kb; q++)
+                lf_colsum_add(m, at + q * ldat, colsum);
         }
     }
 }

@@ -159,9 +159,8 @@ static inline long lf_team_unit_end(long hidden) {
    call after a pause made split mode look slower for the next 128 back-to-back calls; left
    unmeasured (as before), calls spaced by pauses never saw that split mode cost them far more
    than one thread: (100,1,32,64) called every 5 ms on a 2-vCPU guest (Xeon family 6 model 207)
-   ran 2.76 ms on two
-   threads against 0.15 ms on one (each woken thread arrived at the step barriers later than its
-   partner's spin, which then slept too, step after step). Only the speed depends on the choice:
+   ran 2.76 ms on two threads against 0.15 ms on one (each woken thread arrived at the step
+   barriers later than its partner's spin, which then slept too, step after step). Only the speed depends on the choice:
    both ways give the same bits. Exploring costs its share of calls times how much slower the
    other way is: with 8 calls in 128, (100,1,128,128) on two shared cores ran 0.355 ms against
    one thread's 0.335 (split mode 1.8x slower there); 8 in 512 keep that near 1 % and still
