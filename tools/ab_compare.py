@@ -1,0 +1,70 @@
+"""Two builds of lstm_fast timed in turn, one shape: the before/after figures of
+docs/performance.md and the CHANGELOG on a noisy shared host.
+
+Copy each built package (the `lstm_fast` folder with its compiled modules) into a folder of its
+own, then:
+
+    .venv/bin/python tools/ab_compare.py OLD_DIR NEW_DIR T B I H LAYERS THREADS ROUNDS CALLS [train]
+
+Each build runs in a persistent worker process; the two are asked in turns (alternating which
+goes first) for the best of CALLS calls, ROUNDS times, so that both see the same phases of the
+host. Prints the min and median of each and the median of the per-round ratios."""
+import subprocess
+import sys
+
+import numpy as np
+
+WORKER = r'''
+import sys, time, numpy as np
+T, B, I, H, L, threads, calls = map(int, sys.argv[1:8])
+train = len(sys.argv) > 8 and sys.argv[8] == "train"
+import lstm_fast as lf
+m = lf.LSTM(I, H, num_layers=L)
+x = np.random.default_rng(0).standard_normal((T, B, I)).astype(np.float32)
+g = np.ones((T, B, H), np.float32)
+def run():
+    if train:
+        _, _, cache = m.forward_train(x)
+        m.backward(cache, g)
+    else:
+        m(x)
+with lf.threads(threads):
+    run(); run()
+    for _ in sys.stdin:
+        ts = []
+        for _ in range(calls):
+            t = time.perf_counter(); run(); ts.append(time.perf_counter() - t)
+        print(min(ts), flush=True)
+'''
+
+
+def main(argv):
+    if len(argv) < 10:
+        sys.exit(__doc__)
+    dirs = {"old": argv[0], "new": argv[1]}
+    T, B, I, H, L, threads, rounds, calls = map(int, argv[2:10])
+    extra = argv[10:11]
+    procs = {v: subprocess.Popen([sys.executable, "-c", WORKER]
+                                 + [str(a) for a in (T, B, I, H, L, threads, calls)] + extra,
+                                 cwd=d, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+             for v, d in dirs.items()}
+    times = {"old": [], "new": []}
+    try:
+        for r in range(rounds):
+            for v in (("old", "new") if r % 2 == 0 else ("new", "old")):
+                procs[v].stdin.write("go\n")
+                procs[v].stdin.flush()
+                times[v].append(float(procs[v].stdout.readline()))
+    finally:
+        for p in procs.values():
+            p.stdin.close()
+            p.wait()
+    old, new = np.array(times["old"]), np.array(times["new"])
+    print(f"T{T} B{B} I{I} H{H} L{L}, {threads} thread(s){' ' + extra[0] if extra else ''}: "
+          f"old min {old.min() * 1e3:.2f} med {np.median(old) * 1e3:.2f} ms | new min "
+          f"{new.min() * 1e3:.2f} med {np.median(new) * 1e3:.2f} ms | new/old min "
+          f"{new.min() / old.min():.3f}, median of ratios {np.median(new / old):.3f}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
