@@ -41,7 +41,7 @@ def main(argv=None):
         if args.contended:
             from ._bench import run_contended
 
-            run_contended(quick=args.quick, repeats=args.repeats if args.repeats != 5 else 3,
+            run_contended(quick=args.quick, repeats=args.repeats,
                           out_md=args.out if args.out != "bench.md" else None)
             return 0
         counts = tuple(int(t) for t in args.threads.split(","))

@@ -458,12 +458,12 @@ def busy_core(seconds):
         proc.wait()
 
 
-def run_contended(quick=False, repeats=3, min_time=0.05, out_md=None, pause=0.02, busy_seconds=900):
+def run_contended(quick=False, repeats=5, min_time=0.1, out_md=None, pause=0.02, busy_seconds=900):
     """Each shape idle and with one core busy, default threads and one thread, torch beside (same
     thread counts): the figures of docs/threads.md. Times are the mean per call (stalls count)."""
     from . import get_num_threads
 
-    grid = [GRID[0], GRID[3]] if quick else [GRID[0], GRID[1], GRID[3], GRID[4], GRID[5], GRID[6]]
+    grid = [GRID[0], GRID[3]] if quick else list(GRID)
     if quick:
         repeats, min_time, busy_seconds = 1, 0.005, 60
     default = get_num_threads()
@@ -479,7 +479,7 @@ def run_contended(quick=False, repeats=3, min_time=0.05, out_md=None, pause=0.02
     wait = f"- omp_wait: {config().get('omp_wait', 'libgomp default')}"
     print(wait)
     print(f"- busy: a helper process spinning on one core; thread counts {counts}; "
-          f"mean ms per call, median of {repeats} rounds", flush=True)
+          f"mean ms per call, median of {repeats} rounds (thread counts in turns)", flush=True)
     cases = [("train " + _shape_name(SMALL_TRAIN), SMALL_TRAIN, True)]
     cases += [("infer " + _shape_name(s), s, False) for s in grid]
     results = {}
@@ -489,23 +489,29 @@ def run_contended(quick=False, repeats=3, min_time=0.05, out_md=None, pause=0.02
             T, B, I, H, layers, bi = shape
             model = LSTM(I, H, num_layers=layers, bidirectional=bi, seed=0)
             x = np.random.default_rng(0).standard_normal((T, B, I)).astype(np.float32)
+            runners = {}
             for n in counts:
-                runners = {"lstm_fast": _lf_train_runner(model, x) if train else model.__call__}
-                if not train:
-                    runners["lstm_fast"] = (lambda m=model, x=x: m(x))
+                runners[(n, "lstm_fast")] = (_lf_train_runner(model, x) if train
+                                             else (lambda m=model, x=x: m(x)))
                 if have_torch:
-                    runners["torch"] = (_torch_train_runner if train else _torch_runner)(model, x, n)
-                times = {name: [] for name in runners}
-                with threads(n):
-                    for _ in range(repeats):
-                        for name, fn in runners.items():
-                            time.sleep(pause)
-                            times[name].append(_timer(fn, min_time))
-                for name, ts in times.items():
-                    results[(label, load, n, name)] = float(np.median(ts))
+                    runners[(n, "torch")] = (_torch_train_runner if train else _torch_runner)(model, x, n)
+            times = {key: [] for key in runners}
+            # the thread counts take turns within each round, so that the host's slow phases
+            # (seconds long on a shared machine) fall on both sides of the busy 2t/1t ratio
+            for _ in range(repeats):
+                for (n, name), fn in runners.items():
+                    with threads(n):
+                        if name == "torch":
+                            import torch
+                            torch.set_num_threads(n)
+                        time.sleep(pause)
+                        times[(n, name)].append(_timer(fn, min_time))
+            for (n, name), ts in times.items():
+                results[(label, load, n, name)] = float(np.median(ts))
+            for n in counts:
                 print(f"  {load:<4} {n} thr  {label:<34} " + "  ".join(
-                    f"{name} {results[(label, load, n, name)] * 1e3:8.3f} ms" for name in runners),
-                    flush=True)
+                    f"{name} {results[(label, load, n, name)] * 1e3:8.3f} ms"
+                    for name in ("lstm_fast", "torch") if (n, name) in runners), flush=True)
 
     measure("idle")
     with busy_core(busy_seconds):

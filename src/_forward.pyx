@@ -42,7 +42,8 @@ from _pgemm cimport (lf_malloc64, lf_ws_get, lf_ws_release, lf_ws_aligned, lf_pa
                      lf_pgemv, lf_pgemv_dir, lf_pgemv_gates, lf_pgemv_gates_tiles, lf_prefetch)
 from _split cimport (lf_barrier, lf_barrier_init, lf_team_size, lf_team_unit_begin,
                      lf_team_unit_end, lf_barrier_wait, lf_ticks, lf_split_choose,
-                     lf_split_record, lf_split_key, lf_split_ended)
+                     lf_split_record, lf_split_key, lf_split_ended, lf_split_budget,
+                     lf_load_long, lf_store_long, lf_team_rank, LF_SPLIT_ABORT_LAG)
 from _gates cimport (CellSpec, cell_row_standard, cell_row_cached, cell_row_general, sigmoid,
                      tanh_, activate, lf_matvec_t_f32, lf_matvec_t_f64, lf_cell_units_simd)
 
@@ -204,6 +205,16 @@ def set_interleaved_projection(bint enabled):
     every input up front (same bits; for tests and A/B benchmarks; not thread-safe)."""
     global _interleave_enabled
     _interleave_enabled = 1 if enabled else 0
+
+
+cdef long _split_budget_forced = 0
+
+
+def set_split_budget(long ticks):
+    """Give every split-mode call a budget of `ticks` a step (0: the measured one; for tests:
+    1 stops split mode after its first step; not thread-safe)."""
+    global _split_budget_forced
+    _split_budget_forced = ticks
 
 
 def packed_gemm_active():
@@ -713,12 +724,19 @@ cdef void _split_pack(const Layer* L, Py_ssize_t u0, Py_ssize_t u1) noexcept nog
             lf_pack_w((<const float*> L.w_ih) + row * I, I, u1 - u0, I, L.pk_ih + row * I)
 
 
-cdef void _run_split(const Layer* L, float* state, int n_threads) noexcept nogil:
+cdef long _run_split(const Layer* L, float* state, int n_threads, long budget,
+                     long start) noexcept nogil:
     """Split mode (float32, packed kernel, one direction, one batch chunk, no projection, standard
     cell): each step's hidden units are shared by the threads, 32-unit panels each; a thread
     computes its units' four gate columns and their cell update, then all meet at a spin barrier
     before the next step reads h. Every output is the same FMA chain and lane-wise cell as in
     chunked mode: the bits do not depend on the thread count.
+
+    With a budget (lf_split_budget: ticks a step, 0 for none), the first thread checks the ticks
+    since `start` after each step; past budget * (steps + LF_SPLIT_ABORT_LAG) it sets the step to
+    stop at before the barrier, every thread reads it after the barrier, and the calling thread
+    runs the remaining steps on all units (the same products and cells). Returns the steps run
+    split.
 
     `state` is h (2 buffers of B x H, alternating by step) | c (B x H) | gh (B x 4H)."""
     cdef Py_ssize_t H = L.hidden, B = L.batch
@@ -729,6 +747,8 @@ cdef void _run_split(const Layer* L, float* state, int n_threads) noexcept nogil
     cdef lf_barrier barrier
     cdef int team
     cdef Py_ssize_t u0, u1, s
+    cdef long stop_at = max_len          # shared, written by the first thread only
+    cdef long* stop_ptr = &stop_at       # through a pointer: the parallel block would privatise it
     _gather_state(L, 0, L.order, B, h_bufs, cs, False)
     lf_barrier_init(&barrier)
     with parallel(num_threads=n_threads):
@@ -737,12 +757,20 @@ cdef void _run_split(const Layer* L, float* state, int n_threads) noexcept nogil
         u1 = lf_team_unit_end(H)
         if L.split_packs and u1 > u0:
             _split_pack(L, u0, u1)
-        for s in range(max_len):
+        s = 0
+        while s < lf_load_long(stop_ptr):
             if u1 > u0:
                 _split_step(L, s, B, u0, u1, h_bufs + (s % 2) * B * H, h_bufs + ((s + 1) % 2) * B * H,
                             cs, gh)
+            if (budget > 0 and lf_team_rank() == 0 and s + 1 < max_len
+                    and lf_ticks() - start > budget * (s + 1 + LF_SPLIT_ABORT_LAG)):
+                lf_store_long(stop_ptr, s + 1)
             lf_barrier_wait(&barrier, team)
+            s = s + 1
+    for s in range(stop_at, max_len):
+        _split_step(L, s, B, 0, H, h_bufs + (s % 2) * B * H, h_bufs + ((s + 1) % 2) * B * H, cs, gh)
     _gather_state(L, 0, L.order, B, h_bufs + (max_len % 2) * B * H, cs, True)
+    return stop_at
 
 
 cdef void _project_block(Py_ssize_t item, Py_ssize_t n_blocks, Py_ssize_t n_col_groups,
@@ -916,6 +944,8 @@ cdef int _forward_run(const Layer* layer, const floating* x_ptr, int n_threads,
         L.chunk = packed_chunk(L.batch, n_threads)
         L.n_chunks = (L.batch + L.chunk - 1) // L.chunk
     cdef long ticks = lf_ticks()          # the call's time from here, for lf_split_record
+    cdef long split_ticks = 0             # > 0: split mode stopped past its budget after ...
+    cdef long split_steps = 0             # ... this many steps
 
     cdef Py_ssize_t total_rows = L.seq_len * L.batch
     cdef Py_ssize_t n_blocks = (total_rows + PROJ_ROWS - 1) // PROJ_ROWS
@@ -1052,7 +1082,12 @@ cdef int _forward_run(const Layer* layer, const floating* x_ptr, int n_threads,
                 if scratch == NULL:
                     failed = 1
                 else:
-                    _run_split(&L, scratch, n_threads)
+                    split_steps = _run_split(&L, scratch, n_threads, _split_budget_forced
+                                             or lf_split_budget(choice_key, choice), ticks)
+                    if split_steps < L.lengths[L.order[0]]:
+                        # stopped past its budget: split mode's pace so far is its measurement
+                        split_ticks = lf_ticks() - ticks
+                        choice = choice | 2
                     free(scratch)
         elif mode == MODE_WIDE:
             scratch = <floating*> lf_malloc64(wide_len * sizeof(floating))
@@ -1078,7 +1113,9 @@ cdef int _forward_run(const Layer* layer, const floating* x_ptr, int n_threads,
                     else:
                         _run_chunk(item, &L, scratch)
                 free(scratch)
-        if choice & 2:
+        if split_ticks:
+            lf_split_record(choice_key, choice, split_ticks, split_steps)
+        elif choice & 2:
             lf_split_record(choice_key, choice, lf_ticks() - ticks, L.seq_len)
         if choice_key != 0:
             # the next call's pause counts from here: a call slowed past the chooser's 1 ms idle

@@ -11,4 +11,9 @@ cdef extern from "lf_split.h" nogil:
     int lf_split_choose(long key)
     void lf_split_record(long key, int choice, long ticks, long steps)
     void lf_split_ended(long key)
+    long lf_split_budget(long key, int choice)
+    long lf_load_long(const long* p)
+    void lf_store_long(long* p, long v)
+    int lf_team_rank()
+    enum: LF_SPLIT_ABORT_LAG
     long lf_split_key(long batch, long hidden, long input_size, long n_threads, long tag)

@@ -163,18 +163,22 @@ static inline long lf_team_unit_end(long hidden) {
    barriers later than its partner's spin, which then slept too, step after step). Only the speed depends on the choice:
    both ways give the same bits. Exploring costs its share of calls times how much slower the
    other way is: with 8 calls in 128, (100,1,128,128) on two shared cores ran 0.355 ms against
-   one thread's 0.335 (split mode 1.8x slower there); 8 in 512 keep that near 1 % and still
-   notice a change within a few hundred calls. Calls after pauses explore 8 in 4096: the other
-   way can cost them 18x.
+   one thread's 0.335 (split mode 1.8x slower there). So the calls between two runs are 512
+   times the measured ratio of the slower way to the faster (at most LF_CHOICE_EXPLORE_MAX):
+   about 1.6 % of the calls' time whatever the ratio, and a change noticed within a few hundred
+   calls where the two ways are close. With a fixed 8 in 512, a core busy with another process
+   made (100,1,32,64)'s exploring split calls 2.7 ms against one thread's 0.072 (37x), and the
+   shape's mean 1.5x one thread's; after pauses (waking the threads) the ratio was 18x.
    The table is shared by the callers' threads without locks: a lost update only costs a choice. */
 #define LF_CHOICE_SLOTS 8
-#define LF_CHOICE_EXPLORE 512
-#define LF_CHOICE_EXPLORE_PAUSED 4096
+#define LF_CHOICE_EXPLORE 512          /* calls between runs at a ratio of 1 */
+#define LF_CHOICE_EXPLORE_MAX 32768
 #define LF_CHOICE_RUN 8
 #define LF_CHOICE_IDLE_TICKS (1L << 21)   /* about a millisecond at the cycle counter's rate */
 typedef struct {
     long key;
     long calls[2];               /* per regime: [0] back-to-back calls, [1] calls after a pause */
+    long next_run[2];            /* per regime: the call that starts the next exploring run */
     long ticks_per_step[2][2];   /* [regime][0: one thread, 1: split]; 0 = not measured yet */
     long last_tick;              /* when the shape's last call was chosen (or ended) */
 } lf_choice;
@@ -205,6 +209,7 @@ static inline int lf_split_choose(long key) {
             __atomic_store_n(&c->ticks_per_step[r][0], 0, __ATOMIC_RELAXED);
             __atomic_store_n(&c->ticks_per_step[r][1], 0, __ATOMIC_RELAXED);
             __atomic_store_n(&c->calls[r], 0, __ATOMIC_RELAXED);
+            __atomic_store_n(&c->next_run[r], LF_CHOICE_EXPLORE - LF_CHOICE_RUN, __ATOMIC_RELAXED);
         }
         /* a shape's first call counts as back to back (no pause to measure from) */
         __atomic_store_n(&c->last_tick, lf_ticks(), __ATOMIC_RELAXED);
@@ -214,18 +219,31 @@ static inline int lf_split_choose(long key) {
     long gap = now - __atomic_exchange_n(&c->last_tick, now, __ATOMIC_RELAXED);
     int paused = gap >= LF_CHOICE_IDLE_TICKS;
     int tag = paused << 2;
-    long explore = paused ? LF_CHOICE_EXPLORE_PAUSED : LF_CHOICE_EXPLORE;
     long calls = __atomic_fetch_add(&c->calls[paused], 1, __ATOMIC_RELAXED);
     long one = __atomic_load_n(&c->ticks_per_step[paused][0], __ATOMIC_RELAXED);
     long split = __atomic_load_n(&c->ticks_per_step[paused][1], __ATOMIC_RELAXED);
-    if (calls < 2 * LF_CHOICE_RUN)            /* first a run of each way */
-        return tag | (calls < LF_CHOICE_RUN) | (calls % LF_CHOICE_RUN >= LF_CHOICE_RUN / 2 ? 2 : 0);
+    /* waking the threads only adds to split mode's time: where back-to-back calls measured it
+       slower, calls after a pause run on one thread without trying it (each try cost 2.7 ms
+       against 0.07 on a busy core) */
+    long one_b2b = __atomic_load_n(&c->ticks_per_step[0][0], __ATOMIC_RELAXED);
+    long split_b2b = __atomic_load_n(&c->ticks_per_step[0][1], __ATOMIC_RELAXED);
+    if (paused && one_b2b != 0 && split_b2b > one_b2b)
+        return tag | 2;
+    if (calls < 2 * LF_CHOICE_RUN)            /* first a run of each way, one thread first */
+        return tag | (calls >= LF_CHOICE_RUN) | (calls % LF_CHOICE_RUN >= LF_CHOICE_RUN / 2 ? 2 : 0);
     if (split == 0 || one == 0)               /* no clock to measure with */
         return tag | 1 | 2;
     int best = split <= one;
-    long phase = calls % explore;
-    if (phase >= explore - LF_CHOICE_RUN)
-        return tag | !best | (phase >= explore - LF_CHOICE_RUN / 2 ? 2 : 0);
+    long run = __atomic_load_n(&c->next_run[paused], __ATOMIC_RELAXED);
+    if (calls >= run + LF_CHOICE_RUN) {       /* the run is over: when the next one starts */
+        long slow = best ? one : split, fast = best ? split : one;
+        long gap = slow / fast >= LF_CHOICE_EXPLORE_MAX / LF_CHOICE_EXPLORE ? LF_CHOICE_EXPLORE_MAX
+                   : LF_CHOICE_EXPLORE * slow / fast;
+        run += gap > LF_CHOICE_EXPLORE_MAX ? LF_CHOICE_EXPLORE_MAX : gap;
+        __atomic_store_n(&c->next_run[paused], run, __ATOMIC_RELAXED);
+    }
+    if (calls >= run && calls < run + LF_CHOICE_RUN)
+        return tag | !best | (calls - run >= LF_CHOICE_RUN / 2 ? 2 : 0);
     return tag | best | 2;
 }
 
@@ -236,6 +254,24 @@ static inline void lf_split_ended(long key) {
     if (c != NULL)
         __atomic_store_n(&c->last_tick, lf_ticks(), __ATOMIC_RELAXED);
 }
+
+/* A split call's budget, in ticks for its first s steps: LF_SPLIT_ABORT times one thread's
+   measured ticks per step in the call's regime, times s + LF_SPLIT_ABORT_LAG (the threads'
+   waking). Past it the call finishes on one thread (same bits) and records split mode's pace so
+   far: an exploring split call on a busy core cost 2.7 ms where one thread took 0.07, and each
+   change of the machine's state paid a run of 8 of them before the choice followed. */
+#define LF_SPLIT_ABORT 2
+#define LF_SPLIT_ABORT_LAG 16
+static inline long lf_split_budget(long key, int choice) {
+    lf_choice* c = lf_choice_find(key);
+    if (c == NULL || !(choice & 1))
+        return 0;
+    return LF_SPLIT_ABORT * __atomic_load_n(&c->ticks_per_step[(choice >> 2) & 1][0], __ATOMIC_RELAXED);
+}
+
+/* shared loads and stores of a team's flag (a step to stop at), ordered by its barrier */
+static inline long lf_load_long(const long* p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
+static inline void lf_store_long(long* p, long v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
 
 /* a measured call (`choice` as lf_split_choose returned it: its way and regime) took `ticks`
    for `steps` steps: a moving average per regime and way */

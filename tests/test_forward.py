@@ -572,8 +572,9 @@ def test_batch1_random_configurations_give_one_set_of_bits():
 
 def test_split_choice_follows_the_measured_speed():
     # auto mode picks split mode or one thread per shape from the measured ticks per step of each
-    # (lf_split_choose): a run of 8 calls of each way first, then the faster, with a run of 8 calls
-    # of the other way every 512 calls, of which only the last 4 are measured
+    # (lf_split_choose): a run of 8 calls of each way first (one thread, then split), then the faster, with a run of 8 calls
+    # of the other way (only the last 4 measured) after 504 calls, then every 512 calls times the
+    # measured ratio of the slower way to the faster
     from lstm_fast import _forward
     n = 4000
     split = [100] * n                       # split twice as fast as one thread ...
@@ -581,12 +582,16 @@ def test_split_choice_follows_the_measured_speed():
     for i in range(2000, n):                # ... then twice as slow (a busy machine)
         split[i] = 400
     ways = _forward.split_choice_trace(123457, split, one)
-    assert ways[:16] == [1] * 8 + [0] * 8
+    assert ways[:16] == [0] * 8 + [1] * 8
     assert sum(ways[16:2000]) / len(ways[16:2000]) > 0.95       # mostly split
-    assert ways[504:512] == [0] * 8 and ways[1016:1024] == [0] * 8  # runs exploring one thread
-    assert sum(ways[16:504]) == len(ways[16:504])                 # and none between
+    # runs exploring one thread, about 2 x 512 calls apart (one thread measured 2x slower; the
+    # chooser's ticks per step round up by one tick)
+    runs = [i for i in range(16, 2000) if ways[i] == 0]
+    assert runs[:8] == list(range(504, 512))
+    assert len(runs) == 16 and runs[8:] == list(range(runs[8], runs[8] + 8))
+    assert 1000 <= runs[8] - runs[0] <= 1024
     assert sum(ways[2100:]) / len(ways[2100:]) < 0.05          # switched to one thread
-    assert ways[2552:2560] == [1] * 8                          # and now explores split
+    assert sum(ways[2100:3000]) == 8                           # and explores split
     # a shape where one thread is slightly faster from the start runs on one thread
     ways = _forward.split_choice_trace(987653, [100] * 600, [90] * 600)
     assert sum(ways[16:]) / 584 < 0.1
@@ -596,7 +601,21 @@ def test_split_choice_follows_the_measured_speed():
     _forward.split_choice_trace(555557, [100] * 200, [200] * 200)
     time.sleep(0.05)
     ways = _forward.split_choice_trace(555557, [10 ** 6] + [100] * 40, [200] * 41)
-    assert ways[:41] == [1] * 41
+    assert ways[1:41] == [1] * 40     # (the call after the pause starts its regime's run)
+
+
+def test_split_choice_explores_a_much_slower_way_rarely():
+    # exploring costs 8 calls of the other way: where it is 40x slower (split mode with a core
+    # busy), runs come 40 x 512 calls apart, so that they cost ~1.6 % of the calls' time as at a
+    # ratio of 1, instead of the 60 % of a run every 512 calls
+    from lstm_fast import _forward
+    n = 21000
+    ways = _forward.split_choice_trace(313133, [4000] * n, [100] * n)
+    assert ways[:16] == [0] * 8 + [1] * 8
+    runs = [i for i in range(16, n) if ways[i] == 1]
+    assert runs[:8] == list(range(504, 512))                  # the first run, as for any ratio
+    assert len(runs) == 16 and runs[8:] == list(range(runs[8], runs[8] + 8))
+    assert 39 * 512 <= runs[8] - runs[0] <= 40 * 512          # then none for ~40 x 512 calls
 
 
 def test_split_choice_after_pauses_is_measured_on_its_own():
@@ -607,9 +626,14 @@ def test_split_choice_after_pauses_is_measured_on_its_own():
     key = 777773
     _forward.split_choice_trace(key, [100] * 40, [200] * 40)         # back to back: split
     paused = _forward.split_choice_trace(key, [4000] * 30, [200] * 30, pause=0.003)
-    assert paused[:8] == [1] * 8 and paused[8:16] == [0] * 8          # a run of each way
+    assert paused[:8] == [0] * 8 and paused[8:16] == [1] * 8          # a run of each way
     assert paused[16:] == [0] * 14                                   # then one thread
     assert _forward.split_choice_trace(key, [100] * 20, [200] * 20)[1:] == [1] * 19
+    # where back-to-back calls measured split mode slower, calls after pauses (which add the
+    # threads' waking to it) run on one thread without trying split mode
+    key = 777781
+    _forward.split_choice_trace(key, [400] * 40, [200] * 40)         # back to back: one thread
+    assert _forward.split_choice_trace(key, [100] * 20, [200] * 20, pause=0.003) == [0] * 20
 
 
 def test_split_choice_measures_calls_longer_than_the_idle_threshold():
@@ -619,7 +643,7 @@ def test_split_choice_measures_calls_longer_than_the_idle_threshold():
     from lstm_fast import _forward
     n = 60
     ways = _forward.split_choice_trace(424243, [400] * n, [100] * n, hold=0.003)
-    assert ways[:8] == [1] * 8
+    assert ways[8:16] == [1] * 8
     assert ways[24:] == [0] * (n - 24)      # one thread, measured faster
 
 
@@ -648,6 +672,17 @@ def test_split_mode_gives_the_chunked_bits(shape):
             assert_array_equal(out, ref_out)
             assert_array_equal(h_n, ref_h)
             assert_array_equal(c_n, ref_c)
+        # split mode past its budget (one tick a step: after its first step) hands the steps
+        # left to the calling thread: the same bits
+        m._recurrence_mode = 3
+        _forward.set_split_budget(1)
+        try:
+            out, (h_n, c_n) = m(x, hx, lengths=lengths)
+        finally:
+            _forward.set_split_budget(0)
+        assert_array_equal(out, ref_out)
+        assert_array_equal(h_n, ref_h)
+        assert_array_equal(c_n, ref_c)
         m._recurrence_mode = 3
         _, _, cache = m.forward_train(x, hx, lengths=lengths)
         grads = m.backward(cache, np.ones_like(ref_out))
