@@ -27,6 +27,10 @@
 #define LF_NR 32
 #define LF_MR 8
 #define LF_MR_MAX 12
+/* Before a loop over a tile's rows: unrolled only by the later passes, gcc 12 kept the register
+   tiles' accumulator arrays in memory and stored every FMA's result (the remainder tiles, the
+   AVX2 tiles); unrolled by pragma they stay in registers. */
+#define LF_UNROLL_ROWS _Pragma("GCC unroll 16")
 
 /* Kernel parameters (lstm_fast/_cpu.py derives them from the CPU and sets them once at import,
    lf_set_kernel): lf_mr rows of the AVX-512 register tile (8 or 12; 2 x lf_mr accumulators),
@@ -313,7 +317,7 @@ lf_tile_avx512_bx(const int mr, const int a_trans, const int b_rows, size_t k, c
                   size_t lda, const float* bp, size_t ldb, float* c, size_t ldc, __mmask16 mask0,
                   __mmask16 mask1, int accumulate, int continue_c) {
     __m512 acc0[LF_MR_MAX], acc1[LF_MR_MAX];
-    for (int r = 0; r < mr; r++) {
+    LF_UNROLL_ROWS for (int r = 0; r < mr; r++) {
         if (continue_c) {
             acc0[r] = _mm512_maskz_loadu_ps(mask0, c + r * ldc);
             acc1[r] = _mm512_maskz_loadu_ps(mask1, c + r * ldc + 16);
@@ -327,13 +331,13 @@ lf_tile_avx512_bx(const int mr, const int a_trans, const int b_rows, size_t k, c
         __m512 b0 = b_rows ? _mm512_maskz_loadu_ps(mask0, bp) : _mm512_load_ps(bp);
         __m512 b1 = b_rows ? _mm512_maskz_loadu_ps(mask1, bp + 16) : _mm512_load_ps(bp + 16);
         bp += b_rows ? ldb : LF_NR;
-        for (int r = 0; r < mr; r++) {
+        LF_UNROLL_ROWS for (int r = 0; r < mr; r++) {
             __m512 av = _mm512_set1_ps(a_trans ? a[kk * lda + r] : a[r * lda + kk]);
             acc0[r] = _mm512_fmadd_ps(av, b0, acc0[r]);
             acc1[r] = _mm512_fmadd_ps(av, b1, acc1[r]);
         }
     }
-    for (int r = 0; r < mr; r++) {
+    LF_UNROLL_ROWS for (int r = 0; r < mr; r++) {
         float* cr = c + r * ldc;
         if (accumulate) {
             acc0[r] = _mm512_add_ps(acc0[r], _mm512_maskz_loadu_ps(mask0, cr));
@@ -706,7 +710,7 @@ lf_pgemv_gates_tiles_avx512(size_t hidden, size_t u0, size_t u1, size_t k, const
     size_t n_groups = (u1 - u0) / LF_NR;
 #define LF_TILE_PANEL(v) ((v) / n_groups * (hidden / LF_NR) + u0 / LF_NR + (v) % n_groups)
 #define LF_TILE_START() do {                    /* zero, or C_t's partial sums from tk0 > 0 */  \
-        for (int r = 0; r < LF_MR; r++) {                                                       \
+        LF_UNROLL_ROWS for (int r = 0; r < LF_MR; r++) {                                        \
             t0[r] = tk0 > 0 && tcp ? _mm512_loadu_ps(tcp + r * tldc) : _mm512_setzero_ps();     \
             t1[r] = tk0 > 0 && tcp ? _mm512_loadu_ps(tcp + r * tldc + 16) : _mm512_setzero_ps(); \
         }                                                                                       \
@@ -720,14 +724,14 @@ lf_pgemv_gates_tiles_avx512(size_t hidden, size_t u0, size_t u1, size_t k, const
 #define LF_TILE_STEP() do {                                                                     \
         __m512 b0 = _mm512_load_ps(tbp), b1 = _mm512_load_ps(tbp + 16);                         \
         tbp += LF_NR;                                                                           \
-        for (int r = 0; r < LF_MR; r++) {                                                       \
+        LF_UNROLL_ROWS for (int r = 0; r < LF_MR; r++) {                                        \
             __m512 tv_ = _mm512_set1_ps(ta[r * tlda + t_kk]);                                   \
             t0[r] = _mm512_fmadd_ps(tv_, b0, t0[r]);                                            \
             t1[r] = _mm512_fmadd_ps(tv_, b1, t1[r]);                                            \
         }                                                                                       \
         t_left--;                                                                               \
         if (++t_kk == tk1) {                  /* a panel's share done: store it, start the next */ \
-            for (int r = 0; r < LF_MR; r++) {                                                   \
+            LF_UNROLL_ROWS for (int r = 0; r < LF_MR; r++) {                                    \
                 _mm512_storeu_ps(tcp + r * tldc, t0[r]);                                        \
                 _mm512_storeu_ps(tcp + r * tldc + 16, t1[r]);                                   \
             }                                                                                   \

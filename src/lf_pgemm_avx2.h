@@ -99,7 +99,8 @@ static void lf_pack_w_avx2_or_scalar(const float* w, size_t ldw, size_t n, size_
 /* One tile: mr (<= 6) rows of A times 16 columns of a panel (bp at the half's first column),
    over k values. a_trans: A read from its transpose (k, m). b_rows: B's rows in place (row-major
    (k, n), leading dimension ldb, masked to the half's width) instead of packed (stride LF_NR).
-   cols: columns of C kept (1..16); continue_c: start from C's partial sums; accumulate: add C. */
+   cols: columns of C kept (1..16); continue_c: start from C's partial sums; accumulate: add C.
+   LF_UNROLL_ROWS: see lf_pgemm.h. */
 LF_AVX2_ATTR void
 lf_tile_avx2(const int mr, const int a_trans, const int b_rows, size_t k, const float* a,
              size_t lda, const float* bp, size_t ldb, float* c, size_t ldc, size_t cols,
@@ -107,7 +108,7 @@ lf_tile_avx2(const int mr, const int a_trans, const int b_rows, size_t k, const 
     __m256 acc0[LF_AVX2_MR], acc1[LF_AVX2_MR];
     __m256i m0 = lf_mask8((long) cols), m1 = lf_mask8((long) cols - 8);
     int full = cols >= 16;
-    for (int r = 0; r < mr; r++) {
+    LF_UNROLL_ROWS for (int r = 0; r < mr; r++) {
         if (continue_c) {
             acc0[r] = _mm256_maskload_ps(c + r * ldc, m0);
             acc1[r] = _mm256_maskload_ps(c + r * ldc + 8, m1);
@@ -121,13 +122,13 @@ lf_tile_avx2(const int mr, const int a_trans, const int b_rows, size_t k, const 
         __m256 b0 = b_rows ? _mm256_maskload_ps(bp, m0) : _mm256_load_ps(bp);
         __m256 b1 = b_rows ? _mm256_maskload_ps(bp + 8, m1) : _mm256_load_ps(bp + 8);
         bp += b_rows ? ldb : LF_NR;
-        for (int r = 0; r < mr; r++) {
+        LF_UNROLL_ROWS for (int r = 0; r < mr; r++) {
             __m256 av = _mm256_broadcast_ss(a_trans ? a + kk * lda + r : a + r * lda + kk);
             acc0[r] = _mm256_fmadd_ps(av, b0, acc0[r]);
             acc1[r] = _mm256_fmadd_ps(av, b1, acc1[r]);
         }
     }
-    for (int r = 0; r < mr; r++) {
+    LF_UNROLL_ROWS for (int r = 0; r < mr; r++) {
         float* cr = c + r * ldc;
         if (accumulate) {
             acc0[r] = _mm256_add_ps(acc0[r], _mm256_maskload_ps(cr, m0));
