@@ -630,18 +630,18 @@ __attribute__((target("avx512f"), always_inline)) static inline void
 lf_row_panels(const int np, size_t k, const float* a, const float* bp, float* c, size_t end,
               size_t j0) {
     __m512 acc[8];
-    for (int q = 0; q < 2 * np; q++)
+    LF_UNROLL_ROWS for (int q = 0; q < 2 * np; q++)
         acc[q] = _mm512_setzero_ps();
 #pragma GCC unroll 2
     for (size_t kk = 0; kk < k; kk++) {
         __m512 av = _mm512_set1_ps(a[kk]);
-        for (int q = 0; q < np; q++) {
+        LF_UNROLL_ROWS for (int q = 0; q < np; q++) {
             const float* b = bp + (q * k + kk) * LF_NR;
             acc[2 * q] = _mm512_fmadd_ps(av, _mm512_load_ps(b), acc[2 * q]);
             acc[2 * q + 1] = _mm512_fmadd_ps(av, _mm512_load_ps(b + 16), acc[2 * q + 1]);
         }
     }
-    for (int q = 0; q < np; q++) {
+    LF_UNROLL_ROWS for (int q = 0; q < np; q++) {
         size_t j = j0 + q * LF_NR;
         size_t width = end - j < LF_NR ? end - j : LF_NR;
         _mm512_mask_storeu_ps(c + j, lf_mask_lo(width), acc[2 * q]);

@@ -262,21 +262,21 @@ LF_AVX2_ATTR void
 lf_row_panels_avx2(const int np, size_t k, const float* a, const float* bp, float* c, size_t end,
                    size_t j0) {
     __m256 acc[8];
-    for (int q = 0; q < 4 * np; q++)
+    LF_UNROLL_ROWS for (int q = 0; q < 4 * np; q++)
         acc[q] = _mm256_setzero_ps();
 #pragma GCC unroll 2
     for (size_t kk = 0; kk < k; kk++) {
         __m256 av = _mm256_broadcast_ss(a + kk);
-        for (int q = 0; q < np; q++) {
+        LF_UNROLL_ROWS for (int q = 0; q < np; q++) {
             const float* b = bp + (q * k + kk) * LF_NR;
-            for (int v = 0; v < 4; v++)
+            LF_UNROLL_ROWS for (int v = 0; v < 4; v++)
                 acc[4 * q + v] = _mm256_fmadd_ps(av, _mm256_load_ps(b + 8 * v), acc[4 * q + v]);
         }
     }
-    for (int q = 0; q < np; q++) {
+    LF_UNROLL_ROWS for (int q = 0; q < np; q++) {
         size_t j = j0 + q * LF_NR;
         size_t width = end - j < LF_NR ? end - j : LF_NR;
-        for (int v = 0; v < 4; v++) {
+        LF_UNROLL_ROWS for (int v = 0; v < 4; v++) {
             if (width >= 8 * (size_t) v + 8)
                 _mm256_storeu_ps(c + j + 8 * v, acc[4 * q + v]);
             else

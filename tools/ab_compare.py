@@ -8,16 +8,20 @@ own, then:
 
 Each build runs in a persistent worker process; the two are asked in turns (alternating which
 goes first) for the best of CALLS calls, ROUNDS times, so that both see the same phases of the
-host. Prints the min and median of each and the median of the per-round ratios."""
+host, pinned to the same first THREADS cores. Prints the min and median of each and the median
+of the per-round ratios."""
 import subprocess
 import sys
 
 import numpy as np
 
 WORKER = r'''
-import sys, time, numpy as np
+import os, sys, time, numpy as np
 T, B, I, H, L, threads, calls = map(int, sys.argv[1:8])
 train = len(sys.argv) > 8 and sys.argv[8] == "train"
+# both builds on the same cores: a worker left on a vCPU whose host core is busier reads slower
+# for the whole run (seen here: medians 0.28 against 0.40 ms, swapping sides between runs)
+os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:max(threads, 1)])
 import lstm_fast as lf
 m = lf.LSTM(I, H, num_layers=L)
 x = np.random.default_rng(0).standard_normal((T, B, I)).astype(np.float32)
