@@ -25,7 +25,8 @@ from _pgemm cimport (lf_set_kernel, lf_ws_get, lf_ws_release, lf_ws_aligned, lf_
 from _gates cimport lf_tanhf   # brings the vectorisable float32 tanh into this module's C
 from _split cimport (lf_barrier, lf_barrier_init, lf_team_size, lf_team_unit_begin,
                      lf_team_unit_end, lf_barrier_wait, lf_ticks, lf_split_choose,
-                     lf_split_record, lf_split_key, lf_split_ended)
+                     lf_split_record, lf_split_key, lf_split_ended, lf_split_budget,
+                     lf_load_long, lf_store_long, lf_team_rank, LF_SPLIT_ABORT_LAG)
 
 from lstm_fast._forward import batch_chunk, recurrence_mode, packed_gemm_active, split_mode_ok
 
@@ -134,6 +135,16 @@ ctypedef struct Back:
 
 
 cdef int _fold_enabled = 1
+
+
+cdef long _split_budget_forced = 0
+
+
+def set_split_budget(long ticks):
+    """Give every backward split-mode call a budget of `ticks` a step (0: the measured one; for
+    tests: 1 stops split mode after its first step; not thread-safe)."""
+    global _split_budget_forced
+    _split_budget_forced = ticks
 
 
 def set_backward_input_fold(bint enabled):
@@ -353,13 +364,19 @@ cdef void _split_rows(const Back* K, Py_ssize_t s, Py_ssize_t n_active, Py_ssize
             memcpy(dzb + r * four_h + g * H + u0, dz_at + g * H + u0, (u1 - u0) * sizeof(float))
 
 
-cdef void _back_split(const Back* K, float* state, int n_threads) noexcept nogil:
+cdef long _back_split(const Back* K, float* state, int n_threads, long budget,
+                      long start) noexcept nogil:
     """Split mode (the forward's; float32, packed kernel, one direction, one chunk, no projection):
     each thread owns whole 32-unit panels of the hidden units. Per step it adds dL/dy to its
     units of dh, runs their cell backward (dz of their four gate columns), meets the others at a
     spin barrier, then computes its units of dh_{t-1} = dz @ W_hh from every unit's dz. dz rows
     alternate between two buffers by step, so a thread may start the next step while another
     still reads this one's. Same sums as chunked mode: the bits do not depend on the split.
+
+    With a budget (the forward's _run_split), the first thread checks the ticks since `start`
+    after its cell rows of a step; past budget * (steps + LF_SPLIT_ABORT_LAG) it sets that step
+    as the last one split before the barrier, every thread finishes the step's product and
+    leaves, and the calling thread runs the steps left on all units. Returns the steps run split.
 
     state: dh (B, H) | dc (B, H) | throwaway (B, H) | dz rows 2 x (B, 4H)."""
     cdef Py_ssize_t H = K.hidden, B = K.batch, four_h = K.four_h
@@ -372,24 +389,40 @@ cdef void _back_split(const Back* K, float* state, int n_threads) noexcept nogil
     cdef int team
     cdef Py_ssize_t u0, u1, s, n_active
     cdef float* dzb
+    cdef long last_split = 0             # shared: the last step (counting down) run split
+    cdef long* last_ptr = &last_split    # through a pointer: the parallel block would privatise it
     _load_grad_state(K, 0, K.order, B, dh, dc)
     lf_barrier_init(&barrier)
     with parallel(num_threads=n_threads):
         team = lf_team_size()
         u0 = lf_team_unit_begin(H)
         u1 = lf_team_unit_end(H)
-        for s in range(max_len - 1, -1, -1):
+        s = max_len - 1
+        while s >= lf_load_long(last_ptr):
             n_active = _active(K, s)
             dzb = dz_bufs + (s % 2) * B * four_h
             if u1 > u0:
                 _split_rows(K, s, n_active, u0, u1, dh, dc, dzb, throwaway)
+            if (budget > 0 and lf_team_rank() == 0 and s > 0
+                    and lf_ticks() - start > budget * (max_len - s + LF_SPLIT_ABORT_LAG)):
+                lf_store_long(last_ptr, s)
             lf_barrier_wait(&barrier, team)
             if u1 > u0:
                 if n_active == 1:
                     lf_pgemv(u0, u1 - u0, four_h, dzb, K.pk_hh, dh)
                 else:
                     lf_pgemm(n_active, u0, u1 - u0, four_h, dzb, four_h, K.pk_hh, dh, H, 0)
+            s = s - 1
+    for s in range(last_split - 1, -1, -1):
+        n_active = _active(K, s)
+        dzb = dz_bufs + (s % 2) * B * four_h
+        _split_rows(K, s, n_active, 0, H, dh, dc, dzb, throwaway)
+        if n_active == 1:
+            lf_pgemv(0, H, four_h, dzb, K.pk_hh, dh)
+        else:
+            lf_pgemm(n_active, 0, H, four_h, dzb, four_h, K.pk_hh, dh, H, 0)
     _store_grad_state(K, 0, K.order, B, dh, dc)
+    return max_len - last_split
 
 
 cdef void _wide_rows(Py_ssize_t item, Py_ssize_t s, Py_ssize_t n_active, Py_ssize_t n_row_blocks,
@@ -808,6 +841,8 @@ def backward_layer(const floating[:, :, ::1] x,            # IN  (T, B, I) the l
     cdef int threads_wide = <int> min(n_threads, D * 8, max(1.0, rec_flops / K.seq_len / 200000))
 
     cdef long ticks = lf_ticks()          # the recurrence's time, for lf_split_record
+    cdef long split_ticks = 0             # > 0: split mode stopped past its budget after ...
+    cdef long split_steps = 0             # ... this many steps
     with nogil:
         if mode == 3:
             if floating is float:
@@ -815,7 +850,11 @@ def backward_layer(const floating[:, :, ::1] x,            # IN  (T, B, I) the l
                 if scratch == NULL:
                     failed = 1
                 else:
-                    _back_split(&K, scratch, n_threads)
+                    split_steps = _back_split(&K, scratch, n_threads, _split_budget_forced
+                                              or lf_split_budget(choice_key, choice), ticks)
+                    if split_steps < K.lengths[K.order[0]]:
+                        # stopped past its budget: split mode's pace so far is its measurement
+                        split_ticks = lf_ticks() - ticks
                     free(scratch)
         elif mode == 2:
             scratch = <floating*> malloc(wide_len * sizeof(floating))
@@ -841,7 +880,9 @@ def backward_layer(const floating[:, :, ::1] x,            # IN  (T, B, I) the l
                     else:
                         _back_chunk(item, &K, scratch)
                 free(scratch)
-        if choice & 2 and split_ok:
+        if split_ticks:
+            lf_split_record(choice_key, choice | 2, split_ticks, split_steps)
+        elif choice & 2 and split_ok:
             lf_split_record(choice_key, choice, lf_ticks() - ticks, K.seq_len)
         if floating is float:
             if not failed and K.fold_dx != NULL:

@@ -686,11 +686,18 @@ def test_split_mode_gives_the_chunked_bits(shape):
         m._recurrence_mode = 3
         _, _, cache = m.forward_train(x, hx, lengths=lengths)
         grads = m.backward(cache, np.ones_like(ref_out))
-    for name, value in ref_grads.params.items():   # backward's split mode: the same bits too
-        assert_array_equal(grads.params[name], value, err_msg=name)
-    assert_array_equal(grads.input, ref_grads.input)
-    assert_array_equal(grads.hx[0], ref_grads.hx[0])
-    assert_array_equal(grads.hx[1], ref_grads.hx[1])
+        from lstm_fast import _backward     # and stopped after its first step (its budget)
+        _backward.set_split_budget(1)
+        try:
+            stopped = m.backward(cache, np.ones_like(ref_out))
+        finally:
+            _backward.set_split_budget(0)
+    for got in (grads, stopped):                   # backward's split mode: the same bits too
+        for name, value in ref_grads.params.items():
+            assert_array_equal(got.params[name], value, err_msg=name)
+        assert_array_equal(got.input, ref_grads.input)
+        assert_array_equal(got.hx[0], ref_grads.hx[0])
+        assert_array_equal(got.hx[1], ref_grads.hx[1])
     ref_out64, _ = reference.lstm(x.astype(np.float64), m.state_dict(), 1, False,
                                   h0=hx[0].astype(np.float64), c0=hx[1].astype(np.float64), lengths=lengths)
     assert_allclose(out, ref_out64, **tol(np.float32))
