@@ -255,11 +255,18 @@ cdef inline Py_ssize_t _chunk_rows(Py_ssize_t chunk, Py_ssize_t batch) noexcept 
 cpdef Py_ssize_t packed_chunk(Py_ssize_t batch, int n_threads) noexcept nogil:
     """Rows per work item of the chunked recurrence on the packed kernel, where every row's
     outputs are the same FMA chains in any chunk, so the chunk may follow the thread count: one
-    item per thread, at least two, 8 to 64 rows in multiples of 8. Fewer, larger chunks than
+    item per thread, at least two (one on the AVX2 path's single thread: (100,16,128,128) 0.895x
+    and (100,64,256,256,2) 0.951x the time there, Xeon 6/207), 8 to 64 rows in multiples of 8.
+    Fewer, larger chunks than
     batch_chunk's quarters stream the weights from L2 fewer times a step and leave fewer short
     edge tiles (16 rows are a 12-row tile and a 4-row one). Xeon 6/207, (100,64,256,256,2), min
     of 8 rounds: 1 thread 94.4 -> 90.9 ms, 2 threads 51.8 -> 46.7 ms with 32-row chunks."""
     cdef Py_ssize_t items = n_threads if n_threads > 2 else 2
+    if lf_isa() == 1 and n_threads <= 1:
+        # AVX2's 6-row tile: half-batches of 8 rows are a 6-row tile and a 2-row one, whose 4
+        # FMA chains wait on the FMA latency; one chunk of 16 rows is 6 + 6 + 4 (with two
+        # threads the halves run side by side, and 12 + 4 would leave one thread waiting)
+        items = 1
     return _chunk_rows(((batch + items - 1) // items + 7) // 8 * 8, batch)
 
 
