@@ -469,7 +469,7 @@ def run_contended(quick=False, repeats=5, min_time=0.1, out_md=None, pause=0.02,
     default = get_num_threads()
     counts = [default, 1] if default != 1 else [1]
     try:
-        import torch  # noqa: F401 (only whether it is there)
+        import torch  # the runs set its thread count
         have_torch = True
     except ImportError:
         have_torch = False
@@ -502,7 +502,6 @@ def run_contended(quick=False, repeats=5, min_time=0.1, out_md=None, pause=0.02,
                 for (n, name), fn in runners.items():
                     with threads(n):
                         if name == "torch":
-                            import torch
                             torch.set_num_threads(n)
                         time.sleep(pause)
                         times[(n, name)].append(_timer(fn, min_time))

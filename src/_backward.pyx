@@ -841,8 +841,7 @@ def backward_layer(const floating[:, :, ::1] x,            # IN  (T, B, I) the l
     cdef int threads_wide = <int> min(n_threads, D * 8, max(1.0, rec_flops / K.seq_len / 200000))
 
     cdef long ticks = lf_ticks()          # the recurrence's time, for lf_split_record
-    cdef long split_ticks = 0             # > 0: split mode stopped past its budget after ...
-    cdef long split_steps = 0             # ... this many steps
+    cdef long split_steps                 # steps split mode ran before its budget stopped it
     with nogil:
         if mode == 3:
             if floating is float:
@@ -854,7 +853,8 @@ def backward_layer(const floating[:, :, ::1] x,            # IN  (T, B, I) the l
                                               or lf_split_budget(choice_key, choice), ticks)
                     if split_steps < K.lengths[K.order[0]]:
                         # stopped past its budget: split mode's pace so far is its measurement
-                        split_ticks = lf_ticks() - ticks
+                        lf_split_record(choice_key, choice, lf_ticks() - ticks, split_steps)
+                        choice = choice & ~2     # (recorded: not again below)
                     free(scratch)
         elif mode == 2:
             scratch = <floating*> malloc(wide_len * sizeof(floating))
@@ -880,9 +880,7 @@ def backward_layer(const floating[:, :, ::1] x,            # IN  (T, B, I) the l
                     else:
                         _back_chunk(item, &K, scratch)
                 free(scratch)
-        if split_ticks:
-            lf_split_record(choice_key, choice | 2, split_ticks, split_steps)
-        elif choice & 2 and split_ok:
+        if choice & 2 and split_ok:
             lf_split_record(choice_key, choice, lf_ticks() - ticks, K.seq_len)
         if floating is float:
             if not failed and K.fold_dx != NULL:

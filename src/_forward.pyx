@@ -257,8 +257,7 @@ cpdef Py_ssize_t packed_chunk(Py_ssize_t batch, int n_threads) noexcept nogil:
     outputs are the same FMA chains in any chunk, so the chunk may follow the thread count: one
     item per thread, at least two (one on the AVX2 path's single thread: (100,16,128,128) 0.895x
     and (100,64,256,256,2) 0.951x the time there, Xeon 6/207), 8 to 64 rows in multiples of 8.
-    Fewer, larger chunks than
-    batch_chunk's quarters stream the weights from L2 fewer times a step and leave fewer short
+    Fewer, larger chunks than batch_chunk's quarters stream the weights from L2 fewer times a step and leave fewer short
     edge tiles (16 rows are a 12-row tile and a 4-row one). Xeon 6/207, (100,64,256,256,2), min
     of 8 rounds: 1 thread 94.4 -> 90.9 ms, 2 threads 51.8 -> 46.7 ms with 32-row chunks."""
     cdef Py_ssize_t items = n_threads if n_threads > 2 else 2
@@ -951,8 +950,7 @@ cdef int _forward_run(const Layer* layer, const floating* x_ptr, int n_threads,
         L.chunk = packed_chunk(L.batch, n_threads)
         L.n_chunks = (L.batch + L.chunk - 1) // L.chunk
     cdef long ticks = lf_ticks()          # the call's time from here, for lf_split_record
-    cdef long split_ticks = 0             # > 0: split mode stopped past its budget after ...
-    cdef long split_steps = 0             # ... this many steps
+    cdef long split_steps                 # steps split mode ran before its budget stopped it
 
     cdef Py_ssize_t total_rows = L.seq_len * L.batch
     cdef Py_ssize_t n_blocks = (total_rows + PROJ_ROWS - 1) // PROJ_ROWS
@@ -1093,8 +1091,8 @@ cdef int _forward_run(const Layer* layer, const floating* x_ptr, int n_threads,
                                              or lf_split_budget(choice_key, choice), ticks)
                     if split_steps < L.lengths[L.order[0]]:
                         # stopped past its budget: split mode's pace so far is its measurement
-                        split_ticks = lf_ticks() - ticks
-                        choice = choice | 2
+                        lf_split_record(choice_key, choice, lf_ticks() - ticks, split_steps)
+                        choice = choice & ~2     # (recorded: not again below)
                     free(scratch)
         elif mode == MODE_WIDE:
             scratch = <floating*> lf_malloc64(wide_len * sizeof(floating))
@@ -1120,9 +1118,7 @@ cdef int _forward_run(const Layer* layer, const floating* x_ptr, int n_threads,
                     else:
                         _run_chunk(item, &L, scratch)
                 free(scratch)
-        if split_ticks:
-            lf_split_record(choice_key, choice, split_ticks, split_steps)
-        elif choice & 2:
+        if choice & 2:
             lf_split_record(choice_key, choice, lf_ticks() - ticks, L.seq_len)
         if choice_key != 0:
             # the next call's pause counts from here: a call slowed past the chooser's 1 ms idle
@@ -1394,6 +1390,12 @@ def split_choice_trace(long key, list ticks_split, list ticks_one, double hold=0
         lf_split_ended(key)
         ways.append(choice & 1)
     return ways
+
+
+def split_budget_of(long key, int choice):
+    """Test twin of lf_split_budget: the ticks a step a split call of `choice` (lf_split_choose's
+    bits) may take before it finishes on one thread; 0 for none."""
+    return lf_split_budget(key, choice)
 
 
 def gate_math_py(const floating[::1] values, str function):   # IN values

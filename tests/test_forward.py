@@ -618,6 +618,19 @@ def test_split_choice_explores_a_much_slower_way_rarely():
     assert 39 * 512 <= runs[8] - runs[0] <= 40 * 512          # then none for ~40 x 512 calls
 
 
+def test_split_budget_is_twice_one_threads_pace_in_the_calls_regime():
+    # a split call past twice one thread's measured ticks a step (in its own regime: back to back
+    # or after a pause) finishes on one thread; no budget before one thread was measured, and
+    # none for a call that runs on one thread anyway
+    from lstm_fast import _forward
+    key = 646463
+    assert _forward.split_budget_of(key, 1) == 0                    # shape not seen yet
+    _forward.split_choice_trace(key, [100] * 40, [300] * 40)         # back to back: one 300 ticks
+    assert _forward.split_budget_of(key, 1) == 2 * 301              # (ticks a step round up by 1)
+    assert _forward.split_budget_of(key, 0) == 0                    # a one-thread call
+    assert _forward.split_budget_of(key, 1 | 4) == 0                # no paused call measured yet
+
+
 def test_split_choice_after_pauses_is_measured_on_its_own():
     # calls spaced by pauses (a server's sporadic requests) pay for waking the threads, which
     # back-to-back calls never do: they are measured and chosen apart, so that split mode, 20x
