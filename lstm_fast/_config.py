@@ -52,6 +52,12 @@ def config():
 
     # the kernel path of each precision (freeze(precision=...)) on this CPU, under LSTM_FAST_ISA
     info["LSTM_FAST_ISA"] = os.environ.get("LSTM_FAST_ISA")
+    from . import _forward
+
+    # work buffers kept per thread between calls (docs/design.md, Robustness: Memory)
+    keep = _forward.workspace_max_bytes()
+    info["workspace_kept"] = (f"up to {keep >> 20} MB a buffer per thread (LSTM_FAST_WORKSPACE_MB="
+                              f"{os.environ.get('LSTM_FAST_WORKSPACE_MB')})")
     for precision, path in _precision.paths().items():
         info[f"path {precision}"] = path
     return info

@@ -38,7 +38,7 @@ from libc.string cimport memcpy
 from cpython.pyport cimport PY_SSIZE_T_MAX
 
 from _blas cimport gemm_rm, gemv_rm
-from _pgemm cimport (lf_malloc64, lf_ws_get, lf_ws_release, lf_ws_aligned, lf_pack_len, lf_pack_w, lf_pack_w_for, lf_pgemm_available, lf_pgemm, lf_set_kernel, lf_isa,
+from _pgemm cimport (lf_malloc64, lf_ws_get, lf_ws_max, lf_ws_release, lf_ws_aligned, lf_pack_len, lf_pack_w, lf_pack_w_for, lf_pgemm_available, lf_pgemm, lf_set_kernel, lf_isa,
                      lf_pgemv, lf_pgemv_dir, lf_pgemv_gates, lf_pgemv_gates_tiles, lf_prefetch)
 from _split cimport (lf_barrier, lf_barrier_init, lf_team_size, lf_team_unit_begin,
                      lf_team_unit_end, lf_barrier_wait, lf_ticks, lf_split_choose,
@@ -128,6 +128,12 @@ def _set_kernel(int isa, dict params):
     INTERLEAVE_MIN_BYTES = params["interleave_min_bytes"]
     WIDE_FUSED_MAX_BYTES = params["wide_fused_max_bytes"]
     return lf_set_kernel(isa, params["tile_rows"], params["kc"], params["kc_narrow"])
+
+
+def workspace_max_bytes():
+    """Bytes a work-buffer slot keeps per thread between calls (LSTM_FAST_WORKSPACE_MB, read
+    once; 256 MB by default): larger buffers are allocated and freed by every call."""
+    return lf_ws_max()
 
 
 def kernel_settings():

@@ -5,6 +5,7 @@ cdef extern from "lf_pgemm.h" nogil:
     size_t lf_pack_len(size_t n, size_t k)
     void* lf_ws_get(int slot, size_t bytes)
     void lf_ws_release(int slot, void* p)
+    size_t lf_ws_max()
     float* lf_ws_aligned(int slot, size_t n_floats, void** raw)
     void lf_pack_w(const float* w, size_t ldw, size_t n, size_t k, float* packed)
     void lf_pack_w_for(const float* w, size_t ldw, size_t n, size_t k, float* packed, int shared)
