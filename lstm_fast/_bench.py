@@ -141,6 +141,21 @@ def _gemm_runner(T, B, I, H, layers, bidirectional, n_threads):
     return run
 
 
+def _peak_runner(n, n_threads):
+    """numpy float32 matmul of n x n matrices with n_threads BLAS threads: the sgemm peak, timed
+    in the same rounds as the systems (a peak measured once before the grid meets other phases
+    of a shared host than the rows it is compared with)."""
+    from threadpoolctl import threadpool_limits
+
+    a = np.random.default_rng(0).random((n, n), np.float32)
+    b = np.random.default_rng(1).random((n, n), np.float32)
+
+    def run():
+        with threadpool_limits(n_threads, user_api="blas"):
+            a @ b
+    return run
+
+
 TRAIN_GRID = GRID   # the training target covers every grid shape
 
 
@@ -297,7 +312,10 @@ def run(compare=False, quick=False, thread_counts=(1, 2), repeats=5, min_time=0.
         out_md="bench.md", out_png="bench.png", pause=0.05, blas=False, peak=True, grid=None):
     """blas: also time lstm_fast's BLAS fallback (the generic path: BLAS products and the
     compiler-vectorised cell, what a CPU without AVX-512 and AVX2 runs), column "blas".
-    peak: measure the sgemm peak first (sgemm_peak) and report each row's fraction of it."""
+    peak: measure the sgemm peak first (sgemm_peak, best of 5, with the environment as set and
+    without OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE), then time it again in every round beside the
+    systems: each row's "of sgemm peak" is lstm_fast's median GFLOP/s over the median peak of
+    the same rounds."""
     from . import _cpu
 
     grid = grid or (QUICK_GRID if quick else GRID)
@@ -317,8 +335,9 @@ def run(compare=False, quick=False, thread_counts=(1, 2), repeats=5, min_time=0.
         if os.environ.get(name):
             desc += f"\n- {name}={os.environ[name]} (torch's environment)"
     peaks = {}
+    peak_n = 512 if quick else PEAK_N
     if peak:
-        measured = sgemm_peak(thread_counts, n=512 if quick else PEAK_N)
+        measured = sgemm_peak(thread_counts, n=peak_n)
         desc += "\n" + "\n".join(peak_lines(measured))
         for t in thread_counts:
             values = [measured.get(k, {}).get(t) for k in ("as set", "unset")]
@@ -340,6 +359,8 @@ def run(compare=False, quick=False, thread_counts=(1, 2), repeats=5, min_time=0.
             if "onnxruntime" in systems:
                 runners["onnxruntime"] = _ort_runner(model, x, n_threads)
             contexts = {}
+            if peak:
+                runners["peak"] = _peak_runner(peak_n, n_threads)
             if blas:
                 runners["blas"] = lambda: model(x)
                 contexts["blas"] = lambda: _path("generic")
@@ -351,7 +372,8 @@ def run(compare=False, quick=False, thread_counts=(1, 2), repeats=5, min_time=0.
                         # let the previous system's spinning threads idle; OpenBLAS's workers
                         # spin for about 2^28 cycles (70 ms here) after a threaded call: with
                         # 50 ms, the (100,1,128,128) call after it took 0.34 ms against 0.23
-                        time.sleep(GEMM_PAUSE if previous == "gemm" and n_threads > 1 else pause)
+                        time.sleep(GEMM_PAUSE if previous in ("gemm", "peak") and n_threads > 1
+                                   else pause)
                         with contexts.get(name, contextlib.nullcontext)():
                             times[name].append(_timer(fn, min_time))
                         previous = name
@@ -365,8 +387,10 @@ def run(compare=False, quick=False, thread_counts=(1, 2), repeats=5, min_time=0.
                        speedup=(min(peers) / med["lstm_fast"]) if peers else np.nan,
                        frozen_ms=med["frozen"] * 1e3,
                        frozen_speedup=(min(peers) / med["frozen"]) if peers else np.nan,
-                       peak_fraction=(flops(*shape) / med["lstm_fast"] / 1e9 / peaks[n_threads])
-                       if n_threads in peaks else np.nan,
+                       peak_fraction=(flops(*shape) / med["lstm_fast"]
+                                      / (2.0 * peak_n ** 3 / med["peak"])) if "peak" in med else np.nan,
+                       peak_gflops=2.0 * peak_n ** 3 / med["peak"] / 1e9 if "peak" in med else np.nan,
+                       peak_before=peaks.get(n_threads, np.nan),
                        blas_ms=med.get("blas", np.nan) * 1e3,
                        blas_speedup=med.get("blas", np.nan) / med["lstm_fast"])
             rows.append(row)
@@ -389,7 +413,8 @@ def _format_row(r):
             f"{r['gflops']:6.1f} GF/s  torch {r['torch_ms']:9.3f}  ort {r['ort_ms']:9.3f}  "
             f"speedup vs fastest peer {r['speedup']:5.2f}x  GEMM fraction {r['gemm_fraction']:.2f}  "
             f"frozen {r['frozen_ms']:9.3f} ms {r['frozen_speedup']:5.2f}x  "
-            f"of sgemm peak {r.get('peak_fraction', np.nan):.2f}"
+            f"of sgemm peak {r.get('peak_fraction', np.nan):.2f} "
+            f"(peak {r.get('peak_gflops', np.nan):.0f} GF/s in these rounds)"
             + (f"  blas fallback {r['blas_ms']:9.3f} ms ({r['blas_speedup']:.2f}x)"
                if not np.isnan(r.get("blas_ms", np.nan)) else ""))
 
@@ -397,13 +422,14 @@ def _format_row(r):
 def _markdown(rows):
     has_blas = any(not np.isnan(r.get("blas_ms", np.nan)) for r in rows)
     lines = ["| threads | T, B, I, H, layers | lstm_fast ms | GFLOP/s | torch ms | ORT ms | "
-             "speedup vs fastest peer | GEMM-limit fraction | of sgemm peak | frozen ms | "
+             "speedup vs fastest peer | GEMM-limit fraction | of sgemm peak (peak GF/s, same rounds) | frozen ms | "
              "frozen speedup |" + (" BLAS fallback ms | vs BLAS fallback |" if has_blas else ""),
              "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if has_blas else "")]
     for r in rows:
         line = (f"| {r['threads']} | {_shape_name(r['shape'])} | {r['ms']:.3f} | {r['gflops']:.1f} | "
                 f"{r['torch_ms']:.3f} | {r['ort_ms']:.3f} | {r['speedup']:.2f}x | "
-                f"{r['gemm_fraction']:.2f} | {r.get('peak_fraction', np.nan):.2f} | "
+                f"{r['gemm_fraction']:.2f} | {r.get('peak_fraction', np.nan):.2f} "
+                f"({r.get('peak_gflops', np.nan):.0f}) | "
                 f"{r['frozen_ms']:.3f} | {r['frozen_speedup']:.2f}x |")
         if has_blas:
             line += f" {r['blas_ms']:.3f} | {r['blas_speedup']:.2f}x |"
