@@ -43,6 +43,22 @@ def flops(T, B, I, H, layers, bidirectional):
     return sum(2 * T * B * 4 * H * ((I if k == 0 else D * H) + H) * D for k in range(layers))
 
 
+CHOOSER_WARMUP_CALLS = 16
+
+
+def _warm_up(runners, names, n_threads):
+    """On several threads, call lstm_fast's runners CHOOSER_WARMUP_CALLS times first: a shape's
+    first calls measure one thread and then split mode, a run of 8 calls each (lf_split.h), before
+    the faster is chosen. A bench of a few calls a round would otherwise time that exploring (the
+    int8 and bfloat16 layers of 100 ms took one thread in 8 of their first 10 calls); bench
+    --contended times it on purpose and has no warm-up."""
+    if n_threads > 1:
+        for name in names:
+            if name in runners:
+                for _ in range(CHOOSER_WARMUP_CALLS):
+                    runners[name]()
+
+
 def _timer(fn, min_time):
     """Seconds per call of fn, calling it enough times to fill min_time."""
     fn()
@@ -206,6 +222,7 @@ def run_training(thread_counts=(1, 2), repeats=5, min_time=0.05, quick=False, pa
                 pass
             times = {name: [] for name in runners}
             with threads(n_threads):
+                _warm_up(runners, ["lstm_fast"], n_threads)
                 for _ in range(repeats):
                     for name, fn in runners.items():
                         time.sleep(pause)
@@ -366,6 +383,7 @@ def run(compare=False, quick=False, thread_counts=(1, 2), repeats=5, min_time=0.
                 contexts["blas"] = lambda: _path("generic")
             times = {name: [] for name in runners}
             with threads(n_threads):
+                _warm_up(runners, ["lstm_fast", "frozen"], n_threads)
                 previous = None
                 for _ in range(repeats):          # interleaved: every system once per round
                     for name, fn in runners.items():
@@ -664,6 +682,7 @@ def run_precision(precisions=("bfloat16", "int8"), thread_counts=(1, 2), repeats
                 runners["ORT DynamicQuantizeLSTM"] = _ort_quant_runner(model, x, n_threads)
             times = {name: [] for name in runners}
             with threads(n_threads):
+                _warm_up(runners, [f"lf {p}" for p in frozen], n_threads)
                 for _ in range(repeats):
                     for name, fn in runners.items():
                         time.sleep(pause)

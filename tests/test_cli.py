@@ -64,3 +64,15 @@ def test_bench_train_follows_rows_and_rejects_bad_ones():
     assert "T100 B1 I32 H64 L1" in result.stdout and "T100 B1 I128 H128" not in result.stdout
     bad = _run("bench", "--train", "--rows", "99")
     assert bad.returncode != 0 and "--rows takes indices 0..8" in bad.stderr
+
+
+def test_bench_warms_lstm_fast_past_the_choosers_exploring_on_several_threads():
+    from lstm_fast import _bench
+
+    calls = {"lf int8": 0, "torch": 0}
+    runners = {name: (lambda name=name: calls.__setitem__(name, calls[name] + 1)) for name in calls}
+    _bench._warm_up(runners, ["lf int8", "lf absent"], 1)
+    assert calls == {"lf int8": 0, "torch": 0}           # one thread: no choice to settle
+    _bench._warm_up(runners, ["lf int8", "lf absent"], 2)
+    # two runs of 8 calls each way (lf_split.h's LF_CHOICE_RUN) before the choice settles
+    assert calls == {"lf int8": 16, "torch": 0}
