@@ -1239,8 +1239,28 @@ static void lf_lp_layer_proj(const lf_lp_layer* L, const lf_lp_ws* W) {
     }
 }
 
+/* step s's running rows (a prefix of the order, longest first) */
+static inline int lf_lp_active(const lf_lp_layer* L, int s) {
+    int n_act = L->B;
+    while (n_act > 0 && L->lengths[L->order[n_act - 1]] <= s)
+        n_act--;
+    return n_act;
+}
+
+/* the next step's product input: the h row of position i (order[i]) of direction d, quantized */
+static inline void lf_lp_quant_h(const lf_lp_layer* L, const lf_lp_ws* W, int d, int i) {
+    const size_t es = lf_lp_elem(L->kind);
+    const int kp_hh = L->hh[0]->kp;
+    lf_lp_quant_row_fast(L->path, L->kind, L->Hout, kp_hh,
+                         L->h + ((size_t) d * L->B + L->order[i]) * L->Hout,
+                         (uint8_t*) W->ha + ((size_t) d * L->B + i) * kp_hh * es, W->hs + d * L->B + i);
+}
+
 /* 2. the recurrence, both directions in the same loop: every thread goes through every step,
-   with a barrier after the product, the cell update and the projection */
+   with a barrier after the product and after the cell update (and after the projection and its
+   copy). A row's h is quantized for the next step by the thread that just wrote it, in the cell
+   (or copy) phase: the scale is the row's own, and no thread reads the quantized rows until the
+   barrier; a separate quantization phase cost a third barrier a step. */
 static void lf_lp_layer_rec(const lf_lp_layer* L, const lf_lp_ws* W) {
     const int kind = L->kind, path = L->path, D = L->D, B = L->B, T = L->T, H = L->H;
     const int Hout = L->Hout, P = L->P, G = 4 * H;
@@ -1250,23 +1270,18 @@ static void lf_lp_layer_rec(const lf_lp_layer* L, const lf_lp_ws* W) {
     const int n_groups = (nb_g + LF_LP_ITEM_BLOCKS - 1) / LF_LP_ITEM_BLOCKS;
     const int n_pgroups = (nb_p + LF_LP_ITEM_BLOCKS - 1) / LF_LP_ITEM_BLOCKS;
     /* OpenMP's barrier puts a waiting thread to sleep at once under lstm_fast's GOMP_SPINCOUNT
-       default (docs/threads.md), a wake-up of tens of microseconds three times a step */
+       default (docs/threads.md), a wake-up of tens of microseconds at every barrier */
     lf_barrier* bar = (lf_barrier*) &W->step_barrier;
     const int team = lf_team_size();
+    const int n_first = lf_lp_active(L, 0);
+    #pragma omp for schedule(static) nowait
+    for (int it = 0; it < D * n_first; it++)
+        lf_lp_quant_h(L, W, it / n_first, it % n_first);
+    lf_barrier_wait(bar, team);
     for (int s = 0; s < T; s++) {
-        int n_act = B;
-        while (n_act > 0 && L->lengths[L->order[n_act - 1]] <= s)
-            n_act--;
+        const int n_act = lf_lp_active(L, s);
         if (n_act == 0)
             break;
-        #pragma omp for schedule(static) nowait
-        for (int it = 0; it < D * n_act; it++) {
-            const int d = it / n_act, i = it % n_act;
-            const Py_ssize_t b = L->order[i];
-            lf_lp_quant_row_fast(path, kind, Hout, kp_hh, L->h + ((size_t) d * B + b) * Hout,
-                            (uint8_t*) W->ha + ((size_t) d * B + i) * kp_hh * es, W->hs + d * B + i);
-        }
-        lf_barrier_wait(bar, team);
         #pragma omp for schedule(static) nowait
         for (int it = 0; it < D * n_groups; it++) {
             const int d = it / n_groups, g = it % n_groups;
@@ -1285,12 +1300,14 @@ static void lf_lp_layer_rec(const lf_lp_layer* L, const lf_lp_ws* W) {
             float* hrow = P ? W->hraw + ((size_t) d * B + i) * H : L->h + ((size_t) d * B + b) * Hout;
             L->cell(H, W->gh + ((size_t) d * B + i) * G, W->gx + ((size_t) d * TB + t * B + b) * G,
                     L->bias + (size_t) d * G, c, hrow);
-            if (P)
+            if (P) {
                 lf_lp_quant_row_fast(path, kind, H, kp_hr, hrow,
                                 (uint8_t*) W->pa + ((size_t) d * B + i) * kp_hr * es, W->ps + d * B + i);
-            else
+            } else {
                 memcpy(L->y + ((size_t) t * B + b) * D * Hout + (size_t) d * Hout, hrow,
                        (size_t) Hout * sizeof(float));
+                lf_lp_quant_h(L, W, d, i);
+            }
         }
         lf_barrier_wait(bar, team);
         if (P) {
@@ -1312,6 +1329,7 @@ static void lf_lp_layer_rec(const lf_lp_layer* L, const lf_lp_ws* W) {
                 memcpy(L->h + ((size_t) d * B + b) * Hout, src, (size_t) Hout * sizeof(float));
                 memcpy(L->y + ((size_t) t * B + b) * D * Hout + (size_t) d * Hout, src,
                        (size_t) Hout * sizeof(float));
+                lf_lp_quant_h(L, W, d, i);
             }
             lf_barrier_wait(bar, team);
         }
