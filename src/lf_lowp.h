@@ -578,7 +578,7 @@ ATTR void lf_##SUF##_tile_hot44(const lf_lp_mat* W, const ET* a, size_t lda, con
     STORE(2, 0, c20) STORE(2, 1, c21) STORE(2, 2, c22) STORE(2, 3, c23)                          \
     STORE(3, 0, c30) STORE(3, 1, c31) STORE(3, 2, c32) STORE(3, 3, c33)                          \
 }
-#define LF_HOT18(SUF, ATTR, ET, VT, ZERO, DP, PSTEP, STORE)                                 \
+#define LF_HOT18(SUF, ATTR, ET, VT, ZERO, ACC, PSTEP, STORE)                                \
 ATTR void lf_##SUF##_tile_hot18(const lf_lp_mat* W, const ET* a, size_t lda, const float* sx,   \
                                 int b, float* out, size_t ldo) {                                \
     (void) lda;                                                                                 \
@@ -590,21 +590,20 @@ ATTR void lf_##SUF##_tile_hot18(const lf_lp_mat* W, const ET* a, size_t lda, con
     for (int p = 0; p < kp / PSTEP; p++) {                                                      \
         const ET* wp = w + (size_t) p * 64 / sizeof(ET);                                        \
         __m512i x = _mm512_set1_epi32(lf_load32(a + PSTEP * p));                                \
-        c00 = DP(c00, _mm512_loadu_si512((const void*) wp), x);                                 \
-        c01 = DP(c01, _mm512_loadu_si512((const void*) (wp + bs)), x);                          \
-        c02 = DP(c02, _mm512_loadu_si512((const void*) (wp + 2 * bs)), x);                      \
-        c03 = DP(c03, _mm512_loadu_si512((const void*) (wp + 3 * bs)), x);                      \
-        c04 = DP(c04, _mm512_loadu_si512((const void*) (wp + 4 * bs)), x);                      \
-        c05 = DP(c05, _mm512_loadu_si512((const void*) (wp + 5 * bs)), x);                      \
-        c06 = DP(c06, _mm512_loadu_si512((const void*) (wp + 6 * bs)), x);                      \
-        c07 = DP(c07, _mm512_loadu_si512((const void*) (wp + 7 * bs)), x);                      \
+        ACC(c00, _mm512_loadu_si512((const void*) wp), x);                                      \
+        ACC(c01, _mm512_loadu_si512((const void*) (wp + bs)), x);                               \
+        ACC(c02, _mm512_loadu_si512((const void*) (wp + 2 * bs)), x);                           \
+        ACC(c03, _mm512_loadu_si512((const void*) (wp + 3 * bs)), x);                           \
+        ACC(c04, _mm512_loadu_si512((const void*) (wp + 4 * bs)), x);                           \
+        ACC(c05, _mm512_loadu_si512((const void*) (wp + 5 * bs)), x);                           \
+        ACC(c06, _mm512_loadu_si512((const void*) (wp + 6 * bs)), x);                           \
+        ACC(c07, _mm512_loadu_si512((const void*) (wp + 7 * bs)), x);                           \
     }                                                                                           \
     STORE(0, 0, c00) STORE(0, 1, c01) STORE(0, 2, c02) STORE(0, 3, c03)                          \
     STORE(0, 4, c04) STORE(0, 5, c05) STORE(0, 6, c06) STORE(0, 7, c07)                          \
 }
 
 #define LF_DP_BF16(c, w, x) _mm512_dpbf16_ps((c), (__m512bh) (w), (__m512bh) (x))
-#define LF_DP_INT8(c, w, x) _mm512_dpbusd_epi32((c), (x), (w))
 #define LF_STORE_BF16(r, q, v) {                                                                \
         const int j0 = 16 * (b + (q)), left = W->n - j0;                                        \
         const __mmask16 mk = left >= 16 ? (__mmask16) 0xFFFF : (__mmask16) ((1u << left) - 1u); \
@@ -617,8 +616,15 @@ ATTR void lf_##SUF##_tile_hot18(const lf_lp_mat* W, const ET* a, size_t lda, con
         __m512 sc = _mm512_mul_ps(_mm512_set1_ps(sx[r]), _mm512_loadu_ps(W->scale + j0));       \
         _mm512_mask_storeu_ps(out + (r) * ldo + j0, mk, _mm512_mul_ps(f, sc)); }
 LF_HOT44(bf16, LF_BF16_ATTR, uint16_t, __m512, _mm512_setzero_ps(), LF_DP_BF16, 2, LF_STORE_BF16)
-LF_HOT18(bf16, LF_BF16_ATTR, uint16_t, __m512, _mm512_setzero_ps(), LF_DP_BF16, 2, LF_STORE_BF16)
-LF_HOT18(int8, LF_VNNI_ATTR, uint8_t, __m512i, _mm512_setzero_si512(), LF_DP_INT8, 4, LF_STORE_INT8)
+/* the accumulation of the batch-1 tile as a statement: bfloat16 by intrinsic; int8 as inline
+   assembly on the named accumulator, as lf_int8v_* below: with the intrinsic gcc 12 copied all
+   eight accumulators to other registers and back on every step of k (16 moves beside 8
+   products in the loop). Integer sums: the same bits either way. */
+#define LF_ACC_BF16(c, w, x) (c) = LF_DP_BF16((c), (w), (x));
+#define LF_ACC_INT8(c, w, x) { const __m512i w_ = (w);                                           \
+        __asm__("vpdpbusd %1, %2, %0" : "+v"(c) : "v"(w_), "v"(x)); }
+LF_HOT18(bf16, LF_BF16_ATTR, uint16_t, __m512, _mm512_setzero_ps(), LF_ACC_BF16, 2, LF_STORE_BF16)
+LF_HOT18(int8, LF_VNNI_ATTR, uint8_t, __m512i, _mm512_setzero_si512(), LF_ACC_INT8, 4, LF_STORE_INT8)
 
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) static void
 lf_lp_gemm_bf16_avx512(const lf_lp_mat* W, int rows, const void* A, size_t lda, int b0, int b1,
