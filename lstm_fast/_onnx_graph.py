@@ -2,6 +2,7 @@
 evaluator and its operator table, export, and the LSTM nodes of (larger) graphs. It sits below the
 model classes, which it never imports: `to_lstm` is given the class to build."""
 import dataclasses
+import threading
 
 import numpy as np
 
@@ -548,6 +549,9 @@ _op("LogSoftmax")(_softmax_op(True))
 
 # operators never evaluated at load even when their inputs are constants
 _RUN_TIME_ONLY = {("", "LSTM")}
+# nor reused between runs as functions of the input shapes (Session._static_plan)
+_SHAPE_STATIC_NEVER = {("", "LSTM"), ("com.microsoft", "DynamicQuantizeLSTM")}
+STATIC_CACHE_SHAPES = 16    # input shapes whose shape-derived values a session keeps
 
 
 def _domain(node):
@@ -604,6 +608,30 @@ class Session:
             else:
                 self._plan.append((node, OPS[key], _attrs(node)))
         self._consts = consts
+        # Nodes computed from the inputs' shapes alone (Shape of an input, then shape arithmetic
+        # and ConstantOfShape on constants: what torch's exporter writes for zero initial
+        # states): evaluated once per tuple of input shapes and dtypes, then reused. Those
+        # seven nodes cost more than ONNX Runtime's whole batch-1 call of a quantized LSTM.
+        input_names = {i.name for i in self._inputs}
+        static = set()
+        self._static_plan, self._dynamic_plan = [], []
+        for step in self._plan:
+            node = step[0]
+            args = [n for n in node.input if n]
+            if node.op_type == "Shape" and _domain(node) == "" and args and args[0] in input_names:
+                is_static = True
+            else:
+                is_static = ((_domain(node), node.op_type) not in _SHAPE_STATIC_NEVER
+                             and all(n in consts or n in static for n in args))
+            if is_static:
+                static.update(n for n in node.output if n)
+                self._static_plan.append(step)
+            else:
+                self._dynamic_plan.append(step)
+        self._static_names = static
+        self._const_roots = {_memory_root(a) for a in consts.values() if isinstance(a, np.ndarray)}
+        self._static_cache = {}
+        self._static_lock = threading.Lock()
 
     def get_inputs(self):
         """The graph inputs to feed (name, shape as declared)."""
@@ -639,7 +667,24 @@ class Session:
                 arr = arr.view()
                 arr.flags.writeable = False
             values[k] = arr
-        for node, fn, attrs in self._plan:
+        if self._static_plan:
+            key = tuple((k, values[k].shape, values[k].dtype.str) for k in sorted(input_feed))
+            with self._static_lock:
+                cached = self._static_cache.get(key)
+            if cached is None:
+                for node, fn, attrs in self._static_plan:
+                    outs = self._run_node(node, [values[n] if n else None for n in node.input], fn,
+                                          attrs)
+                    values.update((n, o) for n, o in zip(node.output, outs) if n)
+                cached = {n: values[n] for n in self._static_names}
+                for arr in cached.values():
+                    arr.flags.writeable = False    # shared by later runs: no node may write it
+                with self._static_lock:
+                    if len(self._static_cache) >= STATIC_CACHE_SHAPES:
+                        self._static_cache.pop(next(iter(self._static_cache)))
+                    self._static_cache[key] = cached
+            values.update(cached)
+        for node, fn, attrs in self._dynamic_plan:
             outs = self._run_node(node, [values[n] if n else None for n in node.input], fn, attrs)
             values.update((n, o) for n, o in zip(node.output, outs) if n)
         return values
@@ -652,14 +697,26 @@ class Session:
         if missing:
             raise ValueError(f"unknown outputs {missing}; the graph has {self._outputs}")
         values = self._evaluate(input_feed)
-        shared = [np.asarray(x) for x in input_feed.values()] + list(self._consts.values())
+        # the memory of a feed or constant is never handed out: an output whose array (or the
+        # array it views) is one of theirs is copied (np.may_share_memory against every
+        # constant cost 0.6 us a pair, ~30 us a run of a quantized LSTM graph)
+        shared = self._const_roots | {_memory_root(x) for x in input_feed.values()
+                                      if isinstance(x, np.ndarray)}
         out = []
         for n in names:
             value = values[n]
-            if any(np.may_share_memory(value, s) for s in shared):
+            if n in self._static_names or _memory_root(value) in shared:
                 value = value.copy()
             out.append(np.ascontiguousarray(value))
         return out
+
+
+def _memory_root(a):
+    """The object that owns an array's memory (the end of its chain of bases): arrays made from
+    one another by numpy share memory only if their roots are the same object."""
+    while isinstance(a, np.ndarray) and a.base is not None:
+        a = a.base
+    return id(a)
 
 
 class _IO:

@@ -455,3 +455,77 @@ def test_from_onnx_node_refusals(attrs, extra, match):
     with pytest.raises(ValueError, match=match):
         lf.LSTM.from_onnx(model)
     assert match.split()[0] in lf.onnx.lstm_nodes(model)[0].refusal
+
+
+def test_shape_derived_nodes_run_once_per_input_shape():
+    # torch's export of an LSTM without initial states computes zero states from Shape(X): those
+    # nodes are evaluated once per input shape and reused; a new batch size gets its own values
+    m = torch.nn.LSTM(I, H, num_layers=2).eval()
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(m, (torch.randn(T0, B0, I),), buf, input_names=["x"],
+                          output_names=["y", "h", "c"], dynamic_axes={"x": {0: "T", 1: "B"}},
+                          dynamo=False)
+    sess = lf.onnx.load(buf.getvalue())
+    ref = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
+    assert {n.op_type for n, _, _ in sess._static_plan} >= {"Shape", "ConstantOfShape"}
+    assert all(n.op_type != "LSTM" for n, _, _ in sess._static_plan)
+    rng = np.random.default_rng(0)
+    for batch in (B0, B1, B0, 1):
+        x = rng.standard_normal((T1, batch, I)).astype(np.float32)
+        got = sess.run(None, {"x": x})
+        for g, w in zip(got, ref.run(None, {"x": x})):
+            assert g.shape == w.shape
+            assert_allclose(g, w, **TOL)
+        # the same bits as a session that has seen no other shape
+        for g, w in zip(got, lf.onnx.load(buf.getvalue()).run(None, {"x": x})):
+            np.testing.assert_array_equal(g, w)
+    assert len(sess._static_cache) == 3          # batches B0, B1 and 1
+
+
+def test_a_shape_derived_output_is_a_new_array_every_run():
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Shape", ["x"], ["s"]),
+         helper.make_node("ConstantOfShape", ["s"], ["z"],
+                          value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.0]))],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None])],
+        [helper.make_tensor_value_info("s", TensorProto.INT64, [2]),
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, [None, None])])
+    sess = lf.onnx.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    x = np.ones((2, 3), np.float32)
+    s, z = sess.run(None, {"x": x})
+    s[0], z[0, 0] = 99, 5.0                      # the caller's arrays: writable, not the cache's
+    s2, z2 = sess.run(None, {"x": x})
+    np.testing.assert_array_equal(s2, [2, 3])
+    np.testing.assert_array_equal(z2, np.zeros((2, 3), np.float32))
+
+
+def test_outputs_never_share_memory_with_the_feeds_or_the_constants():
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.arange(6, dtype=np.float32).reshape(2, 3)
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["same"]),
+         helper.make_node("Reshape", ["x", "flat"], ["view"]),
+         helper.make_node("Identity", ["w"], ["weights"]),
+         helper.make_node("Add", ["x", "w"], ["sum"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
+         for n in ("same", "view", "weights", "sum")],
+        initializer=[numpy_helper.from_array(w, "w"),
+                     numpy_helper.from_array(np.array([6], np.int64), "flat")])
+    sess = lf.onnx.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    x = np.ones((2, 3), np.float32)
+    outs = sess.run(None, {"x": x})
+    for o in outs:
+        assert not np.shares_memory(o, x)
+        o[...] = -1                                   # the caller's own arrays
+    np.testing.assert_array_equal(x, np.ones((2, 3), np.float32))
+    same, view, weights, total = sess.run(None, {"x": x})
+    np.testing.assert_array_equal(same, x)
+    np.testing.assert_array_equal(view, x.reshape(6))
+    np.testing.assert_array_equal(weights, w)
+    np.testing.assert_array_equal(total, x + w)
