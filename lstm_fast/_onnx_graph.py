@@ -583,8 +583,9 @@ class Session:
     ``sess.run(output_names, feeds)``.
 
     Made by ``lstm_fast.onnx.load``. Weights may be initializers or graph inputs. Nodes whose
-    inputs are all constant are evaluated once here; the others (the LSTM nodes and whatever
-    depends on the inputs or their shapes) at every ``run``.
+    inputs are all constant are evaluated once here; nodes computed from the inputs' shapes
+    alone (such as the zero initial states of torch's export) once per tuple of input shapes;
+    the others (the LSTM nodes and whatever depends on the inputs' values) at every ``run``.
     """
 
     def __init__(self, model):
