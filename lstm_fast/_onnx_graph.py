@@ -65,7 +65,7 @@ def _specs(activations, alphas, betas, n_dirs, clip, input_forget):
 
 def lstm(X, W, R, B=None, sequence_lens=None, initial_h=None, initial_c=None, P=None, *,
          hidden_size=None, direction="forward", layout=0, clip=None, input_forget=0,
-         activations=None, activation_alpha=None, activation_beta=None):
+         activations=None, activation_alpha=None, activation_beta=None, _weights_cache=None):
     """The ONNX ``LSTM`` operator: returns ``(Y, Y_h, Y_c)`` with the operator's shapes.
 
     Parameters follow the operator spec (inputs positional, attributes keyword):
@@ -94,28 +94,44 @@ def lstm(X, W, R, B=None, sequence_lens=None, initial_h=None, initial_c=None, P=
         raise ValueError(f"X must be 3-D, got shape {X.shape}")
     x = np.ascontiguousarray(X.transpose(1, 0, 2) if layout else X)
     seq_len, batch, input_size = x.shape
-    W = v.float_array(W, "W", dt)
-    R = v.float_array(R, "R", dt)
-    hidden = R.shape[-1] if R.ndim == 3 else -1
+    key = (id(W), id(R), id(B), id(P), dt.str, n_dirs)   # _lstm_key
+    cached = _weights_cache.get(key) if _weights_cache is not None else None
+    if cached is None:
+        given = (W, R, B, P)   # kept with the entry: their ids are not reused while it lives
+        W = v.float_array(W, "W", dt)
+        R = v.float_array(R, "R", dt)
+        hidden = R.shape[-1] if R.ndim == 3 else -1
+        v.shape(R, (n_dirs, 4 * hidden, hidden), "R", "num_directions, 4*hidden_size, hidden_size")
+        if B is None:
+            bias = np.zeros((n_dirs, 4 * hidden), dt)
+        else:
+            B = v.float_array(B, "B", dt)
+            v.shape(B, (n_dirs, 8 * hidden), "B", "num_directions, 8*hidden_size")
+            bias = B[:, :4 * hidden] + B[:, 4 * hidden:]
+        w_ih = _reorder_gates(W, TORCH_FROM_ONNX, hidden)
+        w_hh = _reorder_gates(R, TORCH_FROM_ONNX, hidden)
+        bias = _reorder_gates(bias, TORCH_FROM_ONNX, hidden)
+        peephole = None
+        if P is not None:
+            P = v.float_array(P, "P", dt)
+            v.shape(P, (n_dirs, 3 * hidden), "P", "num_directions, 3*hidden_size")
+            p_i, p_o, p_f = P[:, :hidden], P[:, hidden:2 * hidden], P[:, 2 * hidden:]
+            peephole = np.ascontiguousarray(np.concatenate([p_i, p_f, p_o], axis=1))
+        cached = [given, W, hidden, w_ih, w_hh, bias, peephole, None]
+        if _weights_cache is not None:
+            _weights_cache[key] = cached
+    _, W, hidden, w_ih, w_hh, bias, peephole, packed = cached
     if hidden_size is not None and hidden_size != hidden:
-        raise ValueError(f"hidden_size={hidden_size} but R has shape {R.shape}")
+        raise ValueError(f"hidden_size={hidden_size} but R has shape {np.shape(R)}")
     v.shape(W, (n_dirs, 4 * hidden, input_size), "W", "num_directions, 4*hidden_size, input_size")
-    v.shape(R, (n_dirs, 4 * hidden, hidden), "R", "num_directions, 4*hidden_size, hidden_size")
-    if B is None:
-        bias = np.zeros((n_dirs, 4 * hidden), dt)
-    else:
-        B = v.float_array(B, "B", dt)
-        v.shape(B, (n_dirs, 8 * hidden), "B", "num_directions, 8*hidden_size")
-        bias = B[:, :4 * hidden] + B[:, 4 * hidden:]
-    w_ih = _reorder_gates(W, TORCH_FROM_ONNX, hidden)
-    w_hh = _reorder_gates(R, TORCH_FROM_ONNX, hidden)
-    bias = _reorder_gates(bias, TORCH_FROM_ONNX, hidden)
-    peephole = None
-    if P is not None:
-        P = v.float_array(P, "P", dt)
-        v.shape(P, (n_dirs, 3 * hidden), "P", "num_directions, 3*hidden_size")
-        p_i, p_o, p_f = P[:, :hidden], P[:, hidden:2 * hidden], P[:, 2 * hidden:]
-        peephole = np.ascontiguousarray(np.concatenate([p_i, p_f, p_o], axis=1))
+    if packed is None and _weights_cache is not None and dt == np.float32:
+        # a session's constant weights: packed once for the float32 kernel, as a frozen
+        # model's are (False where the packed kernel does not run)
+        from . import _forward
+
+        packed = _forward.pack_weights(w_ih, w_hh, np.zeros((n_dirs, 0, hidden), np.float32))
+        cached[7] = packed = False if packed is None else packed
+    packed = packed if packed is not False else None
     h, c = _initial_states(initial_h, initial_c, n_dirs, batch, hidden, layout, dt)
     lengths, order = _sequence_lengths(sequence_lens, batch, seq_len)
     if clip is not None and not clip > 0:
@@ -127,7 +143,7 @@ def lstm(X, W, R, B=None, sequence_lens=None, initial_h=None, initial_c=None, P=
     with BLAS_SINGLE:
         if n_dirs == 1 or specs[0] == specs[1]:
             run_layer(x, w_ih, w_hh, bias, None, order, lengths, h, c, y, n_threads,
-                      reverse=reverse, peephole=peephole, spec=specs[0])
+                      reverse=reverse, peephole=peephole, spec=specs[0], prepacked=packed)
         else:   # each direction has its own activations: one kernel call per direction
             y_d = np.zeros((seq_len, batch, hidden), dt)
             for d in range(n_dirs):
@@ -240,6 +256,15 @@ class _Context:
     def __init__(self, opset):
         self.opset = opset
         self.packs = {}   # per node, weights packed once for the session (_quantized_packs)
+        self.const_ids = frozenset()   # the session's constants: only their packs are kept
+
+    def cache_for(self, *arrays):
+        """The session's pack cache when every one of `arrays` (None: absent) is one of its
+        constants, else None: a fed weight is a new array object every run, and keeping its
+        packs would grow the cache without end."""
+        if all(a is None or id(a) in self.const_ids for a in arrays):
+            return self.packs
+        return None
 
 
 def _ints(value):
@@ -254,6 +279,12 @@ def _axes(args, attrs):
     return None if axes is None else [int(i) for i in axes]
 
 
+def _lstm_key(X, W, R, B, P, a):
+    """lstm()'s key of a node's prepared weights in the session's cache."""
+    return (id(W), id(R), id(B), id(P), np.asarray(X).dtype.str,
+            DIRECTIONS.get(_decode(a.get("direction", b"forward")), 0))
+
+
 @_op("LSTM")
 def _op_lstm(args, a, ctx):
     X, W, R, B, seq, h0, c0, P = list(args) + [None] * (8 - len(args))
@@ -264,7 +295,9 @@ def _op_lstm(args, a, ctx):
                 direction=_decode(a.get("direction", b"forward")), layout=a.get("layout", 0),
                 clip=a.get("clip"), input_forget=a.get("input_forget", 0),
                 activations=_decode(a.get("activations")), activation_alpha=a.get("activation_alpha"),
-                activation_beta=a.get("activation_beta"))
+                activation_beta=a.get("activation_beta"),
+                _weights_cache=ctx.packs if _lstm_key(X, W, R, B, P, a) in ctx.packs
+                else ctx.cache_for(W, R, B, P))
 
 
 def _int8_weights(q, zero_point, scale, name, n_dirs, rows, cols, hidden):
@@ -310,9 +343,14 @@ def _quantized_packs(W, R, B, W_scale, W_zp, R_scale, R_zp, hidden, n_dirs, inpu
 
     arrays = (W, R, B, W_scale, W_zp, R_scale, R_zp)
     key = tuple(id(a) for a in arrays)
-    cache = ctx.packs if ctx is not None else {}
-    if key in cache:
-        return cache[key][1]
+    if ctx is not None:
+        # an entry keeps its arrays alive, so no other live object has an id of its key
+        hit = ctx.packs.get(key)
+        if hit is not None:
+            return hit[1]
+    cache = (ctx.cache_for(*arrays) if ctx is not None else None)
+    if cache is None:
+        cache = {}
     qi, si = _int8_weights(W, W_zp, W_scale, "W", n_dirs, 4 * hidden, input_size, hidden)
     qh, sh = _int8_weights(R, R_zp, R_scale, "R", n_dirs, 4 * hidden, hidden, hidden)
     if B is None:
@@ -599,6 +637,8 @@ class Session:
         self._ctx = _Context(_opset(model))
         consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
         self._inputs = [i for i in graph.input if i.name not in consts]
+        self._input_names = [i.name for i in self._inputs]
+        self._input_set = frozenset(self._input_names)
         self._outputs = [o.name for o in graph.output]
         self._plan = []
         for node in graph.node:
@@ -609,6 +649,7 @@ class Session:
             else:
                 self._plan.append((node, OPS[key], _attrs(node)))
         self._consts = consts
+        self._ctx.const_ids = frozenset(id(a) for a in consts.values())
         # Nodes computed from the inputs' shapes alone (Shape of an input, then shape arithmetic
         # and ConstantOfShape on constants: what torch's exporter writes for zero initial
         # states): evaluated once per tuple of input shapes and dtypes, then reused. Those
@@ -652,13 +693,13 @@ class Session:
         return [np.asarray(o) for o in outs]
 
     def _evaluate(self, input_feed):
-        names = [i.name for i in self._inputs]
+        names = self._input_names
         if not hasattr(input_feed, "items"):
             raise TypeError(f"the feeds must be a dict of input name -> array, got {type(input_feed).__name__}")
         for name in names:
             if name not in input_feed:
                 raise ValueError(f"missing input {name!r}; the graph takes {names}")
-        unknown = set(input_feed) - set(names)
+        unknown = set(input_feed) - self._input_set
         if unknown:
             raise ValueError(f"unknown inputs {sorted(unknown)}; the graph takes {names}")
         values = dict(self._consts)

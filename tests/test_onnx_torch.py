@@ -529,3 +529,44 @@ def test_outputs_never_share_memory_with_the_feeds_or_the_constants():
     np.testing.assert_array_equal(view, x.reshape(6))
     np.testing.assert_array_equal(weights, w)
     np.testing.assert_array_equal(total, x + w)
+
+
+def _lstm_graph(weights_fed):
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    W = rng.standard_normal((1, 4 * H, I)).astype(np.float32) * 0.3
+    R = rng.standard_normal((1, 4 * H, H)).astype(np.float32) * 0.3
+    Bb = rng.standard_normal((1, 8 * H)).astype(np.float32) * 0.1
+    fed = ["W", "R", "B"] if weights_fed else []
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None, I])]
+    inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(a.shape))
+               for n, a in zip(fed, (W, R, Bb))]
+    inits = [] if weights_fed else [numpy_helper.from_array(a, n) for n, a in zip("WRB", (W, R, Bb))]
+    graph = helper.make_graph([helper.make_node("LSTM", ["x", "W", "R", "B"], ["y"], hidden_size=H)],
+                              "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)]), (W, R, Bb)
+
+
+def test_constant_lstm_weights_are_prepared_once_per_session_with_the_same_bits():
+    model, (W, R, Bb) = _lstm_graph(weights_fed=False)
+    sess = lf.onnx.load(model)
+    x = np.random.default_rng(4).standard_normal((T1, B1, I)).astype(np.float32)
+    first = sess.run(None, {"x": x})[0]
+    assert len(sess._ctx.packs) == 1
+    again = sess.run(None, {"x": x})[0]
+    assert len(sess._ctx.packs) == 1
+    direct = lf.onnx.lstm(x, W, R, Bb, hidden_size=H)[0]   # the operator, nothing kept
+    np.testing.assert_array_equal(first, direct)
+    np.testing.assert_array_equal(again, direct)
+
+
+def test_fed_lstm_weights_are_never_kept():
+    model, (W, R, Bb) = _lstm_graph(weights_fed=True)
+    sess = lf.onnx.load(model)
+    x = np.random.default_rng(5).standard_normal((T1, B1, I)).astype(np.float32)
+    for scale in (1.0, 0.5, 2.0):                 # new weights every run: each is used as fed
+        got = sess.run(None, {"x": x, "W": W * scale, "R": R, "B": Bb})[0]
+        np.testing.assert_array_equal(got, lf.onnx.lstm(x, W * scale, R, Bb, hidden_size=H)[0])
+    assert len(sess._ctx.packs) == 0
