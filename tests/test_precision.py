@@ -549,3 +549,23 @@ def test_forced_amx_path_asks_for_the_tile_state_first():
                          timeout=300)
     assert res.returncode == 0, (res.returncode, res.stderr)
     assert res.stdout.strip() == "(3, 2, 16)"
+
+
+@pytest.mark.parametrize("precision", REDUCED)
+@pytest.mark.parametrize("kw", [{"bidirectional": True}, {"proj_size": 96}, {"num_layers": 2}],
+                         ids=["bidir", "proj", "2layer"])
+def test_rows_split_between_threads_give_the_one_thread_bits(precision, kw, rng):
+    # 40 rows on two threads: each thread owns 20 rows for the whole recurrence (no barrier a
+    # step); the first 16 calls of a shape try one thread, then both (lf_split.h), so 20 calls
+    # include split ones. Lengths: the two shares run out at different steps.
+    _, m = torch_model(64, 128, **kw)      # work enough for two threads (threads_rec)
+    f = m.freeze(precision=precision)
+    x = rng.standard_normal((9, 40, 64)).astype(np.float32)
+    lengths = rng.integers(1, 10, size=40)
+    lengths[0] = 9
+    with lf.threads(1):
+        want = flat(f(x, lengths=lengths))
+    with lf.threads(2):
+        for _ in range(20):
+            for a, b in zip(want, flat(f(x, lengths=lengths))):
+                np.testing.assert_array_equal(a, b)
