@@ -1262,6 +1262,41 @@ static inline void lf_lp_quant_h(const lf_lp_layer* L, const lf_lp_ws* W, int d,
                          (uint8_t*) W->ha + ((size_t) d * L->B + i) * kp_hh * es, W->hs + d * L->B + i);
 }
 
+/* step s's cell update of the row at position i of direction d; then its h quantized for the
+   projection product (with a projection) or copied to y and quantized for the next step */
+static inline void lf_lp_cell_row(const lf_lp_layer* L, const lf_lp_ws* W, int s, int d, int i) {
+    const int B = L->B, H = L->H, Hout = L->Hout, P = L->P, G = 4 * H, D = L->D;
+    const size_t TB = (size_t) L->T * B, es = lf_lp_elem(L->kind);
+    const Py_ssize_t b = L->order[i];
+    const Py_ssize_t t = d == 0 ? s : L->lengths[b] - 1 - s;
+    float* c = L->c + ((size_t) d * B + b) * H;
+    float* hrow = P ? W->hraw + ((size_t) d * B + i) * H : L->h + ((size_t) d * B + b) * Hout;
+    L->cell(H, W->gh + ((size_t) d * B + i) * G, W->gx + ((size_t) d * TB + t * B + b) * G,
+            L->bias + (size_t) d * G, c, hrow);
+    if (P) {
+        const int kp_hr = L->hr[0]->kp;
+        lf_lp_quant_row_fast(L->path, L->kind, H, kp_hr, hrow,
+                             (uint8_t*) W->pa + ((size_t) d * B + i) * kp_hr * es, W->ps + d * B + i);
+    } else {
+        memcpy(L->y + ((size_t) t * B + b) * D * Hout + (size_t) d * Hout, hrow,
+               (size_t) Hout * sizeof(float));
+        lf_lp_quant_h(L, W, d, i);
+    }
+}
+
+/* with a projection: the projected h of the row at position i to the state and y, quantized
+   for the next step */
+static inline void lf_lp_proj_row(const lf_lp_layer* L, const lf_lp_ws* W, int s, int d, int i) {
+    const int B = L->B, Hout = L->Hout, D = L->D;
+    const Py_ssize_t b = L->order[i];
+    const Py_ssize_t t = d == 0 ? s : L->lengths[b] - 1 - s;
+    const float* src = W->hp + ((size_t) d * B + i) * Hout;
+    memcpy(L->h + ((size_t) d * B + b) * Hout, src, (size_t) Hout * sizeof(float));
+    memcpy(L->y + ((size_t) t * B + b) * D * Hout + (size_t) d * Hout, src,
+           (size_t) Hout * sizeof(float));
+    lf_lp_quant_h(L, W, d, i);
+}
+
 /* 2a. the recurrence of the rows at positions r0..r1 of the order, alone: a batch's rows never
    meet, so a thread that owns whole rows (their products over every gate column, their cells,
    their quantization) needs no barrier at all. Each output is the same sum whatever rows a call
@@ -1276,7 +1311,7 @@ static inline void lf_lp_quant_h(const lf_lp_layer* L, const lf_lp_ws* W, int d,
 static void lf_lp_rows_rec(const lf_lp_layer* L, const lf_lp_ws* W, int r0, int r1) {
     const int kind = L->kind, path = L->path, D = L->D, B = L->B, T = L->T, H = L->H;
     const int Hout = L->Hout, P = L->P, G = 4 * H;
-    const size_t TB = (size_t) T * B, es = lf_lp_elem(kind);
+    const size_t es = lf_lp_elem(kind);
     const int kp_hh = L->hh[0]->kp, kp_hr = P ? L->hr[0]->kp : 0;
     const int nb_g = L->hh[0]->nb, nb_p = P ? L->hr[0]->nb : 0;
     const int n_first = lf_lp_active(L, 0);
@@ -1293,23 +1328,8 @@ static void lf_lp_rows_rec(const lf_lp_layer* L, const lf_lp_ws* W, int r0, int 
                        (const uint8_t*) W->ha + ((size_t) d * B + r0) * kp_hh * es,
                        W->hs + d * B + r0, 0, nb_g, W->gh + ((size_t) d * B + r0) * G, (size_t) G);
         for (int d = 0; d < D; d++)
-            for (int i = r0; i < e; i++) {
-                const Py_ssize_t b = L->order[i];
-                const Py_ssize_t t = d == 0 ? s : L->lengths[b] - 1 - s;
-                float* c = L->c + ((size_t) d * B + b) * H;
-                float* hrow = P ? W->hraw + ((size_t) d * B + i) * H : L->h + ((size_t) d * B + b) * Hout;
-                L->cell(H, W->gh + ((size_t) d * B + i) * G, W->gx + ((size_t) d * TB + t * B + b) * G,
-                        L->bias + (size_t) d * G, c, hrow);
-                if (P) {
-                    lf_lp_quant_row_fast(path, kind, H, kp_hr, hrow,
-                                         (uint8_t*) W->pa + ((size_t) d * B + i) * kp_hr * es,
-                                         W->ps + d * B + i);
-                } else {
-                    memcpy(L->y + ((size_t) t * B + b) * D * Hout + (size_t) d * Hout, hrow,
-                           (size_t) Hout * sizeof(float));
-                    lf_lp_quant_h(L, W, d, i);
-                }
-            }
+            for (int i = r0; i < e; i++)
+                lf_lp_cell_row(L, W, s, d, i);
         if (P) {
             for (int d = 0; d < D; d++)
                 lf_lp_gemm(path, L->hr[d], e - r0,
@@ -1317,15 +1337,8 @@ static void lf_lp_rows_rec(const lf_lp_layer* L, const lf_lp_ws* W, int r0, int 
                            W->ps + d * B + r0, 0, nb_p, W->hp + ((size_t) d * B + r0) * Hout,
                            (size_t) Hout);
             for (int d = 0; d < D; d++)
-                for (int i = r0; i < e; i++) {
-                    const Py_ssize_t b = L->order[i];
-                    const Py_ssize_t t = d == 0 ? s : L->lengths[b] - 1 - s;
-                    const float* src = W->hp + ((size_t) d * B + i) * Hout;
-                    memcpy(L->h + ((size_t) d * B + b) * Hout, src, (size_t) Hout * sizeof(float));
-                    memcpy(L->y + ((size_t) t * B + b) * D * Hout + (size_t) d * Hout, src,
-                           (size_t) Hout * sizeof(float));
-                    lf_lp_quant_h(L, W, d, i);
-                }
+                for (int i = r0; i < e; i++)
+                    lf_lp_proj_row(L, W, s, d, i);
         }
     }
 }
@@ -1338,7 +1351,7 @@ static void lf_lp_rows_rec(const lf_lp_layer* L, const lf_lp_ws* W, int r0, int 
 static void lf_lp_layer_rec(const lf_lp_layer* L, const lf_lp_ws* W) {
     const int kind = L->kind, path = L->path, D = L->D, B = L->B, T = L->T, H = L->H;
     const int Hout = L->Hout, P = L->P, G = 4 * H;
-    const size_t TB = (size_t) T * B, es = lf_lp_elem(kind);
+    const size_t es = lf_lp_elem(kind);
     const int kp_hh = L->hh[0]->kp, kp_hr = P ? L->hr[0]->kp : 0;
     const int nb_g = L->hh[0]->nb, nb_p = P ? L->hr[0]->nb : 0;
     const int n_groups = (nb_g + LF_LP_ITEM_BLOCKS - 1) / LF_LP_ITEM_BLOCKS;
@@ -1377,23 +1390,8 @@ static void lf_lp_layer_rec(const lf_lp_layer* L, const lf_lp_ws* W) {
         }
         lf_barrier_wait(bar, team);
         #pragma omp for schedule(static) nowait
-        for (int it = 0; it < D * n_act; it++) {
-            const int d = it / n_act, i = it % n_act;
-            const Py_ssize_t b = L->order[i];
-            const Py_ssize_t t = d == 0 ? s : L->lengths[b] - 1 - s;
-            float* c = L->c + ((size_t) d * B + b) * H;
-            float* hrow = P ? W->hraw + ((size_t) d * B + i) * H : L->h + ((size_t) d * B + b) * Hout;
-            L->cell(H, W->gh + ((size_t) d * B + i) * G, W->gx + ((size_t) d * TB + t * B + b) * G,
-                    L->bias + (size_t) d * G, c, hrow);
-            if (P) {
-                lf_lp_quant_row_fast(path, kind, H, kp_hr, hrow,
-                                (uint8_t*) W->pa + ((size_t) d * B + i) * kp_hr * es, W->ps + d * B + i);
-            } else {
-                memcpy(L->y + ((size_t) t * B + b) * D * Hout + (size_t) d * Hout, hrow,
-                       (size_t) Hout * sizeof(float));
-                lf_lp_quant_h(L, W, d, i);
-            }
-        }
+        for (int it = 0; it < D * n_act; it++)
+            lf_lp_cell_row(L, W, s, it / n_act, it % n_act);
         lf_barrier_wait(bar, team);
         if (P) {
             #pragma omp for schedule(static) nowait
@@ -1406,16 +1404,8 @@ static void lf_lp_layer_rec(const lf_lp_layer* L, const lf_lp_ws* W) {
             }
             lf_barrier_wait(bar, team);
             #pragma omp for schedule(static) nowait
-            for (int it = 0; it < D * n_act; it++) {
-                const int d = it / n_act, i = it % n_act;
-                const Py_ssize_t b = L->order[i];
-                const Py_ssize_t t = d == 0 ? s : L->lengths[b] - 1 - s;
-                const float* src = W->hp + ((size_t) d * B + i) * Hout;
-                memcpy(L->h + ((size_t) d * B + b) * Hout, src, (size_t) Hout * sizeof(float));
-                memcpy(L->y + ((size_t) t * B + b) * D * Hout + (size_t) d * Hout, src,
-                       (size_t) Hout * sizeof(float));
-                lf_lp_quant_h(L, W, d, i);
-            }
+            for (int it = 0; it < D * n_act; it++)
+                lf_lp_proj_row(L, W, s, it / n_act, it % n_act);
             lf_barrier_wait(bar, team);
         }
     }
