@@ -569,3 +569,20 @@ def test_rows_split_between_threads_give_the_one_thread_bits(precision, kw, rng)
         for _ in range(20):
             for a, b in zip(want, flat(f(x, lengths=lengths))):
                 np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("precision", REDUCED)
+def test_columns_split_between_threads_give_the_one_thread_bits(precision, rng):
+    # recurrent weights over 256 KB (bidirectional, H=256): the threads share each step's gate
+    # columns, with a barrier after the product and after the cells; lengths, 20 calls as above
+    _, m = torch_model(32, 256, bidirectional=True)
+    f = m.freeze(precision=precision)
+    x = rng.standard_normal((5, 24, 32)).astype(np.float32)
+    lengths = rng.integers(1, 6, size=24)
+    lengths[0] = 5
+    with lf.threads(1):
+        want = flat(f(x, lengths=lengths))
+    with lf.threads(2):
+        for _ in range(20):
+            for a, b in zip(want, flat(f(x, lengths=lengths))):
+                np.testing.assert_array_equal(a, b)
