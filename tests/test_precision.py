@@ -361,16 +361,8 @@ def test_step_gives_the_sequence_bits(precision, rng):
 def test_one_and_two_threads_give_the_same_bits(precision, shape, rng):
     T, B, I, H = shape
     _, m = torch_model(I, H, bidirectional=True)
-    f = m.freeze(precision=precision)
-    x = rng.standard_normal((T, B, I)).astype(np.float32)
-    lengths = rng.integers(1, T + 1, size=B)
-    lengths[0] = T
-    with lf.threads(1):
-        one = flat(f(x, lengths=lengths))
-    with lf.threads(2):
-        two = flat(f(x, lengths=lengths))
-    for a, b in zip(one, two):
-        np.testing.assert_array_equal(a, b)
+    # 20 calls: the first ones of a shape run on one thread (lf_split.h), later ones on two
+    _assert_twenty_two_thread_calls_match_one(m.freeze(precision=precision), (T, B, I), rng)
 
 
 @pytest.mark.parametrize("precision", REDUCED)
@@ -559,10 +551,14 @@ def test_rows_split_between_threads_give_the_one_thread_bits(precision, kw, rng)
     # step); the first 16 calls of a shape try one thread, then both (lf_split.h), so 20 calls
     # include split ones. Lengths: the two shares run out at different steps.
     _, m = torch_model(64, 128, **kw)      # work enough for two threads (threads_rec)
-    f = m.freeze(precision=precision)
-    x = rng.standard_normal((9, 40, 64)).astype(np.float32)
-    lengths = rng.integers(1, 10, size=40)
-    lengths[0] = 9
+    _assert_twenty_two_thread_calls_match_one(m.freeze(precision=precision), (9, 40, 64), rng)
+
+
+def _assert_twenty_two_thread_calls_match_one(f, shape, rng):
+    T, B, I = shape
+    x = rng.standard_normal((T, B, I)).astype(np.float32)
+    lengths = rng.integers(1, T + 1, size=B)
+    lengths[0] = T
     with lf.threads(1):
         want = flat(f(x, lengths=lengths))
     with lf.threads(2):
@@ -576,13 +572,4 @@ def test_columns_split_between_threads_give_the_one_thread_bits(precision, rng):
     # recurrent weights over 256 KB (bidirectional, H=256): the threads share each step's gate
     # columns, with a barrier after the product and after the cells; lengths, 20 calls as above
     _, m = torch_model(32, 256, bidirectional=True)
-    f = m.freeze(precision=precision)
-    x = rng.standard_normal((5, 24, 32)).astype(np.float32)
-    lengths = rng.integers(1, 6, size=24)
-    lengths[0] = 5
-    with lf.threads(1):
-        want = flat(f(x, lengths=lengths))
-    with lf.threads(2):
-        for _ in range(20):
-            for a, b in zip(want, flat(f(x, lengths=lengths))):
-                np.testing.assert_array_equal(a, b)
+    _assert_twenty_two_thread_calls_match_one(m.freeze(precision=precision), (5, 24, 32), rng)
