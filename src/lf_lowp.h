@@ -1359,7 +1359,7 @@ static void lf_lp_layer_rec(const lf_lp_layer* L, const lf_lp_ws* W) {
     /* OpenMP's barrier puts a waiting thread to sleep at once under lstm_fast's GOMP_SPINCOUNT
        default (docs/threads.md), a wake-up of tens of microseconds at every barrier */
     lf_barrier* bar = (lf_barrier*) &W->step_barrier;
-    const int team = lf_team_size();
+    const int team = lf_team_size(), rank = lf_team_rank();
     const size_t rec_bytes = (size_t) D * ((size_t) L->hh[0]->n * kp_hh
                                            + (P ? (size_t) L->hr[0]->n * kp_hr : 0)) * es;
     if (team > 1 && B >= team * LF_LP_CHUNK_MIN_ROWS && path != LF_PATH_AMX
@@ -1367,10 +1367,11 @@ static void lf_lp_layer_rec(const lf_lp_layer* L, const lf_lp_ws* W) {
         /* enough rows for every thread and small weights: each owns a contiguous share of
            rows (2a). AMX keeps the column split: its tiles take 16 rows, and its speed could
            not be measured here. */
-        const int rank = lf_team_rank();
         lf_lp_rows_rec(L, W, (int) ((long) B * rank / team), (int) ((long) B * (rank + 1) / team));
         return;
     }
+    const int item_lo = (int) ((long) D * n_groups * rank / team);
+    const int item_hi = (int) ((long) D * n_groups * (rank + 1) / team);
     const int n_first = lf_lp_active(L, 0);
     #pragma omp for schedule(static) nowait
     for (int it = 0; it < D * n_first; it++)
@@ -1380,8 +1381,11 @@ static void lf_lp_layer_rec(const lf_lp_layer* L, const lf_lp_ws* W) {
         const int n_act = lf_lp_active(L, s);
         if (n_act == 0)
             break;
-        #pragma omp for schedule(static) nowait
-        for (int it = 0; it < D * n_groups; it++) {
+        /* each thread's share of the column groups, walked backwards on odd steps: the groups
+           the previous step read last are still in L1 (as lf_pgemv_dir does for float32); an
+           output's sum does not depend on the order */
+        for (int k = item_lo; k < item_hi; k++) {
+            const int it = s & 1 ? item_lo + item_hi - 1 - k : k;
             const int d = it / n_groups, g = it % n_groups;
             const int b0 = g * LF_LP_ITEM_BLOCKS;
             const int b1 = b0 + LF_LP_ITEM_BLOCKS < nb_g ? b0 + LF_LP_ITEM_BLOCKS : nb_g;
