@@ -18,7 +18,7 @@ import numpy.typing as npt
 Array = npt.NDArray[Any]
 State = tuple[Array, Array]
 
-from . import _forward, _io, _lowp, _onnx_graph, _step, _threading, _threads, _train
+from . import _aligned, _forward, _io, _lowp, _onnx_graph, _step, _threading, _threads, _train
 from . import _validate as v
 from ._core import BLAS_SINGLE, _empty, _full_lengths, _load_named, run_layer
 
@@ -150,11 +150,12 @@ class LSTM:
     def _allocate(self):
         D, H, P = self.num_directions, self.hidden_size, self.proj_size
         dt = self.dtype
-        self._w_ih = [np.zeros((D, 4 * H, self._layer_input_size(k)), dt) for k in range(self.num_layers)]
-        self._w_hh = [np.zeros((D, 4 * H, self.hidden_out), dt) for _ in range(self.num_layers)]
-        self._b_ih = [np.zeros((D, 4 * H), dt) for _ in range(self.num_layers)] if self.bias else None
-        self._b_hh = [np.zeros((D, 4 * H), dt) for _ in range(self.num_layers)] if self.bias else None
-        self._w_hr = [np.zeros((D, P, H), dt) for _ in range(self.num_layers)] if P else None
+        self._w_ih = [_aligned.zeros((D, 4 * H, self._layer_input_size(k)), dt)
+                      for k in range(self.num_layers)]
+        self._w_hh = [_aligned.zeros((D, 4 * H, self.hidden_out), dt) for _ in range(self.num_layers)]
+        self._b_ih = [_aligned.zeros((D, 4 * H), dt) for _ in range(self.num_layers)] if self.bias else None
+        self._b_hh = [_aligned.zeros((D, 4 * H), dt) for _ in range(self.num_layers)] if self.bias else None
+        self._w_hr = [_aligned.zeros((D, P, H), dt) for _ in range(self.num_layers)] if P else None
         self._params = {}
         for k in range(self.num_layers):
             for d in range(D):
@@ -688,11 +689,11 @@ class LSTMCell:
         self.bias = bool(bias)
         self.dtype = v.model_dtype(dtype)
         H = self.hidden_size
-        self._w_ih = np.zeros((1, 4 * H, self.input_size), self.dtype)
-        self._w_hh = np.zeros((1, 4 * H, H), self.dtype)
+        self._w_ih = _aligned.zeros((1, 4 * H, self.input_size), self.dtype)
+        self._w_hh = _aligned.zeros((1, 4 * H, H), self.dtype)
         self._params = {"weight_ih": self._w_ih[0], "weight_hh": self._w_hh[0]}
         if self.bias:
-            self._b = np.zeros((2, 4 * H), self.dtype)
+            self._b = _aligned.zeros((2, 4 * H), self.dtype)
             self._params["bias_ih"] = self._b[0]
             self._params["bias_hh"] = self._b[1]
         self.reset_parameters(seed)

@@ -48,6 +48,8 @@ from _gates cimport (CellSpec, cell_row_standard, cell_row_cached, cell_row_gene
                      tanh_, activate, lf_matvec_t_f32, lf_matvec_t_f64, lf_cell_units_simd)
 
 import numpy as np
+
+from lstm_fast._aligned import zeros as aligned_zeros
 cimport numpy as cnp
 
 cnp.import_array()
@@ -1198,9 +1200,7 @@ def pack_weights(const float[:, :, ::1] w_ih,         # IN  (D, 4H, I)
     L.split_packs = 0
     L.interleave = 0
     n = _packed_lens(&L)
-    buf = np.empty(n + 16, dtype=np.float32)
-    cdef Py_ssize_t skip = ((64 - (<size_t> cnp.PyArray_DATA(buf)) % 64) % 64) // 4
-    out = buf[skip:skip + n]
+    out = aligned_zeros(n, np.float32)
     cdef float* pk = <float*> cnp.PyArray_DATA(out)
     with nogil:
         for item in range(3 * D):          # what a call's packing writes (_forward_run)

@@ -7,6 +7,8 @@ has checked; h, c and y are written in place.
 from libc.stdint cimport int32_t, uint16_t, int8_t, uint8_t
 
 import numpy as np
+
+from lstm_fast._aligned import zeros as aligned_zeros
 cimport numpy as cnp
 
 from _gates cimport cell_row_standard
@@ -90,17 +92,6 @@ def path_ok(str precision, str path):
     return bool(lf_lp_path_ok(KINDS[precision], PATHS[path]))
 
 
-def _zeros64(Py_ssize_t n, dtype):
-    """n zeros of dtype at a 64-byte aligned address. The kernels read the packed weights 64
-    bytes at a time; numpy aligns to 16 bytes, and a misaligned pack split every such load over
-    two cache lines (bfloat16 (100,1,128,128) on the Xeon 6/207, one thread: 0.27 ms aligned,
-    0.28-0.51 ms by process before)."""
-    cdef Py_ssize_t size = np.dtype(dtype).itemsize
-    buf = np.zeros(n * size + 64, np.uint8)
-    cdef Py_ssize_t skip = (64 - (<size_t> cnp.PyArray_DATA(buf)) % 64) % 64
-    return buf[skip:skip + n * size].view(dtype)
-
-
 cdef class Packed:
     """One weight matrix (n, k) converted and packed once (see lf_lowp.h)."""
     cdef lf_lp_mat mat
@@ -126,7 +117,7 @@ cdef class Packed:
         cdef int kp = lf_lp_kp(kind, k)
         cdef int nb = (n + 15) // 16
         self.precision = precision
-        self.data = _zeros64(nb * 16 * kp, np.uint16 if kind == LF_LP_BF16 else np.int8)
+        self.data = aligned_zeros(nb * 16 * kp, np.uint16 if kind == LF_LP_BF16 else np.int8)
         self.scale = np.zeros(nb * 16, np.float32)
         self.corr = np.zeros(nb * 16, np.int32)
         cdef cnp.ndarray data = self.data

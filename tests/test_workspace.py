@@ -55,3 +55,27 @@ def test_reused_buffers_give_the_bits_of_fresh_ones():
     kept = _run(CODE.replace("sys.argv[1]", "2"), None)     # the second call reuses the buffers
     fresh = _run(CODE.replace("sys.argv[1]", "1"), "0")     # nothing kept: every buffer new
     assert kept == fresh
+
+
+def test_parameters_start_on_a_cache_line(tmp_path):
+    # the step's gemv and the packs load weight rows 64 bytes at a time; a parameter array 16
+    # bytes off a line split every load in two (step of LSTM(128, 128): 9.3 against 5.7 us)
+    import pickle
+
+    import numpy as np
+
+    import lstm_fast as lf
+    models = [lf.LSTM(20, 24, num_layers=2, bidirectional=True, seed=0),
+              lf.LSTM(8, 16, proj_size=5, dtype=np.float64, seed=1), lf.LSTMCell(12, 32, seed=2)]
+    models.append(models[0].freeze())
+    models.append(pickle.loads(pickle.dumps(models[1])))
+    models[0].save(tmp_path / "m.npz")
+    models.append(lf.load(tmp_path / "m.npz"))
+    for m in models:   # each array's start (a reverse direction's lies one direction further)
+        for name, p in m._params.items():
+            if not name.endswith("_reverse"):
+                assert p.ctypes.data % 64 == 0, (type(m).__name__, name)
+    # the arrays stay numpy's own: writable where the model's are, the dtype and shape asked for
+    w = lf._aligned.zeros((3, 5), np.float64)
+    assert w.shape == (3, 5) and w.dtype == np.float64 and w.flags.writeable and not w.any()
+    assert lf._aligned.zeros(0, np.float32).shape == (0,)
