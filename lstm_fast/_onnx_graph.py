@@ -63,6 +63,43 @@ def _specs(activations, alphas, betas, n_dirs, clip, input_forget):
     return specs
 
 
+class _Prepared:
+    """An LSTM node's weights in lstm_fast's gate order, checked; with `pack`, float32 ones also
+    packed for the float32 kernel, as a frozen model's are. Made once per session for constant
+    weights (lstm()'s _weights_cache); `given` keeps the caller's arrays alive, so that the ids
+    keying the entry are not reused while it lives."""
+
+    def __init__(self, W, R, B, P, dt, n_dirs, pack):
+        self.given = (W, R, B, P)
+        self.W = W = v.float_array(W, "W", dt)
+        R = v.float_array(R, "R", dt)
+        self.hidden = hidden = R.shape[-1] if R.ndim == 3 else -1
+        v.shape(R, (n_dirs, 4 * hidden, hidden), "R", "num_directions, 4*hidden_size, hidden_size")
+        v.shape(W, (n_dirs, 4 * hidden, W.shape[-1] if W.ndim == 3 else -1), "W",
+                "num_directions, 4*hidden_size, input_size")
+        if B is None:
+            bias = np.zeros((n_dirs, 4 * hidden), dt)
+        else:
+            B = v.float_array(B, "B", dt)
+            v.shape(B, (n_dirs, 8 * hidden), "B", "num_directions, 8*hidden_size")
+            bias = B[:, :4 * hidden] + B[:, 4 * hidden:]
+        self.w_ih = _reorder_gates(W, TORCH_FROM_ONNX, hidden)
+        self.w_hh = _reorder_gates(R, TORCH_FROM_ONNX, hidden)
+        self.bias = _reorder_gates(bias, TORCH_FROM_ONNX, hidden)
+        self.peephole = None
+        if P is not None:
+            P = v.float_array(P, "P", dt)
+            v.shape(P, (n_dirs, 3 * hidden), "P", "num_directions, 3*hidden_size")
+            p_i, p_o, p_f = P[:, :hidden], P[:, hidden:2 * hidden], P[:, 2 * hidden:]
+            self.peephole = np.ascontiguousarray(np.concatenate([p_i, p_f, p_o], axis=1))
+        self.packed = None     # None: the kernel packs per call (or runs BLAS)
+        if pack and dt == np.float32:
+            from . import _forward
+
+            self.packed = _forward.pack_weights(self.w_ih, self.w_hh,
+                                                np.zeros((n_dirs, 0, hidden), np.float32))
+
+
 def lstm(X, W, R, B=None, sequence_lens=None, initial_h=None, initial_c=None, P=None, *,
          hidden_size=None, direction="forward", layout=0, clip=None, input_forget=0,
          activations=None, activation_alpha=None, activation_beta=None, _weights_cache=None):
@@ -94,44 +131,17 @@ def lstm(X, W, R, B=None, sequence_lens=None, initial_h=None, initial_c=None, P=
         raise ValueError(f"X must be 3-D, got shape {X.shape}")
     x = np.ascontiguousarray(X.transpose(1, 0, 2) if layout else X)
     seq_len, batch, input_size = x.shape
-    key = (id(W), id(R), id(B), id(P), dt.str, n_dirs)   # _lstm_key
-    cached = _weights_cache.get(key) if _weights_cache is not None else None
-    if cached is None:
-        given = (W, R, B, P)   # kept with the entry: their ids are not reused while it lives
-        W = v.float_array(W, "W", dt)
-        R = v.float_array(R, "R", dt)
-        hidden = R.shape[-1] if R.ndim == 3 else -1
-        v.shape(R, (n_dirs, 4 * hidden, hidden), "R", "num_directions, 4*hidden_size, hidden_size")
-        if B is None:
-            bias = np.zeros((n_dirs, 4 * hidden), dt)
-        else:
-            B = v.float_array(B, "B", dt)
-            v.shape(B, (n_dirs, 8 * hidden), "B", "num_directions, 8*hidden_size")
-            bias = B[:, :4 * hidden] + B[:, 4 * hidden:]
-        w_ih = _reorder_gates(W, TORCH_FROM_ONNX, hidden)
-        w_hh = _reorder_gates(R, TORCH_FROM_ONNX, hidden)
-        bias = _reorder_gates(bias, TORCH_FROM_ONNX, hidden)
-        peephole = None
-        if P is not None:
-            P = v.float_array(P, "P", dt)
-            v.shape(P, (n_dirs, 3 * hidden), "P", "num_directions, 3*hidden_size")
-            p_i, p_o, p_f = P[:, :hidden], P[:, hidden:2 * hidden], P[:, 2 * hidden:]
-            peephole = np.ascontiguousarray(np.concatenate([p_i, p_f, p_o], axis=1))
-        cached = [given, W, hidden, w_ih, w_hh, bias, peephole, None]
+    key = (id(W), id(R), id(B), id(P), dt.str, n_dirs)
+    prep = _weights_cache.get(key) if _weights_cache is not None else None
+    if prep is None:
+        prep = _Prepared(W, R, B, P, dt, n_dirs, pack=_weights_cache is not None)
         if _weights_cache is not None:
-            _weights_cache[key] = cached
-    _, W, hidden, w_ih, w_hh, bias, peephole, packed = cached
+            _weights_cache[key] = prep
+    W, hidden, w_ih, w_hh, bias = prep.W, prep.hidden, prep.w_ih, prep.w_hh, prep.bias
+    peephole = prep.peephole
     if hidden_size is not None and hidden_size != hidden:
         raise ValueError(f"hidden_size={hidden_size} but R has shape {np.shape(R)}")
     v.shape(W, (n_dirs, 4 * hidden, input_size), "W", "num_directions, 4*hidden_size, input_size")
-    if packed is None and _weights_cache is not None and dt == np.float32:
-        # a session's constant weights: packed once for the float32 kernel, as a frozen
-        # model's are (False where the packed kernel does not run)
-        from . import _forward
-
-        packed = _forward.pack_weights(w_ih, w_hh, np.zeros((n_dirs, 0, hidden), np.float32))
-        cached[7] = packed = False if packed is None else packed
-    packed = packed if packed is not False else None
     h, c = _initial_states(initial_h, initial_c, n_dirs, batch, hidden, layout, dt)
     lengths, order = _sequence_lengths(sequence_lens, batch, seq_len)
     if clip is not None and not clip > 0:
@@ -143,7 +153,7 @@ def lstm(X, W, R, B=None, sequence_lens=None, initial_h=None, initial_c=None, P=
     with BLAS_SINGLE:
         if n_dirs == 1 or specs[0] == specs[1]:
             run_layer(x, w_ih, w_hh, bias, None, order, lengths, h, c, y, n_threads,
-                      reverse=reverse, peephole=peephole, spec=specs[0], prepacked=packed)
+                      reverse=reverse, peephole=peephole, spec=specs[0], prepacked=prep.packed)
         else:   # each direction has its own activations: one kernel call per direction
             y_d = np.zeros((seq_len, batch, hidden), dt)
             for d in range(n_dirs):
@@ -279,12 +289,6 @@ def _axes(args, attrs):
     return None if axes is None else [int(i) for i in axes]
 
 
-def _lstm_key(X, W, R, B, P, a):
-    """lstm()'s key of a node's prepared weights in the session's cache."""
-    return (id(W), id(R), id(B), id(P), np.asarray(X).dtype.str,
-            DIRECTIONS.get(_decode(a.get("direction", b"forward")), 0))
-
-
 @_op("LSTM")
 def _op_lstm(args, a, ctx):
     X, W, R, B, seq, h0, c0, P = list(args) + [None] * (8 - len(args))
@@ -295,9 +299,7 @@ def _op_lstm(args, a, ctx):
                 direction=_decode(a.get("direction", b"forward")), layout=a.get("layout", 0),
                 clip=a.get("clip"), input_forget=a.get("input_forget", 0),
                 activations=_decode(a.get("activations")), activation_alpha=a.get("activation_alpha"),
-                activation_beta=a.get("activation_beta"),
-                _weights_cache=ctx.packs if _lstm_key(X, W, R, B, P, a) in ctx.packs
-                else ctx.cache_for(W, R, B, P))
+                activation_beta=a.get("activation_beta"), _weights_cache=ctx.cache_for(W, R, B, P))
 
 
 def _int8_weights(q, zero_point, scale, name, n_dirs, rows, cols, hidden):
