@@ -222,6 +222,10 @@ def derive(description):
     - wide_fused_max_bytes: wide mode's steps project their own inputs (one pass a step over
       W_ih and W_hh) up to 4 x L2 of both (Xeon family 6 model 207: 8 MB faster, 32 MB slower
       than the up-front projection; on Zen 4 wide mode starts beyond it).
+    - lowp_rows_max_bytes: an int8/bfloat16 layer runs split by rows, each thread (or one alone,
+      from 16 rows) projecting its own inputs step by step, up to 3/4 of L2 of W_ih + W_hh (+ W_hr)
+      (Xeon family 6 model 207, 2 MiB L2, two threads: int8 0.85x-0.97x the time up to 1.5 MB,
+      1.05x at 2 MB; bfloat16 0.86x-0.95x up to 1.5 MB, 0.99x-1.01x at 2-2.3 MB).
     Missing sizes take the Zen 4 values."""
     l1d = description.get("l1d_bytes") or 32 * 1024
     l2 = description.get("l2_bytes") or 1024 * 1024
@@ -249,6 +253,7 @@ def derive(description):
         "packed_wide_max_bytes": stream_cache,
         "interleave_min_bytes": 3 * l1d,
         "wide_fused_max_bytes": 4 * l2,
+        "lowp_rows_max_bytes": 3 * l2 // 4,
     }
 
 
@@ -298,7 +303,7 @@ def _apply():
     """Hands the path and parameters to the compiled modules already imported."""
     import sys
     code, p = kernel_settings()
-    for name in ("lstm_fast._forward", "lstm_fast._backward", "lstm_fast._step"):
+    for name in ("lstm_fast._forward", "lstm_fast._backward", "lstm_fast._step", "lstm_fast._lowp"):
         mod = sys.modules.get(name)
         if mod is not None and hasattr(mod, "_set_kernel"):
             mod._set_kernel(code, p)

@@ -46,6 +46,7 @@ cdef extern from "lf_lowp.h" nogil:
         float* c
         float* y
         int threads_proj, threads_rec
+        size_t rows_max_bytes
         lf_cell_fn cell
     int lf_lp_kp(int kind, int k)
     void lf_lp_pack(int kind, int n, int k, const float* w, size_t ldw, void* packed, float* scale,
@@ -78,6 +79,17 @@ MAX_INT8_INPUTS = 65536
 # one thread throughout).
 DEF MIN_PROJ_FLOPS_PER_THREAD = 16000000
 DEF MIN_STEP_FLOPS_PER_THREAD = 1000000
+
+
+cdef size_t ROWS_MAX_BYTES = 768 * 1024      # 3/4 of L2 (lstm_fast._cpu.derive)
+
+
+def _set_kernel(int isa, dict params):
+    """This module's share of the derived parameters (lstm_fast._cpu.derive): the weights up to
+    which a layer runs split by rows (lowp_rows_max_bytes). Its path is chosen per call."""
+    global ROWS_MAX_BYTES
+    ROWS_MAX_BYTES = params["lowp_rows_max_bytes"]
+    return 0
 
 
 def cpu_features():
@@ -257,6 +269,7 @@ def layer_forward(str precision, str path, const float[:, :, ::1] x, list ih, li
     cdef double G = 4.0 * L.H
     L.threads_proj = _threads_for(n_threads, L.D * L.T * L.B, 2.0 * L.D * L.T * L.B * G * L.n_in,
                                   MIN_PROJ_FLOPS_PER_THREAD)
+    L.rows_max_bytes = ROWS_MAX_BYTES
     L.threads_rec = _threads_for(n_threads, L.D * ((4 * L.H + 127) // 128),
                                  2.0 * L.D * L.B * (G * L.Hout + L.P * L.H), MIN_STEP_FLOPS_PER_THREAD)
     cdef int rc
@@ -264,3 +277,7 @@ def layer_forward(str precision, str path, const float[:, :, ::1] x, list ih, li
         rc = lf_lp_layer_forward(&L)
     if rc != 0:
         raise MemoryError("the reduced-precision layer's work buffers")
+
+
+from lstm_fast import _cpu as _cpu_module
+_set_kernel(*_cpu_module.kernel_settings())

@@ -1205,6 +1205,7 @@ typedef struct {
     float* c;                      /* (D, B, H), in place */
     float* y;                      /* (T, B, D*Hout); positions past a length are left alone */
     int threads_proj, threads_rec;
+    size_t rows_max_bytes;         /* weights up to which the layer may run split by rows (2a) */
     lf_cell_fn cell;
 } lf_lp_layer;
 
@@ -1218,6 +1219,8 @@ static inline size_t lf_lp_elem(int kind) { return kind == LF_LP_BF16 ? 2 : 1; }
 typedef struct {
     void* xa; float* xs; float* gx; void* ha; float* hs; float* gh; void* pa; float* ps;
     float* hraw; float* hp;
+    int rows_fused;            /* split by rows, each projecting its own inputs (2a): then xa, xs
+                                  and gx hold one step's rows, indexed like ha, hs and gh */
     lf_barrier step_barrier;   /* the recurrence's: spins ~20 us before it sleeps (lf_split.h) */
 } lf_lp_ws;
 
@@ -1264,15 +1267,15 @@ static inline void lf_lp_quant_h(const lf_lp_layer* L, const lf_lp_ws* W, int d,
 
 /* step s's cell update of the row at position i of direction d; then its h quantized for the
    projection product (with a projection) or copied to y and quantized for the next step */
-static inline void lf_lp_cell_row(const lf_lp_layer* L, const lf_lp_ws* W, int s, int d, int i) {
+static inline void lf_lp_cell_row(const lf_lp_layer* L, const lf_lp_ws* W, int s, int d, int i,
+                                  const float* gx) {
     const int B = L->B, H = L->H, Hout = L->Hout, P = L->P, G = 4 * H, D = L->D;
-    const size_t TB = (size_t) L->T * B, es = lf_lp_elem(L->kind);
+    const size_t es = lf_lp_elem(L->kind);
     const Py_ssize_t b = L->order[i];
     const Py_ssize_t t = d == 0 ? s : L->lengths[b] - 1 - s;
     float* c = L->c + ((size_t) d * B + b) * H;
     float* hrow = P ? W->hraw + ((size_t) d * B + i) * H : L->h + ((size_t) d * B + b) * Hout;
-    L->cell(H, W->gh + ((size_t) d * B + i) * G, W->gx + ((size_t) d * TB + t * B + b) * G,
-            L->bias + (size_t) d * G, c, hrow);
+    L->cell(H, W->gh + ((size_t) d * B + i) * G, gx, L->bias + (size_t) d * G, c, hrow);
     if (P) {
         const int kp_hr = L->hr[0]->kp;
         lf_lp_quant_row_fast(L->path, L->kind, H, kp_hr, hrow,
@@ -1299,20 +1302,25 @@ static inline void lf_lp_proj_row(const lf_lp_layer* L, const lf_lp_ws* W, int s
 
 /* 2a. the recurrence of the rows at positions r0..r1 of the order, alone: a batch's rows never
    meet, so a thread that owns whole rows (their products over every gate column, their cells,
-   their quantization) needs no barrier at all. Each output is the same sum whatever rows a call
-   holds: the same bits as 2b. */
+   their quantization) needs no barrier at all. It also projects its own rows' inputs, step by
+   step (the rows' x_t gathered and quantized, then W_ih's product into a buffer of these rows
+   only): the cell then reads gates the thread has just written, from L1, where the up-front
+   projection (1) left the whole (T, B, 4H) of them to L2, L3 or the other thread's cache. Each
+   output is the same sum whatever rows a call holds, and each x row the same quantization:
+   the same bits as 1 + 2b. */
 #define LF_LP_CHUNK_MIN_ROWS 8
-/* ... when the recurrent weights are small: each thread then reads all of them every step,
-   where the column split reads a share. Measured on the Xeon 6/207 (2 MiB L2), two threads,
-   pinned A/B against the column split: int8 (100,16,128,128) (64 KB) 0.906x, (100,256,64,64)
-   0.819x, bfloat16 (100,16,128,128) (128 KB) 0.868x; int8 (100,64,256,256,2) (256 KB) 1.029x,
-   (50,64,512,512) (1 MB) 1.061x. */
-#define LF_LP_ROWS_MAX_BYTES ((size_t) 256 << 10)
+/* ... when the weights (W_ih, W_hh, W_hr) are small, L->rows_max_bytes (lstm_fast._cpu.derive:
+   3/4 of L2): each thread then reads all of them every step, where the column split reads a
+   share and the up-front projection streams W_ih once per 96 rows. */
+/* one thread alone takes the row split from 16 rows: with 8, its step products of W_ih (6 + 2 row
+   tiles) cost more than the up-front projection's 96-row blocks saved (int8 (100,8,128,128)
+   1.023x, (100,8,256,128) 1.029x; from 16 rows 0.94x-1.00x, Xeon 6/207, pinned A/B) */
+#define LF_LP_ALONE_MIN_ROWS 16
 static void lf_lp_rows_rec(const lf_lp_layer* L, const lf_lp_ws* W, int r0, int r1) {
     const int kind = L->kind, path = L->path, D = L->D, B = L->B, T = L->T, H = L->H;
     const int Hout = L->Hout, P = L->P, G = 4 * H;
     const size_t es = lf_lp_elem(kind);
-    const int kp_hh = L->hh[0]->kp, kp_hr = P ? L->hr[0]->kp : 0;
+    const int kp_ih = L->ih[0]->kp, kp_hh = L->hh[0]->kp, kp_hr = P ? L->hr[0]->kp : 0;
     const int nb_g = L->hh[0]->nb, nb_p = P ? L->hr[0]->nb : 0;
     const int n_first = lf_lp_active(L, 0);
     for (int d = 0; d < D; d++)
@@ -1323,13 +1331,24 @@ static void lf_lp_rows_rec(const lf_lp_layer* L, const lf_lp_ws* W, int r0, int 
         const int e = n_act < r1 ? n_act : r1;
         if (e <= r0)
             break;   /* rows are longest first: none of these runs later either */
-        for (int d = 0; d < D; d++)
+        for (int d = 0; d < D; d++) {
+            /* this step's inputs of the rows (position i: W->xa row i, W->gx row (d, i)) */
+            for (int i = r0; i < e; i++) {
+                const Py_ssize_t b = L->order[i];
+                const Py_ssize_t t = d == 0 ? s : L->lengths[b] - 1 - s;
+                lf_lp_quant_row_fast(path, kind, L->n_in, kp_ih,
+                                     L->x + ((size_t) t * B + b) * L->n_in,
+                                     (uint8_t*) W->xa + (size_t) i * kp_ih * es, W->xs + i);
+            }
+            lf_lp_gemm(path, L->ih[d], e - r0, (const uint8_t*) W->xa + (size_t) r0 * kp_ih * es,
+                       W->xs + r0, 0, nb_g, W->gx + ((size_t) d * B + r0) * G, (size_t) G);
             lf_lp_gemm(path, L->hh[d], e - r0,
                        (const uint8_t*) W->ha + ((size_t) d * B + r0) * kp_hh * es,
                        W->hs + d * B + r0, 0, nb_g, W->gh + ((size_t) d * B + r0) * G, (size_t) G);
+        }
         for (int d = 0; d < D; d++)
             for (int i = r0; i < e; i++)
-                lf_lp_cell_row(L, W, s, d, i);
+                lf_lp_cell_row(L, W, s, d, i, W->gx + ((size_t) d * B + i) * G);
         if (P) {
             for (int d = 0; d < D; d++)
                 lf_lp_gemm(path, L->hr[d], e - r0,
@@ -1360,13 +1379,7 @@ static void lf_lp_layer_rec(const lf_lp_layer* L, const lf_lp_ws* W) {
        default (docs/threads.md), a wake-up of tens of microseconds at every barrier */
     lf_barrier* bar = (lf_barrier*) &W->step_barrier;
     const int team = lf_team_size(), rank = lf_team_rank();
-    const size_t rec_bytes = (size_t) D * ((size_t) L->hh[0]->n * kp_hh
-                                           + (P ? (size_t) L->hr[0]->n * kp_hr : 0)) * es;
-    if (team > 1 && B >= team * LF_LP_CHUNK_MIN_ROWS && path != LF_PATH_AMX
-            && rec_bytes <= LF_LP_ROWS_MAX_BYTES) {
-        /* enough rows for every thread and small weights: each owns a contiguous share of
-           rows (2a). AMX keeps the column split: its tiles take 16 rows, and its speed could
-           not be measured here. */
+    if (W->rows_fused) {   /* each thread its own contiguous share of the rows (2a) */
         lf_lp_rows_rec(L, W, (int) ((long) B * rank / team), (int) ((long) B * (rank + 1) / team));
         return;
     }
@@ -1394,8 +1407,11 @@ static void lf_lp_layer_rec(const lf_lp_layer* L, const lf_lp_ws* W) {
         }
         lf_barrier_wait(bar, team);
         #pragma omp for schedule(static) nowait
-        for (int it = 0; it < D * n_act; it++)
-            lf_lp_cell_row(L, W, s, it / n_act, it % n_act);
+        for (int it = 0; it < D * n_act; it++) {
+            const int d = it / n_act, i = it % n_act;
+            const Py_ssize_t b = L->order[i], t = d == 0 ? s : L->lengths[b] - 1 - s;
+            lf_lp_cell_row(L, W, s, d, i, W->gx + ((size_t) d * L->T * B + t * B + b) * G);
+        }
         lf_barrier_wait(bar, team);
         if (P) {
             #pragma omp for schedule(static) nowait
@@ -1424,12 +1440,38 @@ static int lf_lp_layer_forward(const lf_lp_layer* L) {
     const int D = L->D, B = L->B, H = L->H, Hout = L->Hout, P = L->P, G = 4 * H;
     const size_t TB = (size_t) L->T * B, es = lf_lp_elem(L->kind);
     const int kp_ih = L->ih[0]->kp, kp_hh = L->hh[0]->kp, kp_hr = P ? L->hr[0]->kp : 0;
+    /* threads or one, by the measured speed of each for this shape (lf_split_choose): a core
+       taken by another process makes every step wait for the thread that lost it (measured on
+       the Xeon 6/207 with one core busy, batch 16: 2 threads 3-6x slower than 1). Both ways
+       give the same bits. */
+    int threads_proj = L->threads_proj, threads_rec = L->threads_rec, choice = 1;
+    long key = 0, start = 0;
+    if (threads_proj > 1 || threads_rec > 1) {
+        key = lf_split_key(B, H, L->n_in, threads_proj > threads_rec ? threads_proj : threads_rec,
+                           (L->kind - 1) + 2 * (D - 1) + 4 * (P > 0));
+        choice = lf_split_choose(key);
+        if (!(choice & 1))
+            threads_proj = threads_rec = 1;
+    }
     lf_lp_ws W;
-    /* the two large buffers are kept per thread from call to call (lf_ws_get): a fresh one's
-       first touch costs a page fault per 4 KB on every call */
-    W.xa = lf_ws_get(LF_LP_WS_XA, TB * kp_ih * es);
-    W.xs = (float*) lf_malloc64(TB * sizeof(float));
-    W.gx = (float*) lf_ws_get(LF_LP_WS_GX, (size_t) D * TB * G * sizeof(float));
+    /* enough rows for every thread and small weights: split by rows, each thread projecting its
+       own inputs step by step (2a). AMX keeps the column split: its tiles take 16 rows, and its
+       speed could not be measured here. */
+    const size_t step_bytes = (size_t) D * ((size_t) L->ih[0]->n * kp_ih + (size_t) L->hh[0]->n * kp_hh
+                                            + (P ? (size_t) L->hr[0]->n * kp_hr : 0)) * es;
+    W.rows_fused = L->path != LF_PATH_AMX && step_bytes <= L->rows_max_bytes
+                   && B >= (threads_rec > 1 ? threads_rec * LF_LP_CHUNK_MIN_ROWS : LF_LP_ALONE_MIN_ROWS);
+    if (W.rows_fused) {        /* one step's rows */
+        W.xa = lf_malloc64((size_t) B * kp_ih * es);
+        W.xs = (float*) lf_malloc64((size_t) B * sizeof(float));
+        W.gx = (float*) lf_malloc64((size_t) D * B * G * sizeof(float));
+    } else {
+        /* every step's: the two large buffers are kept per thread from call to call
+           (lf_ws_get): a fresh one's first touch costs a page fault per 4 KB on every call */
+        W.xa = lf_ws_get(LF_LP_WS_XA, TB * kp_ih * es);
+        W.xs = (float*) lf_malloc64(TB * sizeof(float));
+        W.gx = (float*) lf_ws_get(LF_LP_WS_GX, (size_t) D * TB * G * sizeof(float));
+    }
     W.ha = lf_malloc64((size_t) D * B * kp_hh * es);
     W.hs = (float*) lf_malloc64((size_t) D * B * sizeof(float));
     W.gh = (float*) lf_malloc64((size_t) D * B * G * sizeof(float));
@@ -1439,25 +1481,12 @@ static int lf_lp_layer_forward(const lf_lp_layer* L) {
     W.hp = P ? (float*) lf_malloc64((size_t) D * B * Hout * sizeof(float)) : NULL;
     lf_barrier_init(&W.step_barrier);
     int ok = W.xa && W.xs && W.gx && W.ha && W.hs && W.gh && (!P || (W.pa && W.ps && W.hraw && W.hp));
-    /* threads or one, by the measured speed of each for this shape (lf_split_choose): a core
-       taken by another process makes every step wait for the thread that lost it (measured on
-       the Xeon 6/207 with one core busy, batch 16: 2 threads 3-6x slower than 1). Both ways
-       give the same bits. */
-    int threads_proj = L->threads_proj, threads_rec = L->threads_rec, choice = 1;
-    long key = 0, start = 0;
-    if (ok && (threads_proj > 1 || threads_rec > 1)) {
-        key = lf_split_key(B, H, L->n_in, threads_proj > threads_rec ? threads_proj : threads_rec,
-                           (L->kind - 1) + 2 * (D - 1) + 4 * (P > 0));
-        choice = lf_split_choose(key);
-        if (!(choice & 1))
-            threads_proj = threads_rec = 1;
-        start = lf_ticks();
-    }
     if (ok) {
-        if (threads_proj > 1) {
+        start = lf_ticks();
+        if (!W.rows_fused && threads_proj > 1) {
             #pragma omp parallel num_threads(threads_proj)
             lf_lp_layer_proj(L, &W);
-        } else {
+        } else if (!W.rows_fused) {
             lf_lp_layer_proj(L, &W);
         }
         if (threads_rec > 1) {
@@ -1468,11 +1497,15 @@ static int lf_lp_layer_forward(const lf_lp_layer* L) {
         }
         if (key != 0 && (choice & 2))
             lf_split_record(key, choice, lf_ticks() - start, L->T);
-        if (key != 0)
-            lf_split_ended(key);
     }
-    lf_ws_release(LF_LP_WS_XA, W.xa);
-    lf_ws_release(LF_LP_WS_GX, W.gx);
+    if (key != 0)
+        lf_split_ended(key);
+    if (W.rows_fused) {
+        free(W.xa); free(W.gx);
+    } else {
+        lf_ws_release(LF_LP_WS_XA, W.xa);
+        lf_ws_release(LF_LP_WS_GX, W.gx);
+    }
     free(W.xs); free(W.ha); free(W.hs); free(W.gh); free(W.pa);
     free(W.ps); free(W.hraw); free(W.hp);
     return ok ? 0 : -1;

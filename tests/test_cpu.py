@@ -33,7 +33,8 @@ def test_xeon_167_description_derives_its_own_blocking():
                    "kc": 384, "kc_narrow": 96, "fused_max_bytes": 2 * 1024 * 1024,
                    "wide_min_bytes": 256 * 1024, "wide_gemv_bytes": 4 * 1024 * 1024,
                    "packed_wide_bytes": 1024 * 1024, "packed_wide_max_bytes": 2 * 1024 * 1024,
-                   "interleave_min_bytes": 144 * 1024, "wide_fused_max_bytes": 8 * 1024 * 1024}
+                   "interleave_min_bytes": 144 * 1024, "wide_fused_max_bytes": 8 * 1024 * 1024,
+                   "lowp_rows_max_bytes": 1536 * 1024}
     assert got["kc"] * 32 * 4 == 48 * 1024             # one panel block fills L1d
     assert got != _cpu.derive(_cpu.zen4_description())
 

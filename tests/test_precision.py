@@ -579,9 +579,43 @@ def _assert_twenty_two_thread_calls_match_one(f, shape, rng):
                 np.testing.assert_array_equal(a, b)
 
 
+@pytest.fixture
+def rows_bound():
+    """Sets the weight bytes up to which a layer runs split by rows (lowp_rows_max_bytes; 0: never),
+    restored afterwards."""
+    from lstm_fast import _cpu
+
+    yield lambda n: _lowp._set_kernel(0, {"lowp_rows_max_bytes": n})
+    _cpu._apply()
+
+
 @pytest.mark.parametrize("precision", REDUCED)
-def test_columns_split_between_threads_give_the_one_thread_bits(precision, rng):
-    # recurrent weights over 256 KB (bidirectional, H=256): the threads share each step's gate
-    # columns, with a barrier after the product and after the cells; lengths, 20 calls as above
+def test_columns_split_between_threads_give_the_one_thread_bits(precision, rows_bound, rng):
+    # weights over the rows bound: the inputs projected up front, then the threads share each
+    # step's gate columns, with a barrier after the product and after the cells; lengths, 20
+    # calls as above
+    rows_bound(0)
     _, m = torch_model(32, 256, bidirectional=True)
     _assert_twenty_two_thread_calls_match_one(m.freeze(precision=precision), (5, 24, 32), rng)
+
+
+@pytest.mark.parametrize("precision", REDUCED)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_rows_projecting_their_own_inputs_give_the_up_front_bits(precision, threads, rows_bound,
+                                                                  rng):
+    # split by rows, each thread (or one alone, from 16 rows) quantizes and projects its rows'
+    # x_t step by step, gathered by the order (lengths) and read backwards by the reverse
+    # direction; the up-front projection of every step (rows bound 0) gives the same bits
+    _, m = torch_model(24, 40, num_layers=2, bidirectional=True, proj_size=16)
+    f = m.freeze(precision=precision)
+    x = rng.standard_normal((7, 20, 24)).astype(np.float32)
+    lengths = rng.integers(1, 8, size=20)
+    lengths[3] = 7
+    got = {}
+    for bound in (0, 1 << 30):
+        rows_bound(bound)
+        with lf.threads(threads):
+            got[bound] = [flat(f(x, lengths=lengths)) for _ in range(20)]
+    for run in got[1 << 30] + got[0][1:]:
+        for a, b in zip(got[0][0], run):
+            np.testing.assert_array_equal(a, b)
