@@ -63,14 +63,25 @@ def _specs(activations, alphas, betas, n_dirs, clip, input_forget):
     return specs
 
 
+def _once(cache, arrays, make, *extra):
+    """make(), or what an earlier call of the same `arrays` (by identity) and `extra` key parts
+    kept in `cache` (a session's packs; None: nothing is kept). The entry holds the arrays, so
+    their ids are not reused by other objects while it lives."""
+    if cache is None:
+        return make()
+    key = tuple(id(a) for a in arrays) + extra
+    hit = cache.get(key)
+    if hit is None:
+        hit = cache[key] = (arrays, make())
+    return hit[1]
+
+
 class _Prepared:
     """An LSTM node's weights in lstm_fast's gate order, checked; with `pack`, float32 ones also
     packed for the float32 kernel, as a frozen model's are. Made once per session for constant
-    weights (lstm()'s _weights_cache); `given` keeps the caller's arrays alive, so that the ids
-    keying the entry are not reused while it lives."""
+    weights (lstm()'s _weights_cache, through _once)."""
 
     def __init__(self, W, R, B, P, dt, n_dirs, pack):
-        self.given = (W, R, B, P)
         self.W = W = v.float_array(W, "W", dt)
         R = v.float_array(R, "R", dt)
         self.hidden = hidden = R.shape[-1] if R.ndim == 3 else -1
@@ -131,12 +142,9 @@ def lstm(X, W, R, B=None, sequence_lens=None, initial_h=None, initial_c=None, P=
         raise ValueError(f"X must be 3-D, got shape {X.shape}")
     x = np.ascontiguousarray(X.transpose(1, 0, 2) if layout else X)
     seq_len, batch, input_size = x.shape
-    key = (id(W), id(R), id(B), id(P), dt.str, n_dirs)
-    prep = _weights_cache.get(key) if _weights_cache is not None else None
-    if prep is None:
-        prep = _Prepared(W, R, B, P, dt, n_dirs, pack=_weights_cache is not None)
-        if _weights_cache is not None:
-            _weights_cache[key] = prep
+    prep = _once(_weights_cache, (W, R, B, P),
+                 lambda: _Prepared(W, R, B, P, dt, n_dirs, pack=_weights_cache is not None),
+                 dt.str, n_dirs)
     W, hidden, w_ih, w_hh, bias = prep.W, prep.hidden, prep.w_ih, prep.w_hh, prep.bias
     peephole = prep.peephole
     if hidden_size is not None and hidden_size != hidden:
@@ -340,32 +348,25 @@ def _int8_weights(q, zero_point, scale, name, n_dirs, rows, cols, hidden):
 def _quantized_packs(W, R, B, W_scale, W_zp, R_scale, R_zp, hidden, n_dirs, input_size, ctx):
     """The int8 kernels' packed weights (per direction) and summed bias of a node. A session
     passes the same initializer arrays every run: packed once per session (ctx.packs, by the
-    arrays' identity; the entry keeps the arrays, so an identity is never reused while cached)."""
+    arrays' identity, through _once); fed weights are packed every run and not kept."""
     from . import _lowp
 
     arrays = (W, R, B, W_scale, W_zp, R_scale, R_zp)
-    key = tuple(id(a) for a in arrays)
-    if ctx is not None:
-        # an entry keeps its arrays alive, so no other live object has an id of its key
-        hit = ctx.packs.get(key)
-        if hit is not None:
-            return hit[1]
-    cache = (ctx.cache_for(*arrays) if ctx is not None else None)
-    if cache is None:
-        cache = {}
-    qi, si = _int8_weights(W, W_zp, W_scale, "W", n_dirs, 4 * hidden, input_size, hidden)
-    qh, sh = _int8_weights(R, R_zp, R_scale, "R", n_dirs, 4 * hidden, hidden, hidden)
-    if B is None:
-        bias = np.zeros((n_dirs, 4 * hidden), np.float32)
-    else:
-        B = v.float_array(B, "B", np.float32)
-        v.shape(B, (n_dirs, 8 * hidden), "B", "num_directions, 8*hidden_size")
-        bias = _reorder_gates(B[:, :4 * hidden] + B[:, 4 * hidden:], TORCH_FROM_ONNX, hidden)
-    packs = ([_lowp.Packed("int8", None, q=qi[d], q_scale=si[d]) for d in range(n_dirs)],
-             [_lowp.Packed("int8", None, q=qh[d], q_scale=sh[d]) for d in range(n_dirs)],
-             np.ascontiguousarray(bias, np.float32))
-    cache[key] = (arrays, packs)
-    return packs
+
+    def make():
+        qi, si = _int8_weights(W, W_zp, W_scale, "W", n_dirs, 4 * hidden, input_size, hidden)
+        qh, sh = _int8_weights(R, R_zp, R_scale, "R", n_dirs, 4 * hidden, hidden, hidden)
+        if B is None:
+            bias = np.zeros((n_dirs, 4 * hidden), np.float32)
+        else:
+            b = v.float_array(B, "B", np.float32)
+            v.shape(b, (n_dirs, 8 * hidden), "B", "num_directions, 8*hidden_size")
+            bias = _reorder_gates(b[:, :4 * hidden] + b[:, 4 * hidden:], TORCH_FROM_ONNX, hidden)
+        return ([_lowp.Packed("int8", None, q=qi[d], q_scale=si[d]) for d in range(n_dirs)],
+                [_lowp.Packed("int8", None, q=qh[d], q_scale=sh[d]) for d in range(n_dirs)],
+                np.ascontiguousarray(bias, np.float32))
+
+    return _once(ctx.cache_for(*arrays) if ctx is not None else None, arrays, make)
 
 
 @_op("DynamicQuantizeLSTM", "com.microsoft")

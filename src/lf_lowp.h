@@ -1265,14 +1265,23 @@ static inline void lf_lp_quant_h(const lf_lp_layer* L, const lf_lp_ws* W, int d,
                          (uint8_t*) W->ha + ((size_t) d * L->B + i) * kp_hh * es, W->hs + d * L->B + i);
 }
 
+/* the time step that step s of direction d reads for batch row b (the reverse direction runs
+   each sequence backwards from its own last step) */
+static inline Py_ssize_t lf_lp_time(const lf_lp_layer* L, int s, int d, Py_ssize_t b) {
+    return d == 0 ? s : L->lengths[b] - 1 - s;
+}
+
 /* step s's cell update of the row at position i of direction d; then its h quantized for the
-   projection product (with a projection) or copied to y and quantized for the next step */
-static inline void lf_lp_cell_row(const lf_lp_layer* L, const lf_lp_ws* W, int s, int d, int i,
-                                  const float* gx) {
+   projection product (with a projection) or copied to y and quantized for the next step. Its
+   input gates: row (d, i) of the step's own projection when split by rows, else row (d, t, b)
+   of the up-front one. */
+static inline void lf_lp_cell_row(const lf_lp_layer* L, const lf_lp_ws* W, int s, int d, int i) {
     const int B = L->B, H = L->H, Hout = L->Hout, P = L->P, G = 4 * H, D = L->D;
     const size_t es = lf_lp_elem(L->kind);
     const Py_ssize_t b = L->order[i];
-    const Py_ssize_t t = d == 0 ? s : L->lengths[b] - 1 - s;
+    const Py_ssize_t t = lf_lp_time(L, s, d, b);
+    const float* gx = W->gx + (W->rows_fused ? (size_t) d * B + i
+                                             : ((size_t) d * L->T + t) * B + b) * G;
     float* c = L->c + ((size_t) d * B + b) * H;
     float* hrow = P ? W->hraw + ((size_t) d * B + i) * H : L->h + ((size_t) d * B + b) * Hout;
     L->cell(H, W->gh + ((size_t) d * B + i) * G, gx, L->bias + (size_t) d * G, c, hrow);
@@ -1292,7 +1301,7 @@ static inline void lf_lp_cell_row(const lf_lp_layer* L, const lf_lp_ws* W, int s
 static inline void lf_lp_proj_row(const lf_lp_layer* L, const lf_lp_ws* W, int s, int d, int i) {
     const int B = L->B, Hout = L->Hout, D = L->D;
     const Py_ssize_t b = L->order[i];
-    const Py_ssize_t t = d == 0 ? s : L->lengths[b] - 1 - s;
+    const Py_ssize_t t = lf_lp_time(L, s, d, b);
     const float* src = W->hp + ((size_t) d * B + i) * Hout;
     memcpy(L->h + ((size_t) d * B + b) * Hout, src, (size_t) Hout * sizeof(float));
     memcpy(L->y + ((size_t) t * B + b) * D * Hout + (size_t) d * Hout, src,
@@ -1335,9 +1344,8 @@ static void lf_lp_rows_rec(const lf_lp_layer* L, const lf_lp_ws* W, int r0, int 
             /* this step's inputs of the rows (position i: W->xa row i, W->gx row (d, i)) */
             for (int i = r0; i < e; i++) {
                 const Py_ssize_t b = L->order[i];
-                const Py_ssize_t t = d == 0 ? s : L->lengths[b] - 1 - s;
                 lf_lp_quant_row_fast(path, kind, L->n_in, kp_ih,
-                                     L->x + ((size_t) t * B + b) * L->n_in,
+                                     L->x + ((size_t) lf_lp_time(L, s, d, b) * B + b) * L->n_in,
                                      (uint8_t*) W->xa + (size_t) i * kp_ih * es, W->xs + i);
             }
             lf_lp_gemm(path, L->ih[d], e - r0, (const uint8_t*) W->xa + (size_t) r0 * kp_ih * es,
@@ -1348,7 +1356,7 @@ static void lf_lp_rows_rec(const lf_lp_layer* L, const lf_lp_ws* W, int r0, int 
         }
         for (int d = 0; d < D; d++)
             for (int i = r0; i < e; i++)
-                lf_lp_cell_row(L, W, s, d, i, W->gx + ((size_t) d * B + i) * G);
+                lf_lp_cell_row(L, W, s, d, i);
         if (P) {
             for (int d = 0; d < D; d++)
                 lf_lp_gemm(path, L->hr[d], e - r0,
@@ -1407,11 +1415,8 @@ static void lf_lp_layer_rec(const lf_lp_layer* L, const lf_lp_ws* W) {
         }
         lf_barrier_wait(bar, team);
         #pragma omp for schedule(static) nowait
-        for (int it = 0; it < D * n_act; it++) {
-            const int d = it / n_act, i = it % n_act;
-            const Py_ssize_t b = L->order[i], t = d == 0 ? s : L->lengths[b] - 1 - s;
-            lf_lp_cell_row(L, W, s, d, i, W->gx + ((size_t) d * L->T * B + t * B + b) * G);
-        }
+        for (int it = 0; it < D * n_act; it++)
+            lf_lp_cell_row(L, W, s, it / n_act, it % n_act);
         lf_barrier_wait(bar, team);
         if (P) {
             #pragma omp for schedule(static) nowait
@@ -1487,11 +1492,13 @@ static int lf_lp_layer_forward(const lf_lp_layer* L) {
     int ok = W.xa && W.xs && W.gx && W.ha && W.hs && W.gh && (!P || (W.pa && W.ps && W.hraw && W.hp));
     if (ok) {
         start = lf_ticks();
-        if (!W.rows_fused && threads_proj > 1) {
-            #pragma omp parallel num_threads(threads_proj)
-            lf_lp_layer_proj(L, &W);
-        } else if (!W.rows_fused) {
-            lf_lp_layer_proj(L, &W);
+        if (!W.rows_fused) {      /* split by rows, each thread projects its own (2a) */
+            if (threads_proj > 1) {
+                #pragma omp parallel num_threads(threads_proj)
+                lf_lp_layer_proj(L, &W);
+            } else {
+                lf_lp_layer_proj(L, &W);
+            }
         }
         if (threads_rec > 1) {
             #pragma omp parallel num_threads(threads_rec)
