@@ -18,7 +18,7 @@ import numpy.typing as npt
 Array = npt.NDArray[Any]
 State = tuple[Array, Array]
 
-from . import _aligned, _forward, _io, _lowp, _onnx_graph, _step, _threading, _threads, _train
+from . import _aligned, _cpu, _forward, _io, _lowp, _onnx_graph, _step, _threading, _threads, _train
 from . import _validate as v
 from ._core import BLAS_SINGLE, _empty, _full_lengths, _load_named, run_layer
 
@@ -602,11 +602,11 @@ class FrozenLSTM(LSTM):
     @property
     def kernel_path(self) -> str:
         """The CPU path this model's products run on: amx, avx512_bf16, avx512_fma, avx2_fma,
-        avx512_vnni, avx2 or generic for reduced precision (chosen at freeze), avx512 or blas for
-        float32."""
+        avx512_vnni, avx2 or generic for reduced precision (chosen at freeze); avx512, avx2 (the
+        packed kernels) or blas for float32."""
         if self._lowp is not None:
             return self._lowp_path
-        return "avx512" if self._packed is not None else "blas"
+        return _cpu.isa() if self._packed is not None else "blas"
 
     def freeze(self, precision: str | None = None) -> FrozenLSTM:
         """This model itself when `precision` is None or its own; else a copy in `precision`,

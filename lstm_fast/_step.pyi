@@ -3,6 +3,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+GEMV_MAX_ROWS: int
+
 class StepPlan:
     def __init__(
         self,

@@ -32,4 +32,5 @@ cdef extern from "lf_pgemm.h" nogil:
                               const float* ta, size_t tlda, const float* t_packed, size_t tv0,
                               size_t tv1, float* tc, size_t tldc, size_t tile_from, size_t tk0,
                               size_t tk1)
-    void lf_gemv_rows(size_t n, size_t k, const float* w, size_t ldw, const float* x, float* y)
+    void lf_gemv_rows(size_t n, size_t k, const float* w, size_t ldw, const float* x, size_t ldx,
+                      size_t nx, float* y, size_t ldy)

@@ -15,6 +15,13 @@ from _pgemm cimport lf_gemv_rows, lf_pgemm_available, lf_set_kernel
 from _gates cimport cell_row_standard
 
 
+# float32 steps of at most this many rows run lf_gemv_rows (W read once a step, no packing);
+# more take sgemm, whose packing pays off from about there (measured on the Xeon 6/207, H 64-512:
+# 32 rows 0.68x-0.86x sgemm's time, 48 rows 0.81x-1.01x, 64 rows 0.86x-1.08x)
+cdef Py_ssize_t STEP_GEMV_MAX_ROWS = 32
+GEMV_MAX_ROWS = STEP_GEMV_MAX_ROWS
+
+
 cdef class StepPlan:
     cdef int n_layers
     cdef int is_double
@@ -108,7 +115,7 @@ cdef void _step_layers(int n_layers, Py_ssize_t input_size, Py_ssize_t H, Py_ssi
     cdef const floating* w_hh
     cdef const floating* b_ih
     cdef const floating* b_hh
-    # float32 single rows: our own AVX-512 gemv over the unpacked weights
+    # float32 up to STEP_GEMV_MAX_ROWS rows: our own products over the unpacked weights
     cdef bint fast_gemv = False
     if floating is float:
         fast_gemv = lf_pgemm_available()
@@ -122,9 +129,11 @@ cdef void _step_layers(int n_layers, Py_ssize_t input_size, Py_ssize_t H, Py_ssi
         b_hh = <const floating*> b_hh_k[k]
         for j in range(four_h):
             bias[j] = (b_ih[j] + b_hh[j]) if b_ih != NULL else 0
-        if batch == 1 and fast_gemv:
-            lf_gemv_rows(four_h, in_size, <const float*> w_ih, in_size, <const float*> inp, <float*> gx)
-            lf_gemv_rows(four_h, H_out, <const float*> w_hh, H_out, <const float*> h_k, <float*> gh)
+        if fast_gemv and batch <= STEP_GEMV_MAX_ROWS:
+            lf_gemv_rows(four_h, in_size, <const float*> w_ih, in_size, <const float*> inp,
+                         in_size, batch, <float*> gx, four_h)
+            lf_gemv_rows(four_h, H_out, <const float*> w_hh, H_out, <const float*> h_k, H_out,
+                         batch, <float*> gh, four_h)
         elif batch == 1:
             gemv_rm(c'N', <int> four_h, <int> in_size, <floating> 1, w_ih, <int> in_size, inp,
                     <floating> 0, gx)
@@ -139,8 +148,9 @@ cdef void _step_layers(int n_layers, Py_ssize_t input_size, Py_ssize_t H, Py_ssi
             cell_row_standard(H, gh + r * four_h, gx + r * four_h, bias, c_k + r * H,
                               (hraw + r * H) if P > 0 else (h_k + r * H_out))
         if P > 0:
-            if batch == 1 and fast_gemv:
-                lf_gemv_rows(P, H, <const float*> w_hr_k[k], H, <const float*> hraw, <float*> h_k)
+            if fast_gemv and batch <= STEP_GEMV_MAX_ROWS:
+                lf_gemv_rows(P, H, <const float*> w_hr_k[k], H, <const float*> hraw, H, batch,
+                             <float*> h_k, P)
             elif batch == 1:
                 gemv_rm(c'N', <int> P, <int> H, <floating> 1, <const floating*> w_hr_k[k],
                         <int> H, hraw, <floating> 0, h_k)

@@ -789,47 +789,107 @@ lf_pgemv_gates_tiles_avx512(size_t hidden, size_t u0, size_t u1, size_t k, const
 #undef LF_TILE_PANEL
 }
 
-/* y[0:n] = W(n, k) @ x with W row-major (leading dimension ldw), unpacked: four rows at a time,
-   each a 16-lane partial sum over k reduced at the end. For the streaming step, which reads each
-   weight once per call, so packing would cost more than it saves; the loads stream from L2 at
-   its rate, where scipy's sgemv reached about two thirds of it here (H=128: 6.8 -> 4.9 us for
-   the two products of a step). */
-__attribute__((target("avx512f"))) static void
-lf_gemv_rows_avx512(size_t n, size_t k, const float* w, size_t ldw, const float* x, float* y) {
-    size_t tail = k % 16;
-    __mmask16 mask = (__mmask16) ((1u << tail) - 1u);
-    size_t j = 0;
-    for (; j + 4 <= n; j += 4) {
-        const float* w0 = w + j * ldw;
-        __m512 acc[4];
-        for (int r = 0; r < 4; r++)
-            acc[r] = _mm512_setzero_ps();
-        size_t kk = 0;
-        for (; kk + 16 <= k; kk += 16) {
-            __m512 xv = _mm512_loadu_ps(x + kk);
-            for (int r = 0; r < 4; r++)
-                acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(w0 + r * ldw + kk), xv, acc[r]);
+/* y[r * ldy + j] = W[j, :] . x[r, :] for the nx rows of x (leading dimension ldx), W (n, k)
+   row-major (leading dimension ldw), unpacked: for the streaming step, which reads each weight
+   once per call, so packing would cost more than it saves (scipy's sgemm repacked W at every
+   step: 39 % of a batch-16 step in its copy routine). A tile is WR weight rows x XR input rows,
+   each output a 16-lane partial sum over k in order, reduced at the end: a row's result does not
+   depend on the batch it came in. The weight rows (4 x k floats) stay in L1 while every block of
+   input rows passes them, so W streams from L2 once a step whatever the batch; the loads stream
+   at L2's rate, where scipy's sgemv reached about two thirds of it (H=128, batch 1: 6.8 -> 4.9 us
+   for the two products of a step). */
+/* the sums of the 16 lanes of a0..a3 (in one fixed order): 8 shuffles and 7 adds, where four
+   _mm512_reduce_add_ps take 16 and 16, as many operations as a k of 128's FMAs */
+static inline __attribute__((always_inline, target("avx512f"))) __m128
+lf_hsum4_avx512(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+    /* pairs: per 128-bit lane [a0 a1 a0 a1] and [a2 a3 a2 a3] */
+    const __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
+    const __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
+    /* per 128-bit lane [a0 a1 a2 a3] */
+    const __m512 v = _mm512_add_ps(_mm512_shuffle_ps(s01, s23, 0x44), _mm512_shuffle_ps(s01, s23, 0xEE));
+    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+#define LF_GEMV_XR 4   /* input rows a tile: 4 x 4 accumulators, 4 + 4 loads per 16 FMAs */
+#define LF_GEMV_XR_AVX2 2   /* 16 ymm registers: 4 x 2 accumulators */
+static inline __attribute__((always_inline, target("avx512f"))) void
+lf_gemv_tile_avx512(int WR, int XR, size_t k, const float* w, size_t ldw, const float* x,
+                    size_t ldx, float* y, size_t ldy) {
+    const size_t tail = k % 16;
+    const __mmask16 mask = (__mmask16) ((1u << tail) - 1u);
+    __m512 acc[4][LF_GEMV_XR];
+    for (int a = 0; a < WR; a++)
+        for (int b = 0; b < XR; b++)
+            acc[a][b] = _mm512_setzero_ps();
+    size_t kk = 0;
+    for (; kk + 16 <= k; kk += 16) {
+        __m512 xv[LF_GEMV_XR];
+        for (int b = 0; b < XR; b++)
+            xv[b] = _mm512_loadu_ps(x + b * ldx + kk);
+        for (int a = 0; a < WR; a++) {
+            const __m512 wv = _mm512_loadu_ps(w + a * ldw + kk);
+            for (int b = 0; b < XR; b++)
+                acc[a][b] = _mm512_fmadd_ps(wv, xv[b], acc[a][b]);
         }
-        if (tail) {
-            __m512 xv = _mm512_maskz_loadu_ps(mask, x + kk);
-            for (int r = 0; r < 4; r++)
-                acc[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, w0 + r * ldw + kk), xv, acc[r]);
-        }
-        for (int r = 0; r < 4; r++)
-            y[j + r] = _mm512_reduce_add_ps(acc[r]);
     }
-    for (; j < n; j++) {
-        const float* wj = w + j * ldw;
-        __m512 acc = _mm512_setzero_ps();
-        size_t kk = 0;
-        for (; kk + 16 <= k; kk += 16)
-            acc = _mm512_fmadd_ps(_mm512_loadu_ps(wj + kk), _mm512_loadu_ps(x + kk), acc);
-        if (tail)
-            acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, wj + kk),
-                                  _mm512_maskz_loadu_ps(mask, x + kk), acc);
-        y[j] = _mm512_reduce_add_ps(acc);
+    if (tail) {
+        __m512 xv[LF_GEMV_XR];
+        for (int b = 0; b < XR; b++)
+            xv[b] = _mm512_maskz_loadu_ps(mask, x + b * ldx + kk);
+        for (int a = 0; a < WR; a++) {
+            const __m512 wv = _mm512_maskz_loadu_ps(mask, w + a * ldw + kk);
+            for (int b = 0; b < XR; b++)
+                acc[a][b] = _mm512_fmadd_ps(wv, xv[b], acc[a][b]);
+        }
+    }
+    if (WR == 4) {
+        for (int b = 0; b < XR; b++)
+            _mm_storeu_ps(y + b * ldy, lf_hsum4_avx512(acc[0][b], acc[1][b], acc[2][b], acc[3][b]));
+    } else {
+        for (int b = 0; b < XR; b++)
+            y[b * ldy] = _mm512_reduce_add_ps(acc[0][b]);
     }
 }
+
+/* rows j0..j1 of W against XR input rows: the tile with WR and XR as constants (its loops unroll,
+   acc stays in registers, no dispatch a tile: a switch there cost a batch-1 step 20 %) */
+#define LF_GEMV_PASS(ISA, TARGET, XR)                                                             \
+__attribute__((target(TARGET))) static void lf_gemv_pass_##ISA##_##XR(                            \
+        size_t j0, size_t j1, size_t k, const float* w, size_t ldw, const float* x, size_t ldx,  \
+        float* y, size_t ldy) {                                                                  \
+    size_t j = j0;                                                                                \
+    for (; j + 4 <= j1; j += 4)                                                                   \
+        lf_gemv_tile_##ISA(4, XR, k, w + j * ldw, ldw, x, ldx, y + j, ldy);                       \
+    for (; j < j1; j++)                                                                           \
+        lf_gemv_tile_##ISA(1, XR, k, w + j * ldw, ldw, x, ldx, y + j, ldy);                       \
+}
+typedef void (*lf_gemv_pass_fn)(size_t, size_t, size_t, const float*, size_t, const float*, size_t,
+                                float*, size_t);
+/* W in chunks of rows that fit 16 KB of L1, each chunk passed by every block of XRMAX input
+   rows: W streams from L2 once a step whatever the batch */
+#define LF_GEMV_ROWS(ISA, TARGET, XRMAX, ...)                                                     \
+__attribute__((target(TARGET))) static void lf_gemv_rows_##ISA(                                   \
+        size_t n, size_t k, const float* w, size_t ldw, const float* x, size_t ldx, size_t nx,   \
+        float* y, size_t ldy) {                                                                  \
+    static const lf_gemv_pass_fn pass[XRMAX] = {__VA_ARGS__};                                     \
+    size_t chunk = nx <= XRMAX ? n : (16384 / (4 * (k ? k : 1))) & ~(size_t) 3;                   \
+    if (chunk < 4)                                                                                \
+        chunk = 4;                                                                                \
+    for (size_t j0 = 0; j0 < n; j0 += chunk) {                                                    \
+        const size_t j1 = n - j0 < chunk ? n : j0 + chunk;                                        \
+        for (size_t r = 0; r < nx; r += XRMAX) {                                                  \
+            const size_t xr = nx - r < XRMAX ? nx - r : XRMAX;                                    \
+            pass[xr - 1](j0, j1, k, w, ldw, x + r * ldx, ldx, y + r * ldy, ldy);                  \
+        }                                                                                         \
+    }                                                                                             \
+}
+LF_GEMV_PASS(avx512, "avx512f", 1)
+LF_GEMV_PASS(avx512, "avx512f", 2)
+LF_GEMV_PASS(avx512, "avx512f", 3)
+LF_GEMV_PASS(avx512, "avx512f", 4)
+LF_GEMV_ROWS(avx512, "avx512f", LF_GEMV_XR, lf_gemv_pass_avx512_1, lf_gemv_pass_avx512_2,
+             lf_gemv_pass_avx512_3, lf_gemv_pass_avx512_4)
+
 
 #include "lf_pgemm_avx2.h"
 
@@ -888,11 +948,12 @@ static void lf_pgemv_gates(size_t hidden, size_t u0, size_t u1, size_t k, const 
     lf_pgemv_gates_tiles(hidden, u0, u1, k, a, packed, c, backwards, 0, NULL, 0, NULL, 0, 0, NULL, 0,
                          0, 0, 0);
 }
-static void lf_gemv_rows(size_t n, size_t k, const float* w, size_t ldw, const float* x, float* y) {
+static void lf_gemv_rows(size_t n, size_t k, const float* w, size_t ldw, const float* x,
+                         size_t ldx, size_t nx, float* y, size_t ldy) {
     if (lf_isa() >= 2)
-        lf_gemv_rows_avx512(n, k, w, ldw, x, y);
+        lf_gemv_rows_avx512(n, k, w, ldw, x, ldx, nx, y, ldy);
     else
-        lf_gemv_rows_avx2(n, k, w, ldw, x, y);
+        lf_gemv_rows_avx2(n, k, w, ldw, x, ldx, nx, y, ldy);
 }
 
 /* shared: other threads read the packed copy too (lf_store_packed) */

@@ -363,45 +363,47 @@ lf_pgemv_gates_tiles_avx2(size_t hidden, size_t u0, size_t u1, size_t k, const f
     }
 }
 
-/* lf_gemv_rows: y[0:n] = W(n, k) @ x, W row-major unpacked, four rows at a time */
-__attribute__((target("avx2,fma"))) static void
-lf_gemv_rows_avx2(size_t n, size_t k, const float* w, size_t ldw, const float* x, float* y) {
-    size_t tail = k % 8;
-    __m256i mask = lf_mask8((long) tail);
-    size_t j = 0;
+/* lf_gemv_rows' tile (lf_pgemm.h) in 8 lanes: the same order of sums per output */
 #define LF_HSUM8(v) ({ __m128 s_ = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1)); \
                        s_ = _mm_add_ps(s_, _mm_movehl_ps(s_, s_));                                     \
                        s_ = _mm_add_ss(s_, _mm_shuffle_ps(s_, s_, 1)); _mm_cvtss_f32(s_); })
-    for (; j + 4 <= n; j += 4) {
-        const float* w0 = w + j * ldw;
-        __m256 acc[4];
-        for (int r = 0; r < 4; r++)
-            acc[r] = _mm256_setzero_ps();
-        size_t kk = 0;
-        for (; kk + 8 <= k; kk += 8) {
-            __m256 xv = _mm256_loadu_ps(x + kk);
-            for (int r = 0; r < 4; r++)
-                acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + r * ldw + kk), xv, acc[r]);
+static inline __attribute__((always_inline, target("avx2,fma"))) void
+lf_gemv_tile_avx2(int WR, int XR, size_t k, const float* w, size_t ldw, const float* x,
+                  size_t ldx, float* y, size_t ldy) {
+    const size_t tail = k % 8;
+    const __m256i mask = lf_mask8((long) tail);
+    __m256 acc[4][LF_GEMV_XR_AVX2];
+    for (int a = 0; a < WR; a++)
+        for (int b = 0; b < XR; b++)
+            acc[a][b] = _mm256_setzero_ps();
+    size_t kk = 0;
+    for (; kk + 8 <= k; kk += 8) {
+        __m256 xv[LF_GEMV_XR_AVX2];
+        for (int b = 0; b < XR; b++)
+            xv[b] = _mm256_loadu_ps(x + b * ldx + kk);
+        for (int a = 0; a < WR; a++) {
+            const __m256 wv = _mm256_loadu_ps(w + a * ldw + kk);
+            for (int b = 0; b < XR; b++)
+                acc[a][b] = _mm256_fmadd_ps(wv, xv[b], acc[a][b]);
         }
-        if (tail) {
-            __m256 xv = _mm256_maskload_ps(x + kk, mask);
-            for (int r = 0; r < 4; r++)
-                acc[r] = _mm256_fmadd_ps(_mm256_maskload_ps(w0 + r * ldw + kk, mask), xv, acc[r]);
+    }
+    if (tail) {
+        __m256 xv[LF_GEMV_XR_AVX2];
+        for (int b = 0; b < XR; b++)
+            xv[b] = _mm256_maskload_ps(x + b * ldx + kk, mask);
+        for (int a = 0; a < WR; a++) {
+            const __m256 wv = _mm256_maskload_ps(w + a * ldw + kk, mask);
+            for (int b = 0; b < XR; b++)
+                acc[a][b] = _mm256_fmadd_ps(wv, xv[b], acc[a][b]);
         }
-        for (int r = 0; r < 4; r++)
-            y[j + r] = LF_HSUM8(acc[r]);
     }
-    for (; j < n; j++) {
-        const float* wj = w + j * ldw;
-        __m256 acc = _mm256_setzero_ps();
-        size_t kk = 0;
-        for (; kk + 8 <= k; kk += 8)
-            acc = _mm256_fmadd_ps(_mm256_loadu_ps(wj + kk), _mm256_loadu_ps(x + kk), acc);
-        if (tail)
-            acc = _mm256_fmadd_ps(_mm256_maskload_ps(wj + kk, mask), _mm256_maskload_ps(x + kk, mask), acc);
-        y[j] = LF_HSUM8(acc);
-    }
-#undef LF_HSUM8
+    for (int a = 0; a < WR; a++)
+        for (int b = 0; b < XR; b++)
+            y[b * ldy + a] = LF_HSUM8(acc[a][b]);
 }
+#undef LF_HSUM8
+LF_GEMV_PASS(avx2, "avx2,fma", 1)
+LF_GEMV_PASS(avx2, "avx2,fma", 2)
+LF_GEMV_ROWS(avx2, "avx2,fma", LF_GEMV_XR_AVX2, lf_gemv_pass_avx2_1, lf_gemv_pass_avx2_2)
 
 #endif

@@ -192,6 +192,22 @@ def test_every_path_matches_torch_and_is_the_same_for_one_and_two_threads(isa, s
                     assert_array_equal(c, results[mode][1], err_msg=f"{isa} mode {mode}")
 
 
+@pytest.mark.parametrize("batch", [1, 5, 32, 33])
+def test_every_path_steps_like_torch(isa, batch):
+    # up to 32 rows: lf_gemv_rows in AVX-512 or AVX2 tiles (gemv/sgemm on the generic path)
+    m = lf.LSTM(37, 20, num_layers=2, proj_size=7, dtype=np.float32, seed=6)
+    x = np.random.default_rng(7).standard_normal((6, batch, 37)).astype(np.float32)
+    t_out, t_h, t_c = _torch_forward(m, x)
+    state, outputs = m.zero_state(batch), []
+    for t in range(6):
+        y, state = m.step(x[t], state)
+        outputs.append(y.copy())
+    assert_allclose(np.stack(outputs), t_out, **tol(np.float32))
+    assert_allclose(state[0], t_h, **tol(np.float32))
+    assert_allclose(state[1], t_c, **tol(np.float32))
+    assert m.freeze().kernel_path == ("blas" if isa == "generic" else isa)
+
+
 @pytest.mark.parametrize("shape", [(15, 1, 64, 128, 1, False, 0), (8, 9, 33, 40, 1, True, 0),
                                    (12, 20, 130, 64, 2, False, 0), (7, 5, 9, 13, 1, False, 4)])
 def test_every_path_trains_like_torch_autograd_and_thread_count_free(isa, shape):

@@ -154,12 +154,14 @@ def test_steps_equal_the_whole_sequence(dtype, num_layers, proj_size, bias, batc
 
 
 @pytest.mark.parametrize("input_size, hidden, proj", [(37, 20, 7), (128, 128, 0), (16, 9, 0)])
-def test_float32_single_row_steps_match_the_reference(input_size, hidden, proj):
-    # batch-1 float32 steps run lf_gemv_rows (AVX-512): rows in fours and a remainder, k in
-    # 16-lane chunks and a masked tail
+@pytest.mark.parametrize("batch", [1, 2, 7, 32, 33])
+def test_float32_steps_match_the_reference(input_size, hidden, proj, batch):
+    # float32 steps of up to 32 rows run lf_gemv_rows (AVX-512 or AVX2): weight rows in fours and
+    # a remainder, input rows in blocks and a remainder, W in chunks of 16 KB, k in 16-lane
+    # chunks and a masked tail; 33 rows take sgemm
     m = lf.LSTM(input_size, hidden, num_layers=2, proj_size=proj, dtype=np.float32, seed=2)
-    x = np.random.default_rng(3).standard_normal((6, 1, input_size)).astype(np.float32)
-    state = m.zero_state(1)
+    x = np.random.default_rng(3).standard_normal((6, batch, input_size)).astype(np.float32)
+    state = m.zero_state(batch)
     outputs = []
     for t in range(6):
         y, state = m.step(x[t], state)
@@ -168,6 +170,24 @@ def test_float32_single_row_steps_match_the_reference(input_size, hidden, proj):
     assert_allclose(np.stack(outputs), ref_out, **tol(np.float32))
     assert_allclose(state[0], ref_h, **tol(np.float32))
     assert_allclose(state[1], ref_c, **tol(np.float32))
+
+
+@pytest.mark.parametrize("batch", [2, 5, 32])
+def test_float32_step_rows_do_not_depend_on_their_batch(batch):
+    # each output of lf_gemv_rows sums its k in one order whatever the rows beside it: a batch's
+    # step gives each row the bits of that row stepped alone (a mixed-up row or stride fails)
+    # 130 inputs: W_ih in two chunks of rows (lf_gemv_rows' 16 KB), 52 rows, 6 projected
+    m = lf.LSTM(130, 13, num_layers=2, proj_size=6, seed=4).freeze()
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((batch, 130)).astype(np.float32)
+    state = (rng.standard_normal((2, batch, 6)).astype(np.float32),
+             rng.standard_normal((2, batch, 13)).astype(np.float32))
+    y, (h, c) = m.step(x, state)
+    for r in range(batch):
+        y_r, (h_r, c_r) = m.step(x[r:r + 1], (state[0][:, r:r + 1], state[1][:, r:r + 1]))
+        assert_array_equal(y[r:r + 1], y_r)
+        assert_array_equal(h[:, r:r + 1], h_r)
+        assert_array_equal(c[:, r:r + 1], c_r)
 
 
 def test_step_unbatched_and_errors():
