@@ -486,11 +486,7 @@ class LSTM:
                 [b[0] for b in self._b_ih] if self.bias else [None] * self.num_layers,
                 [b[0] for b in self._b_hh] if self.bias else [None] * self.num_layers,
                 [w[0] for w in self._w_hr] if self.proj_size else [None] * self.num_layers)
-        _threading.blas_single_enter()
-        try:
-            plan.run(x if batched else x[None, :], h3, c3)
-        finally:
-            _threading.blas_single_exit()
+        _run_step_plan(plan, x if batched else x[None, :], h3, c3)
         return h[-1], (h, c)   # y_t is the last layer's h: a view of the new state, as in torch
 
     # ----------------------------------------------------------------- files and peers
@@ -643,6 +639,15 @@ class FrozenLSTM(LSTM):
         self._seal()
 
 
+def _run_step_plan(plan, x, h, c):
+    """plan.run(x, h, c) with the BLAS on one thread (the plan's sgemm for many rows)."""
+    _threading.blas_single_enter()
+    try:
+        plan.run(x, h, c)
+    finally:
+        _threading.blas_single_exit()
+
+
 def _check_reduced(model, precision):
     """ValueError unless `model` can be converted to `precision` (float32, finite weights, int8
     sums within int32)."""
@@ -726,6 +731,11 @@ class LSTMCell:
         written."""
         _load_named(self._params, state_dict, strict, "LSTMCell")
 
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_step_plan", None)   # pointers into this object's arrays: built again on use
+        return state
+
     def __repr__(self):
         return f"LSTMCell({self.input_size}, {self.hidden_size}{'' if self.bias else ', bias=False'}, dtype={self.dtype.name})"
 
@@ -755,13 +765,21 @@ class LSTMCell:
             v.shape(c, expected, "c")
             h = h.reshape(1, batch, H).copy()
             c = c.reshape(1, batch, H).copy()
-        bias = (self._b[0] + self._b[1])[None, :] if self.bias else np.zeros((1, 4 * H), self.dtype)
-        y = np.empty((1, batch, H), self.dtype)
-        lens = np.ones(batch, dtype=np.intp)
-        order = np.arange(batch, dtype=np.intp)
-        with BLAS_SINGLE:
-            run_layer(x2[None], self._w_ih, self._w_hh, bias, None, order, lens, h, c, y,
-                      _threads.get_num_threads())
+        if batch <= _step.GEMV_MAX_ROWS:
+            # LSTM.step's kernel (one layer): the weights read in place, not packed every call
+            plan = self.__dict__.get("_step_plan")
+            if plan is None:
+                biases = [[self._b[0]], [self._b[1]]] if self.bias else [[None], [None]]
+                plan = self._step_plan = _step.StepPlan([self._w_ih[0]], [self._w_hh[0]], *biases, [None])
+            _run_step_plan(plan, np.ascontiguousarray(x2), h, c)
+        else:   # the sequence kernel, one step: its packing pays off on many rows
+            bias = (self._b[0] + self._b[1])[None, :] if self.bias else np.zeros((1, 4 * H), self.dtype)
+            y = np.empty((1, batch, H), self.dtype)
+            lens = np.ones(batch, dtype=np.intp)
+            order = np.arange(batch, dtype=np.intp)
+            with BLAS_SINGLE:
+                run_layer(x2[None], self._w_ih, self._w_hh, bias, None, order, lens, h, c, y,
+                          _threads.get_num_threads())
         if batched:
             return h[0], c[0]
         return h[0, 0], c[0, 0]
