@@ -640,10 +640,11 @@ class FrozenLSTM(LSTM):
 
 
 def _run_step_plan(plan, x, h, c):
-    """plan.run(x, h, c) with the BLAS on one thread (the plan's sgemm for many rows)."""
+    """plan.run on lstm_fast's threads, with the BLAS on one thread (the plan's sgemm for many
+    rows)."""
     _threading.blas_single_enter()
     try:
-        plan.run(x, h, c)
+        plan.run(x, h, c, _threads.get_num_threads())
     finally:
         _threading.blas_single_exit()
 

@@ -19,4 +19,5 @@ class StepPlan:
         x: npt.NDArray[np.floating[Any]],
         h: npt.NDArray[np.floating[Any]],
         c: npt.NDArray[np.floating[Any]],
+        n_threads: int = 1,
     ) -> None: ...

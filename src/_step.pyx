@@ -7,12 +7,15 @@ c (L, B, H) C-contiguous of the plan's dtype; h and c are updated in place (the 
 Layer k's new h is layer k+1's input, so no output buffers are needed: the output is h[L-1].
 """
 from cython cimport floating
+from cython.parallel cimport parallel
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
 
 from _blas cimport gemm_rm, gemv_rm
 from _pgemm cimport lf_gemv_rows, lf_pgemm_available, lf_set_kernel
-from _gates cimport cell_row_standard
+from _gates cimport cell_row_standard, lf_cell_units_simd
+from _split cimport (lf_barrier, lf_barrier_init, lf_barrier_wait, lf_team_size, lf_team_rank,
+                     lf_ticks, lf_split_choose, lf_split_record, lf_split_ended, lf_split_key)
 
 
 # float32 steps of at most this many rows run lf_gemv_rows (W read once a step, no packing);
@@ -20,12 +23,16 @@ from _gates cimport cell_row_standard
 # 32 rows 0.68x-0.86x sgemm's time, 48 rows 0.81x-1.01x, 64 rows 0.86x-1.08x)
 cdef Py_ssize_t STEP_GEMV_MAX_ROWS = 32
 GEMV_MAX_ROWS = STEP_GEMV_MAX_ROWS
+# float32 steps (lf_gemv_rows) whose weights reach this many bytes may split their hidden units
+# over the threads, where measured faster than one thread (lf_split_choose); below, waking the
+# other thread costs more than its half of the weights saves
+cdef Py_ssize_t STEP_SPLIT_MIN_BYTES = 1 << 20
 
 
 cdef class StepPlan:
     cdef int n_layers
     cdef int is_double
-    cdef Py_ssize_t input_size, hidden, proj, hidden_out
+    cdef Py_ssize_t input_size, hidden, proj, hidden_out, weight_bytes
     cdef list _keep
     cdef void** w_ih
     cdef void** w_hh
@@ -52,6 +59,7 @@ cdef class StepPlan:
         self.hidden = w_ih[0].shape[0] // 4
         self.proj = 0 if w_hr[0] is None else w_hr[0].shape[0]
         self.hidden_out = self.proj if self.proj else self.hidden
+        self.weight_bytes = sum(a.nbytes for group in (w_ih, w_hh, w_hr) for a in group if a is not None)
         cdef Py_ssize_t k, slot
         cdef void** table
         for k in range(self.n_layers):
@@ -70,8 +78,10 @@ cdef class StepPlan:
 
     def run(self, const floating[:, ::1] x,     # IN     (B, I) this step's input
             floating[:, :, ::1] h,              # IN/OUT (L, B, H_out)
-            floating[:, :, ::1] c):             # IN/OUT (L, B, H)
-        """One step: h, c updated in place; returns nothing (the output is h[-1])."""
+            floating[:, :, ::1] c,              # IN/OUT (L, B, H)
+            int n_threads=1):
+        """One step: h, c updated in place; returns nothing (the output is h[-1]). Same bits for
+        any n_threads."""
         cdef bint is_double
         if floating is double:
             is_double = True
@@ -91,10 +101,31 @@ cdef class StepPlan:
                                                  * sizeof(floating))
         if work == NULL:
             raise MemoryError("cannot allocate the step workspace")
+        cdef long key = 0
+        cdef int choice = 0
+        cdef long ticks = 0
+        cdef lf_barrier bar
+        lf_barrier_init(&bar)
+        if floating is float:
+            if (n_threads > 1 and lf_pgemm_available() and batch <= STEP_GEMV_MAX_ROWS
+                    and self.hidden >= 16 * n_threads and self.weight_bytes >= STEP_SPLIT_MIN_BYTES):
+                key = lf_split_key(batch, self.hidden, self.input_size, n_threads, self.n_layers % 8)
+                choice = lf_split_choose(key)
+                ticks = lf_ticks()
         with nogil:
-            _step_layers(self.n_layers, self.input_size, self.hidden, self.proj, self.w_ih,
-                         self.w_hh, self.b_ih, self.b_hh, self.w_hr, &x[0, 0], &h[0, 0, 0],
-                         &c[0, 0, 0], batch, work)
+            if floating is float and choice & 1:
+                with parallel(num_threads=n_threads):
+                    _step_layers_team(self.n_layers, self.input_size, self.hidden, self.proj,
+                                      self.w_ih, self.w_hh, self.b_ih, self.b_hh, self.w_hr,
+                                      &x[0, 0], &h[0, 0, 0], &c[0, 0, 0], batch, work, &bar)
+            else:
+                _step_layers(self.n_layers, self.input_size, self.hidden, self.proj, self.w_ih,
+                             self.w_hh, self.b_ih, self.b_hh, self.w_hr, &x[0, 0], &h[0, 0, 0],
+                             &c[0, 0, 0], batch, work)
+        if key != 0:
+            if choice & 2:
+                lf_split_record(key, choice, lf_ticks() - ticks, 1)
+            lf_split_ended(key)
         free(work)
 
 
@@ -129,11 +160,9 @@ cdef void _step_layers(int n_layers, Py_ssize_t input_size, Py_ssize_t H, Py_ssi
         b_hh = <const floating*> b_hh_k[k]
         for j in range(four_h):
             bias[j] = (b_ih[j] + b_hh[j]) if b_ih != NULL else 0
-        if fast_gemv and batch <= STEP_GEMV_MAX_ROWS:
-            lf_gemv_rows(four_h, in_size, <const float*> w_ih, in_size, <const float*> inp,
-                         in_size, batch, <float*> gx, four_h)
-            lf_gemv_rows(four_h, H_out, <const float*> w_hh, H_out, <const float*> h_k, H_out,
-                         batch, <float*> gh, four_h)
+        if fast_gemv and batch <= STEP_GEMV_MAX_ROWS:   # per gate, as a split's threads do
+            _gate_products(0, H, H, in_size, H_out, <const float*> w_ih, <const float*> w_hh,
+                           <const float*> inp, <const float*> h_k, batch, <float*> gx, <float*> gh)
         elif batch == 1:
             gemv_rm(c'N', <int> four_h, <int> in_size, <floating> 1, w_ih, <int> in_size, inp,
                     <floating> 0, gx)
@@ -157,6 +186,74 @@ cdef void _step_layers(int n_layers, Py_ssize_t input_size, Py_ssize_t H, Py_ssi
             else:
                 gemm_rm(c'T', <int> batch, <int> P, <int> H, <floating> 1, hraw, <int> H,
                         <const floating*> w_hr_k[k], <int> H, <floating> 0, h_k, <int> P)
+        inp = h_k
+
+
+cdef inline void _gate_products(Py_ssize_t u0, Py_ssize_t u1, Py_ssize_t H, Py_ssize_t in_size,
+                                Py_ssize_t H_out, const float* w_ih, const float* w_hh,
+                                const float* inp, const float* h_k, Py_ssize_t batch, float* gx,
+                                float* gh) noexcept nogil:
+    # units u0..u1 (u0 a multiple of 16) of each gate's rows: lf_gemv_rows tiles them from g*H + u0
+    # in fours, the same tiles whichever split of the units asks
+    cdef Py_ssize_t g, j0
+    for g in range(4):
+        j0 = g * H + u0
+        lf_gemv_rows(u1 - u0, in_size, w_ih + j0 * in_size, in_size, inp, in_size, batch, gx + j0, 4 * H)
+        lf_gemv_rows(u1 - u0, H_out, w_hh + j0 * H_out, H_out, h_k, H_out, batch, gh + j0, 4 * H)
+
+
+cdef inline Py_ssize_t _team_share(Py_ssize_t n, int rank, int team) noexcept nogil:
+    # thread `rank`'s first row of n, in whole groups of 16 (the cell's vectors; 4 product rows)
+    cdef Py_ssize_t groups = (n + 15) // 16
+    cdef Py_ssize_t per = (groups + team - 1) // team
+    cdef Py_ssize_t start = rank * per * 16
+    return start if start < n else n
+
+
+cdef void _step_layers_team(int n_layers, Py_ssize_t input_size, Py_ssize_t H, Py_ssize_t P,
+                            void** w_ih_k, void** w_hh_k, void** b_ih_k, void** b_hh_k,
+                            void** w_hr_k, const float* x, float* h, float* c, Py_ssize_t batch,
+                            float* work, lf_barrier* bar) noexcept nogil:
+    # one thread of a team: its share of the hidden units (all four gates' rows of them, then
+    # their cells) and of the projection's rows; barriers where a thread reads what the others
+    # wrote (h of the layer, whole). Each output sums what _step_layers' does, in its order.
+    cdef int team = lf_team_size(), rank = lf_team_rank()
+    cdef Py_ssize_t H_out = P if P > 0 else H, four_h = 4 * H
+    cdef float* gx = work
+    cdef float* gh = gx + batch * four_h
+    cdef float* bias = gh + batch * four_h
+    cdef float* hraw = bias + four_h
+    cdef const float* inp = x
+    cdef Py_ssize_t u0 = _team_share(H, rank, team), u1 = _team_share(H, rank + 1, team)
+    cdef Py_ssize_t p0 = _team_share(P, rank, team), p1 = _team_share(P, rank + 1, team)
+    cdef Py_ssize_t k, r, g, j, in_size
+    cdef float* h_k
+    cdef float* c_k
+    cdef const float* b_ih
+    cdef const float* b_hh
+    for k in range(n_layers):
+        in_size = input_size if k == 0 else H_out
+        h_k = h + k * batch * H_out
+        c_k = c + k * batch * H
+        b_ih = <const float*> b_ih_k[k]
+        b_hh = <const float*> b_hh_k[k]
+        for g in range(4):
+            for j in range(g * H + u0, g * H + u1):
+                bias[j] = (b_ih[j] + b_hh[j]) if b_ih != NULL else 0
+        if u1 > u0:
+            _gate_products(u0, u1, H, in_size, H_out, <const float*> w_ih_k[k],
+                           <const float*> w_hh_k[k], inp, h_k, batch, gx, gh)
+        lf_barrier_wait(bar, team)       # every unit of h_k read before any is written
+        if u1 > u0:
+            for r in range(batch):
+                lf_cell_units_simd(H, u0, u1, gh + r * four_h, gx + r * four_h, bias, c_k + r * H,
+                                   (hraw + r * H) if P > 0 else (h_k + r * H_out), NULL, NULL)
+        lf_barrier_wait(bar, team)       # the layer's h (or h_raw) whole
+        if P > 0:
+            if p1 > p0:
+                lf_gemv_rows(p1 - p0, H, <const float*> w_hr_k[k] + p0 * H, H, hraw, H, batch,
+                             h_k + p0, P)
+            lf_barrier_wait(bar, team)
         inp = h_k
 
 

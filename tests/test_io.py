@@ -190,6 +190,31 @@ def test_float32_step_rows_do_not_depend_on_their_batch(batch):
         assert_array_equal(c[:, r:r + 1], c_r)
 
 
+@pytest.mark.parametrize("batch", [1, 5, 32])
+def test_float32_step_split_over_threads_gives_the_one_thread_bits(batch):
+    # weights past 1 MB (STEP_SPLIT_MIN_BYTES): two threads may split the hidden units; a
+    # shape's first 16 calls try one thread, then both (lf_split.h), so 20 calls include split
+    # ones. 202 units and 70 projected rows: shares of 16 with four-row tiles left over.
+    m = lf.LSTM(300, 202, num_layers=2, proj_size=70, seed=8)
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((batch, 300)).astype(np.float32)
+    state = (rng.standard_normal((2, batch, 70)).astype(np.float32),
+             rng.standard_normal((2, batch, 202)).astype(np.float32))
+    with lf.threads(1):
+        y1, (h1, c1) = m.step(x, state)
+    ref_out, (ref_h, ref_c) = reference.lstm(x[None].astype(np.float64), m.state_dict(), 2, False,
+                                             h0=state[0].astype(np.float64),
+                                             c0=state[1].astype(np.float64))
+    assert_allclose(y1, ref_out[0], **tol(np.float32))
+    assert_allclose(c1, ref_c, **tol(np.float32))
+    with lf.threads(2):
+        for _ in range(20):
+            y2, (h2, c2) = m.step(x, state)
+            assert_array_equal(y2, y1)
+            assert_array_equal(h2, h1)
+            assert_array_equal(c2, c1)
+
+
 def test_step_unbatched_and_errors():
     m = lf.LSTM(3, 4, num_layers=2, seed=0)
     state = m.zero_state()
