@@ -6,6 +6,9 @@ import numpy.typing as npt
 GEMV_MAX_ROWS: int
 
 class StepPlan:
+    may_split: bool
+    @property
+    def gemv_rows(self) -> int: ...
     def __init__(
         self,
         w_ih: list[npt.NDArray[np.floating[Any]]],
