@@ -789,15 +789,16 @@ lf_pgemv_gates_tiles_avx512(size_t hidden, size_t u0, size_t u1, size_t k, const
 #undef LF_TILE_PANEL
 }
 
-/* y[r * ldy + j] = W[j, :] . x[r, :] for the nx rows of x (leading dimension ldx), W (n, k)
-   row-major (leading dimension ldw), unpacked: for the streaming step, which reads each weight
-   once per call, so packing would cost more than it saves (scipy's sgemm repacked W at every
-   step: 39 % of a batch-16 step in its copy routine). A tile is WR weight rows x XR input rows,
-   each output a 16-lane partial sum over k in order, reduced at the end: a row's result does not
-   depend on the batch it came in. The weight rows (4 x k floats) stay in L1 while every block of
-   input rows passes them, so W streams from L2 once a step whatever the batch; the loads stream
-   at L2's rate, where scipy's sgemv reached about two thirds of it (H=128, batch 1: 6.8 -> 4.9 us
+/* lf_gemv_rows: y[r * ldy + j] = W[j, :] . x[r, :] for the nx rows of x (leading dimension ldx),
+   W (n, k) row-major (leading dimension ldw), unpacked: for the streaming step, which reads each
+   weight once per call, so packing would cost more than it saves (scipy's sgemm repacked W at
+   every step: 39 % of a batch-16 step in its copy routine). A tile is WR (4, or 1 for the last
+   rows) weight rows x XR input rows, each output a 16-lane partial sum over k in order, reduced
+   at the end: a row's result does not depend on the batch it came in, nor on where a caller's
+   range of rows starts, as long as it starts on a multiple of 4. For one row the loads stream at
+   L2's rate, where scipy's sgemv reached about two thirds of it (H=128, batch 1: 6.8 -> 4.9 us
    for the two products of a step). */
+
 /* the sums of the 16 lanes of a0..a3 (in one fixed order): 8 shuffles and 7 adds, where four
    _mm512_reduce_add_ps take 16 and 16, as many operations as a k of 128's FMAs */
 static inline __attribute__((always_inline, target("avx512f"))) __m128
@@ -806,8 +807,10 @@ lf_hsum4_avx512(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
     const __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
     const __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
     /* per 128-bit lane [a0 a1 a2 a3] */
-    const __m512 v = _mm512_add_ps(_mm512_shuffle_ps(s01, s23, 0x44), _mm512_shuffle_ps(s01, s23, 0xEE));
-    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+    const __m512 v = _mm512_add_ps(_mm512_shuffle_ps(s01, s23, 0x44),
+                                   _mm512_shuffle_ps(s01, s23, 0xEE));
+    const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), hi);
     return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 #define LF_GEMV_XR 4   /* input rows a tile: 4 x 4 accumulators, 4 + 4 loads per 16 FMAs */
@@ -865,8 +868,9 @@ __attribute__((target(TARGET))) static void lf_gemv_pass_##ISA##_##XR(          
 }
 typedef void (*lf_gemv_pass_fn)(size_t, size_t, size_t, const float*, size_t, const float*, size_t,
                                 float*, size_t);
-/* W in chunks of rows that fit 16 KB of L1, each chunk passed by every block of XRMAX input
-   rows: W streams from L2 once a step whatever the batch */
+/* W in chunks of rows that fit 16 KB of L1 (a multiple of 4 rows), each chunk passed by every
+   block of XRMAX input rows while it is in L1: W streams from L2 (or L3) once a step whatever
+   the batch */
 #define LF_GEMV_ROWS(ISA, TARGET, XRMAX, ...)                                                     \
 __attribute__((target(TARGET))) static void lf_gemv_rows_##ISA(                                   \
         size_t n, size_t k, const float* w, size_t ldw, const float* x, size_t ldx, size_t nx,   \
@@ -889,7 +893,6 @@ LF_GEMV_PASS(avx512, "avx512f", 3)
 LF_GEMV_PASS(avx512, "avx512f", 4)
 LF_GEMV_ROWS(avx512, "avx512f", LF_GEMV_XR, lf_gemv_pass_avx512_1, lf_gemv_pass_avx512_2,
              lf_gemv_pass_avx512_3, lf_gemv_pass_avx512_4)
-
 
 #include "lf_pgemm_avx2.h"
 
