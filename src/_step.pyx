@@ -119,16 +119,23 @@ cdef class StepPlan:
                 key = lf_split_key(batch, self.hidden, self.input_size, n_threads, self.n_layers % 8)
                 choice = lf_split_choose(key)
                 ticks = lf_ticks()
+        cdef bint gemv = False
+        if floating is float:
+            gemv = lf_pgemm_available() and batch <= STEP_GEMV_MAX_ROWS
         with nogil:
             if floating is float and choice & 1:
                 with parallel(num_threads=n_threads):
-                    _step_layers_team(self.n_layers, self.input_size, self.hidden, self.proj,
+                    _step_layers_gemv(self.n_layers, self.input_size, self.hidden, self.proj,
                                       self.w_ih, self.w_hh, self.b_ih, self.b_hh, self.w_hr,
                                       &x[0, 0], &h[0, 0, 0], &c[0, 0, 0], batch, work, &bar)
+            elif floating is float and gemv:   # a team of one
+                _step_layers_gemv(self.n_layers, self.input_size, self.hidden, self.proj,
+                                  self.w_ih, self.w_hh, self.b_ih, self.b_hh, self.w_hr,
+                                  &x[0, 0], &h[0, 0, 0], &c[0, 0, 0], batch, work, &bar)
             else:
-                _step_layers(self.n_layers, self.input_size, self.hidden, self.proj, self.w_ih,
-                             self.w_hh, self.b_ih, self.b_hh, self.w_hr, &x[0, 0], &h[0, 0, 0],
-                             &c[0, 0, 0], batch, work)
+                _step_layers_blas(self.n_layers, self.input_size, self.hidden, self.proj, self.w_ih,
+                                  self.w_hh, self.b_ih, self.b_hh, self.w_hr, &x[0, 0], &h[0, 0, 0],
+                                  &c[0, 0, 0], batch, work)
         if key != 0:
             if choice & 2:
                 lf_split_record(key, choice, lf_ticks() - ticks, 1)
@@ -136,41 +143,30 @@ cdef class StepPlan:
         free(work)
 
 
-cdef void _step_layers(int n_layers, Py_ssize_t input_size, Py_ssize_t H, Py_ssize_t P,
-                       void** w_ih_k, void** w_hh_k, void** b_ih_k, void** b_hh_k, void** w_hr_k,
-                       const floating* x, floating* h, floating* c,
-                       Py_ssize_t batch, floating* work) noexcept nogil:
+cdef void _step_layers_blas(int n_layers, Py_ssize_t input_size, Py_ssize_t H, Py_ssize_t P,
+                            void** w_ih_k, void** w_hh_k, void** b_ih_k, void** b_hh_k,
+                            void** w_hr_k, const floating* x, floating* h, floating* c,
+                            Py_ssize_t batch, floating* work) noexcept nogil:
+    # float64, the portable path, and more than STEP_GEMV_MAX_ROWS rows: BLAS products
     cdef Py_ssize_t H_out = P if P > 0 else H, four_h = 4 * H
     cdef floating* gx = work                       # (B, 4H) x @ W_ih.T
     cdef floating* gh = gx + batch * four_h        # (B, 4H) h @ W_hh.T
     cdef floating* bias = gh + batch * four_h      # (4H,)  b_ih + b_hh
     cdef floating* hraw = bias + four_h            # (B, H) o*tanh(c), before the projection
     cdef const floating* inp = x
-    cdef Py_ssize_t k, r, j, in_size
+    cdef Py_ssize_t k, r, in_size
     cdef floating* h_k
     cdef floating* c_k
     cdef const floating* w_ih
     cdef const floating* w_hh
-    cdef const floating* b_ih
-    cdef const floating* b_hh
-    # float32 up to STEP_GEMV_MAX_ROWS rows: our own products over the unpacked weights
-    cdef bint fast_gemv = False
-    if floating is float:
-        fast_gemv = lf_pgemm_available()
     for k in range(n_layers):
         in_size = input_size if k == 0 else H_out
         h_k = h + k * batch * H_out
         c_k = c + k * batch * H
         w_ih = <const floating*> w_ih_k[k]
         w_hh = <const floating*> w_hh_k[k]
-        b_ih = <const floating*> b_ih_k[k]
-        b_hh = <const floating*> b_hh_k[k]
-        for j in range(four_h):
-            bias[j] = (b_ih[j] + b_hh[j]) if b_ih != NULL else 0
-        if fast_gemv and batch <= STEP_GEMV_MAX_ROWS:   # per gate, as a split's threads do
-            _gate_products(0, H, H, in_size, H_out, <const float*> w_ih, <const float*> w_hh,
-                           <const float*> inp, <const float*> h_k, batch, <float*> gx, <float*> gh)
-        elif batch == 1:
+        _bias_sum(<const floating*> b_ih_k[k], <const floating*> b_hh_k[k], 0, four_h, bias)
+        if batch == 1:
             gemv_rm(c'N', <int> four_h, <int> in_size, <floating> 1, w_ih, <int> in_size, inp,
                     <floating> 0, gx)
             gemv_rm(c'N', <int> four_h, <int> H_out, <floating> 1, w_hh, <int> H_out, h_k,
@@ -184,16 +180,20 @@ cdef void _step_layers(int n_layers, Py_ssize_t input_size, Py_ssize_t H, Py_ssi
             cell_row_standard(H, gh + r * four_h, gx + r * four_h, bias, c_k + r * H,
                               (hraw + r * H) if P > 0 else (h_k + r * H_out))
         if P > 0:
-            if fast_gemv and batch <= STEP_GEMV_MAX_ROWS:
-                lf_gemv_rows(P, H, <const float*> w_hr_k[k], H, <const float*> hraw, H, batch,
-                             <float*> h_k, P)
-            elif batch == 1:
+            if batch == 1:
                 gemv_rm(c'N', <int> P, <int> H, <floating> 1, <const floating*> w_hr_k[k],
                         <int> H, hraw, <floating> 0, h_k)
             else:
                 gemm_rm(c'T', <int> batch, <int> P, <int> H, <floating> 1, hraw, <int> H,
                         <const floating*> w_hr_k[k], <int> H, <floating> 0, h_k, <int> P)
         inp = h_k
+
+
+cdef inline void _bias_sum(const floating* b_ih, const floating* b_hh, Py_ssize_t j0, Py_ssize_t j1,
+                           floating* bias) noexcept nogil:
+    cdef Py_ssize_t j
+    for j in range(j0, j1):
+        bias[j] = (b_ih[j] + b_hh[j]) if b_ih != NULL else 0
 
 
 cdef inline void _gate_products(Py_ssize_t u0, Py_ssize_t u1, Py_ssize_t H, Py_ssize_t in_size,
@@ -221,13 +221,14 @@ cdef inline Py_ssize_t _team_share(Py_ssize_t n, int rank, int team) noexcept no
     return start if start < n else n
 
 
-cdef void _step_layers_team(int n_layers, Py_ssize_t input_size, Py_ssize_t H, Py_ssize_t P,
+cdef void _step_layers_gemv(int n_layers, Py_ssize_t input_size, Py_ssize_t H, Py_ssize_t P,
                             void** w_ih_k, void** w_hh_k, void** b_ih_k, void** b_hh_k,
                             void** w_hr_k, const float* x, float* h, float* c, Py_ssize_t batch,
                             float* work, lf_barrier* bar) noexcept nogil:
-    # one thread of a team: its share of the hidden units (all four gates' rows of them, then
-    # their cells) and of the projection's rows; barriers where a thread reads what the others
-    # wrote (h of the layer, whole). Each output sums what _step_layers' does, in its order.
+    # float32 on lf_gemv_rows, run by one thread of a team (or alone, a team of one): its share
+    # of the hidden units (all four gates' rows of them, then their cells) and of the
+    # projection's rows; barriers where a thread reads what the others wrote (h of the layer,
+    # whole). Each output is summed in the same order whatever the team.
     cdef int team = lf_team_size(), rank = lf_team_rank()
     cdef Py_ssize_t H_out = P if P > 0 else H, four_h = 4 * H
     cdef float* gx = work
@@ -237,20 +238,16 @@ cdef void _step_layers_team(int n_layers, Py_ssize_t input_size, Py_ssize_t H, P
     cdef const float* inp = x
     cdef Py_ssize_t u0 = _team_share(H, rank, team), u1 = _team_share(H, rank + 1, team)
     cdef Py_ssize_t p0 = _team_share(P, rank, team), p1 = _team_share(P, rank + 1, team)
-    cdef Py_ssize_t k, r, g, j, in_size
+    cdef Py_ssize_t k, r, g, in_size
     cdef float* h_k
     cdef float* c_k
-    cdef const float* b_ih
-    cdef const float* b_hh
     for k in range(n_layers):
         in_size = input_size if k == 0 else H_out
         h_k = h + k * batch * H_out
         c_k = c + k * batch * H
-        b_ih = <const float*> b_ih_k[k]
-        b_hh = <const float*> b_hh_k[k]
         for g in range(4):
-            for j in range(g * H + u0, g * H + u1):
-                bias[j] = (b_ih[j] + b_hh[j]) if b_ih != NULL else 0
+            _bias_sum(<const float*> b_ih_k[k], <const float*> b_hh_k[k], g * H + u0, g * H + u1,
+                      bias)
         if u1 > u0:
             _gate_products(u0, u1, H, in_size, H_out, <const float*> w_ih_k[k],
                            <const float*> w_hh_k[k], inp, h_k, batch, gx, gh)
