@@ -184,6 +184,26 @@ def test_many_python_threads_share_one_model():
     assert blas_threads() == before, "scipy's BLAS gets its thread count back after the calls"
 
 
+def test_concurrent_steps_equal_serial_ones():
+    # Python threads stepping one model at once, each step on two threads where its weights
+    # (2 MB) may split (an OpenMP team per caller), or on sgemm past 32 rows
+    m = lf.LSTM(256, 256, seed=3).freeze()
+    cell = lf.LSTMCell(256, 256, seed=4)
+    rng = np.random.default_rng(5)
+    inputs = [rng.standard_normal((b, 256)).astype(np.float32) for b in (1, 3, 40) * 12]
+
+    def both(x):
+        with lf.threads(2):
+            y, (h, c) = m.step(x, m.zero_state(len(x)))
+            return y, c, cell(x)[1]
+    serial = [both(x) for x in inputs]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        parallel = list(pool.map(both, inputs))
+    for a, b in zip(serial, parallel):
+        for u, w in zip(a, b):
+            assert_array_equal(u, w)
+
+
 def test_threads_context_is_per_python_thread():
     seen = {}
 
