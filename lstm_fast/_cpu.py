@@ -32,6 +32,7 @@ ZEN4_CONSTANTS = {
     "packed_wide_bytes": 512 * 1024,
     "packed_wide_max_bytes": 8 * 1024 * 1024,
     "interleave_min_bytes": 96 * 1024,
+    "lowp_rows_max_bytes": 8 * 1024 * 1024,
 }
 
 
@@ -224,8 +225,11 @@ def derive(description):
       than the up-front projection; on Zen 4 wide mode starts beyond it).
     - lowp_rows_max_bytes: an int8/bfloat16 layer runs split by rows, each thread (or one alone,
       from 16 rows) projecting its own inputs step by step, up to 3/4 of L2 of W_ih + W_hh (+ W_hr)
-      (Xeon family 6 model 207, 2 MiB L2, two threads: int8 0.85x-0.97x the time up to 1.5 MB,
-      1.05x at 2 MB; bfloat16 0.86x-0.95x up to 1.5 MB, 0.99x-1.01x at 2-2.3 MB).
+      on Intel (Xeon family 6 model 207, 2 MiB L2, two threads: int8 0.85x-0.97x the time up to
+      1.5 MB, 1.05x at 2 MB; bfloat16 0.86x-0.95x up to 1.5 MB, 0.99x-1.01x at 2-2.3 MB); on AMD
+      up to the stream cache, a quarter of the L3 (Zen 4, 1 MiB L2, 32 MiB L3, 1 and 2 threads:
+      bfloat16 0.85x-0.96x the time with 1-4 MB of weights, int8 0.88x-0.94x with 2 MB, 1.00x-1.01x
+      with 8 MB; bfloat16's 16 MB 1.02x slower, so it stays out).
     Missing sizes take the Zen 4 values."""
     l1d = description.get("l1d_bytes") or 32 * 1024
     l2 = description.get("l2_bytes") or 1024 * 1024
@@ -253,7 +257,8 @@ def derive(description):
         "packed_wide_max_bytes": stream_cache,
         "interleave_min_bytes": 3 * l1d,
         "wide_fused_max_bytes": 4 * l2,
-        "lowp_rows_max_bytes": 3 * l2 // 4,
+        "lowp_rows_max_bytes": 3 * l2 // 4 if description.get("vendor") == "GenuineIntel"
+                               else max(3 * l2 // 4, stream_cache),
     }
 
 

@@ -81,7 +81,7 @@ DEF MIN_PROJ_FLOPS_PER_THREAD = 16000000
 DEF MIN_STEP_FLOPS_PER_THREAD = 1000000
 
 
-cdef size_t ROWS_MAX_BYTES = 768 * 1024      # 3/4 of L2 (lstm_fast._cpu.derive)
+cdef size_t ROWS_MAX_BYTES = 768 * 1024      # until _set_kernel gives lstm_fast._cpu.derive's
 
 
 def _set_kernel(int isa, dict params):

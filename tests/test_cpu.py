@@ -58,6 +58,9 @@ def test_derive_is_a_function_of_the_description_only():
     assert px["fused_max_bytes"] == px["packed_wide_max_bytes"] == 2 * 1024 * 1024
     amd = _cpu.derive(dict(xeon, vendor="AuthenticAMD"))
     assert amd["fused_max_bytes"] == amd["packed_wide_max_bytes"] == 105 * 1024 * 1024 // 4
+    # the reduced-precision row split likewise: 3/4 of L2 on Intel, the stream cache on AMD
+    assert px["lowp_rows_max_bytes"] == 1536 * 1024
+    assert amd["lowp_rows_max_bytes"] == 105 * 1024 * 1024 // 4
     # missing sizes fall back to the Zen 4 ones
     assert _cpu.derive({}) == first
 
