@@ -20,7 +20,9 @@ from _split cimport (lf_barrier, lf_barrier_init, lf_barrier_wait, lf_team_size,
 
 # float32 steps of at most this many rows run lf_gemv_rows (W read once a step, no packing);
 # more take sgemm, whose packing pays off from about there (measured on the Xeon 6/207, H 64-512:
-# 32 rows 0.68x-0.86x sgemm's time, 48 rows 0.81x-1.01x, 64 rows 0.86x-1.08x)
+# 32 rows 0.68x-0.86x sgemm's time, 48 rows 0.81x-1.01x, 64 rows 0.86x-1.08x; on Zen 4, one FMA
+# port, 32 rows on one thread are 1.09x-1.16x sgemm's time, but split over two threads from 1 MB
+# of weights 0.57x-0.62x: docs/performance.md)
 cdef Py_ssize_t STEP_GEMV_MAX_ROWS = 32
 GEMV_MAX_ROWS = STEP_GEMV_MAX_ROWS
 # float32 steps (lf_gemv_rows) whose weights reach this many bytes may split their hidden units
