@@ -1319,7 +1319,7 @@ static inline void lf_lp_proj_row(const lf_lp_layer* L, const lf_lp_ws* W, int s
    the same bits as 1 + 2b. */
 #define LF_LP_CHUNK_MIN_ROWS 8
 /* ... when the weights (W_ih, W_hh, W_hr) are small, L->rows_max_bytes (lstm_fast._cpu.derive:
-   3/4 of L2): each thread then reads all of them every step, where the column split reads a
+   3/4 of L2 on Intel, a quarter of the L3 on AMD): each thread then reads all of them every step, where the column split reads a
    share and the up-front projection streams W_ih once per 96 rows. */
 /* one thread alone takes the row split from 16 rows: with 8, its step products of W_ih (6 + 2 row
    tiles) cost more than the up-front projection's 96-row blocks saved (int8 (100,8,128,128)
