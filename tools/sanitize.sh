@@ -8,7 +8,7 @@ ROOT=$(pwd)
 PY="${PY:-$ROOT/.venv/bin/python}"
 OUT=build/sanitize
 rm -rf "$OUT" && mkdir -p "$OUT"
-git ls-files src lstm_fast tests examples setup.py pyproject.toml README.md CHANGELOG.md | xargs -I{} cp --parents {} "$OUT"
+git ls-files src lstm_fast tests examples docs setup.py pyproject.toml README.md CHANGELOG.md | xargs -I{} cp --parents {} "$OUT"
 cd "$OUT"
 LSTM_FAST_SANITIZE=address,undefined LSTM_FAST_DEBUG=1 "$PY" setup.py -q build_ext --inplace
 ASAN_LIB=$(gcc -print-file-name=libasan.so)
