@@ -237,12 +237,12 @@ def derive(description):
     panel_row = 32 * 4                            # bytes of one k-row of a packed panel
     # 12 rows on Intel cores with two 512-bit FMA units: 5-10 % faster on the three GEMM-bound
     # rows of the grid on Xeon family 6 model 167 (docs/performance.md); Zen 5 measured no faster
-    two_fma_intel = (description.get("vendor") == "GenuineIntel"
-                     and (description.get("fma_units_512") or 1.0) >= 2.0)
+    intel = description.get("vendor") == "GenuineIntel"
+    two_fma_intel = intel and (description.get("fma_units_512") or 1.0) >= 2.0
     tile_rows = 12 if two_fma_intel else 8
     # Intel's L3 is a mesh of slices, a few MB per core at 15-20 GB/s a core: a pass over the
     # weights per chunk (or per fused step) must find them in L2 there
-    stream_cache = l2 if description.get("vendor") == "GenuineIntel" else l3 // 4
+    stream_cache = l2 if intel else l3 // 4
     return {
         "tile_rows": tile_rows,
         "tile_cols": 32,
@@ -257,8 +257,7 @@ def derive(description):
         "packed_wide_max_bytes": stream_cache,
         "interleave_min_bytes": 3 * l1d,
         "wide_fused_max_bytes": 4 * l2,
-        "lowp_rows_max_bytes": 3 * l2 // 4 if description.get("vendor") == "GenuineIntel"
-                               else max(3 * l2 // 4, stream_cache),
+        "lowp_rows_max_bytes": 3 * l2 // 4 if intel else max(3 * l2 // 4, stream_cache),
     }
 
 

@@ -1319,8 +1319,9 @@ static inline void lf_lp_proj_row(const lf_lp_layer* L, const lf_lp_ws* W, int s
    the same bits as 1 + 2b. */
 #define LF_LP_CHUNK_MIN_ROWS 8
 /* ... when the weights (W_ih, W_hh, W_hr) are small, L->rows_max_bytes (lstm_fast._cpu.derive:
-   3/4 of L2 on Intel, a quarter of the L3 on AMD): each thread then reads all of them every step, where the column split reads a
-   share and the up-front projection streams W_ih once per 96 rows. */
+   3/4 of L2 on Intel, a quarter of the L3 on AMD): each thread then reads all of them every
+   step, where the column split reads a share and the up-front projection streams W_ih once per
+   96 rows. */
 /* one thread alone takes the row split from 16 rows: with 8, its step products of W_ih (6 + 2 row
    tiles) cost more than the up-front projection's 96-row blocks saved (int8 (100,8,128,128)
    1.023x, (100,8,256,128) 1.029x; from 16 rows 0.94x-1.00x, Xeon 6/207, pinned A/B) */
@@ -1492,7 +1493,8 @@ static int lf_lp_layer_forward(const lf_lp_layer* L) {
     int ok = W.xa && W.xs && W.gx && W.ha && W.hs && W.gh && (!P || (W.pa && W.ps && W.hraw && W.hp));
     if (ok) {
         start = lf_ticks();
-        if (!W.rows_fused) {      /* split by rows, each thread projects its own (2a) */
+        if (!W.rows_fused) {      /* the up-front projection (1); split by rows (2a), each
+                                     thread projects its own rows' inputs in its steps */
             if (threads_proj > 1) {
                 #pragma omp parallel num_threads(threads_proj)
                 lf_lp_layer_proj(L, &W);
