@@ -26,7 +26,7 @@ cdef extern from "lf_lowp.h" nogil:
         LF_PATH_AVX512_FMA
         LF_PATH_AVX2_FMA
     ctypedef struct lf_lp_mat:
-        int kind, n, k, kp, nb
+        int kind, n, k, kp, nb, bs
         const void* w
         const float* scale
         const int32_t* corr
@@ -49,6 +49,7 @@ cdef extern from "lf_lowp.h" nogil:
         size_t rows_max_bytes
         lf_cell_fn cell
     int lf_lp_kp(int kind, int k)
+    int lf_lp_bs(int kind, int kp)
     void lf_lp_pack(int kind, int n, int k, const float* w, size_t ldw, void* packed, float* scale,
                     int32_t* corr)
     void lf_lp_quant_row(int kind, int k, int kp, const float* x, void* dst, float* sx)
@@ -128,8 +129,9 @@ cdef class Packed:
         cdef int n = n_, k = k_
         cdef int kp = lf_lp_kp(kind, k)
         cdef int nb = (n + 15) // 16
+        cdef int bs = lf_lp_bs(kind, kp)
         self.precision = precision
-        self.data = aligned_zeros(nb * 16 * kp, np.uint16 if kind == LF_LP_BF16 else np.int8)
+        self.data = aligned_zeros(nb * bs, np.uint16 if kind == LF_LP_BF16 else np.int8)
         self.scale = np.zeros(nb * 16, np.float32)
         self.corr = np.zeros(nb * 16, np.int32)
         cdef cnp.ndarray data = self.data
@@ -142,10 +144,11 @@ cdef class Packed:
             sw = np.asarray(q_scale, np.float32).reshape(-1)
             if sw.shape != (n,) or not np.isfinite(sw).all():
                 raise ValueError(f"q_scale must hold {n} finite scales")
-            # the packed layout of lf_lp_pack: [block of 16 rows][quad of k][16][4]
+            # the packed layout of lf_lp_pack: [block of 16 rows][quad of k][16][4], blocks bs apart
             full = np.zeros((nb * 16, kp), np.int8)
             full[:n, :k] = qi
-            self.data[...] = full.reshape(nb, 16, kp // 4, 4).transpose(0, 2, 1, 3).reshape(-1)
+            self.data.reshape(nb, bs)[:, :16 * kp] = (
+                full.reshape(nb, 16, kp // 4, 4).transpose(0, 2, 1, 3).reshape(nb, 16 * kp))
             self.scale[:n] = sw
             self.corr[:n] = (128 * qi.sum(axis=1)).astype(np.int32)
         else:
@@ -158,6 +161,7 @@ cdef class Packed:
         self.mat.k = k
         self.mat.kp = kp
         self.mat.nb = nb
+        self.mat.bs = bs
         self.mat.w = cnp.PyArray_DATA(data)
         self.mat.scale = &sc[0]
         self.mat.corr = &co[0]

@@ -49,7 +49,8 @@ enum { LF_PATH_GENERIC = 0, LF_PATH_AVX512 = 1, LF_PATH_AMX = 2, LF_PATH_AMX_EMU
 typedef struct {
     int kind;
     int n, k, kp, nb;          /* outputs, inputs, padded inputs, blocks of 16 outputs */
-    const void* w;             /* packed: nb * 16 * kp uint16 (bf16) or int8 */
+    int bs;                    /* elements from one block to the next (lf_lp_bs) */
+    const void* w;             /* packed: nb * bs uint16 (bf16) or int8 */
     const float* scale;        /* int8: s_w per output (nb*16) */
     const int32_t* corr;       /* int8: 128 * sum_k q_w per output */
 } lf_lp_mat;
@@ -60,6 +61,15 @@ static inline int lf_lp_kp(int kind, int k) {
 }
 
 /* ------------------------------------------------------------------ scalar conversions */
+/* elements from one block of 16 outputs to the next: 16 * kp, and a cache line more from 4 KiB.
+   A batch-1 step reads 8 blocks side by side; at a stride of a multiple of 4 KiB their lines
+   share an L1 set (AMD EPYC Zen 4, 8 streams of bfloat16 from L2, kp 128: 93-99 B/ns unpadded,
+   104-105 padded; kp 192: 89 against 97-99; kp 512: 77 against 82-84) */
+static inline int lf_lp_bs(int kind, int kp) {
+    const int bytes = 16 * kp * (kind == LF_LP_BF16 ? 2 : 1);
+    return bytes >= 4096 ? 16 * kp + (kind == LF_LP_BF16 ? 32 : 64) : 16 * kp;
+}
+
 static inline float lf_bf16_to_f32(uint16_t b) {
     uint32_t u = (uint32_t) b << 16;
     float f;
@@ -205,17 +215,18 @@ static inline void lf_lp_quant_row_fast(int path, int kind, int k, int kp, const
 static void lf_lp_pack(int kind, int n, int k, const float* w, size_t ldw, void* packed,
                        float* scale, int32_t* corr) {
     const int kp = lf_lp_kp(kind, k), nb = (n + 15) / 16;
+    const size_t bs = (size_t) lf_lp_bs(kind, kp);
     if (kind == LF_LP_BF16) {
         uint16_t* p = (uint16_t*) packed;
-        memset(p, 0, (size_t) nb * 16 * kp * sizeof(uint16_t));
+        memset(p, 0, (size_t) nb * bs * sizeof(uint16_t));
         for (int j = 0; j < n; j++)
             for (int i = 0; i < k; i++)
-                p[(size_t) (j / 16) * 16 * kp + (size_t) (i / 2) * 32 + (j % 16) * 2 + (i % 2)] =
+                p[(size_t) (j / 16) * bs + (size_t) (i / 2) * 32 + (j % 16) * 2 + (i % 2)] =
                     lf_f32_to_bf16(w[(size_t) j * ldw + i]);
         return;
     }
     int8_t* p = (int8_t*) packed;
-    memset(p, 0, (size_t) nb * 16 * kp);
+    memset(p, 0, (size_t) nb * bs);
     for (int j = 0; j < nb * 16; j++) {
         scale[j] = 0.0f;
         corr[j] = 0;
@@ -233,7 +244,7 @@ static void lf_lp_pack(int kind, int n, int k, const float* w, size_t ldw, void*
             float r = rintf(row[i] * inv);
             r = r > 127.0f ? 127.0f : (r < -127.0f ? -127.0f : r);
             int8_t q = (int8_t) r;
-            p[(size_t) (j / 16) * 16 * kp + (size_t) (i / 4) * 64 + (j % 16) * 4 + (i % 4)] = q;
+            p[(size_t) (j / 16) * bs + (size_t) (i / 4) * 64 + (j % 16) * 4 + (i % 4)] = q;
             sum += q;
         }
         scale[j] = amax / 127.0f;
@@ -260,7 +271,7 @@ static void lf_lp_gemm_generic(const lf_lp_mat* W, int rows, const void* A, size
             const int j0 = 16 * b, width = W->n - j0 < 16 ? W->n - j0 : 16;
             if (W->kind == LF_LP_BF16) {
                 const uint16_t* a = (const uint16_t*) A + r * lda;
-                const uint16_t* w = (const uint16_t*) W->w + (size_t) b * 16 * kp;
+                const uint16_t* w = (const uint16_t*) W->w + (size_t) b * W->bs;
                 float acc[16];
                 for (int l = 0; l < 16; l++)
                     acc[l] = 0.0f;
@@ -278,7 +289,7 @@ static void lf_lp_gemm_generic(const lf_lp_mat* W, int rows, const void* A, size
                 memcpy(out + r * ldo + j0, acc, (size_t) width * sizeof(float));
             } else {
                 const uint8_t* a = (const uint8_t*) A + r * lda;
-                const int8_t* w = (const int8_t*) W->w + (size_t) b * 16 * kp;
+                const int8_t* w = (const int8_t*) W->w + (size_t) b * W->bs;
                 uint32_t acc[16];
                 for (int l = 0; l < 16; l++)
                     acc[l] = 0;
@@ -386,7 +397,7 @@ ATTR static void NAME(const lf_lp_mat* W, int rows, const void* A, size_t lda_by
     lf_amx_cfg cfg;                                                                              \
     _Alignas(64) float ctile[4][16 * 16];                                                       \
     const int elem = W->kind == LF_LP_BF16 ? 2 : 1;                                             \
-    const size_t wblock = (size_t) 16 * W->kp * elem; /* bytes of one output block */           \
+    const size_t wblock = (size_t) W->bs * elem;    /* bytes of one output block */           \
     const int kt_n = W->kp * elem / 64;                                                         \
     int cfg_m = -1;                                                                             \
     for (int r = 0; r < rows; r += 16) {                                                        \
@@ -512,8 +523,8 @@ static inline int32_t lf_load32(const void* p) {
 LF_BF16_ATTR void lf_bf16_tile_##RR##_##NN(const lf_lp_mat* W, const uint16_t* a, size_t lda,  \
                                            int b, float* out, size_t ldo) {                     \
     const int kp = W->kp;                                                                       \
-    const uint16_t* w = (const uint16_t*) W->w + (size_t) b * 16 * kp;                          \
-    const size_t bs = (size_t) 16 * kp;                                                         \
+    const uint16_t* w = (const uint16_t*) W->w + (size_t) b * W->bs;                          \
+    const size_t bs = (size_t) W->bs;                                                           \
     __m512 acc[RR][NN];                                                                         \
     for (int r = 0; r < RR; r++)                                                                \
         for (int q = 0; q < NN; q++)                                                            \
@@ -536,10 +547,11 @@ LF_BF16_ATTR void lf_bf16_tile_##RR##_##NN(const lf_lp_mat* W, const uint16_t* a
     }                                                                                           \
 }
 
-#define LF_LP_MR 4   /* rows per register tile: 4 x 4 blocks = 16 accumulators (6 x 4 spilled) */
+#define LF_LP_MR 4   /* rows per register tile: 4 x 4 blocks = 16 accumulators (6 x 4 in an
+                        array spills; lf_bf16_tile_hot64 names its 24) */
 #define LF_TILE_CASES(X) X(1,1) X(1,2) X(1,3) X(1,4) X(1,5) X(1,6) X(1,7) \
     X(2,1) X(2,2) X(2,3) X(2,4) X(3,1) X(3,2) X(3,3) X(3,4) X(4,1) X(4,2) X(4,3) \
-    X(5,1) X(5,2) X(5,3) X(5,4) X(6,1) X(6,2) X(6,3) X(6,4)
+    X(5,1) X(5,2) X(5,3) X(5,4) X(6,1) X(6,2) X(6,3)
 LF_TILE_CASES(LF_BF16_TILE_FN)
 
 /* The two hot shapes, 4 rows x 4 blocks and 1 row x 8 blocks, with named accumulators: with an
@@ -551,8 +563,8 @@ LF_TILE_CASES(LF_BF16_TILE_FN)
 ATTR void lf_##SUF##_tile_hot44(const lf_lp_mat* W, const ET* a, size_t lda, const float* sx,   \
                                 int b, float* out, size_t ldo) {                                \
     const int kp = W->kp;                                                                       \
-    const ET* w = (const ET*) W->w + (size_t) b * 16 * kp;                                      \
-    const size_t bs = (size_t) 16 * kp;                                                         \
+    const ET* w = (const ET*) W->w + (size_t) b * W->bs;                                        \
+    const size_t bs = (size_t) W->bs;                                                           \
     VT c00 = ZERO, c01 = ZERO, c02 = ZERO, c03 = ZERO, c10 = ZERO, c11 = ZERO, c12 = ZERO,       \
        c13 = ZERO, c20 = ZERO, c21 = ZERO, c22 = ZERO, c23 = ZERO, c30 = ZERO, c31 = ZERO,      \
        c32 = ZERO, c33 = ZERO;                                                                  \
@@ -578,13 +590,47 @@ ATTR void lf_##SUF##_tile_hot44(const lf_lp_mat* W, const ET* a, size_t lda, con
     STORE(2, 0, c20) STORE(2, 1, c21) STORE(2, 2, c22) STORE(2, 3, c23)                          \
     STORE(3, 0, c30) STORE(3, 1, c31) STORE(3, 2, c32) STORE(3, 3, c33)                          \
 }
+/* 6 rows x 4 blocks: 24 accumulators, 4 weight vectors and a broadcast in 29 of the 32 zmm
+   registers; a third less weight traffic from L2 per product than 4 x 4 */
+#define LF_HOT64_ROW(r, DP, ET, PSTEP)                                                          \
+        x = _mm512_set1_epi32(lf_load32(a##r + PSTEP * p));                                     \
+        c##r##0 = DP(c##r##0, w0, x); c##r##1 = DP(c##r##1, w1, x);                              \
+        c##r##2 = DP(c##r##2, w2, x); c##r##3 = DP(c##r##3, w3, x);
+#define LF_HOT64_ST(r, STORE) STORE(r, 0, c##r##0) STORE(r, 1, c##r##1) STORE(r, 2, c##r##2)      \
+        STORE(r, 3, c##r##3)
+#define LF_HOT64(SUF, ATTR, ET, VT, ZERO, DP, PSTEP, STORE)                                      \
+ATTR void lf_##SUF##_tile_hot64(const lf_lp_mat* W, const ET* a, size_t lda, const float* sx,   \
+                                int b, float* out, size_t ldo) {                                \
+    const int kp = W->kp;                                                                       \
+    const ET* w = (const ET*) W->w + (size_t) b * W->bs;                                        \
+    const size_t bs = (size_t) W->bs;                                                           \
+    VT c00 = ZERO, c01 = ZERO, c02 = ZERO, c03 = ZERO, c10 = ZERO, c11 = ZERO, c12 = ZERO,       \
+       c13 = ZERO, c20 = ZERO, c21 = ZERO, c22 = ZERO, c23 = ZERO, c30 = ZERO, c31 = ZERO,      \
+       c32 = ZERO, c33 = ZERO, c40 = ZERO, c41 = ZERO, c42 = ZERO, c43 = ZERO, c50 = ZERO,      \
+       c51 = ZERO, c52 = ZERO, c53 = ZERO;                                                      \
+    const ET *a0 = a, *a1 = a + lda, *a2 = a + 2 * lda, *a3 = a + 3 * lda, *a4 = a + 4 * lda,   \
+             *a5 = a + 5 * lda;                                                                 \
+    for (int p = 0; p < kp / PSTEP; p++) {                                                      \
+        const ET* wp = w + (size_t) p * 64 / sizeof(ET);                                        \
+        __m512i w0 = _mm512_loadu_si512((const void*) wp);                                      \
+        __m512i w1 = _mm512_loadu_si512((const void*) (wp + bs));                               \
+        __m512i w2 = _mm512_loadu_si512((const void*) (wp + 2 * bs));                           \
+        __m512i w3 = _mm512_loadu_si512((const void*) (wp + 3 * bs));                           \
+        __m512i x;                                                                              \
+        LF_HOT64_ROW(0, DP, ET, PSTEP) LF_HOT64_ROW(1, DP, ET, PSTEP)                           \
+        LF_HOT64_ROW(2, DP, ET, PSTEP) LF_HOT64_ROW(3, DP, ET, PSTEP)                           \
+        LF_HOT64_ROW(4, DP, ET, PSTEP) LF_HOT64_ROW(5, DP, ET, PSTEP)                           \
+    }                                                                                           \
+    LF_HOT64_ST(0, STORE) LF_HOT64_ST(1, STORE) LF_HOT64_ST(2, STORE)                           \
+    LF_HOT64_ST(3, STORE) LF_HOT64_ST(4, STORE) LF_HOT64_ST(5, STORE)                           \
+}
 #define LF_HOT18(SUF, ATTR, ET, VT, ZERO, ACC, PSTEP, STORE)                                \
 ATTR void lf_##SUF##_tile_hot18(const lf_lp_mat* W, const ET* a, size_t lda, const float* sx,   \
                                 int b, float* out, size_t ldo) {                                \
     (void) lda;                                                                                 \
     const int kp = W->kp;                                                                       \
-    const ET* w = (const ET*) W->w + (size_t) b * 16 * kp;                                      \
-    const size_t bs = (size_t) 16 * kp;                                                         \
+    const ET* w = (const ET*) W->w + (size_t) b * W->bs;                                        \
+    const size_t bs = (size_t) W->bs;                                                           \
     VT c00 = ZERO, c01 = ZERO, c02 = ZERO, c03 = ZERO, c04 = ZERO, c05 = ZERO, c06 = ZERO,       \
        c07 = ZERO;                                                                              \
     for (int p = 0; p < kp / PSTEP; p++) {                                                      \
@@ -616,6 +662,7 @@ ATTR void lf_##SUF##_tile_hot18(const lf_lp_mat* W, const ET* a, size_t lda, con
         __m512 sc = _mm512_mul_ps(_mm512_set1_ps(sx[r]), _mm512_loadu_ps(W->scale + j0));       \
         _mm512_mask_storeu_ps(out + (r) * ldo + j0, mk, _mm512_mul_ps(f, sc)); }
 LF_HOT44(bf16, LF_BF16_ATTR, uint16_t, __m512, _mm512_setzero_ps(), LF_DP_BF16, 2, LF_STORE_BF16)
+LF_HOT64(bf16, LF_BF16_ATTR, uint16_t, __m512, _mm512_setzero_ps(), LF_DP_BF16, 2, LF_STORE_BF16)
 /* the accumulation of the batch-1 tile as a statement: bfloat16 by intrinsic; int8 as inline
    assembly on the named accumulator, as lf_int8v_* below: with the intrinsic gcc 12 copied all
    eight accumulators to other registers and back on every step of k (16 moves beside 8
@@ -630,13 +677,16 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) static void
 lf_lp_gemm_bf16_avx512(const lf_lp_mat* W, int rows, const void* A, size_t lda, int b0, int b1,
                        float* out, size_t ldo) {
     for (int r = 0; r < rows;) {
-        const int R = rows - r >= LF_LP_MR ? LF_LP_MR : rows - r, nbmax = R == 1 ? 8 : 4;
+        /* 6 x 4 tiles (1-3 % faster than 4 x 4 on one thread of the EPYC Zen 4, the same bits) */
+        const int left = rows - r, R = left >= 6 ? 6 : left >= LF_LP_MR ? LF_LP_MR : left;
+        const int nbmax = R == 1 ? 8 : 4;
         const uint16_t* a = (const uint16_t*) A + r * lda;
         for (int b = b0; b < b1;) {
             const int NB = b1 - b < nbmax ? b1 - b : nbmax;
             switch (R * 16 + NB) {
 #define LF_CASE_BF16(RR, NN) case RR * 16 + NN: lf_bf16_tile_##RR##_##NN(W, a, lda, b, out + r * ldo, ldo); break;
             case 4 * 16 + 4: lf_bf16_tile_hot44(W, a, lda, NULL, b, out + r * ldo, ldo); break;
+            case 6 * 16 + 4: lf_bf16_tile_hot64(W, a, lda, NULL, b, out + r * ldo, ldo); break;
             case 1 * 16 + 8: lf_bf16_tile_hot18(W, a, lda, NULL, b, out + r * ldo, ldo); break;
                 LF_TILE_CASES(LF_CASE_BF16)
 #undef LF_CASE_BF16
@@ -694,8 +744,8 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"), noinline)) static void    
 lf_int8v_##RR##_##NN(const lf_lp_mat* W, const uint8_t* a, size_t lda, const float* sx, int b,  \
                      float* out, size_t ldo) {                                                  \
     enum { RR_ = RR, NN_ = NN };                                                                \
-    const int8_t* w = (const int8_t*) W->w + (size_t) b * 16 * W->kp;                           \
-    const size_t bs = (size_t) 16 * W->kp;                                                      \
+    const int8_t* w = (const int8_t*) W->w + (size_t) b * W->bs;                                \
+    const size_t bs = (size_t) W->bs;                                                           \
     LF_R6(LF_I512_DECL)                                                                         \
     for (int p = 0; p < W->kp / 4; p++) {                                                       \
         const int8_t* wp = w + (size_t) p * 64;                                                 \
@@ -767,7 +817,7 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) static inline __m512 lf_f
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) static void
 lf_amx_order_bf16_row(const lf_lp_mat* W, const uint16_t* a, int b0, int b1, float* out) {
     const int kp = W->kp;
-    const size_t bs = (size_t) 16 * kp;
+    const size_t bs = (size_t) W->bs;
     for (int b = b0; b < b1; b += 8) {
         const int nq = b1 - b < 8 ? b1 - b : 8;
         const uint16_t* w = (const uint16_t*) W->w + (size_t) b * bs;
@@ -844,8 +894,8 @@ lf_amx_order_bf16_row(const lf_lp_mat* W, const uint16_t* a, int b0, int b1, flo
 LF_FMA512_ATTR void lf_bf16f512_##RR##_##NN(const lf_lp_mat* W, const float* X, int p0, int p1, \
                                             int b, float* out, size_t ldo) {                    \
     enum { RR_ = RR, NN_ = NN };                                                                \
-    const uint16_t* w = (const uint16_t*) W->w + (size_t) b * 16 * W->kp;                       \
-    const size_t bs = (size_t) 16 * W->kp;                                                      \
+    const uint16_t* w = (const uint16_t*) W->w + (size_t) b * W->bs;                            \
+    const size_t bs = (size_t) W->bs;                                                           \
     const __mmask32 odd = (__mmask32) 0xAAAAAAAAu;                                              \
     const int j0 = 16 * b, left0 = W->n - j0, left1 = left0 - 16;                               \
     const __mmask16 m0 = left0 >= 16 ? (__mmask16) 0xFFFF : (__mmask16) ((1u << left0) - 1u);  \
@@ -877,8 +927,8 @@ LF_F512_CASES(LF_F512_FN)
 #define LF_F8(M) M(0) M(1) M(2) M(3) M(4) M(5) M(6) M(7)
 LF_FMA512_ATTR void lf_bf16f512_row8(const lf_lp_mat* W, const float* X, int p0, int p1, int b,
                                      float* out) {
-    const uint16_t* w = (const uint16_t*) W->w + (size_t) b * 16 * W->kp;
-    const size_t bs = (size_t) 16 * W->kp;
+    const uint16_t* w = (const uint16_t*) W->w + (size_t) b * W->bs;
+    const size_t bs = (size_t) W->bs;
     const __mmask32 odd = (__mmask32) 0xAAAAAAAAu;
 #define LF_R8_DECL(q) __m512 c##q = p0 > 0 ? _mm512_loadu_ps(out + 16 * (b + q)) : _mm512_setzero_ps();
     LF_F8(LF_R8_DECL)
@@ -983,7 +1033,7 @@ lf_lp_gemm_bf16_fma512(const lf_lp_mat* W, int rows, const void* A, size_t lda, 
 LF_FMA2_ATTR void lf_bf16f2_##RR(const lf_lp_mat* W, const float* X, int p0, int p1, int b,     \
                                  float* out, size_t ldo) {                                      \
     enum { RR_ = RR };                                                                          \
-    const uint16_t* w = (const uint16_t*) W->w + (size_t) b * 16 * W->kp;                       \
+    const uint16_t* w = (const uint16_t*) W->w + (size_t) b * W->bs;                            \
     const __m256i hi = _mm256_set1_epi32((int) 0xFFFF0000u);                                    \
     const int j0 = 16 * b, left = W->n - j0;                                                    \
     LF_R4(LF_F2_DECL)                                                                           \
@@ -1062,7 +1112,7 @@ __attribute__((target("avx2"), noinline)) static void                           
 lf_int8_avx2_##RR(const lf_lp_mat* W, const uint8_t* a, size_t lda, const float* sx, int b,     \
                   int half, float* out, size_t ldo) {                                           \
     enum { RR_ = RR };                                                                          \
-    const int8_t* w = (const int8_t*) W->w + (size_t) b * 16 * W->kp + 32 * half;               \
+    const int8_t* w = (const int8_t*) W->w + (size_t) b * W->bs + 32 * half;               \
     const __m256i zero = _mm256_setzero_si256();                                                \
     const int j0 = 16 * b + 8 * half, left = W->n - j0;                                         \
     LF_R4(LF_I2_DECL)                                                                           \

@@ -244,6 +244,21 @@ def test_int8_row_with_nan_gives_nan_outputs_only_there(rng):
     assert np.isnan(out[1]).all() and np.isfinite(out[[0, 2]]).all()
 
 
+@pytest.mark.parametrize("k", [20, 255, 256, 300, 1024])
+def test_graph_integers_pack_as_the_float_weights_do(k, rng):
+    """Packed(q=, q_scale=) (DynamicQuantizeLSTM's integers) lays its blocks out as lf_lp_pack
+    does, including the cache line between blocks from 4 KiB (k >= 256 int8): the same bytes
+    and the same products as packing the float weights they came from."""
+    w = rng.standard_normal((40, k)).astype(np.float32)
+    q, scale = int8_rows(w)
+    from_float, from_q = _lowp.Packed("int8", w), _lowp.Packed("int8", None, q=q, q_scale=scale)
+    np.testing.assert_array_equal(from_float.data, from_q.data)
+    np.testing.assert_array_equal(from_float.scale, from_q.scale)
+    a = rng.standard_normal((5, k)).astype(np.float32)
+    for path in PATHS["int8"]:
+        np.testing.assert_array_equal(from_q.matmul(KERNEL[path], a), emu_matmul("int8", a, w), err_msg=path)
+
+
 def test_packed_weights_start_on_a_cache_line(rng):
     # the kernels load the packed weights 64 bytes at a time; numpy alone aligns to 16 bytes, and
     # a misaligned pack split every load over two lines (0.28 against 0.40-0.51 ms by process)
