@@ -23,7 +23,7 @@
    16 outputs' pair (bf16) or quad (int8) p: [blk][p][16][2 or 4]. That is the broadcast layout of
    VDPBF16PS/VPDPBUSD (one 64-byte load per 16 outputs and pair/quad) and, 16 rows of it at a
    time, exactly AMX's B tile (16 rows x 64 bytes, pairs/quads interleaved): one packing for all
-   paths. */
+   paths. Blocks of 4 KiB or more lie a cache line further apart (lf_lp_bs). */
 #ifndef LF_LOWP_H
 #define LF_LOWP_H
 
