@@ -554,53 +554,32 @@ LF_BF16_ATTR void lf_bf16_tile_##RR##_##NN(const lf_lp_mat* W, const uint16_t* a
     X(5,1) X(5,2) X(5,3) X(5,4) X(6,1) X(6,2) X(6,3)
 LF_TILE_CASES(LF_BF16_TILE_FN)
 
-/* The two hot shapes, 4 rows x 4 blocks and 1 row x 8 blocks, with named accumulators: with an
+/* The hot shapes, 4 and 6 rows x 4 blocks and 1 row x 8 blocks, with named accumulators: with an
    array gcc 12 copies every accumulator between registers once per step of k. Same chains,
    same bits as the functions above. */
 #define LF_X4(M) M(0) M(1) M(2) M(3)
 #define LF_X8(M) M(0) M(1) M(2) M(3) M(4) M(5) M(6) M(7)
-#define LF_HOT44(SUF, ATTR, ET, VT, ZERO, DP, PSTEP, STORE)                                      \
-ATTR void lf_##SUF##_tile_hot44(const lf_lp_mat* W, const ET* a, size_t lda, const float* sx,   \
-                                int b, float* out, size_t ldo) {                                \
-    const int kp = W->kp;                                                                       \
-    const ET* w = (const ET*) W->w + (size_t) b * W->bs;                                        \
-    const size_t bs = (size_t) W->bs;                                                           \
-    VT c00 = ZERO, c01 = ZERO, c02 = ZERO, c03 = ZERO, c10 = ZERO, c11 = ZERO, c12 = ZERO,       \
-       c13 = ZERO, c20 = ZERO, c21 = ZERO, c22 = ZERO, c23 = ZERO, c30 = ZERO, c31 = ZERO,      \
-       c32 = ZERO, c33 = ZERO;                                                                  \
-    const ET *a0 = a, *a1 = a + lda, *a2 = a + 2 * lda, *a3 = a + 3 * lda;                      \
-    for (int p = 0; p < kp / PSTEP; p++) {                                                      \
+/* one step of k of the 4 x 4 and 6 x 4 tiles: the 4 blocks' weight vectors, then per row r a
+   broadcast of its pair/quad and 4 products; and row r's stores */
+#define LF_HOT_W4(ET)                                                                           \
         const ET* wp = w + (size_t) p * 64 / sizeof(ET);                                        \
-        __m512i w0 = _mm512_loadu_si512((const void*) wp);                                      \
-        __m512i w1 = _mm512_loadu_si512((const void*) (wp + bs));                               \
-        __m512i w2 = _mm512_loadu_si512((const void*) (wp + 2 * bs));                           \
-        __m512i w3 = _mm512_loadu_si512((const void*) (wp + 3 * bs));                           \
-        __m512i x;                                                                              \
-        x = _mm512_set1_epi32(lf_load32(a0 + PSTEP * p));                                       \
-        c00 = DP(c00, w0, x); c01 = DP(c01, w1, x); c02 = DP(c02, w2, x); c03 = DP(c03, w3, x); \
-        x = _mm512_set1_epi32(lf_load32(a1 + PSTEP * p));                                       \
-        c10 = DP(c10, w0, x); c11 = DP(c11, w1, x); c12 = DP(c12, w2, x); c13 = DP(c13, w3, x); \
-        x = _mm512_set1_epi32(lf_load32(a2 + PSTEP * p));                                       \
-        c20 = DP(c20, w0, x); c21 = DP(c21, w1, x); c22 = DP(c22, w2, x); c23 = DP(c23, w3, x); \
-        x = _mm512_set1_epi32(lf_load32(a3 + PSTEP * p));                                       \
-        c30 = DP(c30, w0, x); c31 = DP(c31, w1, x); c32 = DP(c32, w2, x); c33 = DP(c33, w3, x); \
-    }                                                                                           \
-    STORE(0, 0, c00) STORE(0, 1, c01) STORE(0, 2, c02) STORE(0, 3, c03)                          \
-    STORE(1, 0, c10) STORE(1, 1, c11) STORE(1, 2, c12) STORE(1, 3, c13)                          \
-    STORE(2, 0, c20) STORE(2, 1, c21) STORE(2, 2, c22) STORE(2, 3, c23)                          \
-    STORE(3, 0, c30) STORE(3, 1, c31) STORE(3, 2, c32) STORE(3, 3, c33)                          \
-}
-/* 6 rows x 4 blocks: 24 accumulators, 4 weight vectors and a broadcast in 29 of the 32 zmm
-   registers; a third less weight traffic from L2 per product than 4 x 4 */
-#define LF_HOT64_ROW(r, DP, ET, PSTEP)                                                          \
+        const __m512i w0 = _mm512_loadu_si512((const void*) wp);                                \
+        const __m512i w1 = _mm512_loadu_si512((const void*) (wp + bs));                         \
+        const __m512i w2 = _mm512_loadu_si512((const void*) (wp + 2 * bs));                     \
+        const __m512i w3 = _mm512_loadu_si512((const void*) (wp + 3 * bs));                     \
+        __m512i x;
+#define LF_HOT_ROW(r, DP, ET, PSTEP)                                                            \
         x = _mm512_set1_epi32(lf_load32(a##r + PSTEP * p));                                     \
         c##r##0 = DP(c##r##0, w0, x); c##r##1 = DP(c##r##1, w1, x);                              \
         c##r##2 = DP(c##r##2, w2, x); c##r##3 = DP(c##r##3, w3, x);
-#define LF_HOT64_ST(r, STORE) STORE(r, 0, c##r##0) STORE(r, 1, c##r##1) STORE(r, 2, c##r##2)      \
+#define LF_HOT_ST(r, STORE) STORE(r, 0, c##r##0) STORE(r, 1, c##r##1) STORE(r, 2, c##r##2)        \
         STORE(r, 3, c##r##3)
-#define LF_HOT64(SUF, ATTR, ET, VT, ZERO, DP, PSTEP, STORE)                                      \
-ATTR void lf_##SUF##_tile_hot64(const lf_lp_mat* W, const ET* a, size_t lda, const float* sx,   \
-                                int b, float* out, size_t ldo) {                                \
+/* RR (4 or 6, a constant) rows x 4 blocks: 6 x 4 keeps 24 accumulators, 4 weight vectors and a
+   broadcast in 29 of the 32 zmm registers, a third less weight traffic from L2 per product than
+   4 x 4; the rows past RR are dead code */
+#define LF_HOTR4(SUF, RR, ATTR, ET, VT, ZERO, DP, PSTEP, STORE)                                  \
+ATTR void lf_##SUF##_tile_hot##RR##4(const lf_lp_mat* W, const ET* a, size_t lda, const float* sx, \
+                                     int b, float* out, size_t ldo) {                           \
     const int kp = W->kp;                                                                       \
     const ET* w = (const ET*) W->w + (size_t) b * W->bs;                                        \
     const size_t bs = (size_t) W->bs;                                                           \
@@ -611,18 +590,13 @@ ATTR void lf_##SUF##_tile_hot64(const lf_lp_mat* W, const ET* a, size_t lda, con
     const ET *a0 = a, *a1 = a + lda, *a2 = a + 2 * lda, *a3 = a + 3 * lda, *a4 = a + 4 * lda,   \
              *a5 = a + 5 * lda;                                                                 \
     for (int p = 0; p < kp / PSTEP; p++) {                                                      \
-        const ET* wp = w + (size_t) p * 64 / sizeof(ET);                                        \
-        __m512i w0 = _mm512_loadu_si512((const void*) wp);                                      \
-        __m512i w1 = _mm512_loadu_si512((const void*) (wp + bs));                               \
-        __m512i w2 = _mm512_loadu_si512((const void*) (wp + 2 * bs));                           \
-        __m512i w3 = _mm512_loadu_si512((const void*) (wp + 3 * bs));                           \
-        __m512i x;                                                                              \
-        LF_HOT64_ROW(0, DP, ET, PSTEP) LF_HOT64_ROW(1, DP, ET, PSTEP)                           \
-        LF_HOT64_ROW(2, DP, ET, PSTEP) LF_HOT64_ROW(3, DP, ET, PSTEP)                           \
-        LF_HOT64_ROW(4, DP, ET, PSTEP) LF_HOT64_ROW(5, DP, ET, PSTEP)                           \
+        LF_HOT_W4(ET)                                                                           \
+        LF_HOT_ROW(0, DP, ET, PSTEP) LF_HOT_ROW(1, DP, ET, PSTEP)                               \
+        LF_HOT_ROW(2, DP, ET, PSTEP) LF_HOT_ROW(3, DP, ET, PSTEP)                               \
+        if (RR > 4) { LF_HOT_ROW(4, DP, ET, PSTEP) LF_HOT_ROW(5, DP, ET, PSTEP) }               \
     }                                                                                           \
-    LF_HOT64_ST(0, STORE) LF_HOT64_ST(1, STORE) LF_HOT64_ST(2, STORE)                           \
-    LF_HOT64_ST(3, STORE) LF_HOT64_ST(4, STORE) LF_HOT64_ST(5, STORE)                           \
+    LF_HOT_ST(0, STORE) LF_HOT_ST(1, STORE) LF_HOT_ST(2, STORE) LF_HOT_ST(3, STORE)             \
+    if (RR > 4) { LF_HOT_ST(4, STORE) LF_HOT_ST(5, STORE) }                                     \
 }
 #define LF_HOT18(SUF, ATTR, ET, VT, ZERO, ACC, PSTEP, STORE)                                \
 ATTR void lf_##SUF##_tile_hot18(const lf_lp_mat* W, const ET* a, size_t lda, const float* sx,   \
@@ -661,8 +635,8 @@ ATTR void lf_##SUF##_tile_hot18(const lf_lp_mat* W, const ET* a, size_t lda, con
                        _mm512_loadu_si512((const void*) (W->corr + j0))));                       \
         __m512 sc = _mm512_mul_ps(_mm512_set1_ps(sx[r]), _mm512_loadu_ps(W->scale + j0));       \
         _mm512_mask_storeu_ps(out + (r) * ldo + j0, mk, _mm512_mul_ps(f, sc)); }
-LF_HOT44(bf16, LF_BF16_ATTR, uint16_t, __m512, _mm512_setzero_ps(), LF_DP_BF16, 2, LF_STORE_BF16)
-LF_HOT64(bf16, LF_BF16_ATTR, uint16_t, __m512, _mm512_setzero_ps(), LF_DP_BF16, 2, LF_STORE_BF16)
+LF_HOTR4(bf16, 4, LF_BF16_ATTR, uint16_t, __m512, _mm512_setzero_ps(), LF_DP_BF16, 2, LF_STORE_BF16)
+LF_HOTR4(bf16, 6, LF_BF16_ATTR, uint16_t, __m512, _mm512_setzero_ps(), LF_DP_BF16, 2, LF_STORE_BF16)
 /* the accumulation of the batch-1 tile as a statement: bfloat16 by intrinsic; int8 as inline
    assembly on the named accumulator, as lf_int8v_* below: with the intrinsic gcc 12 copied all
    eight accumulators to other registers and back on every step of k (16 moves beside 8
