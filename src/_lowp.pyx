@@ -12,6 +12,7 @@ from lstm_fast._aligned import zeros as aligned_zeros
 cimport numpy as cnp
 
 from _gates cimport cell_row_standard
+from _pgemm cimport lf_set_kernel, lf_isa
 
 cnp.import_array()
 
@@ -87,10 +88,12 @@ cdef size_t ROWS_MAX_BYTES = 768 * 1024      # until _set_kernel gives lstm_fast
 
 def _set_kernel(int isa, dict params):
     """This module's share of the derived parameters (lstm_fast._cpu.derive): the weights up to
-    which a layer runs split by rows (lowp_rows_max_bytes). Its path is chosen per call."""
+    which a layer runs split by rows (lowp_rows_max_bytes), and its copy of the float32 path,
+    which picks the cell after the products (AVX-512, AVX2 or scalar, as the float32 model's
+    under the same LSTM_FAST_ISA). The products' path is chosen per call."""
     global ROWS_MAX_BYTES
     ROWS_MAX_BYTES = params["lowp_rows_max_bytes"]
-    return 0
+    return lf_set_kernel(isa, params["tile_rows"], params["kc"], params["kc_narrow"])
 
 
 def cpu_features():
@@ -99,6 +102,12 @@ def cpu_features():
             "amx": bool(lf_lp_cpu_amx()), "avx512_fma": bool(lf_lp_cpu_fma512()),
             "avx2_fma": bool(lf_lp_cpu_fma2()), "avx2": bool(lf_lp_cpu_avx2()),
             "amx_granted": bool(lf_lp_amx_granted()) if lf_lp_cpu_amx() else False}
+
+
+def cell_isa():
+    """The float32 path of the cell after the products: 0 scalar, 1 AVX2, 2 AVX-512 (the float32
+    model's, as capped by LSTM_FAST_ISA)."""
+    return lf_isa()
 
 
 def path_ok(str precision, str path):

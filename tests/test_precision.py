@@ -432,30 +432,42 @@ def test_every_path_same_bits_int8_close_bfloat16(precision, forced, rng):
 
 
 def _run_in_child(isa, precision):
+    """Under LSTM_FAST_ISA=isa: the path a frozen model takes, its output's bytes, and the bytes
+    with the products forced to the portable path (the same cap, so the same float32 cell)."""
     code = (
         "import numpy as np, lstm_fast as lf, torch, sys\n"
+        "from lstm_fast import _precision\n"
         "torch.manual_seed(0)\n"
         "m = lf.LSTM.from_torch(torch.nn.LSTM(16, 32, bidirectional=True))\n"
         f"f = m.freeze(precision={precision!r})\n"
         "x = np.random.default_rng(0).standard_normal((5, 3, 16)).astype(np.float32)\n"
-        "sys.stdout.write(f.kernel_path + ' ' + f(x)[0].tobytes().hex())\n"
+        "from lstm_fast import _lowp, _cpu\n"
+        "assert _lowp.cell_isa() == _cpu.kernel_settings()[0], (_lowp.cell_isa(), _cpu.isa())\n"
+        "out = f(x)[0]\n"
+        "_precision._force_path('generic')\n"
+        f"g = m.freeze(precision={precision!r})\n"
+        "sys.stdout.write(' '.join([f.kernel_path, out.tobytes().hex(), g(x)[0].tobytes().hex()]))\n"
     )
     env = dict(os.environ, LSTM_FAST_ISA=isa)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     res = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr
-    path, data = res.stdout.split()
-    return path, data
+    path, data, generic = res.stdout.split()
+    return path, np.frombuffer(bytes.fromhex(data), np.float32), np.frombuffer(bytes.fromhex(generic), np.float32)
 
 
 @pytest.mark.parametrize("precision", REDUCED)
 def test_lstm_fast_isa_forces_a_lower_path(precision):
-    path_g, bits_g = _run_in_child("generic", precision)
+    """LSTM_FAST_ISA caps the products' path and the float32 cell after them (the float32
+    model's, AVX-512, AVX2 or scalar): under each cap, int8 (and bfloat16 between VDPBF16PS, the
+    FMA paths and the portable one) gives the bits of the portable products; across caps, the
+    cells' last bits may differ."""
+    path_g, bits_g, gen_g = _run_in_child("generic", precision)
     assert path_g == "generic"
-    path_a, bits_a = _run_in_child("avx512", precision)
+    path_a, bits_a, gen_a = _run_in_child("avx512", precision)
     assert path_a in ("generic", "avx512_bf16", "avx512_vnni", "avx512_fma", "avx2_fma", "avx2")
-    path_2, bits_2 = _run_in_child("avx2", precision)
+    path_2, bits_2, gen_2 = _run_in_child("avx2", precision)
     if precision == "bfloat16" and FEAT["avx2_fma"]:
         assert path_2 == "avx2_fma"
     elif precision == "int8" and FEAT["avx2"]:
@@ -464,8 +476,10 @@ def test_lstm_fast_isa_forces_a_lower_path(precision):
         assert path_2 == "generic"
     if precision == "bfloat16" and FEAT["avx512_fma"] and not FEAT["avx512_bf16"]:
         assert path_a == "avx512_fma"
-    # int8 everywhere, bfloat16 between generic, VDPBF16PS and the FMA paths: the same bits
-    assert bits_g == bits_a == bits_2
+    for bits, gen in ((bits_g, gen_g), (bits_a, gen_a), (bits_2, gen_2)):
+        np.testing.assert_array_equal(bits.view(np.uint32), gen.view(np.uint32))
+    for bits in (bits_a, bits_2):
+        np.testing.assert_allclose(bits, bits_g, rtol=0, atol=1e-6)
 
 
 def test_an_unknown_isa_value_warns_and_is_ignored():
@@ -600,7 +614,8 @@ def rows_bound():
     restored afterwards."""
     from lstm_fast import _cpu
 
-    yield lambda n: _lowp._set_kernel(0, {"lowp_rows_max_bytes": n})
+    code, params = _cpu.kernel_settings()
+    yield lambda n: _lowp._set_kernel(code, dict(params, lowp_rows_max_bytes=n))
     _cpu._apply()
 
 

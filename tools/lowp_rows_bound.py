@@ -26,7 +26,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=7)
     args = ap.parse_args()
     bounds = [int(b) for b in args.bounds.split(",")]
-    params = dict(_cpu.params())
+    isa_code, params = _cpu.kernel_settings()
     print(f"cpu: {_cpu.describe().get('model_name')}; derived lowp_rows_max_bytes "
           f"{params['lowp_rows_max_bytes']}")
     rng = np.random.default_rng(0)
@@ -43,7 +43,7 @@ def main():
                     with lf.threads(n):
                         for _ in range(args.rounds):
                             for b in bounds:
-                                _lowp._set_kernel(0, dict(params, lowp_rows_max_bytes=b))
+                                _lowp._set_kernel(isa_code, dict(params, lowp_rows_max_bytes=b))
                                 f(x)                 # past the split/one-thread chooser's runs
                                 start = time.perf_counter()
                                 out = f(x)[0]
