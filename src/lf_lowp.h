@@ -397,7 +397,7 @@ ATTR static void NAME(const lf_lp_mat* W, int rows, const void* A, size_t lda_by
     lf_amx_cfg cfg;                                                                              \
     _Alignas(64) float ctile[4][16 * 16];                                                       \
     const int elem = W->kind == LF_LP_BF16 ? 2 : 1;                                             \
-    const size_t wblock = (size_t) W->bs * elem;    /* bytes of one output block */           \
+    const size_t wblock = (size_t) W->bs * elem;    /* bytes of one output block */             \
     const int kt_n = W->kp * elem / 64;                                                         \
     int cfg_m = -1;                                                                             \
     for (int r = 0; r < rows; r += 16) {                                                        \
@@ -523,7 +523,7 @@ static inline int32_t lf_load32(const void* p) {
 LF_BF16_ATTR void lf_bf16_tile_##RR##_##NN(const lf_lp_mat* W, const uint16_t* a, size_t lda,  \
                                            int b, float* out, size_t ldo) {                     \
     const int kp = W->kp;                                                                       \
-    const uint16_t* w = (const uint16_t*) W->w + (size_t) b * W->bs;                          \
+    const uint16_t* w = (const uint16_t*) W->w + (size_t) b * W->bs;                            \
     const size_t bs = (size_t) W->bs;                                                           \
     __m512 acc[RR][NN];                                                                         \
     for (int r = 0; r < RR; r++)                                                                \
@@ -572,7 +572,7 @@ LF_TILE_CASES(LF_BF16_TILE_FN)
         x = _mm512_set1_epi32(lf_load32(a##r + PSTEP * p));                                     \
         c##r##0 = DP(c##r##0, w0, x); c##r##1 = DP(c##r##1, w1, x);                              \
         c##r##2 = DP(c##r##2, w2, x); c##r##3 = DP(c##r##3, w3, x);
-#define LF_HOT_ST(r, STORE) STORE(r, 0, c##r##0) STORE(r, 1, c##r##1) STORE(r, 2, c##r##2)        \
+#define LF_HOT_ST(r, STORE) STORE(r, 0, c##r##0) STORE(r, 1, c##r##1) STORE(r, 2, c##r##2)       \
         STORE(r, 3, c##r##3)
 /* RR (4 or 6, a constant) rows x 4 blocks: 6 x 4 keeps 24 accumulators, 4 weight vectors and a
    broadcast in 29 of the 32 zmm registers, a third less weight traffic from L2 per product than
@@ -1086,7 +1086,7 @@ __attribute__((target("avx2"), noinline)) static void                           
 lf_int8_avx2_##RR(const lf_lp_mat* W, const uint8_t* a, size_t lda, const float* sx, int b,     \
                   int half, float* out, size_t ldo) {                                           \
     enum { RR_ = RR };                                                                          \
-    const int8_t* w = (const int8_t*) W->w + (size_t) b * W->bs + 32 * half;               \
+    const int8_t* w = (const int8_t*) W->w + (size_t) b * W->bs + 32 * half;                    \
     const __m256i zero = _mm256_setzero_si256();                                                \
     const int j0 = 16 * b + 8 * half, left = W->n - j0;                                         \
     LF_R4(LF_I2_DECL)                                                                           \
