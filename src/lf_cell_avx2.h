@@ -26,23 +26,23 @@ LF_AVX2C __m256 lf_pow2_256(__m256 n) {
 /* lf_exp_reduced512_n in 256 bits: e^x's reduction and polynomial for cnt vectors, stage by
    stage across them */
 LF_AVX2C void lf_exp_reduced256_n(const __m256* x, __m256* n, __m256* r, __m256* p, int cnt) {
-    const __m256 shifter = _mm256_set1_ps(12582912.0f);
+    const __m256 shifter = _mm256_set1_ps(LF_EXP_SHIFTER);
     for (int i = 0; i < cnt; i++)
-        n[i] = _mm256_sub_ps(_mm256_fmadd_ps(x[i], _mm256_set1_ps(1.44269504088896341f), shifter), shifter);
+        n[i] = _mm256_sub_ps(_mm256_fmadd_ps(x[i], _mm256_set1_ps(LF_EXP_LOG2E), shifter), shifter);
     for (int i = 0; i < cnt; i++)
-        r[i] = _mm256_fnmadd_ps(n[i], _mm256_set1_ps(0.693359375f), x[i]);
+        r[i] = _mm256_fnmadd_ps(n[i], _mm256_set1_ps(LF_EXP_LN2_HI), x[i]);
     for (int i = 0; i < cnt; i++)
-        r[i] = _mm256_fnmadd_ps(n[i], _mm256_set1_ps(-2.12194440e-4f), r[i]);
+        r[i] = _mm256_fnmadd_ps(n[i], _mm256_set1_ps(LF_EXP_LN2_LO), r[i]);
     for (int i = 0; i < cnt; i++)
-        p[i] = _mm256_fmadd_ps(_mm256_set1_ps(1.98412698e-4f), r[i], _mm256_set1_ps(1.38888889e-3f));
+        p[i] = _mm256_fmadd_ps(_mm256_set1_ps(LF_EXP_P0), r[i], _mm256_set1_ps(LF_EXP_P1));
     for (int i = 0; i < cnt; i++)
-        p[i] = _mm256_fmadd_ps(p[i], r[i], _mm256_set1_ps(8.33333333e-3f));
+        p[i] = _mm256_fmadd_ps(p[i], r[i], _mm256_set1_ps(LF_EXP_P2));
     for (int i = 0; i < cnt; i++)
-        p[i] = _mm256_fmadd_ps(p[i], r[i], _mm256_set1_ps(4.16666667e-2f));
+        p[i] = _mm256_fmadd_ps(p[i], r[i], _mm256_set1_ps(LF_EXP_P3));
     for (int i = 0; i < cnt; i++)
-        p[i] = _mm256_fmadd_ps(p[i], r[i], _mm256_set1_ps(1.66666667e-1f));
+        p[i] = _mm256_fmadd_ps(p[i], r[i], _mm256_set1_ps(LF_EXP_P4));
     for (int i = 0; i < cnt; i++)
-        p[i] = _mm256_fmadd_ps(p[i], r[i], _mm256_set1_ps(0.5f));
+        p[i] = _mm256_fmadd_ps(p[i], r[i], _mm256_set1_ps(LF_EXP_P5));
 }
 
 /* sigmoid(x) = 1 / (1 + e^-x): e's argument -x clamped to [-87, 88] (min/max with the constant

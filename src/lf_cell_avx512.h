@@ -8,6 +8,20 @@
 
 #include "lf_pgemm.h"
 
+/* e^x = 2^n e^r: x = n ln2 + r with ln2 split in two (Cody-Waite: n * LN2_HI is exact), e^r =
+   1 + r + r^2 p(r) with p's Taylor coefficients 1/5040 ... 1/2 (e^r to r^7); the shifter rounds
+   x log2(e) to a whole n. The AVX-512 and AVX2 cells' constants, those of _gates.pxd's lf_expf. */
+#define LF_EXP_SHIFTER 12582912.0f
+#define LF_EXP_LOG2E 1.44269504088896341f
+#define LF_EXP_LN2_HI 0.693359375f
+#define LF_EXP_LN2_LO -2.12194440e-4f
+#define LF_EXP_P0 1.98412698e-4f
+#define LF_EXP_P1 1.38888889e-3f
+#define LF_EXP_P2 8.33333333e-3f
+#define LF_EXP_P3 4.16666667e-2f
+#define LF_EXP_P4 1.66666667e-1f
+#define LF_EXP_P5 0.5f
+
 #if LF_PGEMM_X86
 #define LF_AVX512 __attribute__((target("avx512f"), always_inline)) static inline
 
@@ -21,23 +35,23 @@ LF_AVX512 __m512 lf_recip512(__m512 d) {
    stream, where the out-of-order window sees them (chain after chain, a dozen long dependent
    chains a pair left the FMA pipes a third idle: AMD EPYC Zen 4). x must lie in [-87, 88]. */
 LF_AVX512 void lf_exp_reduced512_n(const __m512* x, __m512* n, __m512* r, __m512* p, int cnt) {
-    const __m512 shifter = _mm512_set1_ps(12582912.0f);
+    const __m512 shifter = _mm512_set1_ps(LF_EXP_SHIFTER);
     for (int i = 0; i < cnt; i++)
-        n[i] = _mm512_sub_ps(_mm512_fmadd_ps(x[i], _mm512_set1_ps(1.44269504088896341f), shifter), shifter);
+        n[i] = _mm512_sub_ps(_mm512_fmadd_ps(x[i], _mm512_set1_ps(LF_EXP_LOG2E), shifter), shifter);
     for (int i = 0; i < cnt; i++)
-        r[i] = _mm512_fnmadd_ps(n[i], _mm512_set1_ps(0.693359375f), x[i]);
+        r[i] = _mm512_fnmadd_ps(n[i], _mm512_set1_ps(LF_EXP_LN2_HI), x[i]);
     for (int i = 0; i < cnt; i++)
-        r[i] = _mm512_fnmadd_ps(n[i], _mm512_set1_ps(-2.12194440e-4f), r[i]);
+        r[i] = _mm512_fnmadd_ps(n[i], _mm512_set1_ps(LF_EXP_LN2_LO), r[i]);
     for (int i = 0; i < cnt; i++)
-        p[i] = _mm512_fmadd_ps(_mm512_set1_ps(1.98412698e-4f), r[i], _mm512_set1_ps(1.38888889e-3f));
+        p[i] = _mm512_fmadd_ps(_mm512_set1_ps(LF_EXP_P0), r[i], _mm512_set1_ps(LF_EXP_P1));
     for (int i = 0; i < cnt; i++)
-        p[i] = _mm512_fmadd_ps(p[i], r[i], _mm512_set1_ps(8.33333333e-3f));
+        p[i] = _mm512_fmadd_ps(p[i], r[i], _mm512_set1_ps(LF_EXP_P2));
     for (int i = 0; i < cnt; i++)
-        p[i] = _mm512_fmadd_ps(p[i], r[i], _mm512_set1_ps(4.16666667e-2f));
+        p[i] = _mm512_fmadd_ps(p[i], r[i], _mm512_set1_ps(LF_EXP_P3));
     for (int i = 0; i < cnt; i++)
-        p[i] = _mm512_fmadd_ps(p[i], r[i], _mm512_set1_ps(1.66666667e-1f));
+        p[i] = _mm512_fmadd_ps(p[i], r[i], _mm512_set1_ps(LF_EXP_P4));
     for (int i = 0; i < cnt; i++)
-        p[i] = _mm512_fmadd_ps(p[i], r[i], _mm512_set1_ps(0.5f));
+        p[i] = _mm512_fmadd_ps(p[i], r[i], _mm512_set1_ps(LF_EXP_P5));
 }
 
 /* sigmoid(x) = 1 / (1 + e^-x): the argument of e, -x clamped to [-87, 88] (min/max with the

@@ -557,8 +557,6 @@ LF_TILE_CASES(LF_BF16_TILE_FN)
 /* The hot shapes, 4 and 6 rows x 4 blocks and 1 row x 8 blocks, with named accumulators: with an
    array gcc 12 copies every accumulator between registers once per step of k. Same chains,
    same bits as the functions above. */
-#define LF_X4(M) M(0) M(1) M(2) M(3)
-#define LF_X8(M) M(0) M(1) M(2) M(3) M(4) M(5) M(6) M(7)
 /* one step of k of the 4 x 4 and 6 x 4 tiles: the 4 blocks' weight vectors, then per row r a
    broadcast of its pair/quad and 4 products; and row r's stores */
 #define LF_HOT_W4(ET)                                                                           \
