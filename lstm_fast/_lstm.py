@@ -106,6 +106,7 @@ class LSTM:
     # the kernel path they run on; None: the float32/float64 kernels
     _lowp: list | None = None
     _lowp_path = None
+    _lowp_step = None   # its _lowp.StepPlan, made at the first step
     _version = 0    # see _VERSIONS; set by reset_parameters in __init__
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
@@ -474,10 +475,13 @@ class LSTM:
         c = np.array(c, order="C")
         h3 = h if batched else h[:, None, :]
         c3 = c if batched else c[:, None, :]
-        if self._lowp is not None:   # one step of the sequence kernel, layer by layer, in place
-            lens, order = _full_lengths(batch, 1)
-            xs = np.ascontiguousarray(x if batched else x[None, :])[None]
-            self._forward_lowp(xs, h3, c3, lens, order, np.empty, _threads.get_num_threads())
+        if self._lowp is not None:   # the sequence kernel's layers with T = 1, set up once
+            lowp_plan = self._lowp_step
+            if lowp_plan is None:
+                lowp_plan = self._lowp_step = _lowp.StepPlan(
+                    self.precision, self._lowp_kernel, self._lowp, self.input_size,
+                    self.hidden_size, self.hidden_out)
+            lowp_plan.run(x if batched else x[None, :], h3, c3, _threads.get_num_threads())
             return h[-1], (h, c)
         plan = self._step_plan
         if plan is None:
@@ -552,6 +556,7 @@ class FrozenLSTM(LSTM):
         frozen.__dict__.update(model.__dict__)
         frozen._step_plan = None          # pointers into the model's arrays, not these
         frozen._lowp = None
+        frozen._lowp_step = None
         frozen.precision = precision
         frozen._allocate()
         for name, p in frozen._params.items():
@@ -582,6 +587,7 @@ class FrozenLSTM(LSTM):
         from . import _lowp, _precision
 
         self._packed = None
+        self._lowp_step = None            # StepPlan, made at the first step
         self._lowp_path = _precision.path_for(self.precision)
         self._lowp_kernel = _precision._kernel_path(self._lowp_path)
         layers = []

@@ -368,19 +368,46 @@ def test_layouts_initial_states_unbatched(precision, rng):
 
 
 @pytest.mark.parametrize("precision", REDUCED)
-def test_step_gives_the_sequence_bits(precision, rng):
-    _, m = torch_model(5, 24, num_layers=2, proj_size=6)
+@pytest.mark.parametrize("layers, proj, batch, threads", [(2, 6, 3, 1), (3, 0, 70, 1), (3, 0, 70, 2),
+                                                          (1, 0, 1, 2)])
+def test_step_gives_the_sequence_bits(precision, layers, proj, batch, threads, rng):
+    # three layers: the step plan passes each layer's output to the next through two buffers
+    # in turn; batch 70 takes the layer's row split, two threads the split recurrence
+    _, m = torch_model(5, 24 if proj else 40, num_layers=layers, proj_size=proj)
     f = m.freeze(precision=precision)
-    x = rng.standard_normal((7, 3, 5)).astype(np.float32)
-    out, (h, c) = f(x)
-    state = f.zero_state(3)
-    for t in range(7):
-        y, state = f.step(x[t], state)
-        np.testing.assert_array_equal(y, out[t])
+    x = rng.standard_normal((7, batch, 5)).astype(np.float32)
+    with lf.threads(threads):
+        out, (h, c) = f(x)
+        state = f.zero_state(batch)
+        for t in range(7):
+            y, state = f.step(x[t], state)
+            np.testing.assert_array_equal(y, out[t])
+        y1, _ = f.step(x[0, 0], f.zero_state())          # unbatched step
     np.testing.assert_array_equal(state[0], h)
     np.testing.assert_array_equal(state[1], c)
-    y1, _ = f.step(x[0, 0], f.zero_state())          # unbatched step
     np.testing.assert_array_equal(y1, out[0, 0])
+    y32, _ = m.step(x[0], m.zero_state(batch))         # the float32 model's within the error
+    assert maxerr([out[0]], [y32]) < 3e-2
+
+
+@pytest.mark.parametrize("precision", REDUCED)
+def test_step_plan_after_pickle_and_refreeze_and_bad_shapes(precision, rng):
+    _, m = torch_model(6, 32, num_layers=2)
+    f = m.freeze(precision=precision)
+    x = rng.standard_normal((4, 6)).astype(np.float32)
+    y, _ = f.step(x, f.zero_state(4))                  # makes the step plan
+    g = pickle.loads(pickle.dumps(f))
+    np.testing.assert_array_equal(g.step(x, g.zero_state(4))[0], y)
+    other = "int8" if precision == "bfloat16" else "bfloat16"
+    o = f.freeze(precision=other)                      # its own plan, in its own precision
+    np.testing.assert_array_equal(o.step(x, o.zero_state(4))[0], m.freeze(precision=other)(x[None])[0][0])
+    plan = f._lowp_step
+    h, c = (np.zeros((2, 4, 32), np.float32) for _ in range(2))
+    for bad in [(x[:, :5].copy(), h, c), (x, h[:1].copy(), c), (x, h, c[:, :3].copy())]:
+        with pytest.raises(ValueError, match="does not match"):
+            plan.run(*bad)
+    with pytest.raises(ValueError, match="x_t has shape"):
+        f.step(x[:, :5], f.zero_state(4))
 
 
 @pytest.mark.parametrize("precision", REDUCED)

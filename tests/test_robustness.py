@@ -186,8 +186,11 @@ def test_many_python_threads_share_one_model():
 
 def test_concurrent_steps_equal_serial_ones():
     # Python threads stepping one model at once, each step on two threads where its weights
-    # (2 MB) may split (an OpenMP team per caller), or on sgemm past 32 rows
-    m = lf.LSTM(256, 256, seed=3).freeze()
+    # (2 MB) may split (an OpenMP team per caller), or on sgemm past 32 rows; and the
+    # reduced-precision models' step plans, made by whichever caller steps first
+    base = lf.LSTM(256, 256, seed=3)
+    m = base.freeze()
+    reduced = [base.freeze(precision=p) for p in ("bfloat16", "int8")]
     cell = lf.LSTMCell(256, 256, seed=4)
     rng = np.random.default_rng(5)
     inputs = [rng.standard_normal((b, 256)).astype(np.float32) for b in (1, 3, 40) * 12]
@@ -195,10 +198,11 @@ def test_concurrent_steps_equal_serial_ones():
     def both(x):
         with lf.threads(2):
             y, (h, c) = m.step(x, m.zero_state(len(x)))
-            return y, c, cell(x)[1]
-    serial = [both(x) for x in inputs]
+            low = [f.step(x, f.zero_state(len(x)))[1][1] for f in reduced]
+            return (y, c, cell(x)[1], *low)
     with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
         parallel = list(pool.map(both, inputs))
+    serial = [both(x) for x in inputs]
     for a, b in zip(serial, parallel):
         for u, w in zip(a, b):
             assert_array_equal(u, w)

@@ -4,7 +4,9 @@ docs/performance.md and the CHANGELOG on a noisy shared host.
 Copy each built package (the `lstm_fast` folder with its compiled modules) into a folder of its
 own, then:
 
-    .venv/bin/python tools/ab_compare.py OLD_DIR NEW_DIR T B I H LAYERS THREADS ROUNDS CALLS [train|int8|bfloat16]
+    .venv/bin/python tools/ab_compare.py OLD_DIR NEW_DIR T B I H LAYERS THREADS ROUNDS CALLS [train|int8|bfloat16|step-PRECISION]
+
+(step-float32, step-bfloat16, step-int8: T calls of the frozen model's `step`, state carried.)
 
 Each build runs in a persistent worker process; the two are asked in turns (alternating which
 goes first) for the best of CALLS calls, ROUNDS times, so that both see the same phases of the
@@ -20,18 +22,23 @@ import os, sys, time, numpy as np
 T, B, I, H, L, threads, calls = map(int, sys.argv[1:8])
 what = sys.argv[8] if len(sys.argv) > 8 else ""
 train = what == "train"
+stepping = what.startswith("step-")
 # both builds on the same cores: a worker left on a vCPU whose host core is busier reads slower
 # for the whole run (seen here: medians 0.28 against 0.40 ms, swapping sides between runs)
 os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:max(threads, 1)])
 import lstm_fast as lf
 m = lf.LSTM(I, H, num_layers=L)
-f = m.freeze(precision=what) if what in ("int8", "bfloat16") else m
+f = m.freeze(precision=what.replace("step-", "")) if what.replace("step-", "") in ("int8", "bfloat16", "float32") else m
 x = np.random.default_rng(0).standard_normal((T, B, I)).astype(np.float32)
 g = np.ones((T, B, H), np.float32)
 def run():
     if train:
         _, _, cache = m.forward_train(x)
         m.backward(cache, g)
+    elif stepping:
+        state = f.zero_state(B)
+        for t in range(T):
+            _, state = f.step(x[t], state)
     else:
         f(x)
 with lf.threads(threads):

@@ -1,6 +1,6 @@
 """Streaming latency: lstm_fast's LSTM.step and LSTMCell against torch.nn.LSTMCell, one layer
-(input = hidden), per batch, hidden size and thread count; median of rounds of calls taken in
-turns. Run: .venv/bin/python tools/step_latency.py [--threads 1,2] [--batch 1,4,16,32] [--hidden 128,256,512]"""
+(input = hidden), per batch, hidden size and thread count, and the step of the model frozen in
+bfloat16 and int8; median of rounds of calls taken in turns. Run: .venv/bin/python tools/step_latency.py [--threads 1,2] [--batch 1,4,16,32] [--hidden 128,256,512]"""
 import argparse
 import statistics
 import time
@@ -25,8 +25,9 @@ def main():
     ap.add_argument("--hidden", default="128,256,512")
     ap.add_argument("--rounds", type=int, default=7)
     args = ap.parse_args()
-    print("| threads | batch | hidden | lf step us | lf LSTMCell us | torch LSTMCell us | torch / lf step |")
-    print("|---|---|---|---|---|---|---|")
+    print("| threads | batch | hidden | lf step us | lf LSTMCell us | torch LSTMCell us | torch / lf step "
+          "| lf bf16 step us | lf int8 step us | f32 / bf16 | f32 / int8 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for n in map(int, args.threads.split(",")):
         torch.set_num_threads(n)
         for H in map(int, args.hidden.split(",")):
@@ -39,8 +40,10 @@ def main():
                 hc = (np.zeros((B, H), np.float32), np.zeros((B, H), np.float32))
                 xt, thc = torch.from_numpy(x), (torch.zeros(B, H), torch.zeros(B, H))
                 calls = max(20, int(2e5 / (H * max(B, 4))))
+                bf16, int8 = (m.freeze(precision=p) for p in ("bfloat16", "int8"))
                 runs = {"step": lambda: m.step(x, state), "cell": lambda: cell(x, hc),
-                        "torch": lambda: tcell(xt, thc)}
+                        "torch": lambda: tcell(xt, thc), "bf16": lambda: bf16.step(x, state),
+                        "int8": lambda: int8.step(x, state)}
                 times = {k: [] for k in runs}
                 with lf.threads(n), torch.inference_mode():
                     for fn in runs.values():
@@ -51,7 +54,8 @@ def main():
                             times[k].append(per_call_us(fn, calls))
                 med = {k: statistics.median(v) for k, v in times.items()}
                 print(f"| {n} | {B} | {H} | {med['step']:.1f} | {med['cell']:.1f} | {med['torch']:.1f} "
-                      f"| {med['torch'] / med['step']:.2f}x |", flush=True)
+                      f"| {med['torch'] / med['step']:.2f}x | {med['bf16']:.1f} | {med['int8']:.1f} "
+                      f"| {med['step'] / med['bf16']:.2f}x | {med['step'] / med['int8']:.2f}x |", flush=True)
     # steps agree with the whole sequence
     x_seq = np.random.default_rng(1).standard_normal((7, 3, 128)).astype(np.float32)
     m2 = lf.LSTM(128, 16, num_layers=2, seed=1)
