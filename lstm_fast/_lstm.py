@@ -7,6 +7,7 @@ updates what the kernel reads. The gate order everywhere is torch's: i, f, g, o.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import weakref
@@ -590,12 +591,16 @@ class FrozenLSTM(LSTM):
         self._lowp_step = None            # StepPlan, made at the first step
         self._lowp_path = _precision.path_for(self.precision)
         self._lowp_kernel = _precision._kernel_path(self._lowp_path)
+        # AMX's one-row bfloat16 kernel (batch-1 steps) reads a layout of its own: half the
+        # instructions of the standard one, as much memory again (lf_lp_pack_row_order)
+        pack = functools.partial(_lowp.Packed, self.precision,
+                                 row_order=self.precision == "bfloat16" and self._lowp_path == "amx")
         layers = []
         for k in range(self.num_layers):
             D = self.num_directions
-            ih = [_lowp.Packed(self.precision, self._w_ih[k][d]) for d in range(D)]
-            hh = [_lowp.Packed(self.precision, self._w_hh[k][d]) for d in range(D)]
-            hr = [_lowp.Packed(self.precision, self._w_hr[k][d]) for d in range(D)] if self.proj_size else None
+            ih = [pack(self._w_ih[k][d]) for d in range(D)]
+            hh = [pack(self._w_hh[k][d]) for d in range(D)]
+            hr = [pack(self._w_hr[k][d]) for d in range(D)] if self.proj_size else None
             bias = np.ascontiguousarray(self._bias_sums(k), dtype=np.float32)
             bias.flags.writeable = False
             layers.append((ih, hh, hr, bias))

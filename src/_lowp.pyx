@@ -32,6 +32,7 @@ cdef extern from "lf_lowp.h" nogil:
         const void* w
         const float* scale
         const int32_t* corr
+        const void* w_row
     ctypedef void (*lf_cell_fn)(Py_ssize_t hidden, const float* gh, const float* gx,
                                 const float* bias, float* c, float* h_raw) noexcept nogil
     ctypedef struct lf_lp_layer:
@@ -54,6 +55,8 @@ cdef extern from "lf_lowp.h" nogil:
     int lf_lp_bs(int kind, int kp)
     void lf_lp_pack(int kind, int n, int k, const float* w, size_t ldw, void* packed, float* scale,
                     int32_t* corr)
+    void lf_lp_pack_row_order(const lf_lp_mat* W, uint16_t* dst)
+    int lf_lp_rows_amx_order(const lf_lp_mat* W, int rows, const void* A, float* out, size_t ldo)
     void lf_lp_quant_row(int kind, int k, int kp, const float* x, void* dst, float* sx)
     void lf_lp_gemm(int path, const lf_lp_mat* W, int rows, const void* A, const float* sx,
                     int b0, int b1, float* out, size_t ldo)
@@ -118,13 +121,14 @@ def path_ok(str precision, str path):
 cdef class Packed:
     """One weight matrix (n, k) converted and packed once (see lf_lowp.h)."""
     cdef lf_lp_mat mat
-    cdef readonly object data, scale, corr
+    cdef readonly object data, scale, corr, row_data
     cdef readonly str precision
 
-    def __cinit__(self, str precision, w, q=None, q_scale=None):
+    def __cinit__(self, str precision, w, q=None, q_scale=None, bint row_order=False):
         """w (n, k) float32, converted as documented; or, for int8, the integers q (n, k) in
         -128..127 with one float32 scale per row, q_scale (n,), taken as they are (a graph's own
-        quantized weights: w is then ignored)."""
+        quantized weights: w is then ignored). row_order (bfloat16): also the layout of the AMX
+        path's one-row kernel (lf_lp_pack_row_order), as much memory again."""
         cdef int kind = KINDS[precision]
         cdef cnp.ndarray[float, ndim=2, mode="c"] w2
         if q is not None:
@@ -175,6 +179,15 @@ cdef class Packed:
         self.mat.w = cnp.PyArray_DATA(data)
         self.mat.scale = &sc[0]
         self.mat.corr = &co[0]
+        self.mat.w_row = NULL
+        self.row_data = None
+        cdef cnp.ndarray row_data
+        if row_order and kind == LF_LP_BF16:
+            row_data = aligned_zeros(nb * bs, np.uint16)
+            lf_lp_pack_row_order(&self.mat, <uint16_t*> cnp.PyArray_DATA(row_data))
+            row_data.flags.writeable = False
+            self.row_data = row_data
+            self.mat.w_row = cnp.PyArray_DATA(row_data)
 
     @property
     def shape(self):
@@ -185,9 +198,14 @@ cdef class Packed:
         return self.data.nbytes
 
     def matmul(self, str path, a):
-        """dequant(quant(a) . W^T) for rows of a (rows, k): the product the layer runs, for tests."""
-        cdef int p = PATHS[path]
-        if not lf_lp_path_ok(self.mat.kind, p):
+        """dequant(quant(a) . W^T) for rows of a (rows, k): the product the layer runs, for tests.
+        path "amx_row": each row alone through the AMX path's one-row bfloat16 kernel (CPUs with
+        AVX512-BF16)."""
+        cdef bint one_row = path == "amx_row"
+        cdef int p = PATHS[path] if not one_row else LF_PATH_AMX
+        if one_row and not (self.mat.kind == LF_LP_BF16 and lf_lp_cpu_bf16()):
+            raise ValueError("the amx_row kernel runs bfloat16 on CPUs with AVX512-BF16")
+        if not one_row and not lf_lp_path_ok(self.mat.kind, p):
             raise ValueError(f"the {path} path cannot run {self.precision} on this CPU")
         cdef cnp.ndarray[float, ndim=2, mode="c"] a2 = np.ascontiguousarray(a, dtype=np.float32)
         if a2.shape[1] != self.mat.k:
@@ -204,7 +222,10 @@ cdef class Packed:
             for r in range(rows):
                 lf_lp_quant_row(self.mat.kind, self.mat.k, self.mat.kp, &a2[r, 0],
                                 qp + r * self.mat.kp * es, &sx[r])
-            lf_lp_gemm(p, &self.mat, rows, qp, &sx[0], 0, self.mat.nb, &out[0, 0], self.mat.n)
+            if one_row:
+                lf_lp_rows_amx_order(&self.mat, rows, qp, &out[0, 0], self.mat.n)
+            else:
+                lf_lp_gemm(p, &self.mat, rows, qp, &sx[0], 0, self.mat.nb, &out[0, 0], self.mat.n)
         return out
 
 

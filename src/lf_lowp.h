@@ -53,6 +53,8 @@ typedef struct {
     const void* w;             /* packed: nb * bs uint16 (bf16) or int8 */
     const float* scale;        /* int8: s_w per output (nb*16) */
     const int32_t* corr;       /* int8: 128 * sum_k q_w per output */
+    const void* w_row;         /* bfloat16 on the AMX path: w again in the layout of the one-row
+                                  kernel in AMX's order (lf_lp_pack_row_order), or NULL */
 } lf_lp_mat;
 
 static inline int lf_lp_kp(int kind, int k) {
@@ -250,6 +252,31 @@ static void lf_lp_pack(int kind, int n, int k, const float* w, size_t ldw, void*
         scale[j] = amax / 127.0f;
         corr[j] = 128 * sum;
     }
+}
+
+/* The bfloat16 weights again for one row in AMX's order (lf_amx_order_bf16_row): per block and
+   32 inputs, 16 slots of 64 bytes; with p = 16 kt + 2 q, slot 2q holds the even inputs 2p and
+   2p + 2 of each output, slot 2q + 1 the odd inputs 2p + 1 and 2p + 3, the earlier of each in the
+   high half. VDPBF16PS adds its high product first, then its low one, rounding each: one
+   instruction takes two steps of a chain of even (or odd) products, which the standard layout
+   takes in two, each with the other element's product zeroed. Made from the standard pack. */
+static void lf_lp_pack_row_order(const lf_lp_mat* W, uint16_t* dst) {
+    const uint16_t* src = (const uint16_t*) W->w;
+    const size_t bs = (size_t) W->bs;
+    memset(dst, 0, (size_t) W->nb * bs * sizeof(uint16_t));
+    for (int b = 0; b < W->nb; b++)
+        for (int p = 0; p < W->kp / 2; p += 2) {      /* standard pairs p and p + 1 */
+            const uint16_t* s0 = src + (size_t) b * bs + (size_t) p * 32;
+            const uint16_t* s1 = s0 + 32;
+            uint16_t* even = dst + (size_t) b * bs + (size_t) p * 32;
+            uint16_t* odd = even + 32;
+            for (int n = 0; n < 16; n++) {
+                even[2 * n + 1] = s0[2 * n];
+                even[2 * n] = s1[2 * n];
+                odd[2 * n + 1] = s0[2 * n + 1];
+                odd[2 * n] = s1[2 * n + 1];
+            }
+        }
 }
 
 /* ------------------------------------------------------------------ epilogue */
@@ -786,8 +813,54 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) static inline __m512 lf_f
         _mm512_castps_si512(v), _mm512_set1_epi32((int) 0x80000000u))));
 }
 #define LF_B1_EACH(M) M(0) M(1) M(2) M(3) M(4) M(5) M(6) M(7)
+/* the same sums from W->w_row (lf_lp_pack_row_order): per two pairs of inputs one VDPBF16PS a
+   chain instead of two, half the instructions; the activations' even (odd) elements paired from
+   two neighbouring pairs, the earlier in the high half */
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) static void
+lf_amx_order_bf16_row_paired(const lf_lp_mat* W, const uint16_t* a, int b0, int b1, float* out) {
+    const int kp = W->kp;
+    const size_t bs = (size_t) W->bs;
+    for (int b = b0; b < b1; b += 8) {
+        const int nq = b1 - b < 8 ? b1 - b : 8;
+        const uint16_t* w = (const uint16_t*) W->w_row + (size_t) b * bs;
+#define LF_B1_DECL(q) __m512 c##q = _mm512_setzero_ps();
+        LF_B1_EACH(LF_B1_DECL)
+        for (int kt = 0; kt < kp / 32; kt++) {
+#define LF_B1_EO(q) __m512 e##q = _mm512_setzero_ps(), o##q = _mm512_setzero_ps();
+            LF_B1_EACH(LF_B1_EO)
+            for (int p = 16 * kt; p < 16 * kt + 16; p += 2) {
+                const uint32_t pair0 = (uint32_t) lf_load32(a + 2 * p);
+                const uint32_t pair1 = (uint32_t) lf_load32(a + 2 * p + 2);
+                const __m512i xe = _mm512_set1_epi32((int32_t) ((pair0 << 16) | (pair1 & 0xFFFFu)));
+                const __m512i xo = _mm512_set1_epi32((int32_t) ((pair0 & 0xFFFF0000u) | (pair1 >> 16)));
+                const uint16_t* wp = w + (size_t) p * 32;
+#define LF_B1_DP(q) if (q < nq) {                                                                   \
+                e##q = _mm512_dpbf16_ps(e##q, (__m512bh) _mm512_loadu_si512((const void*) (wp + q * bs)), \
+                                        (__m512bh) xe);                                             \
+                o##q = _mm512_dpbf16_ps(o##q, (__m512bh) _mm512_loadu_si512((const void*) (wp + q * bs + 32)), \
+                                        (__m512bh) xo); }
+                LF_B1_EACH(LF_B1_DP)
+#undef LF_B1_DP
+            }
+#define LF_B1_ACC(q) c##q = lf_ftz512(_mm512_add_ps(c##q, lf_ftz512(_mm512_add_ps(e##q, o##q))));
+            LF_B1_EACH(LF_B1_ACC)
+        }
+#define LF_B1_ST(q) if (q < nq) { const int j0 = 16 * (b + q), left = W->n - j0;                      \
+            _mm512_mask_storeu_ps(out + j0, left >= 16 ? (__mmask16) 0xFFFF                          \
+                                  : (__mmask16) ((1u << left) - 1u), c##q); }
+        LF_B1_EACH(LF_B1_ST)
+#undef LF_B1_DECL
+#undef LF_B1_EO
+#undef LF_B1_ACC
+#undef LF_B1_ST
+    }
+}
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) static void
 lf_amx_order_bf16_row(const lf_lp_mat* W, const uint16_t* a, int b0, int b1, float* out) {
+    if (W->w_row != NULL) {
+        lf_amx_order_bf16_row_paired(W, a, b0, b1, out);
+        return;
+    }
     const int kp = W->kp;
     const size_t bs = (size_t) W->bs;
     for (int b = b0; b < b1; b += 8) {
@@ -1207,6 +1280,22 @@ static void lf_lp_gemm(int path, const lf_lp_mat* W, int rows, const void* A, co
         return;
     }
     lf_lp_gemm_generic(W, rows, A, lda, sx, b0, b1, out, ldo);
+}
+
+/* rows of A one at a time through the AMX path's one-row bfloat16 kernel (W->w_row's layout when
+   present, else the standard one): for tests on CPUs with AVX512-BF16, which have no tiles to
+   compare it with but their emulation. -1 where it cannot run. */
+static int lf_lp_rows_amx_order(const lf_lp_mat* W, int rows, const void* A, float* out, size_t ldo) {
+#if LF_PGEMM_X86
+    if (W->kind != LF_LP_BF16 || !lf_lp_bf16_cached())
+        return -1;
+    for (int r = 0; r < rows; r++)
+        lf_amx_order_bf16_row(W, (const uint16_t*) A + (size_t) r * W->kp, 0, W->nb, out + (size_t) r * ldo);
+    return 0;
+#else
+    (void) W; (void) rows; (void) A; (void) out; (void) ldo;
+    return -1;
+#endif
 }
 
 /* ------------------------------------------------------------------ one LSTM layer */

@@ -210,6 +210,41 @@ def test_amx_hardware_matches_its_emulation_bit_for_bit(precision, rng):
         np.testing.assert_array_equal(hw.view(np.uint32), emu.view(np.uint32), err_msg=str((a.shape, w.shape)))
 
 
+@pytest.mark.skipif(not FEAT["avx512_bf16"], reason="no AVX512-BF16 on this CPU")
+def test_amx_one_row_kernel_gives_the_tiles_bits(rng):
+    """The AMX path's bfloat16 kernel for one row (batch-1 steps: VDPBF16PS in the tiles' order,
+    even and odd chains per 32 inputs), from the standard pack and from its own paired layout,
+    bit for bit the emulated tiles on rows of the same product; shapes past 8 blocks (a second
+    pass), with inputs that are not a multiple of 32, padded blocks (from 128 inputs) and
+    products that underflow. A CPU without AMX runs the kernel only here."""
+    shapes = [(w, a) for w, a in random_products(rng, 40, 700, 300)]
+    shapes.append((rng.standard_normal((300, 256)).astype(np.float32),
+                   rng.standard_normal((3, 256)).astype(np.float32)))
+    for w, a in shapes:
+        emu = _lowp.Packed("bfloat16", w).matmul("amx_emulated", a)
+        for row_order in (False, True):
+            packed = _lowp.Packed("bfloat16", w, row_order=row_order)
+            got = packed.matmul("amx_row", a)
+            np.testing.assert_array_equal(got.view(np.uint32), emu.view(np.uint32),
+                                          err_msg=str((a.shape, w.shape, row_order)))
+    with pytest.raises(ValueError, match="amx_row"):
+        _lowp.Packed("int8", w).matmul("amx_row", a)
+
+
+def test_amx_bfloat16_models_pack_the_one_row_layout(forced):
+    # only the AMX path's bfloat16 packs carry the one-row layout (as much memory again)
+    _, m = torch_model(20, 24, num_layers=2, proj_size=8)
+    for path, precision, want in (("amx", "bfloat16", True), ("amx", "int8", False),
+                                  ("amx_emulated", "bfloat16", False), ("generic", "bfloat16", False)):
+        forced(path)
+        f = m.freeze(precision=precision)
+        packs = [pk for ih, hh, hr, _ in f._lowp for pk in ih + hh + (hr or [])]
+        assert [pk.row_data is not None for pk in packs] == [want] * len(packs), (path, precision)
+        if want:
+            assert all(pk.row_data.nbytes == pk.nbytes for pk in packs)
+    forced(None)
+
+
 @pytest.mark.parametrize("path", [p for p in ("avx512_fma", "avx2_fma") if FEAT[p]])
 def test_fma_paths_give_the_generic_bits(path, rng):
     """bfloat16 on CPUs without VDPBF16PS: random shapes (partial row tiles, blocks and input
