@@ -273,6 +273,7 @@ def test_no_leaks_over_many_calls():
     cell = lf.LSTMCell(4, 8, seed=0)
     x = np.ones((3, 2, 4), np.float32)
     state = m.zero_state(2)
+    reduced = [m.freeze(precision=p) for p in ("bfloat16", "int8")]
 
     def every_entry_point():
         m(x)
@@ -281,6 +282,10 @@ def test_no_leaks_over_many_calls():
         m.backward(cache, out)
         m.step(x[0], state)
         cell(x[0])
+        reduced[0](x, lengths=[3, 1])
+        for f in reduced:
+            f._lowp_step = None          # a step plan made and dropped each time
+            f.step(x[0], state)
         try:
             m(np.zeros((3, 2, 5), np.float32))   # the error path too
         except ValueError:
@@ -300,6 +305,23 @@ def test_no_leaks_over_many_calls():
     grown_rss = _rss_kb() - rss_before
     assert grown_py < 200_000, f"Python allocations grew by {grown_py} bytes"
     assert grown_rss < 8_000, f"RSS grew by {grown_rss} kB over 10,000 rounds"
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc")
+def test_step_plans_free_what_they_hold():
+    """50,000 step plans of a 6-layer reduced-precision model made and dropped keep RSS flat
+    (each holds about 1 KB of C layer descriptions: 50 MB if they were kept)."""
+    from lstm_fast import _lowp
+
+    f = lf.LSTM(3, 4, num_layers=6, seed=0).freeze(precision="bfloat16")
+
+    def plans(n):
+        for _ in range(n):
+            _lowp.StepPlan(f.precision, f._lowp_kernel, f._lowp, 3, 4, 4)
+    plans(2000)
+    rss_before = _rss_kb()
+    plans(50_000)
+    assert _rss_kb() - rss_before < 8_000
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc")
