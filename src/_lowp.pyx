@@ -14,6 +14,7 @@ cimport numpy as cnp
 
 from _gates cimport cell_row_standard
 from _pgemm cimport lf_set_kernel, lf_isa
+from _shapes cimport step_shapes_match
 
 cnp.import_array()
 
@@ -372,9 +373,8 @@ cdef class StepPlan:
             int n_threads=1):
         """One step: h, c updated in place (the output is h[-1])."""
         cdef Py_ssize_t batch = x.shape[0], r
-        if (x.shape[1] != self.input_size or h.shape[0] != self.n_layers or h.shape[1] != batch
-                or h.shape[2] != self.hidden_out or c.shape[0] != self.n_layers
-                or c.shape[1] != batch or c.shape[2] != self.hidden):
+        if not step_shapes_match(x.shape, h.shape, c.shape, self.input_size, self.n_layers,
+                                 self.hidden_out, self.hidden):
             raise ValueError("x, h or c does not match the model's shapes")
         if batch == 0:
             return

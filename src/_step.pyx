@@ -14,6 +14,7 @@ from libc.string cimport memcpy
 from _blas cimport gemm_rm, gemv_rm
 from _pgemm cimport lf_gemv_rows, lf_pgemm_available, lf_set_kernel
 from _gates cimport cell_row_standard, lf_cell_units_simd
+from _shapes cimport step_shapes_match
 from _split cimport (lf_barrier, lf_barrier_init, lf_barrier_wait, lf_team_size, lf_team_rank,
                      lf_ticks, lf_split_choose, lf_split_record, lf_split_ended, lf_split_key)
 
@@ -99,9 +100,8 @@ cdef class StepPlan:
         if is_double != bool(self.is_double):
             raise TypeError("x, h and c must have the plan's dtype")
         cdef Py_ssize_t batch = x.shape[0]
-        if (x.shape[1] != self.input_size or h.shape[0] != self.n_layers or h.shape[1] != batch
-                or h.shape[2] != self.hidden_out or c.shape[0] != self.n_layers
-                or c.shape[1] != batch or c.shape[2] != self.hidden):
+        if not step_shapes_match(x.shape, h.shape, c.shape, self.input_size, self.n_layers,
+                                 self.hidden_out, self.hidden):
             raise ValueError("x, h or c does not match the model's shapes")
         if batch == 0:
             return

@@ -813,34 +813,37 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) static inline __m512 lf_f
         _mm512_castps_si512(v), _mm512_set1_epi32((int) 0x80000000u))));
 }
 #define LF_B1_EACH(M) M(0) M(1) M(2) M(3) M(4) M(5) M(6) M(7)
-/* the same sums from W->w_row (lf_lp_pack_row_order): per two pairs of inputs one VDPBF16PS a
-   chain instead of two, half the instructions; the activations' even (odd) elements paired from
-   two neighbouring pairs, the earlier in the high half */
-__attribute__((target("avx512f,avx512bw,avx512bf16"))) static void
-lf_amx_order_bf16_row_paired(const lf_lp_mat* W, const uint16_t* a, int b0, int b1, float* out) {
+/* paired (a constant after inlining): from W->w_row (lf_lp_pack_row_order), one VDPBF16PS a
+   chain per two pairs of inputs instead of one per pair, half the instructions, the same sums;
+   the activations' even (odd) elements then paired from two neighbouring pairs, the earlier in
+   the high half */
+__attribute__((target("avx512f,avx512bw,avx512bf16"), always_inline)) static inline void
+lf_amx_order_bf16_row_blocks(const int paired, const lf_lp_mat* W, const uint16_t* a, int b0,
+                             int b1, float* out) {
     const int kp = W->kp;
     const size_t bs = (size_t) W->bs;
     for (int b = b0; b < b1; b += 8) {
         const int nq = b1 - b < 8 ? b1 - b : 8;
-        const uint16_t* w = (const uint16_t*) W->w_row + (size_t) b * bs;
+        const uint16_t* w = (const uint16_t*) (paired ? W->w_row : W->w) + (size_t) b * bs;
 #define LF_B1_DECL(q) __m512 c##q = _mm512_setzero_ps();
         LF_B1_EACH(LF_B1_DECL)
         for (int kt = 0; kt < kp / 32; kt++) {
 #define LF_B1_EO(q) __m512 e##q = _mm512_setzero_ps(), o##q = _mm512_setzero_ps();
             LF_B1_EACH(LF_B1_EO)
-            for (int p = 16 * kt; p < 16 * kt + 16; p += 2) {
+            for (int p = 16 * kt; p < 16 * kt + 16; p += paired ? 2 : 1) {
                 const uint32_t pair0 = (uint32_t) lf_load32(a + 2 * p);
-                const uint32_t pair1 = (uint32_t) lf_load32(a + 2 * p + 2);
-                const __m512i xe = _mm512_set1_epi32((int32_t) ((pair0 << 16) | (pair1 & 0xFFFFu)));
-                const __m512i xo = _mm512_set1_epi32((int32_t) ((pair0 & 0xFFFF0000u) | (pair1 >> 16)));
+                const uint32_t pair1 = paired ? (uint32_t) lf_load32(a + 2 * p + 2) : 0u;
+                const __m512i xe = _mm512_set1_epi32((int32_t) (paired ? (pair0 << 16) | (pair1 & 0xFFFFu)
+                                                                       : pair0 & 0xFFFFu));
+                const __m512i xo = _mm512_set1_epi32((int32_t) (paired ? (pair0 & 0xFFFF0000u) | (pair1 >> 16)
+                                                                       : pair0 & 0xFFFF0000u));
                 const uint16_t* wp = w + (size_t) p * 32;
 #define LF_B1_DP(q) if (q < nq) {                                                                   \
-                e##q = _mm512_dpbf16_ps(e##q, (__m512bh) _mm512_loadu_si512((const void*) (wp + q * bs)), \
-                                        (__m512bh) xe);                                             \
-                o##q = _mm512_dpbf16_ps(o##q, (__m512bh) _mm512_loadu_si512((const void*) (wp + q * bs + 32)), \
-                                        (__m512bh) xo); }
+                const __m512i we = _mm512_loadu_si512((const void*) (wp + q * bs));                 \
+                const __m512i wo = paired ? _mm512_loadu_si512((const void*) (wp + q * bs + 32)) : we; \
+                e##q = _mm512_dpbf16_ps(e##q, (__m512bh) we, (__m512bh) xe);                        \
+                o##q = _mm512_dpbf16_ps(o##q, (__m512bh) wo, (__m512bh) xo); }
                 LF_B1_EACH(LF_B1_DP)
-#undef LF_B1_DP
             }
 #define LF_B1_ACC(q) c##q = lf_ftz512(_mm512_add_ps(c##q, lf_ftz512(_mm512_add_ps(e##q, o##q))));
             LF_B1_EACH(LF_B1_ACC)
@@ -851,49 +854,17 @@ lf_amx_order_bf16_row_paired(const lf_lp_mat* W, const uint16_t* a, int b0, int 
         LF_B1_EACH(LF_B1_ST)
 #undef LF_B1_DECL
 #undef LF_B1_EO
+#undef LF_B1_DP
 #undef LF_B1_ACC
 #undef LF_B1_ST
     }
 }
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) static void
 lf_amx_order_bf16_row(const lf_lp_mat* W, const uint16_t* a, int b0, int b1, float* out) {
-    if (W->w_row != NULL) {
-        lf_amx_order_bf16_row_paired(W, a, b0, b1, out);
-        return;
-    }
-    const int kp = W->kp;
-    const size_t bs = (size_t) W->bs;
-    for (int b = b0; b < b1; b += 8) {
-        const int nq = b1 - b < 8 ? b1 - b : 8;
-        const uint16_t* w = (const uint16_t*) W->w + (size_t) b * bs;
-#define LF_B1_DECL(q) __m512 c##q = _mm512_setzero_ps();
-        LF_B1_EACH(LF_B1_DECL)
-        for (int kt = 0; kt < kp / 32; kt++) {
-#define LF_B1_EO(q) __m512 e##q = _mm512_setzero_ps(), o##q = _mm512_setzero_ps();
-            LF_B1_EACH(LF_B1_EO)
-            for (int p = 16 * kt; p < 16 * kt + 16; p++) {
-                const int32_t pair = lf_load32(a + 2 * p);
-                const __m512i xe = _mm512_set1_epi32(pair & 0xFFFF);
-                const __m512i xo = _mm512_set1_epi32((int32_t) ((uint32_t) pair & 0xFFFF0000u));
-                const uint16_t* wp = w + (size_t) p * 32;
-#define LF_B1_DP(q) if (q < nq) { const __m512i wv = _mm512_loadu_si512((const void*) (wp + q * bs)); \
-                e##q = _mm512_dpbf16_ps(e##q, (__m512bh) wv, (__m512bh) xe);                          \
-                o##q = _mm512_dpbf16_ps(o##q, (__m512bh) wv, (__m512bh) xo); }
-                LF_B1_EACH(LF_B1_DP)
-            }
-#define LF_B1_ACC(q) c##q = lf_ftz512(_mm512_add_ps(c##q, lf_ftz512(_mm512_add_ps(e##q, o##q))));
-            LF_B1_EACH(LF_B1_ACC)
-        }
-#define LF_B1_ST(q) if (q < nq) { const int j0 = 16 * (b + q), left = W->n - j0;                      \
-            _mm512_mask_storeu_ps(out + j0, left >= 16 ? (__mmask16) 0xFFFF                          \
-                                  : (__mmask16) ((1u << left) - 1u), c##q); }
-        LF_B1_EACH(LF_B1_ST)
-#undef LF_B1_DECL
-#undef LF_B1_EO
-#undef LF_B1_DP
-#undef LF_B1_ACC
-#undef LF_B1_ST
-    }
+    if (W->w_row != NULL)
+        lf_amx_order_bf16_row_blocks(1, W, a, b0, b1, out);
+    else
+        lf_amx_order_bf16_row_blocks(0, W, a, b0, b1, out);
 }
 
 /* ------------------------------------------------------------------ bfloat16 without VDPBF16PS */
