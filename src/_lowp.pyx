@@ -59,6 +59,7 @@ cdef extern from "lf_lowp.h" nogil:
     void lf_lp_pack_row_order(const lf_lp_mat* W, uint16_t* dst)
     int lf_lp_rows_amx_order(const lf_lp_mat* W, int rows, const void* A, float* out, size_t ldo)
     void lf_lp_quant_row(int kind, int k, int kp, const float* x, void* dst, float* sx)
+    void lf_lp_quant_row_fast(int path, int kind, int k, int kp, const float* x, void* dst, float* sx)
     void lf_lp_gemm(int path, const lf_lp_mat* W, int rows, const void* A, const float* sx,
                     int b0, int b1, float* out, size_t ldo)
     int lf_lp_path_ok(int kind, int path)
@@ -230,10 +231,14 @@ cdef class Packed:
         return out
 
 
-def quantize_rows(str precision, a):
+def quantize_rows(str precision, a, str path="generic"):
     """(quantized rows, scales) as the kernels make them: bf16 bits (uint16), or int8 q + 128
-    (uint8) with s_x per row. For tests of the documented quantization."""
+    (uint8) with s_x per row. For tests of the documented quantization; `path`: as the layer on
+    that path converts its activations (the AVX-512 or VCVTNEPS2BF16 code where it has them)."""
     cdef int kind = KINDS[precision]
+    cdef int p = PATHS[path]
+    if not lf_lp_path_ok(kind, p):
+        raise ValueError(f"the {path} path cannot run {precision} on this CPU")
     cdef cnp.ndarray[float, ndim=2, mode="c"] a2 = np.ascontiguousarray(a, dtype=np.float32)
     cdef int rows = a2.shape[0], k = a2.shape[1], r
     cdef int kp = lf_lp_kp(kind, k)
@@ -243,7 +248,7 @@ def quantize_rows(str precision, a):
     cdef char* qp = <char*> cnp.PyArray_DATA(qa)
     cdef size_t es = 2 if kind == LF_LP_BF16 else 1
     for r in range(rows):
-        lf_lp_quant_row(kind, k, kp, &a2[r, 0], qp + r * kp * es, &sx[r])
+        lf_lp_quant_row_fast(p, kind, k, kp, &a2[r, 0], qp + r * kp * es, &sx[r])
     return q[:, :k], sx
 
 

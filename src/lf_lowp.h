@@ -197,12 +197,36 @@ static int name(void) {                                                         
 }
 static int lf_lp_cpu_fma512(void);
 LF_CACHED_CHECK(lf_lp_fma512_cached, lf_lp_cpu_fma512)
+static int lf_lp_cpu_bf16(void);
+LF_CACHED_CHECK(lf_lp_cvt_bf16_cached, lf_lp_cpu_bf16)
+
+#if LF_PGEMM_X86
+/* bfloat16 rows by VCVTNEPS2BF16: nearest even, subnormal inputs to signed zero, NaN quieted, as
+   the code above (all 2^32 floats give the same bits on AMD EPYC Zen 4); one instruction for its
+   dozen (AMD EPYC Zen 4, bfloat16 (100,256,64,64), whose rows it converts twice a step: see
+   docs/precision.md) */
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static void
+lf_lp_quant_row_bf16_cvt(int k, int kp, const float* x, uint16_t* q) {
+    int i = 0;
+    for (; i < k; i += 16) {
+        const __mmask16 mk = k - i >= 16 ? (__mmask16) 0xFFFF : (__mmask16) ((1u << (k - i)) - 1u);
+        const __m256bh r = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mk, x + i));
+        _mm256_mask_storeu_epi16(q + i, mk, (__m256i) r);
+    }
+    for (i = k; i < kp; i++)
+        q[i] = 0;
+}
+#endif
 
 /* the layer's conversion of activation rows: AVX-512 on the paths that run AVX-512 anyway (so a
    path capped below it by LSTM_FAST_ISA runs none), the same bits as the scalar code */
 static inline void lf_lp_quant_row_fast(int path, int kind, int k, int kp, const float* x,
                                         void* dst, float* sx) {
 #if LF_PGEMM_X86
+    if (kind == LF_LP_BF16 && (path == LF_PATH_AVX512 || path == LF_PATH_AMX) && lf_lp_cvt_bf16_cached()) {
+        lf_lp_quant_row_bf16_cvt(k, kp, x, (uint16_t*) dst);
+        return;
+    }
     if ((path == LF_PATH_AVX512 || path == LF_PATH_AMX || path == LF_PATH_AVX512_FMA) &&
         lf_lp_fma512_cached()) {
         lf_lp_quant_row_avx512(kind, k, kp, x, dst, sx);

@@ -131,8 +131,13 @@ def flat(res):
 
 
 # ---------------------------------------------------------------------------- quantization
-@pytest.mark.parametrize("precision", REDUCED)
-def test_quantized_rows_match_the_documented_rounding(precision, rng):
+# the conversions of activations the layers run, per precision: the scalar code, AVX-512 code
+# and, for bfloat16 on CPUs with AVX512-BF16, VCVTNEPS2BF16
+QUANT_PATHS = {p: [KERNEL[q] for q in PATHS[p] if q not in ("amx_emulated", "amx")] for p in REDUCED}
+
+
+@pytest.mark.parametrize("precision, path", [(p, q) for p in REDUCED for q in QUANT_PATHS[p]])
+def test_quantized_rows_match_the_documented_rounding(precision, path, rng):
     a = rng.standard_normal((9, 37)).astype(np.float32) * np.float32(3)
     a[1] = 0
     a[2, :5] = [1e-39, -1e-40, 0.5, -0.5, 2.5]     # subnormals, ties
@@ -140,9 +145,11 @@ def test_quantized_rows_match_the_documented_rounding(precision, rng):
     a[4, 3:] = 0                                     # zeros beside a tiny row maximum:
     a[4, :3] = [1e-37, -2e-37, 5e-38]                # 127 / max would overflow
     a[5, :3] = [1e-36, -2e-36, 3e-36]
-    q, s = _lowp.quantize_rows(precision, a)
+    a[6, :6] = [np.nan, np.inf, -np.inf, 3.3e38, -3.4e38, -0.0] if precision == "bfloat16" else 0
+    q, s = _lowp.quantize_rows(precision, a, path)
     if precision == "bfloat16":
-        np.testing.assert_array_equal((q.astype(np.uint32) << 16).view(np.float32), bf16(a))
+        np.testing.assert_array_equal((q.astype(np.uint32) << 16).view(np.uint32),
+                                      bf16(a).view(np.uint32))
         assert ((q.astype(np.uint32) << 16).view(np.float32)[2, :2] == 0).all()
     else:
         want_q, want_s = int8_rows(a)
@@ -150,13 +157,29 @@ def test_quantized_rows_match_the_documented_rounding(precision, rng):
         np.testing.assert_array_equal(s, want_s)
 
 
-def test_bf16_rounding_ties_to_even_and_nan():
+@pytest.mark.parametrize("path", QUANT_PATHS["bfloat16"])
+def test_bf16_rounding_ties_to_even_and_nan(path):
     x = np.array([1 + 2**-8, 1 + 3 * 2**-8, np.nan, np.inf, -np.inf, 3.3e38], np.float32)
-    q, _ = _lowp.quantize_rows("bfloat16", x[None])
+    q, _ = _lowp.quantize_rows("bfloat16", x[None], path)
     got = (q[0].astype(np.uint32) << 16).view(np.float32)
     assert got[0] == 1.0 and got[1] == 1 + 4 * 2**-8    # ties to even
     assert np.isnan(got[2]) and got[3] == np.inf and got[4] == -np.inf
     assert got[5] == bf16(x)[5]
+
+
+@pytest.mark.parametrize("path", QUANT_PATHS["bfloat16"])
+def test_bf16_conversion_of_every_exponent_and_rounding_case(path):
+    # 2^20 float32 bit patterns: every sign and exponent (subnormals, infinities, NaNs with
+    # signalling and quiet payloads) with low halves around the rounding point, against the
+    # documented rounding (nearest even, subnormals to signed zero, NaN quieted)
+    hi = np.arange(1 << 9, dtype=np.uint32) << 23
+    lo = np.array([0, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF, 0x10000, 0x17FFF, 0x18000, 0x7FFFFF,
+                   0x400000, 0x3F8000, 0x7F8000, 0x12345, 0x2AAAAA, 0x555555], np.uint32)
+    mant = (np.arange(128, dtype=np.uint32)[:, None] * 0x10000 + lo[None, :]).ravel() & 0x7FFFFF
+    u = (hi[:, None] | mant[None, :]).ravel()
+    x = u.view(np.float32).reshape(-1, 64)
+    q, _ = _lowp.quantize_rows("bfloat16", x, path)
+    np.testing.assert_array_equal((q.astype(np.uint32) << 16).ravel(), bf16(x).view(np.uint32).ravel())
 
 
 @pytest.mark.parametrize("precision", REDUCED)
