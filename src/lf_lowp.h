@@ -198,7 +198,7 @@ static int name(void) {                                                         
 static int lf_lp_cpu_fma512(void);
 LF_CACHED_CHECK(lf_lp_fma512_cached, lf_lp_cpu_fma512)
 static int lf_lp_cpu_bf16(void);
-LF_CACHED_CHECK(lf_lp_cvt_bf16_cached, lf_lp_cpu_bf16)
+LF_CACHED_CHECK(lf_lp_bf16_cached, lf_lp_cpu_bf16)
 
 #if LF_PGEMM_X86
 /* bfloat16 rows by VCVTNEPS2BF16: nearest even, subnormal inputs to signed zero, NaN quieted, as
@@ -223,7 +223,7 @@ lf_lp_quant_row_bf16_cvt(int k, int kp, const float* x, uint16_t* q) {
 static inline void lf_lp_quant_row_fast(int path, int kind, int k, int kp, const float* x,
                                         void* dst, float* sx) {
 #if LF_PGEMM_X86
-    if (kind == LF_LP_BF16 && (path == LF_PATH_AVX512 || path == LF_PATH_AMX) && lf_lp_cvt_bf16_cached()) {
+    if (kind == LF_LP_BF16 && (path == LF_PATH_AVX512 || path == LF_PATH_AMX) && lf_lp_bf16_cached()) {
         lf_lp_quant_row_bf16_cvt(k, kp, x, (uint16_t*) dst);
         return;
     }
@@ -1220,7 +1220,6 @@ static int lf_lp_path_ok(int kind, int path) {
 }
 
 #define LF_LP_AMX_MIN_ROWS 4
-LF_CACHED_CHECK(lf_lp_bf16_cached, lf_lp_cpu_bf16)
 LF_CACHED_CHECK(lf_lp_vnni_cached, lf_lp_cpu_vnni)
 
 /* out = dequant(A . W^T) for rows of A and blocks b0..b1 of W (the path was checked) */

@@ -180,6 +180,12 @@ def test_bf16_conversion_of_every_exponent_and_rounding_case(path):
     x = u.view(np.float32).reshape(-1, 64)
     q, _ = _lowp.quantize_rows("bfloat16", x, path)
     np.testing.assert_array_equal((q.astype(np.uint32) << 16).ravel(), bf16(x).view(np.uint32).ravel())
+    # and torch's own conversion (nearest even) wherever it agrees with the documented one: normal
+    # finite floats (torch keeps subnormals, which the kernels flush, and keeps NaN payloads)
+    exponent = (u >> 23) & 0xFF
+    normal = (exponent != 0) & (exponent != 0xFF)
+    want = torch.from_numpy(u[normal].view(np.float32)).to(torch.bfloat16).view(torch.int16).numpy()
+    np.testing.assert_array_equal(q.ravel()[normal], want.view(np.uint16))
 
 
 @pytest.mark.parametrize("precision", REDUCED)
