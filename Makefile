@@ -48,7 +48,7 @@ docs: build test-deps
 # The forward, training and gate tests again on the lower kernel paths (LSTM_FAST_ISA caps the
 # path: AVX2 + FMA, then generic BLAS), about a minute each; tests/test_cpu.py in `test` runs every
 # path this CPU has in one process
-ISA_TESTS ?= tests/test_forward.py tests/test_training.py tests/test_gate_math.py tests/test_precision.py
+ISA_TESTS ?= tests/test_forward.py tests/test_io.py tests/test_training.py tests/test_gate_math.py tests/test_precision.py
 test-isa: build test-deps
 	LSTM_FAST_ISA=avx2 $(PY) -m pytest -q $(PYTEST_ARGS) $(ISA_TESTS)
 	LSTM_FAST_ISA=generic $(PY) -m pytest -q $(PYTEST_ARGS) $(ISA_TESTS)

@@ -23,6 +23,11 @@ from . import _aligned, _cpu, _forward, _io, _lowp, _onnx_graph, _step, _threadi
 from . import _validate as v
 from ._core import BLAS_SINGLE, _empty, _full_lengths, _load_named, run_layer
 
+# a frozen float32 model's steps of fewer rows run on one thread (StepPlan's packed products):
+# one step cannot pay for waking another thread; from here on the sequence kernel's threads
+# (docs/performance.md). Either way the bits of m(x).
+_STEP_THREADED_ROWS = 8
+
 # parameter versions: every in-place change of a model's parameters through the API takes the next
 # number, so a training cache made before the change is recognised as stale by backward (one global
 # counter: a model restored by pickling cannot reuse a number an old cache holds)
@@ -382,9 +387,12 @@ class LSTM:
         W_hh anew, because its parameters are live arrays that may have changed since the last
         call; a frozen model skips that (ONNX Runtime likewise packs weights once, when a session
         is made). That is most of a short batch-1 call's fixed cost: about 14 us of a
-        (100, 1, 128, 128) call on one thread here. Calls, ``step``, ``save`` and ``to_onnx``
-        work as for this model and give the same outputs bit for bit; training and writing
-        parameters raise.
+        (100, 1, 128, 128) call on one thread here. Calls, ``save`` and ``to_onnx`` work as for
+        this model and give the same outputs bit for bit; training and writing parameters raise.
+        ``step`` works as for this model; in float32 on the packed kernels it multiplies the
+        packed weights as the sequence kernel does, so its steps give the bits of ``m(x)``
+        (this model's ``step``, reading its live weights unpacked, agrees to rounding), and
+        steps of several rows are faster (0.5x-0.67x the time at batch 4-32 on one thread).
         """
         return FrozenLSTM._copy_of(self, precision)
 
@@ -452,7 +460,8 @@ class LSTM:
             new state's h[-1], as torch's LSTMCell returns h itself)
         state : the new (h, c); the given arrays are not modified
 
-        Running ``step`` over a sequence gives the same numbers as running the whole sequence.
+        Running ``step`` over a sequence gives the same numbers as running the whole sequence:
+        the same bits for a frozen float32 model (see ``freeze``), else equal to rounding.
         """
         self._refuse_bidirectional_step()
         x = x_t if (type(x_t) is np.ndarray and x_t.dtype == self.dtype and x_t.flags.c_contiguous) \
@@ -484,14 +493,24 @@ class LSTM:
                     self.hidden_size, self.hidden_out)
             lowp_plan.run(x if batched else x[None, :], h3, c3, _threads.get_num_threads())
             return h[-1], (h, c)
+        packed = self._packed is not None and _forward.packed_gemm_active()
+        if packed and batch >= _STEP_THREADED_ROWS and _threads.get_num_threads() > 1:
+            # a frozen model's larger steps: the sequence kernel itself, T = 1, on its threads
+            with BLAS_SINGLE:
+                done = _forward.forward_plain(x[None], self._w_ih, self._w_hh, self._b_ih,
+                                              self._b_hh, self._w_hr, _threads.get_num_threads(),
+                                              self._recurrence_mode, self._packed, h3, c3)
+            if done is not None:
+                return h[-1], (h, c)
         plan = self._step_plan
         if plan is None:
             plan = self._step_plan = _step.StepPlan(
                 [w[0] for w in self._w_ih], [w[0] for w in self._w_hh],
                 [b[0] for b in self._b_ih] if self.bias else [None] * self.num_layers,
                 [b[0] for b in self._b_hh] if self.bias else [None] * self.num_layers,
-                [w[0] for w in self._w_hr] if self.proj_size else [None] * self.num_layers)
-        _run_step_plan(plan, x if batched else x[None, :], h3, c3)
+                [w[0] for w in self._w_hr] if self.proj_size else [None] * self.num_layers,
+                self._packed)
+        _run_step_plan(plan, x if batched else x[None, :], h3, c3, packed)
         return h[-1], (h, c)   # y_t is the last layer's h: a view of the new state, as in torch
 
     # ----------------------------------------------------------------- files and peers
@@ -650,16 +669,20 @@ class FrozenLSTM(LSTM):
         self._seal()
 
 
-def _run_step_plan(plan, x, h, c):
+def _run_step_plan(plan, x, h, c, packed=False):
     """plan.run on lstm_fast's threads where they may help, with the BLAS on one thread where the
-    plan calls it (each skipped call saves 0.1-0.4 us of a 5 us step)."""
+    plan calls it (each skipped call saves 0.1-0.4 us of a 5 us step). packed: a frozen model's
+    plan, its packed weights in use (one thread, no BLAS)."""
+    if packed:
+        plan.run(x, h, c, 1, True)
+        return
     n_threads = _threads.get_num_threads() if plan.may_split else 1
     if x.shape[0] <= plan.gemv_rows:
-        plan.run(x, h, c, n_threads)
+        plan.run(x, h, c, n_threads, False)
         return
     _threading.blas_single_enter()
     try:
-        plan.run(x, h, c, n_threads)
+        plan.run(x, h, c, n_threads, False)
     finally:
         _threading.blas_single_exit()
 

@@ -16,6 +16,7 @@ class StepPlan:
         b_ih: list[npt.NDArray[np.floating[Any]] | None],
         b_hh: list[npt.NDArray[np.floating[Any]] | None],
         w_hr: list[npt.NDArray[np.floating[Any]] | None],
+        packed: list[npt.NDArray[np.float32]] | None = None,
     ) -> None: ...
     def run(
         self,
@@ -23,4 +24,5 @@ class StepPlan:
         h: npt.NDArray[np.floating[Any]],
         c: npt.NDArray[np.floating[Any]],
         n_threads: int = 1,
+        use_packed: bool = True,
     ) -> None: ...

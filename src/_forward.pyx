@@ -858,15 +858,18 @@ def recurrence_mode(Py_ssize_t batch, Py_ssize_t hidden, Py_ssize_t hidden_out, 
     6.6 vs 7.6 ms; but (100,1,128,128) 0.47 vs 0.43 ms), or where W_hh is beyond 8 MB and a
     pass over it per chunk costs more than a pass per step ((25,128,1024,1024) 553 vs 568 ms).
     """
+    return "wide" if _wide_mode(batch, hidden, hidden_out, itemsize, packed, n_dirs) else "chunked"
+
+
+cdef bint _wide_mode(Py_ssize_t batch, Py_ssize_t hidden, Py_ssize_t hidden_out,
+                     Py_ssize_t itemsize, bint packed, Py_ssize_t n_dirs) noexcept nogil:
+    # recurrence_mode's choice without a Python call (every layer call of the auto mode asks)
     cdef Py_ssize_t w_hh_bytes = 4 * hidden * hidden_out * itemsize
+    cdef bint single_item
     if packed:
         single_item = batch_chunk(batch) >= batch and n_dirs == 1
-        if w_hh_bytes >= PACKED_WIDE_MAX_BYTES or (single_item and w_hh_bytes >= PACKED_WIDE_BYTES):
-            return "wide"
-        return "chunked"
-    if w_hh_bytes >= WIDE_GEMV_BYTES or (batch > 1 and w_hh_bytes >= WIDE_MIN_BYTES):
-        return "wide"
-    return "chunked"
+        return w_hh_bytes >= PACKED_WIDE_MAX_BYTES or (single_item and w_hh_bytes >= PACKED_WIDE_BYTES)
+    return w_hh_bytes >= WIDE_GEMV_BYTES or (batch > 1 and w_hh_bytes >= WIDE_MIN_BYTES)
 
 
 cdef Py_ssize_t _packed_lens(Layer* L) noexcept nogil:
@@ -950,8 +953,8 @@ cdef int _forward_run(const Layer* layer, const floating* x_ptr, int n_threads,
         if split_ok and choice & 1:
             mode = MODE_SPLIT    # same bits as chunked: the choice may follow the thread count
         else:
-            mode = MODE_WIDE if recurrence_mode(L.batch, L.hidden, L.hidden_out, sizeof(floating),
-                                                use_packed, L.n_dirs) == "wide" else MODE_CHUNKED
+            mode = MODE_WIDE if _wide_mode(L.batch, L.hidden, L.hidden_out, sizeof(floating),
+                                           use_packed, L.n_dirs) else MODE_CHUNKED
     elif mode == MODE_SPLIT and not split_ok:
         mode = MODE_CHUNKED
     if use_packed and mode == MODE_CHUNKED:
@@ -1162,17 +1165,23 @@ cdef Py_ssize_t _packed_floats(const Layer* L) noexcept nogil:
 
 
 cdef int _prepacked_pointer(object prepacked, const Layer* L, const float** out) except -1:
-    # out = the data of pack_weights' array for this layer, or NULL for None
-    cdef const float[::1] view
+    # out = the data of pack_weights' array for this layer, or NULL for None (checked as an
+    # ndarray: a memoryview's set-up is a tenth of a small step)
     out[0] = NULL
     if prepacked is None:
         return 0
-    view = prepacked
-    if view.shape[0] != _packed_floats(L) or (<size_t> &view[0]) % 64 != 0:
+    if not cnp.PyArray_CheckExact(prepacked):
+        raise TypeError(f"prepacked weights: expected pack_weights' ndarray, got {type(prepacked).__name__}")
+    cdef cnp.ndarray a = <cnp.ndarray> prepacked
+    cdef size_t address = <size_t> cnp.PyArray_DATA(a)
+    if (cnp.PyArray_NDIM(a) != 1 or cnp.PyArray_TYPE(a) != cnp.NPY_FLOAT32
+            or not cnp.PyArray_IS_C_CONTIGUOUS(a) or a.shape[0] != _packed_floats(L)
+            or address % 64 != 0):
         raise ValueError(f"prepacked weights: expected the 64-byte aligned array of "
-                         f"{_packed_floats(L)} floats that pack_weights makes for this layer, got "
-                         f"{view.shape[0]} floats at address {<size_t> &view[0]:#x}")
-    out[0] = &view[0]
+                         f"{_packed_floats(L)} floats (1-D float32) that pack_weights makes for this "
+                         f"layer, got shape {prepacked.shape} of {prepacked.dtype} at address "
+                         f"{address:#x}")
+    out[0] = <const float*> address
     return 0
 
 
@@ -1261,7 +1270,8 @@ def forward_layer(const floating[:, :, ::1] x,          # IN  (T, B, I) layer in
 
 
 cdef object _forward_plain(const floating* tag, cnp.ndarray x, list w_ih, list w_hh, object b_ih,
-                          object b_hh, object w_hr, int n_threads, int mode, list packed):
+                          object b_hh, object w_hr, int n_threads, int mode, list packed,
+                          object h_n, object c_n):
     # forward_plain for one dtype (tag types the call and is not read)
     cdef int typenum = cnp.PyArray_TYPE(x)
     cdef Py_ssize_t T = x.shape[0], B = x.shape[1], n_layers = len(w_ih), k, j
@@ -1271,10 +1281,11 @@ cdef object _forward_plain(const floating* tag, cnp.ndarray x, list w_ih, list w
     cdef cnp.npy_intp dims[3]
     dims[0] = n_layers * D
     dims[1] = B
-    dims[2] = H_out
-    h_n = cnp.PyArray_ZEROS(3, dims, typenum, 0)
-    dims[2] = four_h // 4
-    c_n = cnp.PyArray_ZEROS(3, dims, typenum, 0)
+    if h_n is None:
+        dims[2] = H_out
+        h_n = cnp.PyArray_ZEROS(3, dims, typenum, 0)
+        dims[2] = four_h // 4
+        c_n = cnp.PyArray_ZEROS(3, dims, typenum, 0)
     dims[0] = T
     dims[2] = D * H_out
     cdef Py_ssize_t* rows = <Py_ssize_t*> malloc(2 * B * sizeof(Py_ssize_t))
@@ -1342,8 +1353,20 @@ cdef object _forward_plain(const floating* tag, cnp.ndarray x, list w_ih, list w
     return y, h_n, c_n
 
 
+cdef bint _state_fits(object s, Py_ssize_t n_states, Py_ssize_t batch, Py_ssize_t width,
+                      cnp.ndarray x):
+    # an initial state forward_plain may update in place
+    if not cnp.PyArray_CheckExact(s):
+        return False
+    cdef cnp.ndarray a = <cnp.ndarray> s
+    return (cnp.PyArray_NDIM(a) == 3 and cnp.PyArray_IS_C_CONTIGUOUS(a) and cnp.PyArray_ISALIGNED(a)
+            and cnp.PyArray_ISWRITEABLE(a) and cnp.PyArray_TYPE(a) == cnp.PyArray_TYPE(x)
+            and a.shape[0] == n_states and a.shape[1] == batch and a.shape[2] == width)
+
+
 def forward_plain(object x, list w_ih, list w_hh, object b_ih, object b_hh, object w_hr,
-                  int n_threads, int mode=MODE_AUTO, list packed=None):
+                  int n_threads, int mode=MODE_AUTO, list packed=None, object h_n=None,
+                  object c_n=None):
     """LSTM.__call__ without states or lengths, for a C-contiguous (T, B, I) ndarray of the
     parameters' dtype: (y, h_n, c_n) of all layers in one call, zero initial states. The general
     path (validation, allocations, one forward_layer call per layer through typed memoryviews)
@@ -1351,7 +1374,8 @@ def forward_plain(object x, list w_ih, list w_hh, object b_ih, object b_hh, obje
     x: the caller then takes the general path, which converts or explains. The parameters are the
     model's own lists (per layer: (D, 4H, in), (D, 4H, H_out), biases (D, 4H) or None, W_hr or
     None), C-contiguous arrays of one dtype; `packed` None or, per layer, pack_weights' array of
-    it (or None)."""
+    it (or None). h_n and c_n, given together: the initial states, (L*D, B, H_out) and
+    (L*D, B, H) C-contiguous arrays of x's dtype, updated in place (else None is returned)."""
     if not cnp.PyArray_CheckExact(x):
         return None
     cdef cnp.ndarray xa = <cnp.ndarray> x
@@ -1363,12 +1387,16 @@ def forward_plain(object x, list w_ih, list w_hh, object b_ih, object b_hh, obje
     # the general path explains sizes beyond the index type (check_size_product)
     if xa.shape[0] * xa.shape[1] > (PY_SSIZE_T_MAX // 8) // (w0.shape[0] * w0.shape[1]):
         return None
+    if (h_n is None) != (c_n is None) or (h_n is not None and not (
+            _state_fits(h_n, len(w_ih) * w0.shape[0], xa.shape[1], (<cnp.ndarray> w_hh[0]).shape[2], xa)
+            and _state_fits(c_n, len(w_ih) * w0.shape[0], xa.shape[1], w0.shape[1] // 4, xa))):
+        return None
     if cnp.PyArray_TYPE(xa) == cnp.NPY_FLOAT32:
         return _forward_plain(<const float*> NULL, xa, w_ih, w_hh, b_ih, b_hh, w_hr, n_threads, mode,
-                              packed)
+                              packed, h_n, c_n)
     if cnp.PyArray_TYPE(xa) == cnp.NPY_FLOAT64:
         return _forward_plain(<const double*> NULL, xa, w_ih, w_hh, b_ih, b_hh, w_hr, n_threads, mode,
-                              None)
+                              None, h_n, c_n)
     return None
 
 

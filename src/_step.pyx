@@ -12,7 +12,7 @@ from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
 
 from _blas cimport gemm_rm, gemv_rm
-from _pgemm cimport lf_gemv_rows, lf_pgemm_available, lf_set_kernel
+from _pgemm cimport lf_gemv_rows, lf_pack_len, lf_pgemm, lf_pgemm_available, lf_set_kernel
 from _gates cimport cell_row_standard, lf_cell_units_simd
 from _shapes cimport step_shapes_match
 from _split cimport (lf_barrier, lf_barrier_init, lf_barrier_wait, lf_team_size, lf_team_rank,
@@ -43,9 +43,12 @@ cdef class StepPlan:
     cdef void** b_ih
     cdef void** b_hh
     cdef void** w_hr
+    cdef const float** packed     # per layer: _forward.pack_weights' copy (a frozen model's), or NULL
 
-    def __cinit__(self, list w_ih, list w_hh, list b_ih, list b_hh, list w_hr):
-        """Per layer: W_ih (4H, in_k), W_hh (4H, H_out), b_ih, b_hh (4H,) or None, W_hr (P, H) or None."""
+    def __cinit__(self, list w_ih, list w_hh, list b_ih, list b_hh, list w_hr, list packed=None):
+        """Per layer: W_ih (4H, in_k), W_hh (4H, H_out), b_ih, b_hh (4H,) or None, W_hr (P, H) or
+        None; packed: None, or per layer the float32 weights as _forward.pack_weights packs them
+        (a frozen model's), which the steps then multiply with the sequence kernel's products."""
         import numpy as np
 
         self.n_layers = len(w_ih)
@@ -77,9 +80,36 @@ cdef class StepPlan:
                         raise ValueError("StepPlan needs C-contiguous parameters of one dtype")
                     self._keep.append(arr)
                     table[k] = <void*> <size_t> arr.ctypes.data
+        if packed is not None:
+            self._set_packed(packed)
+
+    cdef _set_packed(self, list packed):
+        import numpy as np
+
+        if self.is_double or len(packed) != self.n_layers:
+            raise ValueError("packed weights are float32, one array per layer")
+        self.packed = <const float**> malloc(self.n_layers * sizeof(float*))
+        if self.packed == NULL:
+            raise MemoryError()
+        cdef Py_ssize_t k, in_k, want
+        for k in range(self.n_layers):
+            arr = packed[k]
+            in_k = self.input_size if k == 0 else self.hidden_out
+            want = (lf_pack_len(4 * self.hidden, in_k) + lf_pack_len(4 * self.hidden, self.hidden_out)
+                    + (lf_pack_len(self.proj, self.hidden) if self.proj else 0))
+            if (type(arr) is not np.ndarray or arr.dtype != np.float32 or arr.ndim != 1
+                    or arr.shape[0] != want or not arr.flags.c_contiguous
+                    or arr.ctypes.data % 64 != 0):
+                free(self.packed)
+                self.packed = NULL
+                raise ValueError(f"packed weights of layer {k}: expected pack_weights' 64-byte "
+                                 f"aligned array of {want} float32 values")
+            self._keep.append(arr)
+            self.packed[k] = <const float*> <size_t> arr.ctypes.data
 
     def __dealloc__(self):
         free(self.w_ih)
+        free(self.packed)
 
     @property
     def gemv_rows(self):
@@ -89,9 +119,10 @@ cdef class StepPlan:
     def run(self, const floating[:, ::1] x,     # IN     (B, I) this step's input
             floating[:, :, ::1] h,              # IN/OUT (L, B, H_out)
             floating[:, :, ::1] c,              # IN/OUT (L, B, H)
-            int n_threads=1):
+            int n_threads=1, bint use_packed=True):
         """One step: h, c updated in place; returns nothing (the output is h[-1]). Same bits for
-        any n_threads."""
+        any n_threads. With packed weights (and use_packed, the packed kernel on), one thread
+        and the bits of the sequence kernel."""
         cdef bint is_double
         if floating is double:
             is_double = True
@@ -115,17 +146,22 @@ cdef class StepPlan:
         cdef long ticks = 0
         cdef lf_barrier bar
         lf_barrier_init(&bar)
+        cdef bint gemv = False
+        cdef bint packed = False
         if floating is float:
-            if (n_threads > 1 and self.may_split and lf_pgemm_available()
-                    and batch <= STEP_GEMV_MAX_ROWS and self.hidden >= 16 * n_threads):
+            packed = self.packed != NULL and use_packed and lf_pgemm_available()
+            gemv = lf_pgemm_available() and batch <= STEP_GEMV_MAX_ROWS
+            if (n_threads > 1 and self.may_split and gemv and not packed
+                    and self.hidden >= 16 * n_threads):
                 key = lf_split_key(batch, self.hidden, self.input_size, n_threads, self.n_layers % 8)
                 choice = lf_split_choose(key)
                 ticks = lf_ticks()
-        cdef bint gemv = False
-        if floating is float:
-            gemv = lf_pgemm_available() and batch <= STEP_GEMV_MAX_ROWS
         with nogil:
-            if floating is float and choice & 1:
+            if floating is float and packed:
+                _step_layers_packed(self.n_layers, self.input_size, self.hidden, self.proj,
+                                    self.packed, self.b_ih, self.b_hh, &x[0, 0], &h[0, 0, 0],
+                                    &c[0, 0, 0], batch, work)
+            elif floating is float and choice & 1:
                 with parallel(num_threads=n_threads):
                     _step_layers_gemv(self.n_layers, self.input_size, self.hidden, self.proj,
                                       self.w_ih, self.w_hh, self.b_ih, self.b_hh, self.w_hr,
@@ -188,6 +224,38 @@ cdef void _step_layers_blas(int n_layers, Py_ssize_t input_size, Py_ssize_t H, P
             else:
                 gemm_rm(c'T', <int> batch, <int> P, <int> H, <floating> 1, hraw, <int> H,
                         <const floating*> w_hr_k[k], <int> H, <floating> 0, h_k, <int> P)
+        inp = h_k
+
+
+cdef void _step_layers_packed(int n_layers, Py_ssize_t input_size, Py_ssize_t H, Py_ssize_t P,
+                              const float** packed, void** b_ih_k, void** b_hh_k, const float* x,
+                              float* h, float* c, Py_ssize_t batch, float* work) noexcept nogil:
+    # a frozen float32 model's step on one thread: the sequence kernel's products over the
+    # weights packed at freeze (one FMA chain over k per output) and its cell, so the bits of
+    # m(x) for this step, and of each row alone
+    cdef Py_ssize_t H_out = P if P > 0 else H, four_h = 4 * H
+    cdef float* gx = work
+    cdef float* gh = gx + batch * four_h
+    cdef float* bias = gh + batch * four_h
+    cdef float* hraw = bias + four_h
+    cdef const float* inp = x
+    cdef const float* pk_hh
+    cdef Py_ssize_t k, r, in_size
+    cdef float* h_k
+    cdef float* c_k
+    for k in range(n_layers):
+        in_size = input_size if k == 0 else H_out
+        h_k = h + k * batch * H_out
+        c_k = c + k * batch * H
+        pk_hh = packed[k] + lf_pack_len(four_h, in_size)
+        _bias_sum(<const float*> b_ih_k[k], <const float*> b_hh_k[k], 0, four_h, bias)
+        lf_pgemm(batch, 0, four_h, in_size, inp, in_size, packed[k], gx, four_h, 0)
+        lf_pgemm(batch, 0, four_h, H_out, h_k, H_out, pk_hh, gh, four_h, 0)
+        for r in range(batch):
+            cell_row_standard(H, gh + r * four_h, gx + r * four_h, bias, c_k + r * H,
+                              (hraw + r * H) if P > 0 else (h_k + r * H_out))
+        if P > 0:
+            lf_pgemm(batch, 0, P, H, hraw, H, pk_hh + lf_pack_len(four_h, H_out), h_k, P, 0)
         inp = h_k
 
 

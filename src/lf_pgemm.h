@@ -900,6 +900,15 @@ LF_GEMV_ROWS(avx512, "avx512f", LF_GEMV_XR, lf_gemv_pass_avx512_1, lf_gemv_pass_
    the generic path). One well-predicted branch a call. */
 static void lf_pgemm(size_t m, size_t col0, size_t n_cols, size_t k, const float* a, size_t lda,
                      const float* packed, float* c, size_t ldc, int accumulate) {
+    /* one row alone (a step's input projection at batch 1): the row kernel's 8 chains, not a
+       tile's 2, which wait on the FMA latency; the same sums (one chain over k per output) */
+    if (m == 1 && !accumulate) {
+        if (lf_isa() >= 2)
+            lf_pgemv_dir_avx512(col0, n_cols, k, a, packed, c, 0);
+        else
+            lf_pgemv_dir_avx2(col0, n_cols, k, a, packed, c, 0);
+        return;
+    }
     if (lf_isa() >= 2)
         lf_pgemm_avx512(m, col0, n_cols, k, a, lda, packed, c, ldc, accumulate);
     else

@@ -795,7 +795,14 @@ def test_frozen_model_gives_the_same_bits(dtype, shape, mode):
                 assert_array_equal(got_c, want_c)
     if not bi:
         state = m.zero_state(B)
-        assert_array_equal(f.step(x[0], state)[0], m.step(x[0], state)[0])
+        got = f.step(x[0], state)[0]
+        if f.kernel_path != "blas":
+            # float32 on the packed kernel: the frozen step multiplies the packed weights as the
+            # sequence kernel does (the bits of the call), the live model's step its unpacked rows
+            assert_array_equal(got, m(x[:1])[0][0])
+            assert_allclose(got, m.step(x[0], state)[0], **tol(dtype))
+        else:
+            assert_array_equal(got, m.step(x[0], state)[0])
     ref_out, (_, ref_c) = reference.lstm(x.astype(np.float64), m.state_dict(), num_layers=layers,
                                          bidirectional=bi)
     out, (_, c_n) = f(x)

@@ -173,11 +173,18 @@ def test_float32_steps_match_the_reference(input_size, hidden, proj, batch):
 
 
 @pytest.mark.parametrize("batch", [2, 5, 32])
-def test_float32_step_rows_do_not_depend_on_their_batch(batch):
-    # each output of lf_gemv_rows sums its k in one order whatever the rows beside it: a batch's
-    # step gives each row the bits of that row stepped alone (a mixed-up row or stride fails)
-    # 130 inputs: W_ih in two chunks of rows (lf_gemv_rows' 16 KB), 52 rows, 6 projected
-    m = lf.LSTM(130, 13, num_layers=2, proj_size=6, seed=4).freeze()
+@pytest.mark.parametrize("frozen", [False, True])
+def test_float32_step_rows_do_not_depend_on_their_batch(batch, frozen):
+    # each output of lf_gemv_rows (a live model's step) and of the packed kernel (a frozen one's)
+    # sums its k in one order whatever the rows beside it: a batch's step gives each row the bits
+    # of that row stepped alone (a mixed-up row or stride fails). 130 inputs: W_ih in two chunks
+    # of rows (lf_gemv_rows' 16 KB), 52 rows, 6 projected
+    from lstm_fast import _forward
+    if not _forward.packed_gemm_active():
+        pytest.skip("BLAS steps (no AVX2/AVX-512 kernels): sgemv and sgemm sum in other orders")
+    m = lf.LSTM(130, 13, num_layers=2, proj_size=6, seed=4)
+    if frozen:
+        m = m.freeze()
     rng = np.random.default_rng(5)
     x = rng.standard_normal((batch, 130)).astype(np.float32)
     state = (rng.standard_normal((2, batch, 6)).astype(np.float32),
@@ -188,6 +195,34 @@ def test_float32_step_rows_do_not_depend_on_their_batch(batch):
         assert_array_equal(y[r:r + 1], y_r)
         assert_array_equal(h[:, r:r + 1], h_r)
         assert_array_equal(c[:, r:r + 1], c_r)
+
+
+@pytest.mark.parametrize("num_layers, proj_size, bias", [(1, 0, True), (3, 0, False), (2, 7, True)])
+@pytest.mark.parametrize("batch", [1, 3, 8, 40])
+def test_frozen_float32_steps_give_the_sequence_bits(num_layers, proj_size, bias, batch):
+    # a frozen model's float32 step runs the products of the sequence kernel over the weights
+    # packed at freeze (StepPlan on one thread below 8 rows or on one thread, the sequence
+    # kernel itself with T = 1 on more): stepping gives the bits of m(x), on any thread count
+    # (H = 40: a partial panel; batch 40: the sequence kernel's two chunks of rows)
+    m = lf.LSTM(21, 40, num_layers=num_layers, proj_size=proj_size, bias=bias, seed=6).freeze()
+    if m.kernel_path == "blas":
+        pytest.skip("the packed kernel needs AVX-512F or AVX2 + FMA")
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((6, batch, 21)).astype(np.float32)
+    hx = (rng.standard_normal((num_layers, batch, m.hidden_out)).astype(np.float32),
+          rng.standard_normal((num_layers, batch, 40)).astype(np.float32))
+    want, (want_h, want_c) = m(x, hx)
+    for n_threads in (1, 2):
+        with lf.threads(n_threads):
+            state, outputs = hx, []
+            for t in range(6):
+                y, state = m.step(x[t], state)
+                outputs.append(y.copy())
+        assert_array_equal(np.stack(outputs), want)
+        assert_array_equal(state[0], want_h)
+        assert_array_equal(state[1], want_c)
+    y1, _ = m.step(x[0, 0], (hx[0][:, 0], hx[1][:, 0]))     # unbatched: the row's bits
+    assert_array_equal(y1, want[0, 0])
 
 
 @pytest.mark.parametrize("batch", [1, 5, 32])
