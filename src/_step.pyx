@@ -158,9 +158,9 @@ cdef class StepPlan:
                 ticks = lf_ticks()
         with nogil:
             if floating is float and packed:
-                _step_layers_packed(self.n_layers, self.input_size, self.hidden, self.proj,
-                                    self.packed, self.b_ih, self.b_hh, &x[0, 0], &h[0, 0, 0],
-                                    &c[0, 0, 0], batch, work)
+                _step_layers_one(self.n_layers, self.input_size, self.hidden, self.proj, self.w_ih,
+                                 self.w_hh, self.b_ih, self.b_hh, self.w_hr, self.packed,
+                                 &x[0, 0], &h[0, 0, 0], &c[0, 0, 0], batch, work)
             elif floating is float and choice & 1:
                 with parallel(num_threads=n_threads):
                     _step_layers_gemv(self.n_layers, self.input_size, self.hidden, self.proj,
@@ -171,9 +171,9 @@ cdef class StepPlan:
                                   self.w_ih, self.w_hh, self.b_ih, self.b_hh, self.w_hr,
                                   &x[0, 0], &h[0, 0, 0], &c[0, 0, 0], batch, work, &bar)
             else:
-                _step_layers_blas(self.n_layers, self.input_size, self.hidden, self.proj, self.w_ih,
-                                  self.w_hh, self.b_ih, self.b_hh, self.w_hr, &x[0, 0], &h[0, 0, 0],
-                                  &c[0, 0, 0], batch, work)
+                _step_layers_one(self.n_layers, self.input_size, self.hidden, self.proj, self.w_ih,
+                                 self.w_hh, self.b_ih, self.b_hh, self.w_hr, NULL, &x[0, 0],
+                                 &h[0, 0, 0], &c[0, 0, 0], batch, work)
         if key != 0:
             if choice & 2:
                 lf_split_record(key, choice, lf_ticks() - ticks, 1)
@@ -181,11 +181,14 @@ cdef class StepPlan:
         free(work)
 
 
-cdef void _step_layers_blas(int n_layers, Py_ssize_t input_size, Py_ssize_t H, Py_ssize_t P,
-                            void** w_ih_k, void** w_hh_k, void** b_ih_k, void** b_hh_k,
-                            void** w_hr_k, const floating* x, floating* h, floating* c,
-                            Py_ssize_t batch, floating* work) noexcept nogil:
-    # float64, the portable path, and more than STEP_GEMV_MAX_ROWS rows: BLAS products
+cdef void _step_layers_one(int n_layers, Py_ssize_t input_size, Py_ssize_t H, Py_ssize_t P,
+                           void** w_ih_k, void** w_hh_k, void** b_ih_k, void** b_hh_k,
+                           void** w_hr_k, const float** packed, const floating* x, floating* h,
+                           floating* c, Py_ssize_t batch, floating* work) noexcept nogil:
+    # one thread. packed (float32: a frozen model's weights as pack_weights lays them out): the
+    # sequence kernel's products (one FMA chain over k per output) and cell, so the bits of m(x)
+    # for this step, and of each row alone. Else BLAS products: float64, the portable path, and
+    # more than STEP_GEMV_MAX_ROWS rows of a live model
     cdef Py_ssize_t H_out = P if P > 0 else H, four_h = 4 * H
     cdef floating* gx = work                       # (B, 4H) x @ W_ih.T
     cdef floating* gh = gx + batch * four_h        # (B, 4H) h @ W_hh.T
@@ -197,6 +200,7 @@ cdef void _step_layers_blas(int n_layers, Py_ssize_t input_size, Py_ssize_t H, P
     cdef floating* c_k
     cdef const floating* w_ih
     cdef const floating* w_hh
+    cdef const float* pk_hh = NULL
     for k in range(n_layers):
         in_size = input_size if k == 0 else H_out
         h_k = h + k * batch * H_out
@@ -204,7 +208,11 @@ cdef void _step_layers_blas(int n_layers, Py_ssize_t input_size, Py_ssize_t H, P
         w_ih = <const floating*> w_ih_k[k]
         w_hh = <const floating*> w_hh_k[k]
         _bias_sum(<const floating*> b_ih_k[k], <const floating*> b_hh_k[k], 0, four_h, bias)
-        if batch == 1:
+        if floating is float and packed != NULL:
+            pk_hh = packed[k] + lf_pack_len(four_h, in_size)
+            lf_pgemm(batch, 0, four_h, in_size, inp, in_size, packed[k], gx, four_h, 0)
+            lf_pgemm(batch, 0, four_h, H_out, h_k, H_out, pk_hh, gh, four_h, 0)
+        elif batch == 1:
             gemv_rm(c'N', <int> four_h, <int> in_size, <floating> 1, w_ih, <int> in_size, inp,
                     <floating> 0, gx)
             gemv_rm(c'N', <int> four_h, <int> H_out, <floating> 1, w_hh, <int> H_out, h_k,
@@ -218,44 +226,14 @@ cdef void _step_layers_blas(int n_layers, Py_ssize_t input_size, Py_ssize_t H, P
             cell_row_standard(H, gh + r * four_h, gx + r * four_h, bias, c_k + r * H,
                               (hraw + r * H) if P > 0 else (h_k + r * H_out))
         if P > 0:
-            if batch == 1:
+            if floating is float and packed != NULL:
+                lf_pgemm(batch, 0, P, H, hraw, H, pk_hh + lf_pack_len(four_h, H_out), h_k, P, 0)
+            elif batch == 1:
                 gemv_rm(c'N', <int> P, <int> H, <floating> 1, <const floating*> w_hr_k[k],
                         <int> H, hraw, <floating> 0, h_k)
             else:
                 gemm_rm(c'T', <int> batch, <int> P, <int> H, <floating> 1, hraw, <int> H,
                         <const floating*> w_hr_k[k], <int> H, <floating> 0, h_k, <int> P)
-        inp = h_k
-
-
-cdef void _step_layers_packed(int n_layers, Py_ssize_t input_size, Py_ssize_t H, Py_ssize_t P,
-                              const float** packed, void** b_ih_k, void** b_hh_k, const float* x,
-                              float* h, float* c, Py_ssize_t batch, float* work) noexcept nogil:
-    # a frozen float32 model's step on one thread: the sequence kernel's products over the
-    # weights packed at freeze (one FMA chain over k per output) and its cell, so the bits of
-    # m(x) for this step, and of each row alone
-    cdef Py_ssize_t H_out = P if P > 0 else H, four_h = 4 * H
-    cdef float* gx = work
-    cdef float* gh = gx + batch * four_h
-    cdef float* bias = gh + batch * four_h
-    cdef float* hraw = bias + four_h
-    cdef const float* inp = x
-    cdef const float* pk_hh
-    cdef Py_ssize_t k, r, in_size
-    cdef float* h_k
-    cdef float* c_k
-    for k in range(n_layers):
-        in_size = input_size if k == 0 else H_out
-        h_k = h + k * batch * H_out
-        c_k = c + k * batch * H
-        pk_hh = packed[k] + lf_pack_len(four_h, in_size)
-        _bias_sum(<const float*> b_ih_k[k], <const float*> b_hh_k[k], 0, four_h, bias)
-        lf_pgemm(batch, 0, four_h, in_size, inp, in_size, packed[k], gx, four_h, 0)
-        lf_pgemm(batch, 0, four_h, H_out, h_k, H_out, pk_hh, gh, four_h, 0)
-        for r in range(batch):
-            cell_row_standard(H, gh + r * four_h, gx + r * four_h, bias, c_k + r * H,
-                              (hraw + r * H) if P > 0 else (h_k + r * H_out))
-        if P > 0:
-            lf_pgemm(batch, 0, P, H, hraw, H, pk_hh + lf_pack_len(four_h, H_out), h_k, P, 0)
         inp = h_k
 
 
