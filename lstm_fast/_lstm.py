@@ -494,8 +494,12 @@ class LSTM:
             lowp_plan.run(x if batched else x[None, :], h3, c3, _threads.get_num_threads())
             return h[-1], (h, c)
         packed = self._packed is not None and _forward.packed_gemm_active()
-        if packed and batch >= _STEP_THREADED_ROWS and _threads.get_num_threads() > 1:
-            # a frozen model's larger steps: the sequence kernel itself, T = 1, on its threads
+        if ((packed and batch >= _STEP_THREADED_ROWS and _threads.get_num_threads() > 1)
+                or (batch > _step.GEMV_MAX_ROWS and self._packed is None
+                    and self.dtype == np.float32 and _forward.packed_gemm_active())):
+            # the sequence kernel itself, T = 1: a frozen model's larger steps on its threads, and
+            # a live model's of more rows than lf_gemv_rows takes, packing the weights as a call
+            # does (faster than sgemm, which packs too). The bits of m(x).
             with BLAS_SINGLE:
                 done = _forward.forward_plain(x[None], self._w_ih, self._w_hh, self._b_ih,
                                               self._b_hh, self._w_hr, _threads.get_num_threads(),

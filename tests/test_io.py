@@ -225,6 +225,26 @@ def test_frozen_float32_steps_give_the_sequence_bits(num_layers, proj_size, bias
     assert_array_equal(y1, want[0, 0])
 
 
+@pytest.mark.parametrize("batch", [33, 40])
+def test_float32_steps_of_many_rows_give_the_sequence_bits(batch):
+    # a live model's step of more than 32 rows (lf_gemv_rows' limit) runs the sequence kernel
+    # with T = 1, packing the weights as a call does: the bits of m(x) on any thread count
+    m = lf.LSTM(21, 40, num_layers=2, proj_size=7, seed=8)
+    if m.freeze().kernel_path == "blas":
+        pytest.skip("the packed kernel needs AVX-512F or AVX2 + FMA")
+    x = np.random.default_rng(9).standard_normal((4, batch, 21)).astype(np.float32)
+    want, (want_h, want_c) = m(x)
+    for n_threads in (1, 2):
+        with lf.threads(n_threads):
+            state, outputs = m.zero_state(batch), []
+            for t in range(4):
+                y, state = m.step(x[t], state)
+                outputs.append(y.copy())
+        assert_array_equal(np.stack(outputs), want)
+        assert_array_equal(state[0], want_h)
+        assert_array_equal(state[1], want_c)
+
+
 @pytest.mark.parametrize("batch", [1, 5, 32])
 def test_float32_step_split_over_threads_gives_the_one_thread_bits(batch):
     # weights past 1 MB (STEP_SPLIT_MIN_BYTES): two threads may split the hidden units; a

@@ -6,7 +6,8 @@ own, then:
 
     .venv/bin/python tools/ab_compare.py OLD_DIR NEW_DIR T B I H LAYERS THREADS ROUNDS CALLS [train|int8|bfloat16|step-PRECISION]
 
-(step-float32, step-bfloat16, step-int8: T calls of the frozen model's `step`, state carried.)
+(step-float32, step-bfloat16, step-int8: T calls of the frozen model's `step`, state carried;
+step-live: the same of the live float32 model.)
 
 Each build runs in a persistent worker process; the two are asked in turns (alternating which
 goes first) for the best of CALLS calls, ROUNDS times, so that both see the same phases of the
