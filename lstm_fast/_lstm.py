@@ -23,9 +23,9 @@ from . import _aligned, _cpu, _forward, _io, _lowp, _onnx_graph, _step, _threadi
 from . import _validate as v
 from ._core import BLAS_SINGLE, _empty, _full_lengths, _load_named, run_layer
 
-# a frozen float32 model's steps of fewer rows run on one thread (StepPlan's packed products):
-# one step cannot pay for waking another thread; from here on the sequence kernel's threads
-# (docs/performance.md). Either way the bits of m(x).
+# a frozen float32 model's steps of fewer rows run the StepPlan's packed products (its team
+# splitting whole panels where measured faster, else one thread); from here on, on several
+# threads, the sequence kernel itself (docs/design.md). Either way the bits of m(x).
 _STEP_THREADED_ROWS = 8
 
 # parameter versions: every in-place change of a model's parameters through the API takes the next
@@ -676,13 +676,10 @@ class FrozenLSTM(LSTM):
 def _run_step_plan(plan, x, h, c, packed=False):
     """plan.run on lstm_fast's threads where they may help, with the BLAS on one thread where the
     plan calls it (each skipped call saves 0.1-0.4 us of a 5 us step). packed: a frozen model's
-    plan, its packed weights in use (one thread, no BLAS)."""
-    if packed:
-        plan.run(x, h, c, 1, True)
-        return
+    plan, its packed weights in use (no BLAS)."""
     n_threads = _threads.get_num_threads() if plan.may_split else 1
-    if x.shape[0] <= plan.gemv_rows:
-        plan.run(x, h, c, n_threads, False)
+    if packed or x.shape[0] <= plan.gemv_rows:
+        plan.run(x, h, c, n_threads, packed)
         return
     _threading.blas_single_enter()
     try:

@@ -148,27 +148,33 @@ cdef class StepPlan:
         lf_barrier_init(&bar)
         cdef bint gemv = False
         cdef bint packed = False
+        cdef bint team_ok = False
         if floating is float:
             packed = self.packed != NULL and use_packed and lf_pgemm_available()
             gemv = lf_pgemm_available() and batch <= STEP_GEMV_MAX_ROWS
-            if (n_threads > 1 and self.may_split and gemv and not packed
-                    and self.hidden >= 16 * n_threads):
-                key = lf_split_key(batch, self.hidden, self.input_size, n_threads, self.n_layers % 8)
+            # a team splits the hidden units: in groups of 16 over lf_gemv_rows, or of whole
+            # packed panels (32 columns, so H a multiple of 32) over the frozen weights
+            team_ok = (self.hidden % 32 == 0 and self.hidden >= 32 * n_threads if packed
+                       else gemv and self.hidden >= 16 * n_threads)
+            if n_threads > 1 and self.may_split and team_ok and batch <= STEP_GEMV_MAX_ROWS:
+                key = lf_split_key(batch, self.hidden, self.input_size, n_threads,
+                                   self.n_layers % 4 + 4 * packed)
                 choice = lf_split_choose(key)
                 ticks = lf_ticks()
         with nogil:
-            if floating is float and packed:
+            if floating is float and choice & 1:
+                with parallel(num_threads=n_threads):
+                    _step_layers_team(self.n_layers, self.input_size, self.hidden, self.proj,
+                                      self.w_ih, self.w_hh, self.b_ih, self.b_hh, self.w_hr,
+                                      self.packed if packed else NULL, &x[0, 0], &h[0, 0, 0],
+                                      &c[0, 0, 0], batch, work, &bar)
+            elif floating is float and packed:
                 _step_layers_one(self.n_layers, self.input_size, self.hidden, self.proj, self.w_ih,
                                  self.w_hh, self.b_ih, self.b_hh, self.w_hr, self.packed,
                                  &x[0, 0], &h[0, 0, 0], &c[0, 0, 0], batch, work)
-            elif floating is float and choice & 1:
-                with parallel(num_threads=n_threads):
-                    _step_layers_gemv(self.n_layers, self.input_size, self.hidden, self.proj,
-                                      self.w_ih, self.w_hh, self.b_ih, self.b_hh, self.w_hr,
-                                      &x[0, 0], &h[0, 0, 0], &c[0, 0, 0], batch, work, &bar)
             elif floating is float and gemv:   # a team of one
-                _step_layers_gemv(self.n_layers, self.input_size, self.hidden, self.proj,
-                                  self.w_ih, self.w_hh, self.b_ih, self.b_hh, self.w_hr,
+                _step_layers_team(self.n_layers, self.input_size, self.hidden, self.proj,
+                                  self.w_ih, self.w_hh, self.b_ih, self.b_hh, self.w_hr, NULL,
                                   &x[0, 0], &h[0, 0, 0], &c[0, 0, 0], batch, work, &bar)
             else:
                 _step_layers_one(self.n_layers, self.input_size, self.hidden, self.proj, self.w_ih,
@@ -261,22 +267,24 @@ cdef inline void _gate_products(Py_ssize_t u0, Py_ssize_t u1, Py_ssize_t H, Py_s
         lf_gemv_rows(u1 - u0, H_out, w_hh + j0 * H_out, H_out, h_k, H_out, batch, gh + j0, 4 * H)
 
 
-cdef inline Py_ssize_t _team_share(Py_ssize_t n, int rank, int team) noexcept nogil:
-    # thread `rank`'s first row of n, in whole groups of 16 (the cell's vectors; 4 product rows)
-    cdef Py_ssize_t groups = (n + 15) // 16
+cdef inline Py_ssize_t _team_share(Py_ssize_t n, int rank, int team, Py_ssize_t unit) noexcept nogil:
+    # thread `rank`'s first row of n, in whole groups of `unit`: 16 (the cell's vectors; 4 product
+    # rows of lf_gemv_rows) or 32 (a packed panel's columns)
+    cdef Py_ssize_t groups = (n + unit - 1) // unit
     cdef Py_ssize_t per = (groups + team - 1) // team
-    cdef Py_ssize_t start = rank * per * 16
+    cdef Py_ssize_t start = rank * per * unit
     return start if start < n else n
 
 
-cdef void _step_layers_gemv(int n_layers, Py_ssize_t input_size, Py_ssize_t H, Py_ssize_t P,
+cdef void _step_layers_team(int n_layers, Py_ssize_t input_size, Py_ssize_t H, Py_ssize_t P,
                             void** w_ih_k, void** w_hh_k, void** b_ih_k, void** b_hh_k,
-                            void** w_hr_k, const float* x, float* h, float* c, Py_ssize_t batch,
-                            float* work, lf_barrier* bar) noexcept nogil:
-    # float32 on lf_gemv_rows, run by one thread of a team (or alone, a team of one): its share
-    # of the hidden units (all four gates' rows of them, then their cells) and of the
-    # projection's rows; barriers where a thread reads what the others wrote (h of the layer,
-    # whole). Each output is summed in the same order whatever the team.
+                            void** w_hr_k, const float** packed, const float* x, float* h,
+                            float* c, Py_ssize_t batch, float* work, lf_barrier* bar) noexcept nogil:
+    # float32 on lf_gemv_rows (packed NULL: a live model) or on the panels packed at freeze (H a
+    # multiple of 32: whole panels per gate), run by one thread of a team (or alone, a team of
+    # one): its share of the hidden units (all four gates' rows of them, then their cells) and
+    # of the projection's rows; barriers where a thread reads what the others wrote (h of the
+    # layer, whole). Each output is summed in the same order whatever the team.
     cdef int team = lf_team_size(), rank = lf_team_rank()
     cdef Py_ssize_t H_out = P if P > 0 else H, four_h = 4 * H
     cdef float* gx = work
@@ -284,11 +292,13 @@ cdef void _step_layers_gemv(int n_layers, Py_ssize_t input_size, Py_ssize_t H, P
     cdef float* bias = gh + batch * four_h
     cdef float* hraw = bias + four_h
     cdef const float* inp = x
-    cdef Py_ssize_t u0 = _team_share(H, rank, team), u1 = _team_share(H, rank + 1, team)
-    cdef Py_ssize_t p0 = _team_share(P, rank, team), p1 = _team_share(P, rank + 1, team)
+    cdef Py_ssize_t unit = 32 if packed != NULL else 16
+    cdef Py_ssize_t u0 = _team_share(H, rank, team, unit), u1 = _team_share(H, rank + 1, team, unit)
+    cdef Py_ssize_t p0 = _team_share(P, rank, team, unit), p1 = _team_share(P, rank + 1, team, unit)
     cdef Py_ssize_t k, r, g, in_size
     cdef float* h_k
     cdef float* c_k
+    cdef const float* pk_hh = NULL
     for k in range(n_layers):
         in_size = input_size if k == 0 else H_out
         h_k = h + k * batch * H_out
@@ -296,7 +306,14 @@ cdef void _step_layers_gemv(int n_layers, Py_ssize_t input_size, Py_ssize_t H, P
         for g in range(4):
             _bias_sum(<const float*> b_ih_k[k], <const float*> b_hh_k[k], g * H + u0, g * H + u1,
                       bias)
-        if u1 > u0:
+        if packed != NULL:
+            pk_hh = packed[k] + lf_pack_len(four_h, in_size)
+            if u1 > u0:
+                for g in range(4):
+                    lf_pgemm(batch, g * H + u0, u1 - u0, in_size, inp, in_size, packed[k], gx,
+                             four_h, 0)
+                    lf_pgemm(batch, g * H + u0, u1 - u0, H_out, h_k, H_out, pk_hh, gh, four_h, 0)
+        elif u1 > u0:
             _gate_products(u0, u1, H, in_size, H_out, <const float*> w_ih_k[k],
                            <const float*> w_hh_k[k], inp, h_k, batch, gx, gh)
         lf_barrier_wait(bar, team)       # every unit of h_k read before any is written
@@ -306,7 +323,10 @@ cdef void _step_layers_gemv(int n_layers, Py_ssize_t input_size, Py_ssize_t H, P
                                    (hraw + r * H) if P > 0 else (h_k + r * H_out), NULL, NULL)
         lf_barrier_wait(bar, team)       # the layer's h (or h_raw) whole
         if P > 0:
-            if p1 > p0:
+            if p1 > p0 and packed != NULL:
+                lf_pgemm(batch, p0, p1 - p0, H, hraw, H, pk_hh + lf_pack_len(four_h, H_out), h_k,
+                         P, 0)
+            elif p1 > p0:
                 lf_gemv_rows(p1 - p0, H, <const float*> w_hr_k[k] + p0 * H, H, hraw, H, batch,
                              h_k + p0, P)
             lf_barrier_wait(bar, team)

@@ -246,15 +246,27 @@ def test_float32_steps_of_many_rows_give_the_sequence_bits(batch):
 
 
 @pytest.mark.parametrize("batch", [1, 5, 32])
-def test_float32_step_split_over_threads_gives_the_one_thread_bits(batch):
+@pytest.mark.parametrize("frozen", [False, True])
+def test_float32_step_split_over_threads_gives_the_one_thread_bits(batch, frozen):
     # weights past 1 MB (STEP_SPLIT_MIN_BYTES): two threads may split the hidden units; a
     # shape's first 16 calls try one thread, then both (lf_split.h), so 20 calls include split
-    # ones. 202 units and 70 projected rows: shares of 16 with four-row tiles left over.
-    m = lf.LSTM(300, 202, num_layers=2, proj_size=70, seed=8)
+    # ones. Live: 202 units and 70 projected rows, shares of 16 with four-row tiles left over.
+    # Frozen (batches below 8 split whole packed panels): 224 units, shares of 32 columns, the
+    # projection's last panel partial; its steps also give the sequence's bits.
+    H = 224 if frozen else 202
+    m = lf.LSTM(300, H, num_layers=2, proj_size=70, seed=8)
+    if frozen:
+        m = m.freeze()
     rng = np.random.default_rng(9)
     x = rng.standard_normal((batch, 300)).astype(np.float32)
     state = (rng.standard_normal((2, batch, 70)).astype(np.float32),
-             rng.standard_normal((2, batch, 202)).astype(np.float32))
+             rng.standard_normal((2, batch, H)).astype(np.float32))
+    if frozen and m.kernel_path != "blas":
+        want, (want_h, want_c) = m(x[None], state)
+        y, (h, c) = m.step(x, state)
+        assert_array_equal(y, want[0])
+        assert_array_equal(h, want_h)
+        assert_array_equal(c, want_c)
     with lf.threads(1):
         y1, (h1, c1) = m.step(x, state)
     ref_out, (ref_h, ref_c) = reference.lstm(x[None].astype(np.float64), m.state_dict(), 2, False,
