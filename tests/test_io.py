@@ -197,12 +197,27 @@ def test_float32_step_rows_do_not_depend_on_their_batch(batch, frozen):
         assert_array_equal(c[:, r:r + 1], c_r)
 
 
+def _assert_steps_give(m, x, state, want, want_h, want_c):
+    # stepping m over x from `state` gives the sequence's outputs and final state bit for bit,
+    # on one thread and on two
+    start = state
+    for n_threads in (1, 2):
+        with lf.threads(n_threads):
+            state, outputs = start, []
+            for x_t in x:
+                y, state = m.step(x_t, state)
+                outputs.append(y.copy())
+        assert_array_equal(np.stack(outputs), want)
+        assert_array_equal(state[0], want_h)
+        assert_array_equal(state[1], want_c)
+
+
 @pytest.mark.parametrize("num_layers, proj_size, bias", [(1, 0, True), (3, 0, False), (2, 7, True)])
 @pytest.mark.parametrize("batch", [1, 3, 8, 40])
 def test_frozen_float32_steps_give_the_sequence_bits(num_layers, proj_size, bias, batch):
     # a frozen model's float32 step runs the products of the sequence kernel over the weights
-    # packed at freeze (StepPlan on one thread below 8 rows or on one thread, the sequence
-    # kernel itself with T = 1 on more): stepping gives the bits of m(x), on any thread count
+    # packed at freeze (the StepPlan below 8 rows or on one thread, the sequence kernel itself
+    # with T = 1 on more): stepping gives the bits of m(x), on any thread count
     # (H = 40: a partial panel; batch 40: the sequence kernel's two chunks of rows)
     m = lf.LSTM(21, 40, num_layers=num_layers, proj_size=proj_size, bias=bias, seed=6).freeze()
     if m.kernel_path == "blas":
@@ -212,15 +227,7 @@ def test_frozen_float32_steps_give_the_sequence_bits(num_layers, proj_size, bias
     hx = (rng.standard_normal((num_layers, batch, m.hidden_out)).astype(np.float32),
           rng.standard_normal((num_layers, batch, 40)).astype(np.float32))
     want, (want_h, want_c) = m(x, hx)
-    for n_threads in (1, 2):
-        with lf.threads(n_threads):
-            state, outputs = hx, []
-            for t in range(6):
-                y, state = m.step(x[t], state)
-                outputs.append(y.copy())
-        assert_array_equal(np.stack(outputs), want)
-        assert_array_equal(state[0], want_h)
-        assert_array_equal(state[1], want_c)
+    _assert_steps_give(m, x, hx, want, want_h, want_c)
     y1, _ = m.step(x[0, 0], (hx[0][:, 0], hx[1][:, 0]))     # unbatched: the row's bits
     assert_array_equal(y1, want[0, 0])
 
@@ -234,15 +241,7 @@ def test_float32_steps_of_many_rows_give_the_sequence_bits(batch):
         pytest.skip("the packed kernel needs AVX-512F or AVX2 + FMA")
     x = np.random.default_rng(9).standard_normal((4, batch, 21)).astype(np.float32)
     want, (want_h, want_c) = m(x)
-    for n_threads in (1, 2):
-        with lf.threads(n_threads):
-            state, outputs = m.zero_state(batch), []
-            for t in range(4):
-                y, state = m.step(x[t], state)
-                outputs.append(y.copy())
-        assert_array_equal(np.stack(outputs), want)
-        assert_array_equal(state[0], want_h)
-        assert_array_equal(state[1], want_c)
+    _assert_steps_give(m, x, m.zero_state(batch), want, want_h, want_c)
 
 
 @pytest.mark.parametrize("batch", [1, 5, 32])
