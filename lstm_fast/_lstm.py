@@ -493,16 +493,17 @@ class LSTM:
                     self.hidden_size, self.hidden_out)
             lowp_plan.run(x if batched else x[None, :], h3, c3, _threads.get_num_threads())
             return h[-1], (h, c)
-        packed = self._packed is not None and _forward.packed_gemm_active()
-        if ((packed and batch >= _STEP_THREADED_ROWS and _threads.get_num_threads() > 1)
-                or (batch > _step.GEMV_MAX_ROWS and self._packed is None
-                    and self.dtype == np.float32 and _forward.packed_gemm_active())):
+        kernel = self.dtype == np.float32 and _forward.packed_gemm_active()
+        packed = kernel and self._packed is not None
+        n_threads = _threads.get_num_threads()
+        if ((packed and batch >= _STEP_THREADED_ROWS and n_threads > 1)
+                or (kernel and not packed and batch > _step.GEMV_MAX_ROWS)):
             # the sequence kernel itself, T = 1: a frozen model's larger steps on its threads, and
             # a live model's of more rows than lf_gemv_rows takes, packing the weights as a call
             # does (faster than sgemm, which packs too). The bits of m(x).
             with BLAS_SINGLE:
                 done = _forward.forward_plain(x[None], self._w_ih, self._w_hh, self._b_ih,
-                                              self._b_hh, self._w_hr, _threads.get_num_threads(),
+                                              self._b_hh, self._w_hr, n_threads,
                                               self._recurrence_mode, self._packed, h3, c3)
             if done is not None:
                 return h[-1], (h, c)

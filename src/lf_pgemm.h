@@ -898,15 +898,19 @@ LF_GEMV_ROWS(avx512, "avx512f", LF_GEMV_XR, lf_gemv_pass_avx512_1, lf_gemv_pass_
 
 /* The entry points: the path lf_isa() names (AVX-512 or AVX2; the callers use none of them on
    the generic path). One well-predicted branch a call. */
+static void lf_pgemv_dir(size_t col0, size_t n_cols, size_t k, const float* a,
+                         const float* packed, float* c, int backwards) {
+    if (lf_isa() >= 2)
+        lf_pgemv_dir_avx512(col0, n_cols, k, a, packed, c, backwards);
+    else
+        lf_pgemv_dir_avx2(col0, n_cols, k, a, packed, c, backwards);
+}
 static void lf_pgemm(size_t m, size_t col0, size_t n_cols, size_t k, const float* a, size_t lda,
                      const float* packed, float* c, size_t ldc, int accumulate) {
     /* one row alone (a step's input projection at batch 1): the row kernel's 8 chains, not a
        tile's 2, which wait on the FMA latency; the same sums (one chain over k per output) */
     if (m == 1 && !accumulate) {
-        if (lf_isa() >= 2)
-            lf_pgemv_dir_avx512(col0, n_cols, k, a, packed, c, 0);
-        else
-            lf_pgemv_dir_avx2(col0, n_cols, k, a, packed, c, 0);
+        lf_pgemv_dir(col0, n_cols, k, a, packed, c, 0);
         return;
     }
     if (lf_isa() >= 2)
@@ -928,13 +932,6 @@ static void lf_pgemm_at2(size_t m, size_t k, const float* at, size_t ldat, size_
         lf_pgemm_at2_avx512(m, k, at, ldat, n1, b1, ldb1, c1, ldc1, n2, b2, ldb2, c2, ldc2, colsum);
     else
         lf_pgemm_at2_avx2(m, k, at, ldat, n1, b1, ldb1, c1, ldc1, n2, b2, ldb2, c2, ldc2, colsum);
-}
-static void lf_pgemv_dir(size_t col0, size_t n_cols, size_t k, const float* a,
-                         const float* packed, float* c, int backwards) {
-    if (lf_isa() >= 2)
-        lf_pgemv_dir_avx512(col0, n_cols, k, a, packed, c, backwards);
-    else
-        lf_pgemv_dir_avx2(col0, n_cols, k, a, packed, c, backwards);
 }
 static void lf_pgemv(size_t col0, size_t n_cols, size_t k, const float* a, const float* packed,
                      float* c) {

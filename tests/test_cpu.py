@@ -196,14 +196,17 @@ def test_every_path_matches_torch_and_is_the_same_for_one_and_two_threads(isa, s
 
 
 @pytest.mark.parametrize("batch", [1, 5, 32, 33])
-def test_every_path_steps_like_torch(isa, batch):
-    # up to 32 rows: lf_gemv_rows in AVX-512 or AVX2 tiles (gemv/sgemm on the generic path)
+@pytest.mark.parametrize("frozen", [False, True])
+def test_every_path_steps_like_torch(isa, batch, frozen):
+    # live: up to 32 rows lf_gemv_rows in AVX-512 or AVX2 tiles, then the sequence kernel
+    # (gemv/sgemm on the generic path); frozen: the packed panels in AVX-512 or AVX2
     m = lf.LSTM(37, 20, num_layers=2, proj_size=7, dtype=np.float32, seed=6)
     x = np.random.default_rng(7).standard_normal((6, batch, 37)).astype(np.float32)
     t_out, t_h, t_c = _torch_forward(m, x)
-    state, outputs = m.zero_state(batch), []
+    stepper = m.freeze() if frozen else m
+    state, outputs = stepper.zero_state(batch), []
     for t in range(6):
-        y, state = m.step(x[t], state)
+        y, state = stepper.step(x[t], state)
         outputs.append(y.copy())
     assert_allclose(np.stack(outputs), t_out, **tol(np.float32))
     assert_allclose(state[0], t_h, **tol(np.float32))

@@ -186,8 +186,9 @@ def test_many_python_threads_share_one_model():
 
 def test_concurrent_steps_equal_serial_ones():
     # Python threads stepping one model at once, each step on two threads where its weights
-    # (2 MB) may split (an OpenMP team per caller), or on sgemm past 32 rows; and the
-    # reduced-precision models' step plans, made by whichever caller steps first
+    # (2 MB) may split in packed panels (an OpenMP team per caller), or through the sequence
+    # kernel from 8 rows; the live cell past 32 rows; and the reduced-precision models' step
+    # plans, made by whichever caller steps first
     base = lf.LSTM(256, 256, seed=3)
     m = base.freeze()
     reduced = [base.freeze(precision=p) for p in ("bfloat16", "int8")]
