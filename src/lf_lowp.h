@@ -440,25 +440,77 @@ static inline void lf_emu_dpbusd(lf_tile* T, int c, int a, int b) {
     }
 }
 
-/* rows of A (row stride lda_bytes), blocks b0..b1 of W; up to 16 rows and 4 blocks per pass */
-#define LF_AMX_KERNEL(NAME, ATTR, DECL, CFG, REL, ZERO, LOAD, DP, STORE, EPI)                      \
-ATTR static void NAME(const lf_lp_mat* W, int rows, const void* A, size_t lda_bytes,            \
-                      const float* sx, int b0, int b1, float* out, size_t ldo) {                 \
-    DECL                                                                                         \
-    lf_amx_cfg cfg;                                                                              \
-    _Alignas(64) float ctile[4][16 * 16];                                                       \
+/* A thread's tiles over one phase of a layer (the projection, or the whole recurrence): the rows
+   they are configured for, so that the phase's products configure them when that changes, not
+   at every call, and the phase releases them once at its end (lf_amx_end); and the emulation's
+   tile registers, kept here as the hardware keeps its own, so that a configuration the kernel
+   should have loaded and did not gives wrong rows in the tests too. */
+typedef struct {
+    int cfg_m;                 /* 0: not configured in this phase */
+    lf_tile T[8];
+} lf_amx_state;
+
+/* C tile t (mm rows) of output block blk to out rows rr..: bfloat16 sums of a whole block stored
+   straight from the tile; int8 (dequantized) and the last, partial block through ctile */
+#define LF_AMX_OUT(STORE, EPI, t, rr, mm, blk) {                                                \
+    if (W->kind == LF_LP_BF16 && 16 * (blk) + 16 <= W->n) {                                      \
+        STORE(t, out + (size_t) (rr) * ldo + 16 * (size_t) (blk), ldo * sizeof(float));        \
+    } else {                                                                                     \
+        STORE(t, ctile, 64);                                                                     \
+        EPI(W, ctile, mm, rr, blk, sx, out, ldo);                                                \
+    } }
+
+/* rows of A (row stride lda_bytes), blocks b0..b1 of W. From 32 rows on, two row tiles share
+   each weight tile (C 2 x 2: tiles 0-3, A 4-5, B 6-7), so that the weights, the larger operand
+   and the one read from L2, are loaded once per 32 rows; fewer rows take 1 x 4 (C 0-3, A 4,
+   B 5-7), m rows each. Every output's sum runs over the k-tiles in order either way: the same
+   bits. Tiles 4 and 5 have m rows, 5-7 16: with m = 16 both ways share one configuration. */
+#define LF_AMX_KERNEL(NAME, ATTR, CFG, ZERO, LOAD, DP, STORE, EPI)                              \
+ATTR static void NAME(lf_amx_state* st, const lf_lp_mat* W, int rows, const void* A,            \
+                      size_t lda_bytes, const float* sx, int b0, int b1, float* out, size_t ldo) { \
+    lf_tile* T = st->T;                                                                          \
+    (void) T;                                                                                    \
+    _Alignas(64) float ctile[16 * 16];                                                          \
     const int elem = W->kind == LF_LP_BF16 ? 2 : 1;                                             \
     const size_t wblock = (size_t) W->bs * elem;    /* bytes of one output block */             \
     const int kt_n = W->kp * elem / 64;                                                         \
-    int cfg_m = -1;                                                                             \
-    for (int r = 0; r < rows; r += 16) {                                                        \
-        const int m = rows - r < 16 ? rows - r : 16;                                            \
-        if (m != cfg_m) {                                                                        \
+    for (int r = 0; r < rows;) {                                                                \
+        const int pair = rows - r >= 32;                                                        \
+        const int m = pair || rows - r >= 16 ? 16 : rows - r;                                   \
+        if (st->cfg_m != m) {                                                                    \
+            lf_amx_cfg cfg;                                                                      \
             lf_amx_make_cfg(&cfg, m);                                                            \
             CFG(&cfg);                                                                           \
-            cfg_m = m;                                                                           \
+            st->cfg_m = m;                                                                       \
         }                                                                                        \
         const uint8_t* a = (const uint8_t*) A + (size_t) r * lda_bytes;                         \
+        if (pair) {                                                                              \
+            const uint8_t* a1 = a + 16 * lda_bytes;                                              \
+            for (int b = b0; b < b1; b += 2) {                                                  \
+                const int two = b + 1 < b1;                                                      \
+                const uint8_t* w = (const uint8_t*) W->w + (size_t) b * wblock;                 \
+                ZERO(0); ZERO(1); ZERO(2); ZERO(3);                                              \
+                for (int kt = 0; kt < kt_n; kt++) {                                             \
+                    LOAD(4, a + 64 * kt, lda_bytes);                                             \
+                    LOAD(6, w + 1024 * kt, 64);                                                  \
+                    DP(0, 4, 6);                                                                 \
+                    LOAD(5, a1 + 64 * kt, lda_bytes);                                            \
+                    DP(2, 5, 6);                                                                 \
+                    if (two) {                                                                   \
+                        LOAD(7, w + wblock + 1024 * kt, 64);                                     \
+                        DP(1, 4, 7); DP(3, 5, 7);                                                \
+                    }                                                                            \
+                }                                                                                \
+                LF_AMX_OUT(STORE, EPI, 0, r, 16, b)                                              \
+                LF_AMX_OUT(STORE, EPI, 2, r + 16, 16, b)                                         \
+                if (two) {                                                                       \
+                    LF_AMX_OUT(STORE, EPI, 1, r, 16, b + 1)                                      \
+                    LF_AMX_OUT(STORE, EPI, 3, r + 16, 16, b + 1)                                 \
+                }                                                                                \
+            }                                                                                    \
+            r += 32;                                                                             \
+            continue;                                                                            \
+        }                                                                                        \
         for (int b = b0; b < b1; b += 4) {                                                      \
             const int nq = b1 - b < 4 ? b1 - b : 4;                                             \
             const uint8_t* w = (const uint8_t*) W->w + (size_t) b * wblock;                     \
@@ -471,13 +523,13 @@ ATTR static void NAME(const lf_lp_mat* W, int rows, const void* A, size_t lda_by
                 if (nq > 2) { LOAD(7, w + 2 * wblock + 1024 * kt, 64); DP(2, 4, 7); }           \
                 if (nq > 3) { LOAD(5, w + 3 * wblock + 1024 * kt, 64); DP(3, 4, 5); }           \
             }                                                                                    \
-            STORE(0, ctile[0], 64); STORE(1, ctile[1], 64);                                      \
-            STORE(2, ctile[2], 64); STORE(3, ctile[3], 64);                                      \
-            for (int q = 0; q < nq; q++)                                                        \
-                EPI(W, ctile[q], m, r, b + q, sx, out, ldo);                                     \
+            LF_AMX_OUT(STORE, EPI, 0, r, m, b)                                                   \
+            if (nq > 1) LF_AMX_OUT(STORE, EPI, 1, r, m, b + 1)                                   \
+            if (nq > 2) LF_AMX_OUT(STORE, EPI, 2, r, m, b + 2)                                   \
+            if (nq > 3) LF_AMX_OUT(STORE, EPI, 3, r, m, b + 3)                                   \
         }                                                                                        \
+        r += m;                                                                                  \
     }                                                                                            \
-    REL();                                                                                       \
 }
 
 /* C tile (m rows x 16) of output block `blk` -> out rows r.. (int8: dequantized) */
@@ -493,19 +545,17 @@ static inline void lf_amx_epi_scalar(const lf_lp_mat* W, const float* ct, int m,
     }
 }
 
-#define LF_EMU_DECL lf_tile T[8];
 #define LF_EMU_CFG(c) lf_emu_cfg(T, (c))
-#define LF_EMU_REL() ((void) 0)
 #define LF_EMU_ZERO(t) lf_emu_zero(T, t)
 #define LF_EMU_LOAD(t, p, s) lf_emu_load(T, t, p, s)
 #define LF_EMU_STORE(t, p, s) lf_emu_store(T, t, p, s)
 #define LF_EMU_DP_BF16(c, a, b) lf_emu_dpbf16(T, c, a, b)
 #define LF_EMU_DP_INT8(c, a, b) lf_emu_dpbusd(T, c, a, b)
 #define LF_EMU_ATTR
-LF_AMX_KERNEL(lf_amx_emu_bf16, LF_EMU_ATTR, LF_EMU_DECL, LF_EMU_CFG, LF_EMU_REL, LF_EMU_ZERO,
-              LF_EMU_LOAD, LF_EMU_DP_BF16, LF_EMU_STORE, lf_amx_epi_scalar)
-LF_AMX_KERNEL(lf_amx_emu_int8, LF_EMU_ATTR, LF_EMU_DECL, LF_EMU_CFG, LF_EMU_REL, LF_EMU_ZERO,
-              LF_EMU_LOAD, LF_EMU_DP_INT8, LF_EMU_STORE, lf_amx_epi_scalar)
+LF_AMX_KERNEL(lf_amx_emu_bf16, LF_EMU_ATTR, LF_EMU_CFG, LF_EMU_ZERO, LF_EMU_LOAD, LF_EMU_DP_BF16,
+              LF_EMU_STORE, lf_amx_epi_scalar)
+LF_AMX_KERNEL(lf_amx_emu_int8, LF_EMU_ATTR, LF_EMU_CFG, LF_EMU_ZERO, LF_EMU_LOAD, LF_EMU_DP_INT8,
+              LF_EMU_STORE, lf_amx_epi_scalar)
 
 /* ------------------------------------------------------------------ CPU features */
 /* 1: the CPU (and the OS, which saves the registers) offers every feature of `cond`, a test made
@@ -1187,18 +1237,19 @@ lf_lp_gemm_int8_avx2(const lf_lp_mat* W, int rows, const void* A, size_t lda, co
 }
 
 #define LF_HW_ATTR __attribute__((target("amx-tile,amx-bf16,amx-int8,avx512f,avx512bw")))
-#define LF_HW_DECL
 #define LF_HW_CFG(c) _tile_loadconfig((const void*) (c))
-#define LF_HW_REL() _tile_release()
 #define LF_HW_ZERO(t) _tile_zero(t)
 #define LF_HW_LOAD(t, p, s) _tile_loadd(t, (const void*) (p), (s))
 #define LF_HW_STORE(t, p, s) _tile_stored(t, (void*) (p), (s))
 #define LF_HW_DP_BF16(c, a, b) _tile_dpbf16ps(c, a, b)
 #define LF_HW_DP_INT8(c, a, b) _tile_dpbusd(c, a, b)
-LF_AMX_KERNEL(lf_amx_hw_bf16, LF_HW_ATTR, LF_HW_DECL, LF_HW_CFG, LF_HW_REL, LF_HW_ZERO,
-              LF_HW_LOAD, LF_HW_DP_BF16, LF_HW_STORE, lf_amx_epi_avx512)
-LF_AMX_KERNEL(lf_amx_hw_int8, LF_HW_ATTR, LF_HW_DECL, LF_HW_CFG, LF_HW_REL, LF_HW_ZERO,
-              LF_HW_LOAD, LF_HW_DP_INT8, LF_HW_STORE, lf_amx_epi_avx512)
+LF_AMX_KERNEL(lf_amx_hw_bf16, LF_HW_ATTR, LF_HW_CFG, LF_HW_ZERO, LF_HW_LOAD, LF_HW_DP_BF16,
+              LF_HW_STORE, lf_amx_epi_avx512)
+LF_AMX_KERNEL(lf_amx_hw_int8, LF_HW_ATTR, LF_HW_CFG, LF_HW_ZERO, LF_HW_LOAD, LF_HW_DP_INT8,
+              LF_HW_STORE, lf_amx_epi_avx512)
+/* the end of a phase: the tiles back to their init state (a core whose tile state is in use
+   cannot enter its deepest idle states) */
+LF_HW_ATTR static void lf_amx_hw_release(void) { _tile_release(); }
 #endif
 
 /* 1: `path` can run `kind` on this CPU (and OS) */
@@ -1222,9 +1273,21 @@ static int lf_lp_path_ok(int kind, int path) {
 #define LF_LP_AMX_MIN_ROWS 4
 LF_CACHED_CHECK(lf_lp_vnni_cached, lf_lp_cpu_vnni)
 
-/* out = dequant(A . W^T) for rows of A and blocks b0..b1 of W (the path was checked) */
-static void lf_lp_gemm(int path, const lf_lp_mat* W, int rows, const void* A, const float* sx,
-                       int b0, int b1, float* out, size_t ldo) {
+/* the end of a phase that ran AMX products with `st` */
+static void lf_amx_end(int path, lf_amx_state* st) {
+#if LF_PGEMM_X86
+    if (path == LF_PATH_AMX && st->cfg_m)
+        lf_amx_hw_release();
+#else
+    (void) path;
+#endif
+    st->cfg_m = 0;
+}
+
+/* out = dequant(A . W^T) for rows of A and blocks b0..b1 of W (the path was checked); `amx`: the
+   calling thread's tile state in this phase (AMX paths) */
+static void lf_lp_gemm_in(int path, lf_amx_state* amx, const lf_lp_mat* W, int rows, const void* A,
+                          const float* sx, int b0, int b1, float* out, size_t ldo) {
     const size_t lda = (size_t) W->kp;          /* elements (bf16 or bytes) per activation row */
     const size_t lda_bytes = lda * (W->kind == LF_LP_BF16 ? 2 : 1);
     if (rows <= 0 || b0 >= b1)
@@ -1260,20 +1323,29 @@ static void lf_lp_gemm(int path, const lf_lp_mat* W, int rows, const void* A, co
             return;
         }
         if (W->kind == LF_LP_BF16)
-            lf_amx_hw_bf16(W, rows, A, lda_bytes, sx, b0, b1, out, ldo);
+            lf_amx_hw_bf16(amx, W, rows, A, lda_bytes, sx, b0, b1, out, ldo);
         else
-            lf_amx_hw_int8(W, rows, A, lda_bytes, sx, b0, b1, out, ldo);
+            lf_amx_hw_int8(amx, W, rows, A, lda_bytes, sx, b0, b1, out, ldo);
         return;
     }
 #endif
     if (path == LF_PATH_AMX_EMU) {
         if (W->kind == LF_LP_BF16)
-            lf_amx_emu_bf16(W, rows, A, lda_bytes, sx, b0, b1, out, ldo);
+            lf_amx_emu_bf16(amx, W, rows, A, lda_bytes, sx, b0, b1, out, ldo);
         else
-            lf_amx_emu_int8(W, rows, A, lda_bytes, sx, b0, b1, out, ldo);
+            lf_amx_emu_int8(amx, W, rows, A, lda_bytes, sx, b0, b1, out, ldo);
         return;
     }
     lf_lp_gemm_generic(W, rows, A, lda, sx, b0, b1, out, ldo);
+}
+
+/* one product alone (tests): its own tile state, released after */
+static void lf_lp_gemm(int path, const lf_lp_mat* W, int rows, const void* A, const float* sx,
+                       int b0, int b1, float* out, size_t ldo) {
+    lf_amx_state amx;
+    amx.cfg_m = 0;
+    lf_lp_gemm_in(path, &amx, W, rows, A, sx, b0, b1, out, ldo);
+    lf_amx_end(path, &amx);
 }
 
 /* rows of A one at a time through the AMX path's one-row bfloat16 kernel (W->w_row's layout when
@@ -1337,6 +1409,8 @@ static void lf_lp_layer_proj(const lf_lp_layer* L, const lf_lp_ws* W) {
     const int kp_ih = L->ih[0]->kp, nb_g = L->ih[0]->nb;
     const int n_groups = (nb_g + LF_LP_ITEM_BLOCKS - 1) / LF_LP_ITEM_BLOCKS;
     const int n_rblk = (int) ((TB + LF_LP_ITEM_ROWS - 1) / LF_LP_ITEM_ROWS);
+    lf_amx_state amx;
+    amx.cfg_m = 0;
     #pragma omp for schedule(static)
     for (Py_ssize_t r = 0; r < (Py_ssize_t) TB; r++)
         lf_lp_quant_row_fast(L->path, kind, L->n_in, kp_ih, L->x + r * L->n_in,
@@ -1348,9 +1422,10 @@ static void lf_lp_layer_proj(const lf_lp_layer* L, const lf_lp_ws* W) {
         const int rows = (int) (TB - r0 < LF_LP_ITEM_ROWS ? TB - r0 : LF_LP_ITEM_ROWS);
         const int b0 = g * LF_LP_ITEM_BLOCKS;
         const int b1 = b0 + LF_LP_ITEM_BLOCKS < nb_g ? b0 + LF_LP_ITEM_BLOCKS : nb_g;
-        lf_lp_gemm(L->path, L->ih[d], rows, (const uint8_t*) W->xa + r0 * kp_ih * es, W->xs + r0,
-                   b0, b1, W->gx + ((size_t) d * TB + r0) * G, (size_t) G);
+        lf_lp_gemm_in(L->path, &amx, L->ih[d], rows, (const uint8_t*) W->xa + r0 * kp_ih * es,
+                      W->xs + r0, b0, b1, W->gx + ((size_t) d * TB + r0) * G, (size_t) G);
     }
+    lf_amx_end(L->path, &amx);
 }
 
 /* step s's running rows (a prefix of the order, longest first) */
@@ -1431,6 +1506,7 @@ static inline void lf_lp_proj_row(const lf_lp_layer* L, const lf_lp_ws* W, int s
    tiles) cost more than the up-front projection's 96-row blocks saved (int8 (100,8,128,128)
    1.023x, (100,8,256,128) 1.029x; from 16 rows 0.94x-1.00x, Xeon 6/207, pinned A/B) */
 #define LF_LP_ALONE_MIN_ROWS 16
+#define LF_LP_AMX_CHUNK_MIN_ROWS 32     /* AMX: two row tiles a thread (lf_lp_layer_forward) */
 static void lf_lp_rows_rec(const lf_lp_layer* L, const lf_lp_ws* W, int r0, int r1) {
     const int kind = L->kind, path = L->path, D = L->D, B = L->B, T = L->T, H = L->H;
     const int Hout = L->Hout, P = L->P, G = 4 * H;
@@ -1438,6 +1514,8 @@ static void lf_lp_rows_rec(const lf_lp_layer* L, const lf_lp_ws* W, int r0, int 
     const int kp_ih = L->ih[0]->kp, kp_hh = L->hh[0]->kp, kp_hr = P ? L->hr[0]->kp : 0;
     const int nb_g = L->hh[0]->nb, nb_p = P ? L->hr[0]->nb : 0;
     const int n_first = lf_lp_active(L, 0);
+    lf_amx_state amx;
+    amx.cfg_m = 0;
     for (int d = 0; d < D; d++)
         for (int i = r0; i < r1 && i < n_first; i++)
             lf_lp_quant_h(L, W, d, i);
@@ -1454,26 +1532,28 @@ static void lf_lp_rows_rec(const lf_lp_layer* L, const lf_lp_ws* W, int r0, int 
                                      L->x + ((size_t) lf_lp_time(L, s, d, b) * B + b) * L->n_in,
                                      (uint8_t*) W->xa + (size_t) i * kp_ih * es, W->xs + i);
             }
-            lf_lp_gemm(path, L->ih[d], e - r0, (const uint8_t*) W->xa + (size_t) r0 * kp_ih * es,
-                       W->xs + r0, 0, nb_g, W->gx + ((size_t) d * B + r0) * G, (size_t) G);
-            lf_lp_gemm(path, L->hh[d], e - r0,
-                       (const uint8_t*) W->ha + ((size_t) d * B + r0) * kp_hh * es,
-                       W->hs + d * B + r0, 0, nb_g, W->gh + ((size_t) d * B + r0) * G, (size_t) G);
+            lf_lp_gemm_in(path, &amx, L->ih[d], e - r0,
+                          (const uint8_t*) W->xa + (size_t) r0 * kp_ih * es, W->xs + r0, 0, nb_g,
+                          W->gx + ((size_t) d * B + r0) * G, (size_t) G);
+            lf_lp_gemm_in(path, &amx, L->hh[d], e - r0,
+                          (const uint8_t*) W->ha + ((size_t) d * B + r0) * kp_hh * es,
+                          W->hs + d * B + r0, 0, nb_g, W->gh + ((size_t) d * B + r0) * G, (size_t) G);
         }
         for (int d = 0; d < D; d++)
             for (int i = r0; i < e; i++)
                 lf_lp_cell_row(L, W, s, d, i);
         if (P) {
             for (int d = 0; d < D; d++)
-                lf_lp_gemm(path, L->hr[d], e - r0,
-                           (const uint8_t*) W->pa + ((size_t) d * B + r0) * kp_hr * es,
-                           W->ps + d * B + r0, 0, nb_p, W->hp + ((size_t) d * B + r0) * Hout,
-                           (size_t) Hout);
+                lf_lp_gemm_in(path, &amx, L->hr[d], e - r0,
+                              (const uint8_t*) W->pa + ((size_t) d * B + r0) * kp_hr * es,
+                              W->ps + d * B + r0, 0, nb_p, W->hp + ((size_t) d * B + r0) * Hout,
+                              (size_t) Hout);
             for (int d = 0; d < D; d++)
                 for (int i = r0; i < e; i++)
                     lf_lp_proj_row(L, W, s, d, i);
         }
     }
+    lf_amx_end(path, &amx);
 }
 
 /* 2b. the recurrence, both directions in the same loop: every thread goes through every step,
@@ -1500,6 +1580,8 @@ static void lf_lp_layer_rec(const lf_lp_layer* L, const lf_lp_ws* W) {
     const int item_lo = (int) ((long) D * n_groups * rank / team);
     const int item_hi = (int) ((long) D * n_groups * (rank + 1) / team);
     const int n_first = lf_lp_active(L, 0);
+    lf_amx_state amx;
+    amx.cfg_m = 0;
     #pragma omp for schedule(static) nowait
     for (int it = 0; it < D * n_first; it++)
         lf_lp_quant_h(L, W, it / n_first, it % n_first);
@@ -1516,8 +1598,9 @@ static void lf_lp_layer_rec(const lf_lp_layer* L, const lf_lp_ws* W) {
             const int d = it / n_groups, g = it % n_groups;
             const int b0 = g * LF_LP_ITEM_BLOCKS;
             const int b1 = b0 + LF_LP_ITEM_BLOCKS < nb_g ? b0 + LF_LP_ITEM_BLOCKS : nb_g;
-            lf_lp_gemm(path, L->hh[d], n_act, (const uint8_t*) W->ha + (size_t) d * B * kp_hh * es,
-                       W->hs + d * B, b0, b1, W->gh + (size_t) d * B * G, (size_t) G);
+            lf_lp_gemm_in(path, &amx, L->hh[d], n_act,
+                          (const uint8_t*) W->ha + (size_t) d * B * kp_hh * es, W->hs + d * B, b0, b1,
+                          W->gh + (size_t) d * B * G, (size_t) G);
         }
         lf_barrier_wait(bar, team);
         #pragma omp for schedule(static) nowait
@@ -1530,8 +1613,9 @@ static void lf_lp_layer_rec(const lf_lp_layer* L, const lf_lp_ws* W) {
                 const int d = it / n_pgroups, g = it % n_pgroups;
                 const int b0 = g * LF_LP_ITEM_BLOCKS;
                 const int b1 = b0 + LF_LP_ITEM_BLOCKS < nb_p ? b0 + LF_LP_ITEM_BLOCKS : nb_p;
-                lf_lp_gemm(path, L->hr[d], n_act, (const uint8_t*) W->pa + (size_t) d * B * kp_hr * es,
-                           W->ps + d * B, b0, b1, W->hp + (size_t) d * B * Hout, (size_t) Hout);
+                lf_lp_gemm_in(path, &amx, L->hr[d], n_act,
+                              (const uint8_t*) W->pa + (size_t) d * B * kp_hr * es, W->ps + d * B,
+                              b0, b1, W->hp + (size_t) d * B * Hout, (size_t) Hout);
             }
             lf_barrier_wait(bar, team);
             #pragma omp for schedule(static) nowait
@@ -1540,6 +1624,7 @@ static void lf_lp_layer_rec(const lf_lp_layer* L, const lf_lp_ws* W) {
             lf_barrier_wait(bar, team);
         }
     }
+    lf_amx_end(path, &amx);
 }
 
 enum { LF_LP_WS_XA = 0, LF_LP_WS_GX = 1 };   /* work-buffer slots of this module */
@@ -1569,13 +1654,19 @@ static int lf_lp_layer_forward(const lf_lp_layer* L) {
        own inputs step by step (2a). Not where the projection has work for more threads than
        the recurrence (long sequences of a small layer: int8 (1000,16,128,32) on two threads
        1.12x, bfloat16 (1000,16,256,32) 1.50x the time with the projection in the one thread's
-       steps). AMX keeps the column split: its tiles take 16 rows, and its speed could not be
-       measured here. */
+       steps). On AMX (and its emulation, which takes the same ways) from 32 rows a thread, a
+       pair of row tiles: this way's products then load each weight tile once per 32 rows, as
+       the up-front projection's do, and the step's gates stay in cache instead of going
+       through memory as (T, B, 4H) floats. Unmeasured on AMX (no such CPU since the rule was
+       written); the same trade as measured on the other paths, and as oneDNN's AMX LSTM makes
+       (the layer's product in each step). */
     const size_t step_bytes = (size_t) D * ((size_t) L->ih[0]->n * kp_ih + (size_t) L->hh[0]->n * kp_hh
                                             + (P ? (size_t) L->hr[0]->n * kp_hr : 0)) * es;
-    W.rows_fused = L->path != LF_PATH_AMX && step_bytes <= L->rows_max_bytes
-                   && threads_proj <= threads_rec
-                   && B >= (threads_rec > 1 ? threads_rec * LF_LP_CHUNK_MIN_ROWS : LF_LP_ALONE_MIN_ROWS);
+    const int amx = L->path == LF_PATH_AMX || L->path == LF_PATH_AMX_EMU;
+    const int chunk_min = amx ? LF_LP_AMX_CHUNK_MIN_ROWS : LF_LP_CHUNK_MIN_ROWS;
+    const int alone_min = amx ? LF_LP_AMX_CHUNK_MIN_ROWS : LF_LP_ALONE_MIN_ROWS;
+    W.rows_fused = step_bytes <= L->rows_max_bytes && threads_proj <= threads_rec
+                   && B >= (threads_rec > 1 ? threads_rec * chunk_min : alone_min);
     if (W.rows_fused) {        /* one step's rows */
         W.xa = lf_malloc64((size_t) B * kp_ih * es);
         W.xs = (float*) lf_malloc64((size_t) B * sizeof(float));

@@ -260,6 +260,59 @@ def test_amx_one_row_kernel_gives_the_tiles_bits(rng):
         _lowp.Packed("int8", w).matmul("amx_row", a)
 
 
+@pytest.mark.parametrize("precision", REDUCED)
+def test_amx_tile_pairs_give_each_rows_own_bits(precision, rng):
+    """The AMX kernel from 32 rows on pairs two row tiles on each weight tile (and stores
+    bfloat16 sums of whole blocks straight from the tiles), 16-31 rows take one row tile, the rest
+    a tile of fewer rows: every row's outputs are the bits that row gets through the kernel alone
+    (one-row tiles), with odd block counts (a pair's second block missing) and a partial last
+    block; int8 also against the exact numpy sums. Emulated tiles: on any CPU."""
+    for rows, k, n in ((32, 64, 32), (33, 100, 48), (47, 64, 40), (64, 130, 16), (80, 257, 70),
+                       (31, 64, 64), (17, 40, 24)):
+        w = (rng.standard_normal((n, k)) * 0.1).astype(np.float32)
+        a = (rng.standard_normal((rows, k)) * np.exp(rng.uniform(-3, 3, (rows, k)))).astype(np.float32)
+        packed = _lowp.Packed(precision, w)
+        got = packed.matmul("amx_emulated", a)
+        alone = np.concatenate([packed.matmul("amx_emulated", a[r:r + 1]) for r in range(rows)])
+        np.testing.assert_array_equal(got.view(np.uint32), alone.view(np.uint32),
+                                      err_msg=str((rows, k, n)))
+        if precision == "int8":
+            np.testing.assert_array_equal(got, emu_matmul(precision, a, w), err_msg=str((rows, k, n)))
+
+
+@pytest.mark.parametrize("precision", REDUCED)
+def test_amx_layer_rows_as_if_alone_on_one_and_two_threads(precision, forced, rows_bound, rng):
+    """The AMX path's layer (emulated tiles): 70 rows with lengths, so that a phase's products
+    change their tile rows from step to step (pairs, one tile, fewer rows) and the tiles are
+    configured again in the middle of a phase; split by rows (32 or more a thread) or by gate
+    columns (rows bound 0), on one thread and two: every sequence gets the bits it gets alone,
+    and int8 the generic path's bits."""
+    forced("amx_emulated")
+    _, m = torch_model(20, 30, bidirectional=True, proj_size=12)
+    f = m.freeze(precision=precision)
+    assert f.kernel_path == "amx_emulated"
+    x = rng.standard_normal((6, 70, 20)).astype(np.float32)
+    lengths = rng.integers(1, 7, size=70)
+    lengths[:40] = 6
+    lengths[40:55] = 4
+    alone = [flat(f(x[:n, b:b + 1])) for b, n in enumerate(lengths)]
+    for bound in (1 << 30, 0):
+        rows_bound(bound)
+        for threads in (1, 2):
+            with lf.threads(threads):
+                out, (h, c) = f(x, lengths=lengths)
+            for b, n in enumerate(lengths):
+                o1, h1, c1 = alone[b]
+                np.testing.assert_array_equal(out[:n, b:b + 1], o1, err_msg=str((bound, threads, b)))
+                np.testing.assert_array_equal(h[:, b:b + 1], h1)
+                np.testing.assert_array_equal(c[:, b:b + 1], c1)
+    if precision == "int8":
+        forced("generic")
+        want = flat(m.freeze(precision=precision)(x, lengths=lengths))
+        for a, b in zip(want, [out, h, c]):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_amx_bfloat16_models_pack_the_one_row_layout(forced):
     # only the AMX path's bfloat16 packs carry the one-row layout (as much memory again)
     _, m = torch_model(20, 24, num_layers=2, proj_size=8)
