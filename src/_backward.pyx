@@ -852,9 +852,9 @@ def backward_layer(const floating[:, :, ::1] x,            # IN  (T, B, I) the l
                     split_steps = _back_split(&K, scratch, n_threads, _split_budget_forced
                                               or lf_split_budget(choice_key, choice), ticks)
                     if split_steps < K.lengths[K.order[0]]:
-                        # stopped past its budget: split mode's pace so far is its measurement
-                        lf_split_record(choice_key, choice, lf_ticks() - ticks, split_steps)
-                        choice = choice & ~2     # (recorded: not again below)
+                        # stopped past its budget: measured as the whole call (the forward's
+                        # _run_split caller says why)
+                        choice = choice | 2
                     free(scratch)
         elif mode == 2:
             scratch = <floating*> malloc(wide_len * sizeof(floating))

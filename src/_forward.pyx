@@ -43,7 +43,8 @@ from _pgemm cimport (lf_malloc64, lf_ws_get, lf_ws_max, lf_ws_release, lf_ws_ali
 from _split cimport (lf_barrier, lf_barrier_init, lf_team_size, lf_team_unit_begin,
                      lf_team_unit_end, lf_barrier_wait, lf_ticks, lf_split_choose,
                      lf_split_record, lf_split_key, lf_split_ended, lf_split_budget,
-                     lf_load_long, lf_store_long, lf_team_rank, LF_SPLIT_ABORT_LAG)
+                     lf_load_long, lf_store_long, lf_team_rank, LF_SPLIT_ABORT_LAG,
+                     lf_team_arrive, lf_team_arrived, lf_team_open, lf_team_wait_open)
 from _gates cimport (CellSpec, cell_row_standard, cell_row_cached, cell_row_general, sigmoid,
                      tanh_, activate, lf_matvec_t_f32, lf_matvec_t_f64, lf_cell_units_simd)
 
@@ -216,6 +217,15 @@ def set_interleaved_projection(bint enabled):
 
 
 cdef long _split_budget_forced = 0
+cdef long _split_alone_forced = 0
+
+
+def set_split_alone(long steps):
+    """Make every split-mode call run its first `steps` steps on the calling thread alone, as
+    when the other threads are slow to wake (0: until they have all arrived; for tests; not
+    thread-safe)."""
+    global _split_alone_forced
+    _split_alone_forced = steps
 
 
 def set_split_budget(long ticks):
@@ -473,6 +483,41 @@ cdef inline Py_ssize_t _tiles_from_group(Py_ssize_t units, Py_ssize_t k,
     return 1 if n_groups >= 2 and per_step <= (n_groups - 1) * (k // 2) else 0
 
 
+cdef inline Py_ssize_t _next_block_time(const Layer* L, Py_ssize_t d, Py_ssize_t length,
+                                        Py_ssize_t block) noexcept nogil:
+    # the first time of the INTERLEAVE_ROWS rows whose inputs the steps of `block` project, or -1
+    # when it is the last block
+    if (block + 1) * INTERLEAVE_ROWS >= length:
+        return -1
+    if (block + 2) * INTERLEAVE_ROWS <= length:
+        return _block_time(L, d, length, block + 1, INTERLEAVE_ROWS)
+    # the next block is the short last one: the 8 steps that end with it (begin with it when
+    # reversed), the others this block's own, projected again to the same bits
+    return 0 if L.reverse[d] else length - INTERLEAVE_ROWS
+
+
+cdef void _project_next_block(const Layer* L, Py_ssize_t d, Py_ssize_t s,
+                              Py_ssize_t length) noexcept nogil:
+    # Split mode changing hands at step s in the middle of a block (the team joining the first
+    # thread, or the first thread going on alone past the budget): each way's steps project
+    # their own panels of the next block's inputs (_gates_interleaved: an eighth of the thread's
+    # panels a step, counted over its own units), so the steps before s in one way and from s in
+    # the other leave some panels out, which then kept the last call's values (a wrong result:
+    # (21,1,20,128), max error 0.04). Here the thread that goes on projects the whole next block
+    # first: the same sums as the tiles (lf_pgemm), so the same bits, a few us once a call.
+    cdef Py_ssize_t I = L.input_size, H = L.hidden, four_h = L.four_h, g
+    cdef Py_ssize_t t0
+    if not L.interleave or s % INTERLEAVE_ROWS == 0 or s >= length:
+        return
+    t0 = _next_block_time(L, d, length, s // INTERLEAVE_ROWS)
+    if t0 < 0:
+        return
+    for g in range(4):
+        lf_pgemm(INTERLEAVE_ROWS, g * H, H, I, (<const float*> L.x) + t0 * I, I,
+                 L.pk_ih + d * L.pk_ih_len, (<float*> L.gx) + d * L.seq_len * four_h + t0 * four_h,
+                 four_h, 0)
+
+
 cdef void _gates_interleaved(const Layer* L, Py_ssize_t d, Py_ssize_t s, Py_ssize_t length,
                              Py_ssize_t u0, Py_ssize_t u1, const float* h_prev,
                              float* gh) noexcept nogil:
@@ -496,13 +541,8 @@ cdef void _gates_interleaved(const Layer* L, Py_ssize_t d, Py_ssize_t s, Py_ssiz
         t0 = _block_time(L, d, length, block, n)
         for g in range(4):
             lf_pgemm(n, g * H + u0, u1 - u0, I, x + t0 * I, I, pk_ih, gx + t0 * four_h, four_h, 0)
-    if (block + 1) * INTERLEAVE_ROWS < length:
-        if (block + 2) * INTERLEAVE_ROWS <= length:
-            t0 = _block_time(L, d, length, block + 1, INTERLEAVE_ROWS)
-        else:
-            # the next block is the short last one: the 8 steps that end with it (begin with it
-            # when reversed), the others this block's own, projected again to the same bits
-            t0 = 0 if L.reverse[d] else length - INTERLEAVE_ROWS
+    t0 = _next_block_time(L, d, length, block)
+    if t0 >= 0:
         lf_pgemv_gates_tiles(H, u0, u1, L.hidden_out, h_prev, pk_hh, gh, s & 1, I, x + t0 * I, I,
                              pk_ih, part * n_panels // INTERLEAVE_ROWS,
                              (part + 1) * n_panels // INTERLEAVE_ROWS, gx + t0 * four_h, four_h,
@@ -752,6 +792,10 @@ cdef long _run_split(const Layer* L, float* state, int n_threads, long budget,
     runs the remaining steps on all units (the same products and cells). Returns the steps run
     split.
 
+    The first thread does not wait for the others to wake: it runs whole steps alone (packing
+    every panel first) until they have all arrived, then the team shares the units from the next
+    step on (lf_team_open in lf_split.h).
+
     `state` is h (2 buffers of B x H, alternating by step) | c (B x H) | gh (B x 4H)."""
     cdef Py_ssize_t H = L.hidden, B = L.batch
     cdef float* h_bufs = state
@@ -763,15 +807,36 @@ cdef long _run_split(const Layer* L, float* state, int n_threads, long budget,
     cdef Py_ssize_t u0, u1, s
     cdef long stop_at = max_len          # shared, written by the first thread only
     cdef long* stop_ptr = &stop_at       # through a pointer: the parallel block would privatise it
+    cdef long join_at = -1               # the step from which the team shares the units
+    cdef long* join_ptr = &join_at
+    cdef long arrived = 0                # threads past the first that have started
+    cdef long* arrived_ptr = &arrived
+    cdef long packed_all = 0             # the first thread packed every panel (it ran alone)
+    cdef long* packed_ptr = &packed_all
+    cdef long alone = _split_alone_forced
     _gather_state(L, 0, L.order, B, h_bufs, cs, False)
     lf_barrier_init(&barrier)
     with parallel(num_threads=n_threads):
         team = lf_team_size()
         u0 = lf_team_unit_begin(H)
         u1 = lf_team_unit_end(H)
-        if L.split_packs and u1 > u0:
-            _split_pack(L, u0, u1)
         s = 0
+        if lf_team_rank() == 0:
+            if alone > 0 or lf_team_arrived(arrived_ptr) < team - 1:
+                if L.split_packs:
+                    _split_pack(L, 0, H)
+                    lf_store_long(packed_ptr, 1)
+                while s < max_len and (s < alone or lf_team_arrived(arrived_ptr) < team - 1):
+                    _split_step(L, s, B, 0, H, h_bufs + (s % 2) * B * H,
+                                h_bufs + ((s + 1) % 2) * B * H, cs, gh)
+                    s = s + 1
+                _project_next_block(L, 0, s, max_len)
+            lf_team_open(join_ptr, s)
+        else:
+            lf_team_arrive(arrived_ptr)
+            s = lf_team_wait_open(join_ptr)
+        if L.split_packs and u1 > u0 and not lf_load_long(packed_ptr):
+            _split_pack(L, u0, u1)
         while s < lf_load_long(stop_ptr):
             if u1 > u0:
                 _split_step(L, s, B, u0, u1, h_bufs + (s % 2) * B * H, h_bufs + ((s + 1) % 2) * B * H,
@@ -781,6 +846,7 @@ cdef long _run_split(const Layer* L, float* state, int n_threads, long budget,
                 lf_store_long(stop_ptr, s + 1)
             lf_barrier_wait(&barrier, team)
             s = s + 1
+    _project_next_block(L, 0, stop_at, max_len)
     for s in range(stop_at, max_len):
         _split_step(L, s, B, 0, H, h_bufs + (s % 2) * B * H, h_bufs + ((s + 1) % 2) * B * H, cs, gh)
     _gather_state(L, 0, L.order, B, h_bufs + (max_len % 2) * B * H, cs, True)
@@ -1098,12 +1164,17 @@ cdef int _forward_run(const Layer* layer, const floating* x_ptr, int n_threads,
                 if scratch == NULL:
                     failed = 1
                 else:
+                    # the budget counts from the recurrence's start: the projection before it
+                    # may have started the team's threads (hundreds of us the first time)
                     split_steps = _run_split(&L, scratch, n_threads, _split_budget_forced
-                                             or lf_split_budget(choice_key, choice), ticks)
+                                             or lf_split_budget(choice_key, choice), lf_ticks())
                     if split_steps < L.lengths[L.order[0]]:
-                        # stopped past its budget: split mode's pace so far is its measurement
-                        lf_split_record(choice_key, choice, lf_ticks() - ticks, split_steps)
-                        choice = choice & ~2     # (recorded: not again below)
+                        # stopped past its budget: measured (below) whether or not its call was
+                        # to be, as the whole call over all its steps. Split mode's pace over its
+                        # few steps, the threads' start in them, once recorded a first call at
+                        # 1.2 M ticks a step, 150x the pace, and kept split mode out for
+                        # thousands of calls (AMD EPYC Zen 4 guest, (100,1,128,128), 2026-12-07)
+                        choice = choice | 2
                     free(scratch)
         elif mode == MODE_WIDE:
             scratch = <floating*> lf_malloc64(wide_len * sizeof(floating))

@@ -13,6 +13,10 @@ cdef extern from "lf_split.h" nogil:
     void lf_split_ended(long key)
     long lf_split_budget(long key, int choice)
     long lf_load_long(const long* p)
+    void lf_team_arrive(long* arrived)
+    long lf_team_arrived(const long* arrived)
+    void lf_team_open(long* join_at, long step)
+    long lf_team_wait_open(const long* join_at)
     void lf_store_long(long* p, long v)
     int lf_team_rank()
     enum: LF_SPLIT_ABORT_LAG

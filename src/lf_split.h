@@ -262,9 +262,12 @@ static inline void lf_split_ended(long key) {
 
 /* A split call's budget, in ticks for its first s steps: LF_SPLIT_ABORT times one thread's
    measured ticks per step in the call's regime, times s + LF_SPLIT_ABORT_LAG (the threads'
-   waking). Past it the call finishes on one thread (same bits) and records split mode's pace so
-   far: an exploring split call on a busy core cost 2.7 ms where one thread took 0.07, and each
-   change of the machine's state paid a run of 8 of them before the choice followed. */
+   waking). Past it the call finishes on one thread (same bits) and is measured whether or not it
+   was to be, its whole time over all its steps: an exploring split call on a busy core cost 2.7
+   ms where one thread took 0.07, and each change of the machine's state paid a run of 8 of them
+   before the choice followed. (Until 2026-12-07 it recorded split mode's pace over the steps run
+   split only: one call stopped after its first step, its threads' start in it, put split mode at
+   150 times its pace, out of the choice for thousands of calls.) */
 #define LF_SPLIT_ABORT 2
 #define LF_SPLIT_ABORT_LAG 16
 static inline long lf_split_budget(long key, int choice) {
@@ -272,6 +275,28 @@ static inline long lf_split_budget(long key, int choice) {
     if (c == NULL || !(choice & 1))
         return 0;
     return LF_SPLIT_ABORT * __atomic_load_n(&c->ticks_per_step[(choice >> 2) & 1][0], __ATOMIC_RELAXED);
+}
+
+/* The start of a split call. libgomp wakes a sleeping worker in tens of microseconds, and a
+   guest whose idle vCPU halted can take 150 us (AMD EPYC Zen 4 guest, 2026-12-07: (100,1,128,128)
+   on two threads, split calls 0.33 ms against 0.31 on one thread, while 1000 steps took 1.9 us
+   a step split against 3.2 alone). So the first thread does not wait for the others: it runs
+   the steps alone, every unit, until all of them have arrived (lf_team_arrive), then opens the
+   team at the next step (lf_team_open; release: its states so far are seen by the threads that
+   read the step, lf_team_wait_open, acquire). The same products and cells either way. */
+static inline void lf_team_arrive(long* arrived) { __atomic_add_fetch(arrived, 1, __ATOMIC_RELEASE); }
+static inline long lf_team_arrived(const long* arrived) { return __atomic_load_n(arrived, __ATOMIC_ACQUIRE); }
+static inline void lf_team_open(long* join_at, long step) { __atomic_store_n(join_at, step, __ATOMIC_RELEASE); }
+/* the step from which this thread shares the units: within one step of its arrival, unless the
+   first thread lost its core (then this one yields it after LF_SPIN_TICKS) */
+static inline long lf_team_wait_open(const long* join_at) {
+    long step, start = lf_ticks_now();
+    for (long polls = 0; (step = __atomic_load_n(join_at, __ATOMIC_ACQUIRE)) < 0; polls++) {
+        LF_PAUSE();
+        if ((polls & 63) == 63 && (start == 0 || lf_ticks_now() - start > LF_SPIN_TICKS))
+            sched_yield();
+    }
+    return step;
 }
 
 /* shared loads and stores of a team's flag (a step to stop at), ordered by its barrier */

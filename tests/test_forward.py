@@ -698,6 +698,11 @@ def test_split_choice_measures_calls_longer_than_the_idle_threshold():
     assert ways[56:] == [1] * (n - 56)      # the early run confirming the first choice
 
 
+def flat(res):
+    out, (h, c) = res
+    return [out, h, c]
+
+
 @pytest.mark.parametrize("shape", [(40, 1, 32, 64), (30, 1, 128, 128), (25, 3, 16, 96), (12, 5, 8, 256)])
 def test_split_mode_gives_the_chunked_bits(shape):
     # split mode shares each step's 32-unit panels between the threads and meets at a spin barrier;
@@ -714,6 +719,7 @@ def test_split_mode_gives_the_chunked_bits(shape):
     with lf.threads(1):
         m._recurrence_mode = 1
         ref_out, (ref_h, ref_c) = m(x, hx, lengths=lengths)
+        ref_full = m(x, hx)
         _, _, ref_cache = m.forward_train(x, hx, lengths=lengths)
         ref_grads = m.backward(ref_cache, np.ones_like(ref_out))
     with lf.threads(2):
@@ -723,6 +729,33 @@ def test_split_mode_gives_the_chunked_bits(shape):
             assert_array_equal(out, ref_out)
             assert_array_equal(h_n, ref_h)
             assert_array_equal(c_n, ref_c)
+        # the calling thread runs the first steps alone while the others wake (here forced: 1
+        # to 13 steps, or all), packing every panel itself; the team shares the units from the
+        # next step on, and (budget of one tick) hands them back to the calling thread a step
+        # later: the same bits, live and frozen (prepacked). A call on other inputs first leaves
+        # its projections in the kept buffers, so that a block's projection left unfinished
+        # where the way changes mid-block (batch 1: interleaved) shows.
+        frozen = m.freeze()
+        x_other = rng.standard_normal((T, B, I)).astype(np.float32)
+        for model in (m, frozen):
+            model._recurrence_mode = 3
+            for alone in (0, 1, 5, 8, 9, 13, T + 5):
+                for budget in (0, 1):
+                    model(x_other, hx)
+                    _forward.set_split_alone(alone)
+                    _forward.set_split_budget(budget)
+                    try:
+                        out, (h_n, c_n) = model(x, hx, lengths=lengths)
+                        model(x_other, hx)
+                        full = model(x, hx)
+                    finally:
+                        _forward.set_split_alone(0)
+                        _forward.set_split_budget(0)
+                    assert_array_equal(out, ref_out, err_msg=str((alone, budget)))
+                    assert_array_equal(h_n, ref_h)
+                    assert_array_equal(c_n, ref_c)
+                    for got, want in zip(flat(full), flat(ref_full)):
+                        assert_array_equal(got, want, err_msg=str((alone, budget)))
         # split mode past its budget (one tick a step: after its first step) hands the steps
         # left to the calling thread: the same bits
         m._recurrence_mode = 3
