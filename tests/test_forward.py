@@ -627,6 +627,24 @@ def test_split_choice_follows_the_measured_speed():
     assert ways[1:41] == [1] * 40     # (the call after the pause starts its regime's run)
 
 
+def test_split_choice_outlasts_one_slow_call_but_not_a_slowdown():
+    # each measured call counts at most twice the average so far: one split call 10x its pace (a
+    # guest's vCPU taken away for a moment) leaves split mode chosen, where counted whole it
+    # lifted the average past one thread's for the next ~1200 calls; a lasting slowdown still
+    # turns the choice within three calls
+    from lstm_fast import _forward
+    n = 1200
+    split = [100] * n
+    split[300] = 1000
+    for i in range(600, n):
+        split[i] = 1000
+    ways = _forward.split_choice_trace(646463, split, [150] * n)
+    assert ways[64:300] == [1] * 236
+    assert ways[300:600] == [1] * 300
+    assert ways[603:700] == [0] * 97
+    assert sum(ways[700:]) <= 8                # at most one exploring run of split mode
+
+
 def test_split_choice_corrects_a_first_choice_made_in_a_transient():
     # split mode measured slow in its first run only (the other vCPU busy for those calls):
     # the early run of the other way, calls 56-63, finds it faster and the shape takes it from
