@@ -638,7 +638,7 @@ def test_split_choice_outlasts_one_slow_call_but_not_a_slowdown():
     split[300] = 1000
     for i in range(600, n):
         split[i] = 1000
-    ways = _forward.split_choice_trace(646463, split, [150] * n)
+    ways = _forward.split_choice_trace(919193, split, [150] * n)
     assert ways[64:300] == [1] * 236
     assert ways[300:600] == [1] * 300
     assert ways[603:700] == [0] * 97
