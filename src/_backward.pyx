@@ -26,7 +26,8 @@ from _gates cimport lf_tanhf   # brings the vectorisable float32 tanh into this 
 from _split cimport (lf_barrier, lf_barrier_init, lf_team_size, lf_team_unit_begin,
                      lf_team_unit_end, lf_barrier_wait, lf_ticks, lf_split_choose,
                      lf_split_record, lf_split_key, lf_split_ended, lf_split_budget,
-                     lf_load_long, lf_store_long, lf_team_rank, LF_SPLIT_ABORT_LAG)
+                     lf_load_long, lf_store_long, lf_team_rank, LF_SPLIT_ABORT_LAG,
+                     lf_team_arrive, lf_team_arrived, lf_team_open, lf_team_wait_open)
 
 from lstm_fast._forward import batch_chunk, recurrence_mode, packed_gemm_active, split_mode_ok
 
@@ -138,6 +139,15 @@ cdef int _fold_enabled = 1
 
 
 cdef long _split_budget_forced = 0
+cdef long _split_alone_forced = 0
+
+
+def set_split_alone(long steps):
+    """Make every backward split-mode call run its first `steps` steps on the calling thread
+    alone, as when the other threads are slow to wake (0: until they have all arrived; for
+    tests; not thread-safe)."""
+    global _split_alone_forced
+    _split_alone_forced = steps
 
 
 def set_split_budget(long ticks):
@@ -378,6 +388,9 @@ cdef long _back_split(const Back* K, float* state, int n_threads, long budget,
     as the last one split before the barrier, every thread finishes the step's product and
     leaves, and the calling thread runs the steps left on all units. Returns the steps run split.
 
+    As in the forward, the first thread does not wait for the others to wake: it runs whole steps
+    alone until they have all arrived, then the team shares the units from the next step on.
+
     state: dh (B, H) | dc (B, H) | throwaway (B, H) | dz rows 2 x (B, 4H)."""
     cdef Py_ssize_t H = K.hidden, B = K.batch, four_h = K.four_h
     cdef float* dh = state
@@ -391,6 +404,11 @@ cdef long _back_split(const Back* K, float* state, int n_threads, long budget,
     cdef float* dzb
     cdef long last_split = 0             # shared: the last step (counting down) run split
     cdef long* last_ptr = &last_split    # through a pointer: the parallel block would privatise it
+    cdef long done_alone = -1            # steps the first thread ran alone (the team's start)
+    cdef long* done_ptr = &done_alone
+    cdef long arrived = 0                # threads past the first that have started
+    cdef long* arrived_ptr = &arrived
+    cdef long alone = _split_alone_forced
     _load_grad_state(K, 0, K.order, B, dh, dc)
     lf_barrier_init(&barrier)
     with parallel(num_threads=n_threads):
@@ -398,6 +416,14 @@ cdef long _back_split(const Back* K, float* state, int n_threads, long budget,
         u0 = lf_team_unit_begin(H)
         u1 = lf_team_unit_end(H)
         s = max_len - 1
+        if lf_team_rank() == 0:
+            while s >= 0 and (max_len - 1 - s < alone or lf_team_arrived(arrived_ptr) < team - 1):
+                _back_full_step(K, s, dh, dc, dz_bufs, throwaway)
+                s = s - 1
+            lf_team_open(done_ptr, max_len - 1 - s)
+        else:
+            lf_team_arrive(arrived_ptr)
+            s = max_len - 1 - lf_team_wait_open(done_ptr)
         while s >= lf_load_long(last_ptr):
             n_active = _active(K, s)
             dzb = dz_bufs + (s % 2) * B * four_h
@@ -414,15 +440,22 @@ cdef long _back_split(const Back* K, float* state, int n_threads, long budget,
                     lf_pgemm(n_active, u0, u1 - u0, four_h, dzb, four_h, K.pk_hh, dh, H, 0)
             s = s - 1
     for s in range(last_split - 1, -1, -1):
-        n_active = _active(K, s)
-        dzb = dz_bufs + (s % 2) * B * four_h
-        _split_rows(K, s, n_active, 0, H, dh, dc, dzb, throwaway)
-        if n_active == 1:
-            lf_pgemv(0, H, four_h, dzb, K.pk_hh, dh)
-        else:
-            lf_pgemm(n_active, 0, H, four_h, dzb, four_h, K.pk_hh, dh, H, 0)
+        _back_full_step(K, s, dh, dc, dz_bufs, throwaway)
     _store_grad_state(K, 0, K.order, B, dh, dc)
     return max_len - last_split
+
+
+cdef inline void _back_full_step(const Back* K, Py_ssize_t s, float* dh, float* dc, float* dz_bufs,
+                                 float* throwaway) noexcept nogil:
+    # split mode's step s on every unit, by one thread (before the team has started, or after
+    # the budget stopped it): the same cell rows and product, so the same bits
+    cdef Py_ssize_t n_active = _active(K, s)
+    cdef float* dzb = dz_bufs + (s % 2) * K.batch * K.four_h
+    _split_rows(K, s, n_active, 0, K.hidden, dh, dc, dzb, throwaway)
+    if n_active == 1:
+        lf_pgemv(0, K.hidden, K.four_h, dzb, K.pk_hh, dh)
+    else:
+        lf_pgemm(n_active, 0, K.hidden, K.four_h, dzb, K.four_h, K.pk_hh, dh, K.hidden, 0)
 
 
 cdef void _wide_rows(Py_ssize_t item, Py_ssize_t s, Py_ssize_t n_active, Py_ssize_t n_row_blocks,

@@ -794,7 +794,14 @@ def test_split_mode_gives_the_chunked_bits(shape):
             stopped = m.backward(cache, np.ones_like(ref_out))
         finally:
             _backward.set_split_budget(0)
-    for got in (grads, stopped):                   # backward's split mode: the same bits too
+        late = []                           # the team joining after 1, 4 or all steps
+        for alone in (1, 4, T + 5):
+            _backward.set_split_alone(alone)
+            try:
+                late.append(m.backward(cache, np.ones_like(ref_out)))
+            finally:
+                _backward.set_split_alone(0)
+    for got in [grads, stopped] + late:            # backward's split mode: the same bits too
         for name, value in ref_grads.params.items():
             assert_array_equal(got.params[name], value, err_msg=name)
         assert_array_equal(got.input, ref_grads.input)
