@@ -27,6 +27,12 @@ from ._core import BLAS_SINGLE, _empty, _full_lengths, _load_named, run_layer
 # splitting whole panels where measured faster, else one thread); from here on, on several
 # threads, the sequence kernel itself (docs/design.md). Either way the bits of m(x).
 _STEP_THREADED_ROWS = 8
+# ... except below this many rows where the StepPlan's team may split the panels (weights of
+# 1 MB and more, H a multiple of 32): each thread then reads its share of W for all rows, where
+# the sequence kernel's threads each read all of W for theirs (AMD EPYC Zen 4, two threads,
+# us a step, sequence kernel -> plan: (8,256) 86 -> 58, (16,256) 144 -> 102, (24,256) 212 ->
+# 151, (16,512) 365 -> 345; at 32 rows about even)
+_STEP_PANEL_ROWS = 32
 
 # parameter versions: every in-place change of a model's parameters through the API takes the next
 # number, so a training cache made before the change is recognised as stale by backward (one global
@@ -496,7 +502,17 @@ class LSTM:
         kernel = self.dtype == np.float32 and _forward.packed_gemm_active()
         packed = kernel and self._packed is not None
         n_threads = _threads.get_num_threads()
-        if ((packed and batch >= _STEP_THREADED_ROWS and n_threads > 1)
+        plan = self._step_plan
+        if plan is None:
+            plan = self._step_plan = _step.StepPlan(
+                [w[0] for w in self._w_ih], [w[0] for w in self._w_hh],
+                [b[0] for b in self._b_ih] if self.bias else [None] * self.num_layers,
+                [b[0] for b in self._b_hh] if self.bias else [None] * self.num_layers,
+                [w[0] for w in self._w_hr] if self.proj_size else [None] * self.num_layers,
+                self._packed)
+        panel_team = (batch < _STEP_PANEL_ROWS and plan.may_split and self.hidden_size % 32 == 0
+                      and self.hidden_size >= 32 * n_threads)
+        if ((packed and batch >= _STEP_THREADED_ROWS and n_threads > 1 and not panel_team)
                 or (kernel and not packed and batch > _step.GEMV_MAX_ROWS)):
             # the sequence kernel itself, T = 1: a frozen model's larger steps on its threads, and
             # a live model's of more rows than lf_gemv_rows takes, packing the weights as a call
@@ -507,14 +523,6 @@ class LSTM:
                                               self._recurrence_mode, self._packed, h3, c3)
             if done is not None:
                 return h[-1], (h, c)
-        plan = self._step_plan
-        if plan is None:
-            plan = self._step_plan = _step.StepPlan(
-                [w[0] for w in self._w_ih], [w[0] for w in self._w_hh],
-                [b[0] for b in self._b_ih] if self.bias else [None] * self.num_layers,
-                [b[0] for b in self._b_hh] if self.bias else [None] * self.num_layers,
-                [w[0] for w in self._w_hr] if self.proj_size else [None] * self.num_layers,
-                self._packed)
         _run_step_plan(plan, x if batched else x[None, :], h3, c3, packed)
         return h[-1], (h, c)   # y_t is the last layer's h: a view of the new state, as in torch
 

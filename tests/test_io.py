@@ -244,14 +244,15 @@ def test_float32_steps_of_many_rows_give_the_sequence_bits(batch):
     _assert_steps_give(m, x, m.zero_state(batch), want, want_h, want_c)
 
 
-@pytest.mark.parametrize("batch", [1, 5, 32])
+@pytest.mark.parametrize("batch", [1, 5, 12, 24, 32])
 @pytest.mark.parametrize("frozen", [False, True])
 def test_float32_step_split_over_threads_gives_the_one_thread_bits(batch, frozen):
     # weights past 1 MB (STEP_SPLIT_MIN_BYTES): two threads may split the hidden units; a
     # shape's first 16 calls try one thread, then both (lf_split.h), so 20 calls include split
     # ones. Live: 202 units and 70 projected rows, shares of 16 with four-row tiles left over.
-    # Frozen (batches below 8 split whole packed panels): 224 units, shares of 32 columns, the
-    # projection's last panel partial; its steps also give the sequence's bits.
+    # Frozen (batches below 32 split whole packed panels, 32 runs the sequence kernel): 224
+    # units, shares of 32 columns, the projection's last panel partial; its steps also give the
+    # sequence's bits.
     H = 224 if frozen else 202
     m = lf.LSTM(300, H, num_layers=2, proj_size=70, seed=8)
     if frozen:
