@@ -510,9 +510,8 @@ class LSTM:
                 [b[0] for b in self._b_hh] if self.bias else [None] * self.num_layers,
                 [w[0] for w in self._w_hr] if self.proj_size else [None] * self.num_layers,
                 self._packed)
-        panel_team = (batch < _STEP_PANEL_ROWS and plan.may_split and self.hidden_size % 32 == 0
-                      and self.hidden_size >= 32 * n_threads)
-        if ((packed and batch >= _STEP_THREADED_ROWS and n_threads > 1 and not panel_team)
+        if ((packed and batch >= _STEP_THREADED_ROWS and n_threads > 1
+                 and not (batch < _STEP_PANEL_ROWS and plan.panel_team_ok(n_threads)))
                 or (kernel and not packed and batch > _step.GEMV_MAX_ROWS)):
             # the sequence kernel itself, T = 1: a frozen model's larger steps on its threads, and
             # a live model's of more rows than lf_gemv_rows takes, packing the weights as a call

@@ -9,6 +9,7 @@ class StepPlan:
     may_split: bool
     @property
     def gemv_rows(self) -> int: ...
+    def panel_team_ok(self, n_threads: int) -> bool: ...
     def __init__(
         self,
         w_ih: list[npt.NDArray[np.floating[Any]]],

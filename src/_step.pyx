@@ -111,6 +111,13 @@ cdef class StepPlan:
         free(self.w_ih)
         free(self.packed)
 
+    cpdef bint panel_team_ok(self, int n_threads):
+        """Whether a team of n_threads may split this plan's steps in whole packed panels: a
+        frozen model's float32 weights of STEP_SPLIT_MIN_BYTES or more, H a multiple of 32 with a
+        panel for every thread (the packed kernel on is the caller's to check)."""
+        return (self.packed != NULL and self.may_split and self.hidden % 32 == 0
+                and self.hidden >= 32 * n_threads)
+
     @property
     def gemv_rows(self):
         """Steps of up to this many rows call no BLAS (lf_gemv_rows); 0 on the paths that do."""
@@ -154,9 +161,9 @@ cdef class StepPlan:
             gemv = lf_pgemm_available() and batch <= STEP_GEMV_MAX_ROWS
             # a team splits the hidden units: in groups of 16 over lf_gemv_rows, or of whole
             # packed panels (32 columns, so H a multiple of 32) over the frozen weights
-            team_ok = (self.hidden % 32 == 0 and self.hidden >= 32 * n_threads if packed
-                       else gemv and self.hidden >= 16 * n_threads)
-            if n_threads > 1 and self.may_split and team_ok and batch <= STEP_GEMV_MAX_ROWS:
+            team_ok = (self.panel_team_ok(n_threads) if packed
+                       else self.may_split and gemv and self.hidden >= 16 * n_threads)
+            if n_threads > 1 and team_ok and batch <= STEP_GEMV_MAX_ROWS:
                 key = lf_split_key(batch, self.hidden, self.input_size, n_threads,
                                    self.n_layers % 4 + 4 * packed)
                 choice = lf_split_choose(key)

@@ -464,7 +464,8 @@ typedef struct {
    each weight tile (C 2 x 2: tiles 0-3, A 4-5, B 6-7), so that the weights, the larger operand
    and the one read from L2, are loaded once per 32 rows; fewer rows take 1 x 4 (C 0-3, A 4,
    B 5-7), m rows each. Every output's sum runs over the k-tiles in order either way: the same
-   bits. Tiles 4 and 5 have m rows, 5-7 16: with m = 16 both ways share one configuration. */
+   bits. C tiles and tile 4 have m rows, tiles 5-7 16 (pairs always have m = 16): one
+   configuration serves both arrangements, and it changes only with m. */
 #define LF_AMX_KERNEL(NAME, ATTR, CFG, ZERO, LOAD, DP, STORE, EPI)                              \
 ATTR static void NAME(lf_amx_state* st, const lf_lp_mat* W, int rows, const void* A,            \
                       size_t lda_bytes, const float* sx, int b0, int b1, float* out, size_t ldo) { \

@@ -280,6 +280,15 @@ def test_float32_step_split_over_threads_gives_the_one_thread_bits(batch, frozen
             assert_array_equal(y2, y1)
             assert_array_equal(h2, h1)
             assert_array_equal(c2, c1)
+    torch = pytest.importorskip("torch")       # and torch's own LSTM on the same weights
+    t = torch.nn.LSTM(300, H, num_layers=2, proj_size=70)
+    t.load_state_dict({k: torch.from_numpy(v) for k, v in m.state_dict().items()})
+    with torch.no_grad():
+        t_out, (t_h, t_c) = t(torch.from_numpy(x[None]),
+                              tuple(torch.from_numpy(s) for s in state))
+    assert_allclose(y2, t_out[0].numpy(), **tol(np.float32))
+    assert_allclose(h2, t_h.numpy(), **tol(np.float32))
+    assert_allclose(c2, t_c.numpy(), **tol(np.float32))
 
 
 def test_step_unbatched_and_errors():
