@@ -12,7 +12,7 @@ import numpy as np
 from lstm_fast._aligned import zeros as aligned_zeros
 cimport numpy as cnp
 
-from _gates cimport cell_row_standard
+from _gates cimport cell_row_standard, lf_cell_units_simd, lf_pgemm_available
 from _pgemm cimport lf_set_kernel, lf_isa
 from _shapes cimport step_shapes_match
 
@@ -36,6 +36,9 @@ cdef extern from "lf_lowp.h" nogil:
         const void* w_row
     ctypedef void (*lf_cell_fn)(Py_ssize_t hidden, const float* gh, const float* gx,
                                 const float* bias, float* c, float* h_raw) noexcept nogil
+    ctypedef void (*lf_cell_units_fn)(Py_ssize_t hidden, Py_ssize_t u0, Py_ssize_t u1,
+                                      const float* gh, const float* gx, const float* bias,
+                                      float* c, float* h_raw) noexcept nogil
     ctypedef struct lf_lp_layer:
         int kind, path
         int T, B, n_in, H, P, Hout, D
@@ -49,9 +52,10 @@ cdef extern from "lf_lowp.h" nogil:
         float* h
         float* c
         float* y
-        int threads_proj, threads_rec
+        int threads_proj, threads_rec, threads_split
         size_t rows_max_bytes
         lf_cell_fn cell
+        lf_cell_units_fn cell_units
     int lf_lp_kp(int kind, int k)
     int lf_lp_bs(int kind, int kp)
     void lf_lp_pack(int kind, int n, int k, const float* w, size_t ldw, void* packed, float* scale,
@@ -71,6 +75,9 @@ cdef extern from "lf_lowp.h" nogil:
     int lf_lp_cpu_avx2()
     int lf_lp_amx_granted()
     int lf_lp_layer_forward(const lf_lp_layer* L)
+    long lf_lp_split_alone_forced
+    int lf_lp_split_way_forced
+    long lf_lp_split_runs
 
 KINDS = {"bfloat16": LF_LP_BF16, "int8": LF_LP_INT8}
 PATHS = {"generic": LF_PATH_GENERIC, "avx512": LF_PATH_AVX512, "amx": LF_PATH_AMX,
@@ -258,6 +265,31 @@ cdef void _cell(Py_ssize_t hidden, const float* gh, const float* gx, const float
     cell_row_standard(hidden, gh, gx, bias, c, h_raw)
 
 
+cdef void _cell_units(Py_ssize_t hidden, Py_ssize_t u0, Py_ssize_t u1, const float* gh,
+                      const float* gx, const float* bias, float* c, float* h_raw) noexcept nogil:
+    # units u0..u1 of _cell's update (the same lanes: the same bits)
+    lf_cell_units_simd(hidden, u0, u1, gh, gx, bias, c, h_raw, NULL, NULL)
+
+
+def set_split_alone(long steps):
+    """Tests: in split by units, the calling thread runs the first `steps` steps alone before
+    the team shares the units (0: until the others have arrived, the default)."""
+    global lf_lp_split_alone_forced
+    lf_lp_split_alone_forced = steps
+
+
+def set_split_way(str way):
+    """Tests and tools: where the shapes allow split by units, "split" always takes it, "one"
+    never, "measured" (the default) takes the faster as measured (lf_split_choose)."""
+    global lf_lp_split_way_forced
+    lf_lp_split_way_forced = {"measured": 0, "split": 1, "one": 2}[way]
+
+
+def split_runs():
+    """Tests: how many layer calls ran split by units so far."""
+    return lf_lp_split_runs
+
+
 cdef inline int _threads_for(int n_threads, long items, double flops, double min_flops) noexcept nogil:
     cdef double by_work = flops / min_flops
     cdef long n = n_threads
@@ -286,6 +318,10 @@ cdef void _set_weights(lf_lp_layer* L, int kind, int path, list ih, list hh, lis
         else:
             L.hr[d] = NULL
     L.cell = _cell
+    # split by units takes the SIMD cell's unit ranges; the scalar cell (no AVX2) never splits
+    L.cell_units = NULL
+    if lf_pgemm_available():
+        L.cell_units = _cell_units
     L.rows_max_bytes = ROWS_MAX_BYTES
 
 
@@ -296,6 +332,8 @@ cdef inline void _set_threads(lf_lp_layer* L, int n_threads) noexcept nogil:
                                   MIN_PROJ_FLOPS_PER_THREAD)
     L.threads_rec = _threads_for(n_threads, L.D * ((4 * L.H + 127) // 128),
                                  2.0 * L.D * L.B * (G * L.Hout + L.P * L.H), MIN_STEP_FLOPS_PER_THREAD)
+    # split by units (lf_lp_split_ok has the shapes): every thread, each its share of the panels
+    L.threads_split = min(n_threads, L.H // 32)
 
 
 def layer_forward(str precision, str path, const float[:, :, ::1] x, list ih, list hh, list hr,

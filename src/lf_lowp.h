@@ -1368,6 +1368,9 @@ static int lf_lp_rows_amx_order(const lf_lp_mat* W, int rows, const void* A, flo
 /* ------------------------------------------------------------------ one LSTM layer */
 typedef void (*lf_cell_fn)(Py_ssize_t hidden, const float* gh, const float* gx, const float* bias,
                            float* c, float* h_raw);
+/* the same cell for units u0..u1 only (multiples of 32: the same lanes, so the same bits) */
+typedef void (*lf_cell_units_fn)(Py_ssize_t hidden, Py_ssize_t u0, Py_ssize_t u1, const float* gh,
+                                 const float* gx, const float* bias, float* c, float* h_raw);
 
 typedef struct {
     int kind, path;
@@ -1383,8 +1386,10 @@ typedef struct {
     float* c;                      /* (D, B, H), in place */
     float* y;                      /* (T, B, D*Hout); positions past a length are left alone */
     int threads_proj, threads_rec;
+    int threads_split;             /* threads for split by units (3), where the shapes allow */
     size_t rows_max_bytes;         /* weights up to which the layer may run split by rows (2a) */
     lf_cell_fn cell;
+    lf_cell_units_fn cell_units;   /* NULL: no split by units */
 } lf_lp_layer;
 
 /* output blocks of 16 per work item of a product: a function of the shapes only, so that the
@@ -1628,6 +1633,157 @@ static void lf_lp_layer_rec(const lf_lp_layer* L, const lf_lp_ws* W) {
     lf_amx_end(path, &amx);
 }
 
+/* 3. Split by hidden units, for a few rows (batch < LF_LP_SPLIT_MAX_ROWS), one direction, no
+   projection: each thread computes its 32-unit panels' four gate columns of every step (its
+   share of W_hh, and of W_ih for the inputs), their cells, and its units of h; the threads then
+   meet once a step at a spin barrier (lf_split.h) before each reads the whole h for the next
+   step. At batch 1 a step is bound by reading the weights from L2 (and by the input
+   projection's products): each core reads its half from its own L2. Each thread quantizes the
+   whole h row itself (a row's int8 scale is its largest magnitude over every unit), the same
+   bits in every thread. The inputs are projected in blocks of LF_LP_SPLIT_BLOCK steps, each
+   thread its own columns, at the block's first step.
+   The first thread does not wait for the others to wake (150 us for a halted vCPU of a guest):
+   it runs whole steps alone, every unit, until they have arrived, then opens the team at the
+   next step (lf_team_open), as float32's split mode does. The same products and cells either
+   way, and the same as 1 + 2b: the same bits on every thread count. */
+#define LF_LP_SPLIT_MAX_ROWS 8
+#define LF_LP_SPLIT_BLOCK 16
+/* fewer steps: the call ends before a woken thread would have joined, and the parallel region's
+   end still waits for it */
+#define LF_LP_SPLIT_MIN_STEPS 32
+static long lf_lp_split_alone_forced = 0;   /* tests: the first thread runs this many steps alone */
+static int lf_lp_split_way_forced = 0;      /* tests and tools: 1 split, 2 one thread, 0 measured */
+static long lf_lp_split_runs = 0;           /* calls run split by units (tests: it did run) */
+
+static inline int lf_lp_split_ok(const lf_lp_layer* L) {
+    return L->threads_split > 1 && L->cell_units != NULL && L->D == 1 && L->P == 0
+           && L->B < LF_LP_SPLIT_MAX_ROWS && L->H % 32 == 0 && L->H >= 64
+           && L->T >= LF_LP_SPLIT_MIN_STEPS;
+}
+
+typedef struct {          /* one thread's buffers */
+    void* xa; float* xs;  /* a block's quantized inputs */
+    void* ha; float* hs;  /* this step's quantized h */
+    float* gh;            /* this step's h products, the thread's columns */
+} lf_lp_split_own;
+
+/* the columns of units u0..u1 of the four gates (all of them in one call when it has all) */
+static inline void lf_lp_split_gemm(int path, lf_amx_state* amx, const lf_lp_mat* M, int rows,
+                                    const void* A, const float* sx, int H, int u0, int u1,
+                                    float* out, size_t ldo) {
+    if (u0 == 0 && u1 == H) {
+        lf_lp_gemm_in(path, amx, M, rows, A, sx, 0, M->nb, out, ldo);
+        return;
+    }
+    for (int g = 0; g < 4; g++)
+        lf_lp_gemm_in(path, amx, M, rows, A, sx, (g * H + u0) / 16, (g * H + u1) / 16, out, ldo);
+}
+
+/* step s, units u0..u1: h_cur -> h_next (rows by position in the order), c, y and L->h in place */
+static void lf_lp_split_step(const lf_lp_layer* L, const lf_lp_split_own* O, float* gx,
+                             const float* h_cur, float* h_next, int s, int u0, int u1,
+                             lf_amx_state* amx) {
+    const int kind = L->kind, path = L->path, B = L->B, T = L->T, H = L->H, G = 4 * H;
+    const size_t es = lf_lp_elem(kind);
+    const int kp_ih = L->ih[0]->kp, kp_hh = L->hh[0]->kp;
+    const int n_act = lf_lp_active(L, s);
+    if (s % LF_LP_SPLIT_BLOCK == 0) {
+        /* every row of the block's steps, as the up-front projection (1) does */
+        const int n = T - s < LF_LP_SPLIT_BLOCK ? T - s : LF_LP_SPLIT_BLOCK;
+        for (int k = 0; k < n; k++)
+            for (int i = 0; i < B; i++)
+                lf_lp_quant_row_fast(path, kind, L->n_in, kp_ih,
+                                     L->x + ((size_t) (s + k) * B + L->order[i]) * L->n_in,
+                                     (uint8_t*) O->xa + ((size_t) k * B + i) * kp_ih * es,
+                                     O->xs + k * B + i);
+        lf_lp_split_gemm(path, amx, L->ih[0], n * B, O->xa, O->xs, H, u0, u1, gx, (size_t) G);
+    }
+    for (int i = 0; i < n_act; i++)
+        lf_lp_quant_row_fast(path, kind, H, kp_hh, h_cur + (size_t) i * H,
+                             (uint8_t*) O->ha + (size_t) i * kp_hh * es, O->hs + i);
+    lf_lp_split_gemm(path, amx, L->hh[0], n_act, O->ha, O->hs, H, u0, u1, O->gh, (size_t) G);
+    for (int i = 0; i < n_act; i++) {
+        const Py_ssize_t b = L->order[i];
+        float* hn = h_next + (size_t) i * H;
+        L->cell_units(H, u0, u1, O->gh + (size_t) i * G,
+                      gx + ((size_t) (s % LF_LP_SPLIT_BLOCK) * B + i) * G, L->bias,
+                      L->c + (size_t) b * H, hn);
+        memcpy(L->y + ((size_t) s * B + b) * H + u0, hn + u0, (size_t) (u1 - u0) * sizeof(float));
+        memcpy(L->h + (size_t) b * H + u0, hn + u0, (size_t) (u1 - u0) * sizeof(float));
+    }
+}
+
+/* thread `rank` of `team`'s first unit: whole 32-unit panels, as even as their count allows */
+static inline int lf_lp_split_unit(int H, int rank, int team) {
+    return (int) ((long) (H / 32) * rank / team) * 32;
+}
+
+/* Returns 0, or -1 when memory ran out (nothing is written then). */
+static int lf_lp_split_forward(const lf_lp_layer* L, int n_threads) {
+    const int B = L->B, H = L->H, G = 4 * H, T = L->T;
+    const size_t es = lf_lp_elem(L->kind);
+    const int kp_ih = L->ih[0]->kp, kp_hh = L->hh[0]->kp;
+    const size_t rows_blk = (size_t) LF_LP_SPLIT_BLOCK * B;
+    /* each thread's buffers in one allocation, each part on its own cache lines */
+#define LF_LP_UP64(n) (((size_t) (n) + 63) / 64 * 64)
+    const size_t sz_xa = LF_LP_UP64(rows_blk * kp_ih * es), sz_xs = LF_LP_UP64(rows_blk * 4);
+    const size_t sz_ha = LF_LP_UP64((size_t) B * kp_hh * es), sz_hs = LF_LP_UP64((size_t) B * 4);
+    const size_t sz_gh = LF_LP_UP64((size_t) B * G * 4);
+    const size_t per_thread = sz_xa + sz_xs + sz_ha + sz_hs + sz_gh;
+#undef LF_LP_UP64
+    uint8_t* own_mem = (uint8_t*) lf_malloc64(per_thread * (size_t) n_threads);
+    float* h_bufs = (float*) lf_malloc64(2 * (size_t) B * H * sizeof(float));
+    float* gx = (float*) lf_malloc64(rows_blk * G * sizeof(float));
+    lf_lp_split_own* own = (lf_lp_split_own*) malloc((size_t) n_threads * sizeof(lf_lp_split_own));
+    if (!own_mem || !h_bufs || !gx || !own) {
+        free(own_mem); free(h_bufs); free(gx); free(own);
+        return -1;
+    }
+    for (int r = 0; r < n_threads; r++) {
+        uint8_t* p = own_mem + (size_t) r * per_thread;
+        own[r].xa = p;
+        own[r].xs = (float*) (p + sz_xa);
+        own[r].ha = p + sz_xa + sz_xs;
+        own[r].hs = (float*) (p + sz_xa + sz_xs + sz_ha);
+        own[r].gh = (float*) (p + sz_xa + sz_xs + sz_ha + sz_hs);
+    }
+    for (int i = 0; i < B; i++)
+        memcpy(h_bufs + (size_t) i * H, L->h + (size_t) L->order[i] * H, (size_t) H * sizeof(float));
+    lf_barrier barrier;
+    lf_barrier_init(&barrier);
+    long join_at = -1, arrived = 0;
+    const long alone = lf_lp_split_alone_forced;
+    #pragma omp parallel num_threads(n_threads)
+    {
+        const int team = lf_team_size(), rank = lf_team_rank();
+        const lf_lp_split_own* O = &own[rank];
+        lf_amx_state amx;
+        amx.cfg_m = 0;
+        int s = 0;
+        if (rank == 0) {
+            while (s < T && team > 1 && (s < alone || lf_team_arrived(&arrived) < team - 1)) {
+                lf_lp_split_step(L, O, gx, h_bufs + (size_t) (s % 2) * B * H,
+                                 h_bufs + (size_t) ((s + 1) % 2) * B * H, s, 0, H, &amx);
+                s++;
+            }
+            lf_team_open(&join_at, s);
+        } else {
+            lf_team_arrive(&arrived);
+            s = (int) lf_team_wait_open(&join_at);
+        }
+        const int u0 = lf_lp_split_unit(H, rank, team), u1 = lf_lp_split_unit(H, rank + 1, team);
+        for (; s < T; s++) {
+            if (u1 > u0)
+                lf_lp_split_step(L, O, gx, h_bufs + (size_t) (s % 2) * B * H,
+                                 h_bufs + (size_t) ((s + 1) % 2) * B * H, s, u0, u1, &amx);
+            lf_barrier_wait(&barrier, team);
+        }
+        lf_amx_end(L->path, &amx);
+    }
+    free(own_mem); free(h_bufs); free(gx); free(own);
+    return 0;
+}
+
 enum { LF_LP_WS_XA = 0, LF_LP_WS_GX = 1 };   /* work-buffer slots of this module */
 
 /* The layer: inputs projected first, then the recurrence. One thread runs the phases without
@@ -1642,13 +1798,26 @@ static int lf_lp_layer_forward(const lf_lp_layer* L) {
        the Xeon 6/207 with one core busy, batch 16: 2 threads 3-6x slower than 1). Both ways
        give the same bits. */
     int threads_proj = L->threads_proj, threads_rec = L->threads_rec, choice = 1;
+    int split = lf_lp_split_ok(L);
     long key = 0, start = 0;
-    if (threads_proj > 1 || threads_rec > 1) {
-        key = lf_split_key(B, H, L->n_in, threads_proj > threads_rec ? threads_proj : threads_rec,
+    if (threads_proj > 1 || threads_rec > 1 || split) {
+        const int most = threads_proj > threads_rec ? threads_proj : threads_rec;
+        key = lf_split_key(B, H, L->n_in, split && L->threads_split > most ? L->threads_split : most,
                            (L->kind - 1) + 2 * (D - 1) + 4 * (P > 0));
         choice = lf_split_choose(key);
+        if (split && lf_lp_split_way_forced)
+            choice = lf_lp_split_way_forced == 1 ? 1 : 0;
         if (!(choice & 1))
-            threads_proj = threads_rec = 1;
+            threads_proj = threads_rec = 1, split = 0;
+    }
+    if (split) {        /* split by units (3) */
+        __atomic_add_fetch(&lf_lp_split_runs, 1, __ATOMIC_RELAXED);
+        start = lf_ticks();
+        int rc = lf_lp_split_forward(L, L->threads_split);
+        if (rc == 0 && (choice & 2))
+            lf_split_record(key, choice, lf_ticks() - start, L->T);
+        lf_split_ended(key);
+        return rc;
     }
     lf_lp_ws W;
     /* enough rows for every thread and small weights: split by rows, each thread projecting its

@@ -793,3 +793,61 @@ def test_rows_projecting_their_own_inputs_give_the_up_front_bits(precision, thre
     for run in got[1 << 30] + got[0][1:]:
         for a, b in zip(got[0][0], run):
             np.testing.assert_array_equal(a, b)
+
+
+@pytest.fixture
+def split_way():
+    """_lowp.set_split_way(...) for the test; measured again (and no forced lone steps) after."""
+    yield _lowp.set_split_way
+    _lowp.set_split_way("measured")
+    _lowp.set_split_alone(0)
+
+
+@pytest.mark.parametrize("precision", REDUCED)
+@pytest.mark.parametrize("path", ["generic", "amx_emulated", "native"])
+def test_split_by_units_gives_the_one_thread_bits(precision, path, forced, split_way, rng):
+    """A few rows, one direction, two threads: each thread takes its 32-unit panels of every
+    step (and of each block's input projection), the calling thread first running whole steps
+    alone for 0 to T steps (the team opening in the middle of a projection block, at its start,
+    just after it, or never). Lengths end rows early. Every output has the one-thread bits."""
+    if path != "native":
+        forced(path)
+    for T, B, I, H in [(40, 1, 32, 64), (35, 3, 20, 96), (33, 7, 16, 128)]:
+        _, m = torch_model(I, H, num_layers=2)
+        f = m.freeze(precision=precision)
+        x = rng.standard_normal((T, B, I)).astype(np.float32)
+        lengths = rng.integers(T // 2, T + 1, size=B)
+        lengths[0] = T
+        split_way("one")
+        with lf.threads(2):
+            want = flat(f(x, lengths=lengths))
+        split_way("split")
+        for alone in (0, 1, 15, 16, 17, T):
+            _lowp.set_split_alone(alone)
+            runs = _lowp.split_runs()
+            with lf.threads(2):
+                got = flat(f(x, lengths=lengths))
+            assert _lowp.split_runs() == runs + 2          # both layers ran split
+            for a, b in zip(want, got):
+                np.testing.assert_array_equal(a, b, err_msg=str((T, B, H, alone)))
+
+
+@pytest.mark.parametrize("precision", REDUCED)
+def test_split_by_units_only_where_it_can_run(precision, split_way, rng):
+    # bidirectional, projections, 8+ rows, H not whole 32-unit panels, short sequences and one
+    # thread run the other ways (split forced on, none of these counts a split run)
+    split_way("split")
+    for kw, (T, B, I, H), threads in [({"bidirectional": True}, (40, 1, 8, 64), 2),
+                                      ({"proj_size": 16}, (40, 1, 8, 64), 2),
+                                      ({}, (40, 8, 8, 64), 2), ({}, (40, 1, 8, 80), 2),
+                                      ({}, (40, 1, 8, 32), 2), ({}, (31, 1, 8, 64), 2),
+                                      ({}, (40, 1, 8, 64), 1)]:
+        _, m = torch_model(I, H, **kw)
+        runs = _lowp.split_runs()
+        with lf.threads(threads):
+            m.freeze(precision=precision)(rng.standard_normal((T, B, I)).astype(np.float32))
+        assert _lowp.split_runs() == runs, (kw, T, B, H, threads)
+    _, m = torch_model(8, 64)
+    with lf.threads(2):
+        m.freeze(precision=precision)(rng.standard_normal((32, 1, 8)).astype(np.float32))
+    assert _lowp.split_runs() == runs + 1
