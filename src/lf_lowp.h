@@ -1640,14 +1640,18 @@ static void lf_lp_layer_rec(const lf_lp_layer* L, const lf_lp_ws* W) {
    step. At batch 1 a step is bound by reading the weights from L2 (and by the input
    projection's products): each core reads its half from its own L2. Each thread quantizes the
    whole h row itself (a row's int8 scale is its largest magnitude over every unit), the same
-   bits in every thread. The inputs are projected in blocks of LF_LP_SPLIT_BLOCK steps, each
+   bits in every thread. The inputs are projected in blocks of lf_lp_split_block steps, each
    thread its own columns, at the block's first step.
    The first thread does not wait for the others to wake (150 us for a halted vCPU of a guest):
    it runs whole steps alone, every unit, until they have arrived, then opens the team at the
    next step (lf_team_open), as float32's split mode does. The same products and cells either
    way, and the same as 1 + 2b: the same bits on every thread count. */
 #define LF_LP_SPLIT_MAX_ROWS 8
-#define LF_LP_SPLIT_BLOCK 16
+/* steps a projection block: about 16 rows. A block's projection is the longest stretch in which
+   the first thread, still alone, cannot open the team: with 16 steps at batch 4 (64 rows) the
+   woken thread waited through it, and (100,4,256,256) ran 1.02x (bfloat16) and 1.09x (int8) the
+   time of the column split (2b) on two threads, where 1000 steps ran 0.90x and 0.97x (Zen 4) */
+static inline int lf_lp_split_block(int B) { return B >= 16 ? 1 : 16 / B; }
 /* fewer steps: the call ends before a woken thread would have joined, and the parallel region's
    end still waits for it */
 #define LF_LP_SPLIT_MIN_STEPS 32
@@ -1686,10 +1690,10 @@ static void lf_lp_split_step(const lf_lp_layer* L, const lf_lp_split_own* O, flo
     const int kind = L->kind, path = L->path, B = L->B, T = L->T, H = L->H, G = 4 * H;
     const size_t es = lf_lp_elem(kind);
     const int kp_ih = L->ih[0]->kp, kp_hh = L->hh[0]->kp;
-    const int n_act = lf_lp_active(L, s);
-    if (s % LF_LP_SPLIT_BLOCK == 0) {
+    const int n_act = lf_lp_active(L, s), pb = lf_lp_split_block(B);
+    if (s % pb == 0) {
         /* every row of the block's steps, as the up-front projection (1) does */
-        const int n = T - s < LF_LP_SPLIT_BLOCK ? T - s : LF_LP_SPLIT_BLOCK;
+        const int n = T - s < pb ? T - s : pb;
         for (int k = 0; k < n; k++)
             for (int i = 0; i < B; i++)
                 lf_lp_quant_row_fast(path, kind, L->n_in, kp_ih,
@@ -1706,7 +1710,7 @@ static void lf_lp_split_step(const lf_lp_layer* L, const lf_lp_split_own* O, flo
         const Py_ssize_t b = L->order[i];
         float* hn = h_next + (size_t) i * H;
         L->cell_units(H, u0, u1, O->gh + (size_t) i * G,
-                      gx + ((size_t) (s % LF_LP_SPLIT_BLOCK) * B + i) * G, L->bias,
+                      gx + ((size_t) (s % pb) * B + i) * G, L->bias,
                       L->c + (size_t) b * H, hn);
         memcpy(L->y + ((size_t) s * B + b) * H + u0, hn + u0, (size_t) (u1 - u0) * sizeof(float));
         memcpy(L->h + (size_t) b * H + u0, hn + u0, (size_t) (u1 - u0) * sizeof(float));
@@ -1723,7 +1727,7 @@ static int lf_lp_split_forward(const lf_lp_layer* L, int n_threads) {
     const int B = L->B, H = L->H, G = 4 * H, T = L->T;
     const size_t es = lf_lp_elem(L->kind);
     const int kp_ih = L->ih[0]->kp, kp_hh = L->hh[0]->kp;
-    const size_t rows_blk = (size_t) LF_LP_SPLIT_BLOCK * B;
+    const size_t rows_blk = (size_t) lf_lp_split_block(B) * B;
     /* each thread's buffers in one allocation, each part on its own cache lines */
 #define LF_LP_UP64(n) (((size_t) (n) + 63) / 64 * 64)
     const size_t sz_xa = LF_LP_UP64(rows_blk * kp_ih * es), sz_xs = LF_LP_UP64(rows_blk * 4);
