@@ -52,7 +52,7 @@ cdef extern from "lf_lowp.h" nogil:
         float* h
         float* c
         float* y
-        int threads_proj, threads_rec, threads_split
+        int threads_proj, threads_rec, threads_split, threads_dirs
         size_t rows_max_bytes
         lf_cell_fn cell
         lf_cell_units_fn cell_units
@@ -78,6 +78,7 @@ cdef extern from "lf_lowp.h" nogil:
     long lf_lp_split_alone_forced
     int lf_lp_split_way_forced
     long lf_lp_split_runs
+    long lf_lp_dir_runs
 
 KINDS = {"bfloat16": LF_LP_BF16, "int8": LF_LP_INT8}
 PATHS = {"generic": LF_PATH_GENERIC, "avx512": LF_PATH_AVX512, "amx": LF_PATH_AMX,
@@ -279,15 +280,16 @@ def set_split_alone(long steps):
 
 
 def set_split_way(str way):
-    """Tests and tools: where the shapes allow split by units, "split" always takes it, "one"
-    never, "measured" (the default) takes the faster as measured (lf_split_choose)."""
+    """Tests and tools: where the shapes allow split by units or by directions, "split" always
+    takes it, "one" never, "measured" (the default) the faster as measured (lf_split_choose)."""
     global lf_lp_split_way_forced
     lf_lp_split_way_forced = {"measured": 0, "split": 1, "one": 2}[way]
 
 
-def split_runs():
-    """Tests: how many layer calls ran split by units so far."""
-    return lf_lp_split_runs
+def split_runs(str way="units"):
+    """Tests: how many layer calls ran split by units ("units") or by directions ("directions")
+    so far."""
+    return lf_lp_split_runs if way == "units" else lf_lp_dir_runs
 
 
 cdef inline int _threads_for(int n_threads, long items, double flops, double min_flops) noexcept nogil:
@@ -334,6 +336,8 @@ cdef inline void _set_threads(lf_lp_layer* L, int n_threads) noexcept nogil:
                                  2.0 * L.D * L.B * (G * L.Hout + L.P * L.H), MIN_STEP_FLOPS_PER_THREAD)
     # split by units (lf_lp_split_ok has the shapes): every thread, each its share of the panels
     L.threads_split = min(n_threads, L.H // 32)
+    # two directions on two threads (lf_lp_layer_forward: where the row split is not taken)
+    L.threads_dirs = 2 if n_threads == 2 and L.D == 2 else 0
 
 
 def layer_forward(str precision, str path, const float[:, :, ::1] x, list ih, list hh, list hr,

@@ -1387,6 +1387,7 @@ typedef struct {
     float* y;                      /* (T, B, D*Hout); positions past a length are left alone */
     int threads_proj, threads_rec;
     int threads_split;             /* threads for split by units (3), where the shapes allow */
+    int threads_dirs;              /* 2: two directions on two threads (2c); else 0 */
     size_t rows_max_bytes;         /* weights up to which the layer may run split by rows (2a) */
     lf_cell_fn cell;
     lf_cell_units_fn cell_units;   /* NULL: no split by units */
@@ -1633,6 +1634,60 @@ static void lf_lp_layer_rec(const lf_lp_layer* L, const lf_lp_ws* W) {
     lf_amx_end(path, &amx);
 }
 
+/* 2c. Two directions on two threads (fewer rows than the row split takes): each thread claims a
+   direction and runs it whole, alone: its inputs quantized and projected by its W_ih (into a
+   buffer of that direction's own), then its recurrence, with no barrier at all (the directions
+   of a layer never meet). A thread that arrives late (a sleeping worker's wake) finds its
+   direction claimed if the first thread finished its own before it came. The same sums and
+   cells as 1 + 2b: the same bits. */
+static void lf_lp_dir_forward(const lf_lp_layer* L, const lf_lp_ws* W, int d) {
+    const int kind = L->kind, path = L->path, B = L->B, T = L->T, H = L->H, Hout = L->Hout;
+    const int P = L->P, G = 4 * H;
+    const size_t TB = (size_t) T * B, es = lf_lp_elem(kind);
+    const int kp_ih = L->ih[0]->kp, kp_hh = L->hh[0]->kp, kp_hr = P ? L->hr[0]->kp : 0;
+    const int nb_g = L->hh[0]->nb, nb_p = P ? L->hr[0]->nb : 0;
+    const int n_groups = (nb_g + LF_LP_ITEM_BLOCKS - 1) / LF_LP_ITEM_BLOCKS;
+    uint8_t* xa = (uint8_t*) W->xa + (size_t) d * TB * kp_ih * es;
+    float* xs = W->xs + (size_t) d * TB;
+    lf_amx_state amx;
+    amx.cfg_m = 0;
+    for (size_t r = 0; r < TB; r++)
+        lf_lp_quant_row_fast(path, kind, L->n_in, kp_ih, L->x + r * L->n_in, xa + r * kp_ih * es,
+                             xs + r);
+    for (size_t r0 = 0; r0 < TB; r0 += LF_LP_ITEM_ROWS) {
+        const int rows = (int) (TB - r0 < LF_LP_ITEM_ROWS ? TB - r0 : LF_LP_ITEM_ROWS);
+        lf_lp_gemm_in(path, &amx, L->ih[d], rows, xa + r0 * kp_ih * es, xs + r0, 0, nb_g,
+                      W->gx + ((size_t) d * TB + r0) * G, (size_t) G);
+    }
+    const int n_first = lf_lp_active(L, 0);
+    for (int i = 0; i < n_first; i++)
+        lf_lp_quant_h(L, W, d, i);
+    for (int s = 0; s < T; s++) {
+        const int n_act = lf_lp_active(L, s);
+        if (n_act == 0)
+            break;
+        /* the groups walked backwards on odd steps, as in 2b */
+        for (int k = 0; k < n_groups; k++) {
+            const int g = s & 1 ? n_groups - 1 - k : k;
+            const int b0 = g * LF_LP_ITEM_BLOCKS;
+            const int b1 = b0 + LF_LP_ITEM_BLOCKS < nb_g ? b0 + LF_LP_ITEM_BLOCKS : nb_g;
+            lf_lp_gemm_in(path, &amx, L->hh[d], n_act,
+                          (const uint8_t*) W->ha + (size_t) d * B * kp_hh * es, W->hs + d * B, b0, b1,
+                          W->gh + (size_t) d * B * G, (size_t) G);
+        }
+        for (int i = 0; i < n_act; i++)
+            lf_lp_cell_row(L, W, s, d, i);
+        if (P) {
+            lf_lp_gemm_in(path, &amx, L->hr[d], n_act,
+                          (const uint8_t*) W->pa + (size_t) d * B * kp_hr * es, W->ps + d * B, 0, nb_p,
+                          W->hp + (size_t) d * B * Hout, (size_t) Hout);
+            for (int i = 0; i < n_act; i++)
+                lf_lp_proj_row(L, W, s, d, i);
+        }
+    }
+    lf_amx_end(path, &amx);
+}
+
 /* 3. Split by hidden units, for a few rows (batch < LF_LP_SPLIT_MAX_ROWS), one direction, no
    projection: each thread computes its 32-unit panels' four gate columns of every step (its
    share of W_hh, and of W_ih for the inputs), their cells, and its units of h; the threads then
@@ -1658,6 +1713,7 @@ static inline int lf_lp_split_block(int B) { return B >= 16 ? 1 : 16 / B; }
 static long lf_lp_split_alone_forced = 0;   /* tests: the first thread runs this many steps alone */
 static int lf_lp_split_way_forced = 0;      /* tests and tools: 1 split, 2 one thread, 0 measured */
 static long lf_lp_split_runs = 0;           /* calls run split by units (tests: it did run) */
+static long lf_lp_dir_runs = 0;             /* calls run split by directions (2c) */
 
 static inline int lf_lp_split_ok(const lf_lp_layer* L) {
     return L->threads_split > 1 && L->cell_units != NULL && L->D == 1 && L->P == 0
@@ -1802,17 +1858,17 @@ static int lf_lp_layer_forward(const lf_lp_layer* L) {
        the Xeon 6/207 with one core busy, batch 16: 2 threads 3-6x slower than 1). Both ways
        give the same bits. */
     int threads_proj = L->threads_proj, threads_rec = L->threads_rec, choice = 1;
-    int split = lf_lp_split_ok(L);
+    int split = lf_lp_split_ok(L), dirs = L->threads_dirs > 1 && D == 2;
     long key = 0, start = 0;
-    if (threads_proj > 1 || threads_rec > 1 || split) {
+    if (threads_proj > 1 || threads_rec > 1 || split || dirs) {
         const int most = threads_proj > threads_rec ? threads_proj : threads_rec;
         key = lf_split_key(B, H, L->n_in, split && L->threads_split > most ? L->threads_split : most,
                            (L->kind - 1) + 2 * (D - 1) + 4 * (P > 0));
         choice = lf_split_choose(key);
-        if (split && lf_lp_split_way_forced)
+        if ((split || dirs) && lf_lp_split_way_forced)
             choice = lf_lp_split_way_forced == 1 ? 1 : 0;
         if (!(choice & 1))
-            threads_proj = threads_rec = 1, split = 0;
+            threads_proj = threads_rec = 1, split = 0, dirs = 0;
     }
     if (split) {        /* split by units (3) */
         __atomic_add_fetch(&lf_lp_split_runs, 1, __ATOMIC_RELAXED);
@@ -1841,6 +1897,8 @@ static int lf_lp_layer_forward(const lf_lp_layer* L) {
     const int alone_min = amx ? LF_LP_AMX_CHUNK_MIN_ROWS : LF_LP_ALONE_MIN_ROWS;
     W.rows_fused = step_bytes <= L->rows_max_bytes && threads_proj <= threads_rec
                    && B >= (threads_rec > 1 ? threads_rec * chunk_min : alone_min);
+    /* two directions on their two threads (2c) where the rows are too few for the row split */
+    const int by_dirs = dirs && !W.rows_fused;
     if (W.rows_fused) {        /* one step's rows */
         W.xa = lf_malloc64((size_t) B * kp_ih * es);
         W.xs = (float*) lf_malloc64((size_t) B * sizeof(float));
@@ -1848,8 +1906,8 @@ static int lf_lp_layer_forward(const lf_lp_layer* L) {
     } else {
         /* every step's: the two large buffers are kept per thread from call to call
            (lf_ws_get): a fresh one's first touch costs a page fault per 4 KB on every call */
-        W.xa = lf_ws_get(LF_LP_WS_XA, TB * kp_ih * es);
-        W.xs = (float*) lf_malloc64(TB * sizeof(float));
+        W.xa = lf_ws_get(LF_LP_WS_XA, (by_dirs ? D : 1) * TB * kp_ih * es);
+        W.xs = (float*) lf_malloc64((by_dirs ? D : 1) * TB * sizeof(float));
         W.gx = (float*) lf_ws_get(LF_LP_WS_GX, (size_t) D * TB * G * sizeof(float));
     }
     W.ha = lf_malloc64((size_t) D * B * kp_hh * es);
@@ -1863,20 +1921,30 @@ static int lf_lp_layer_forward(const lf_lp_layer* L) {
     int ok = W.xa && W.xs && W.gx && W.ha && W.hs && W.gh && (!P || (W.pa && W.ps && W.hraw && W.hp));
     if (ok) {
         start = lf_ticks();
-        if (!W.rows_fused) {      /* the up-front projection (1); split by rows (2a), each
-                                     thread projects its own rows' inputs in its steps */
-            if (threads_proj > 1) {
-                #pragma omp parallel num_threads(threads_proj)
-                lf_lp_layer_proj(L, &W);
-            } else {
-                lf_lp_layer_proj(L, &W);
+        if (by_dirs) {
+            __atomic_add_fetch(&lf_lp_dir_runs, 1, __ATOMIC_RELAXED);
+            int next_dir = 0;
+            #pragma omp parallel num_threads(2)
+            {
+                for (int d; (d = __atomic_fetch_add(&next_dir, 1, __ATOMIC_RELAXED)) < D;)
+                    lf_lp_dir_forward(L, &W, d);
             }
-        }
-        if (threads_rec > 1) {
-            #pragma omp parallel num_threads(threads_rec)
-            lf_lp_layer_rec(L, &W);
         } else {
-            lf_lp_layer_rec(L, &W);
+            if (!W.rows_fused) {  /* the up-front projection (1); split by rows (2a), each
+                                     thread projects its own rows' inputs in its steps */
+                if (threads_proj > 1) {
+                    #pragma omp parallel num_threads(threads_proj)
+                    lf_lp_layer_proj(L, &W);
+                } else {
+                    lf_lp_layer_proj(L, &W);
+                }
+            }
+            if (threads_rec > 1) {
+                #pragma omp parallel num_threads(threads_rec)
+                lf_lp_layer_rec(L, &W);
+            } else {
+                lf_lp_layer_rec(L, &W);
+            }
         }
         if (key != 0 && (choice & 2))
             lf_split_record(key, choice, lf_ticks() - start, L->T);

@@ -854,3 +854,40 @@ def test_split_by_units_only_where_it_can_run(precision, split_way, rng):
     with lf.threads(2):
         m.freeze(precision=precision)(rng.standard_normal((32, 1, 8)).astype(np.float32))
     assert _lowp.split_runs() == runs + (_lowp.cell_isa() > 0)
+
+
+@pytest.mark.parametrize("precision", REDUCED)
+@pytest.mark.parametrize("path", ["generic", "amx_emulated", "native"])
+def test_split_by_directions_gives_the_one_thread_bits(precision, path, forced, split_way, rng):
+    """Bidirectional on two threads with too few rows for the row split: each thread claims a
+    direction and runs it whole (its own projection, its recurrence, no barrier). Lengths run
+    the reverse direction from each row's own end; projections; two layers. The one-thread
+    bits."""
+    if path != "native":
+        forced(path)
+    for (T, B, I, H), kw in [((30, 1, 32, 64), {}), ((20, 3, 20, 96), {"proj_size": 16}),
+                             ((17, 15, 16, 40), {"num_layers": 2})]:
+        _, m = torch_model(I, H, bidirectional=True, **kw)
+        f = m.freeze(precision=precision)
+        x = rng.standard_normal((T, B, I)).astype(np.float32)
+        lengths = rng.integers(1, T + 1, size=B)
+        lengths[0] = T
+        split_way("one")
+        with lf.threads(2):
+            want = flat(f(x, lengths=lengths))
+        split_way("split")
+        runs = _lowp.split_runs("directions")
+        with lf.threads(2):
+            got = flat(f(x, lengths=lengths))
+        assert _lowp.split_runs("directions") == runs + kw.get("num_layers", 1)
+        for a, b in zip(want, got):
+            np.testing.assert_array_equal(a, b, err_msg=str((T, B, H)))
+    # not with one thread or three, nor one direction, nor rows enough for the row split (16
+    # on two threads, AMX and its emulation 64)
+    for kw, B, threads in [({"bidirectional": True}, 2, 1), ({"bidirectional": True}, 2, 3),
+                           ({}, 2, 2), ({"bidirectional": True}, 64, 2)]:
+        _, m = torch_model(8, 32, **kw)
+        runs = _lowp.split_runs("directions")
+        with lf.threads(threads):
+            m.freeze(precision=precision)(rng.standard_normal((5, B, 8)).astype(np.float32))
+        assert _lowp.split_runs("directions") == runs, (kw, B, threads)
