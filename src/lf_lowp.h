@@ -1819,9 +1819,11 @@ static int lf_lp_split_forward(const lf_lp_layer* L, int n_threads) {
         const lf_lp_split_own* O = &own[rank];
         lf_amx_state amx;
         amx.cfg_m = 0;
+        /* every thread stops at the same step: past the longest row (lengths below T) */
+        const int steps = L->lengths[L->order[0]] < T ? (int) L->lengths[L->order[0]] : T;
         int s = 0;
         if (rank == 0) {
-            while (s < T && team > 1 && (s < alone || lf_team_arrived(&arrived) < team - 1)) {
+            while (s < steps && team > 1 && (s < alone || lf_team_arrived(&arrived) < team - 1)) {
                 lf_lp_split_step(L, O, gx, h_bufs + (size_t) (s % 2) * B * H,
                                  h_bufs + (size_t) ((s + 1) % 2) * B * H, s, 0, H, &amx);
                 s++;
@@ -1832,7 +1834,7 @@ static int lf_lp_split_forward(const lf_lp_layer* L, int n_threads) {
             s = (int) lf_team_wait_open(&join_at);
         }
         const int u0 = lf_lp_split_unit(H, rank, team), u1 = lf_lp_split_unit(H, rank + 1, team);
-        for (; s < T; s++) {
+        for (; s < steps; s++) {
             if (u1 > u0)
                 lf_lp_split_step(L, O, gx, h_bufs + (size_t) (s % 2) * B * H,
                                  h_bufs + (size_t) ((s + 1) % 2) * B * H, s, u0, u1, &amx);
