@@ -1408,29 +1408,37 @@ typedef struct {
     lf_barrier step_barrier;   /* the recurrence's: spins ~20 us before it sleeps (lf_split.h) */
 } lf_lp_ws;
 
-/* 1. every step's inputs: quantized once (both directions read them), then projected. Called
-   by each thread of a team, or alone (its worksharing loops then run serially). */
-static void lf_lp_layer_proj(const lf_lp_layer* L, const lf_lp_ws* W) {
-    const int kind = L->kind, D = L->D, G = 4 * L->H;
+/* thread `rank` of `team`'s share lo..hi of n work items: contiguous, as even as n allows */
+static inline int lf_lp_share(int n, int team, int rank) { return (int) ((long) n * rank / team); }
+
+/* 1. every step's inputs of directions d0..d1-1: quantized once into xa, xs (both directions
+   read them), then projected. Called by each thread of a team of `team` (which meet at an
+   OpenMP barrier between the two), or by one thread alone (team 1). */
+static void lf_lp_layer_proj(const lf_lp_layer* L, const lf_lp_ws* W, int d0, int d1, void* xa,
+                             float* xs, int team, int rank) {
+    const int kind = L->kind, G = 4 * L->H;
     const size_t TB = (size_t) L->T * L->B, es = lf_lp_elem(kind);
     const int kp_ih = L->ih[0]->kp, nb_g = L->ih[0]->nb;
     const int n_groups = (nb_g + LF_LP_ITEM_BLOCKS - 1) / LF_LP_ITEM_BLOCKS;
     const int n_rblk = (int) ((TB + LF_LP_ITEM_ROWS - 1) / LF_LP_ITEM_ROWS);
+    const int n_items = (d1 - d0) * n_groups * n_rblk;
     lf_amx_state amx;
     amx.cfg_m = 0;
-    #pragma omp for schedule(static)
-    for (Py_ssize_t r = 0; r < (Py_ssize_t) TB; r++)
+    for (size_t r = (size_t) lf_lp_share((int) TB, team, rank);
+         r < (size_t) lf_lp_share((int) TB, team, rank + 1); r++)
         lf_lp_quant_row_fast(L->path, kind, L->n_in, kp_ih, L->x + r * L->n_in,
-                        (uint8_t*) W->xa + r * kp_ih * es, W->xs + r);
-    #pragma omp for schedule(static)
-    for (int it = 0; it < D * n_groups * n_rblk; it++) {
-        const int d = it / (n_groups * n_rblk), g = (it / n_rblk) % n_groups, rb = it % n_rblk;
-        const size_t r0 = (size_t) rb * LF_LP_ITEM_ROWS;
+                             (uint8_t*) xa + r * kp_ih * es, xs + r);
+    if (team > 1) {
+        #pragma omp barrier
+    }
+    for (int it = lf_lp_share(n_items, team, rank); it < lf_lp_share(n_items, team, rank + 1); it++) {
+        const int d = d0 + it / (n_groups * n_rblk), g = (it / n_rblk) % n_groups;
+        const size_t r0 = (size_t) (it % n_rblk) * LF_LP_ITEM_ROWS;
         const int rows = (int) (TB - r0 < LF_LP_ITEM_ROWS ? TB - r0 : LF_LP_ITEM_ROWS);
         const int b0 = g * LF_LP_ITEM_BLOCKS;
         const int b1 = b0 + LF_LP_ITEM_BLOCKS < nb_g ? b0 + LF_LP_ITEM_BLOCKS : nb_g;
-        lf_lp_gemm_in(L->path, &amx, L->ih[d], rows, (const uint8_t*) W->xa + r0 * kp_ih * es,
-                      W->xs + r0, b0, b1, W->gx + ((size_t) d * TB + r0) * G, (size_t) G);
+        lf_lp_gemm_in(L->path, &amx, L->ih[d], rows, (const uint8_t*) xa + r0 * kp_ih * es,
+                      xs + r0, b0, b1, W->gx + ((size_t) d * TB + r0) * G, (size_t) G);
     }
     lf_amx_end(L->path, &amx);
 }
@@ -1567,9 +1575,11 @@ static void lf_lp_rows_rec(const lf_lp_layer* L, const lf_lp_ws* W, int r0, int 
    with a barrier after the product and after the cell update (and after the projection and its
    copy). A row's h is quantized for the next step by the thread that just wrote it, in the cell
    (or copy) phase: the scale is the row's own, and no thread reads the quantized rows until the
-   barrier; a separate quantization phase cost a third barrier a step. */
-static void lf_lp_layer_rec(const lf_lp_layer* L, const lf_lp_ws* W) {
-    const int kind = L->kind, path = L->path, D = L->D, B = L->B, T = L->T, H = L->H;
+   barrier; a separate quantization phase cost a third barrier a step. Directions d0..d1-1, by
+   thread `rank` of `team` (team 1: one thread alone, no barrier). */
+static void lf_lp_layer_rec_dirs(const lf_lp_layer* L, const lf_lp_ws* W, int d0, int d1,
+                                 int team, int rank) {
+    const int kind = L->kind, path = L->path, B = L->B, T = L->T, H = L->H, nd = d1 - d0;
     const int Hout = L->Hout, P = L->P, G = 4 * H;
     const size_t es = lf_lp_elem(kind);
     const int kp_hh = L->hh[0]->kp, kp_hr = P ? L->hr[0]->kp : 0;
@@ -1579,19 +1589,13 @@ static void lf_lp_layer_rec(const lf_lp_layer* L, const lf_lp_ws* W) {
     /* OpenMP's barrier puts a waiting thread to sleep at once under lstm_fast's GOMP_SPINCOUNT
        default (docs/threads.md), a wake-up of tens of microseconds at every barrier */
     lf_barrier* bar = (lf_barrier*) &W->step_barrier;
-    const int team = lf_team_size(), rank = lf_team_rank();
-    if (W->rows_fused) {   /* each thread its own contiguous share of the rows (2a) */
-        lf_lp_rows_rec(L, W, (int) ((long) B * rank / team), (int) ((long) B * (rank + 1) / team));
-        return;
-    }
-    const int item_lo = (int) ((long) D * n_groups * rank / team);
-    const int item_hi = (int) ((long) D * n_groups * (rank + 1) / team);
+    const int item_lo = lf_lp_share(nd * n_groups, team, rank);
+    const int item_hi = lf_lp_share(nd * n_groups, team, rank + 1);
     const int n_first = lf_lp_active(L, 0);
     lf_amx_state amx;
     amx.cfg_m = 0;
-    #pragma omp for schedule(static) nowait
-    for (int it = 0; it < D * n_first; it++)
-        lf_lp_quant_h(L, W, it / n_first, it % n_first);
+    for (int it = lf_lp_share(nd * n_first, team, rank); it < lf_lp_share(nd * n_first, team, rank + 1); it++)
+        lf_lp_quant_h(L, W, d0 + it / n_first, it % n_first);
     lf_barrier_wait(bar, team);
     for (int s = 0; s < T; s++) {
         const int n_act = lf_lp_active(L, s);
@@ -1602,7 +1606,7 @@ static void lf_lp_layer_rec(const lf_lp_layer* L, const lf_lp_ws* W) {
            output's sum does not depend on the order */
         for (int k = item_lo; k < item_hi; k++) {
             const int it = s & 1 ? item_lo + item_hi - 1 - k : k;
-            const int d = it / n_groups, g = it % n_groups;
+            const int d = d0 + it / n_groups, g = it % n_groups;
             const int b0 = g * LF_LP_ITEM_BLOCKS;
             const int b1 = b0 + LF_LP_ITEM_BLOCKS < nb_g ? b0 + LF_LP_ITEM_BLOCKS : nb_g;
             lf_lp_gemm_in(path, &amx, L->hh[d], n_act,
@@ -1610,14 +1614,13 @@ static void lf_lp_layer_rec(const lf_lp_layer* L, const lf_lp_ws* W) {
                           W->gh + (size_t) d * B * G, (size_t) G);
         }
         lf_barrier_wait(bar, team);
-        #pragma omp for schedule(static) nowait
-        for (int it = 0; it < D * n_act; it++)
-            lf_lp_cell_row(L, W, s, it / n_act, it % n_act);
+        for (int it = lf_lp_share(nd * n_act, team, rank); it < lf_lp_share(nd * n_act, team, rank + 1); it++)
+            lf_lp_cell_row(L, W, s, d0 + it / n_act, it % n_act);
         lf_barrier_wait(bar, team);
         if (P) {
-            #pragma omp for schedule(static) nowait
-            for (int it = 0; it < D * n_pgroups; it++) {
-                const int d = it / n_pgroups, g = it % n_pgroups;
+            for (int it = lf_lp_share(nd * n_pgroups, team, rank);
+                 it < lf_lp_share(nd * n_pgroups, team, rank + 1); it++) {
+                const int d = d0 + it / n_pgroups, g = it % n_pgroups;
                 const int b0 = g * LF_LP_ITEM_BLOCKS;
                 const int b1 = b0 + LF_LP_ITEM_BLOCKS < nb_p ? b0 + LF_LP_ITEM_BLOCKS : nb_p;
                 lf_lp_gemm_in(path, &amx, L->hr[d], n_act,
@@ -1625,13 +1628,21 @@ static void lf_lp_layer_rec(const lf_lp_layer* L, const lf_lp_ws* W) {
                               b0, b1, W->hp + (size_t) d * B * Hout, (size_t) Hout);
             }
             lf_barrier_wait(bar, team);
-            #pragma omp for schedule(static) nowait
-            for (int it = 0; it < D * n_act; it++)
-                lf_lp_proj_row(L, W, s, it / n_act, it % n_act);
+            for (int it = lf_lp_share(nd * n_act, team, rank); it < lf_lp_share(nd * n_act, team, rank + 1); it++)
+                lf_lp_proj_row(L, W, s, d0 + it / n_act, it % n_act);
             lf_barrier_wait(bar, team);
         }
     }
     lf_amx_end(path, &amx);
+}
+
+/* the recurrence of every direction, by this thread of the team (or alone) */
+static void lf_lp_layer_rec(const lf_lp_layer* L, const lf_lp_ws* W) {
+    const int team = lf_team_size(), rank = lf_team_rank();
+    if (W->rows_fused)     /* each thread its own contiguous share of the rows (2a) */
+        lf_lp_rows_rec(L, W, lf_lp_share(L->B, team, rank), lf_lp_share(L->B, team, rank + 1));
+    else
+        lf_lp_layer_rec_dirs(L, W, 0, L->D, team, rank);
 }
 
 /* 2c. Two directions on two threads (fewer rows than the row split takes): each thread claims a
@@ -1641,51 +1652,11 @@ static void lf_lp_layer_rec(const lf_lp_layer* L, const lf_lp_ws* W) {
    direction claimed if the first thread finished its own before it came. The same sums and
    cells as 1 + 2b: the same bits. */
 static void lf_lp_dir_forward(const lf_lp_layer* L, const lf_lp_ws* W, int d) {
-    const int kind = L->kind, path = L->path, B = L->B, T = L->T, H = L->H, Hout = L->Hout;
-    const int P = L->P, G = 4 * H;
-    const size_t TB = (size_t) T * B, es = lf_lp_elem(kind);
-    const int kp_ih = L->ih[0]->kp, kp_hh = L->hh[0]->kp, kp_hr = P ? L->hr[0]->kp : 0;
-    const int nb_g = L->hh[0]->nb, nb_p = P ? L->hr[0]->nb : 0;
-    const int n_groups = (nb_g + LF_LP_ITEM_BLOCKS - 1) / LF_LP_ITEM_BLOCKS;
-    uint8_t* xa = (uint8_t*) W->xa + (size_t) d * TB * kp_ih * es;
-    float* xs = W->xs + (size_t) d * TB;
-    lf_amx_state amx;
-    amx.cfg_m = 0;
-    for (size_t r = 0; r < TB; r++)
-        lf_lp_quant_row_fast(path, kind, L->n_in, kp_ih, L->x + r * L->n_in, xa + r * kp_ih * es,
-                             xs + r);
-    for (size_t r0 = 0; r0 < TB; r0 += LF_LP_ITEM_ROWS) {
-        const int rows = (int) (TB - r0 < LF_LP_ITEM_ROWS ? TB - r0 : LF_LP_ITEM_ROWS);
-        lf_lp_gemm_in(path, &amx, L->ih[d], rows, xa + r0 * kp_ih * es, xs + r0, 0, nb_g,
-                      W->gx + ((size_t) d * TB + r0) * G, (size_t) G);
-    }
-    const int n_first = lf_lp_active(L, 0);
-    for (int i = 0; i < n_first; i++)
-        lf_lp_quant_h(L, W, d, i);
-    for (int s = 0; s < T; s++) {
-        const int n_act = lf_lp_active(L, s);
-        if (n_act == 0)
-            break;
-        /* the groups walked backwards on odd steps, as in 2b */
-        for (int k = 0; k < n_groups; k++) {
-            const int g = s & 1 ? n_groups - 1 - k : k;
-            const int b0 = g * LF_LP_ITEM_BLOCKS;
-            const int b1 = b0 + LF_LP_ITEM_BLOCKS < nb_g ? b0 + LF_LP_ITEM_BLOCKS : nb_g;
-            lf_lp_gemm_in(path, &amx, L->hh[d], n_act,
-                          (const uint8_t*) W->ha + (size_t) d * B * kp_hh * es, W->hs + d * B, b0, b1,
-                          W->gh + (size_t) d * B * G, (size_t) G);
-        }
-        for (int i = 0; i < n_act; i++)
-            lf_lp_cell_row(L, W, s, d, i);
-        if (P) {
-            lf_lp_gemm_in(path, &amx, L->hr[d], n_act,
-                          (const uint8_t*) W->pa + (size_t) d * B * kp_hr * es, W->ps + d * B, 0, nb_p,
-                          W->hp + (size_t) d * B * Hout, (size_t) Hout);
-            for (int i = 0; i < n_act; i++)
-                lf_lp_proj_row(L, W, s, d, i);
-        }
-    }
-    lf_amx_end(path, &amx);
+    const size_t TB = (size_t) L->T * L->B;
+    lf_lp_layer_proj(L, W, d, d + 1,
+                     (uint8_t*) W->xa + (size_t) d * TB * L->ih[0]->kp * lf_lp_elem(L->kind),
+                     W->xs + (size_t) d * TB, 1, 0);
+    lf_lp_layer_rec_dirs(L, W, d, d + 1, 1, 0);
 }
 
 /* 3. Split by hidden units, for a few rows (batch < LF_LP_SPLIT_MAX_ROWS), one direction, no
@@ -1773,11 +1744,6 @@ static void lf_lp_split_step(const lf_lp_layer* L, const lf_lp_split_own* O, flo
     }
 }
 
-/* thread `rank` of `team`'s first unit: whole 32-unit panels, as even as their count allows */
-static inline int lf_lp_split_unit(int H, int rank, int team) {
-    return (int) ((long) (H / 32) * rank / team) * 32;
-}
-
 /* Returns 0, or -1 when memory ran out (nothing is written then). */
 static int lf_lp_split_forward(const lf_lp_layer* L, int n_threads) {
     const int B = L->B, H = L->H, G = 4 * H, T = L->T;
@@ -1833,7 +1799,8 @@ static int lf_lp_split_forward(const lf_lp_layer* L, int n_threads) {
             lf_team_arrive(&arrived);
             s = (int) lf_team_wait_open(&join_at);
         }
-        const int u0 = lf_lp_split_unit(H, rank, team), u1 = lf_lp_split_unit(H, rank + 1, team);
+        /* whole 32-unit panels, as float32's split mode shares them */
+        const int u0 = (int) lf_team_unit_begin(H), u1 = (int) lf_team_unit_end(H);
         for (; s < steps; s++) {
             if (u1 > u0)
                 lf_lp_split_step(L, O, gx, h_bufs + (size_t) (s % 2) * B * H,
@@ -1936,9 +1903,9 @@ static int lf_lp_layer_forward(const lf_lp_layer* L) {
                                      thread projects its own rows' inputs in its steps */
                 if (threads_proj > 1) {
                     #pragma omp parallel num_threads(threads_proj)
-                    lf_lp_layer_proj(L, &W);
+                    lf_lp_layer_proj(L, &W, 0, D, W.xa, W.xs, lf_team_size(), lf_team_rank());
                 } else {
-                    lf_lp_layer_proj(L, &W);
+                    lf_lp_layer_proj(L, &W, 0, D, W.xa, W.xs, 1, 0);
                 }
             }
             if (threads_rec > 1) {
