@@ -11,7 +11,11 @@ sequence length, lengths, initial states, thread count, input scale):
   the largest per precision, not judged: on random models with few hidden units and many
   inputs (weights of +-0.5, inputs scaled by 10) int8's error reaches tenths, as any dynamic
   int8 quantization's would; tests/test_precision.py judges the documented accuracy;
-- one direction: steps give the sequence's bits.
+- one direction: steps give the sequence's bits;
+- then N // 4 models of the shapes two threads split (by units: fewer than 8 rows, one direction,
+  no projection, H a multiple of 32, 32 steps or more; by directions: bidirectional), each run
+  with the split forced and the team joining after a random number of steps, and with one thread
+  forced: the bits must be the same.
 
     python tools/precision_fuzz.py [N] [SEED]
 Prints each mismatch, the largest errors and a last line "N models, M mismatches"; exits 1 on any
@@ -61,6 +65,47 @@ def run(model, precision, path, x, hx, lengths, n_threads):
     return res, steps
 
 
+def split_models(n_models, rng):
+    """Models the two-thread splits take: split forced (the team joining after `alone` steps)
+    against one thread forced, same path, bit for bit."""
+    bad = 0
+    runs = {w: _lowp.split_runs(w) for w in ("units", "directions")}
+    for i in range(n_models):
+        H, I = 32 * int(rng.integers(2, 7)), int(rng.integers(1, 200))
+        T, B = int(rng.integers(32, 90)), int(rng.integers(1, 8))
+        layers, bi = int(rng.integers(1, 3)), bool(rng.integers(0, 2))
+        proj = int(rng.integers(1, H)) if bi and rng.random() < 0.3 else 0
+        model = lf.LSTM(I, H, num_layers=layers, bidirectional=bi, proj_size=proj, seed=1000 + i)
+        x = rng.standard_normal((T, B, I)).astype(np.float32)
+        lengths = rng.integers(1, T + 1, size=B) if rng.random() < 0.5 else None
+        alone = int(rng.integers(0, T + 1))
+        desc = dict(I=I, H=H, layers=layers, bi=bi, proj=proj, B=B, T=T, lengths=lengths is not None,
+                    alone=alone)
+        for precision, paths in PATHS.items():
+            for p in paths:
+                _precision._force_path(p)
+                try:
+                    frozen = model.freeze(precision=precision)
+                finally:
+                    _precision._force_path(None)
+                res = {}
+                try:
+                    for way in ("one", "split"):
+                        _lowp.set_split_way(way)
+                        _lowp.set_split_alone(alone if way == "split" else 0)
+                        with lf.threads(2):
+                            res[way] = flat(frozen(x, lengths=lengths))
+                finally:
+                    _lowp.set_split_way("measured")
+                    _lowp.set_split_alone(0)
+                if not all(np.array_equal(a, b) for a, b in zip(res["one"], res["split"])):
+                    bad += 1
+                    print("MISMATCH split", precision, p, desc, flush=True)
+    ran = ", ".join(f"{_lowp.split_runs(w) - n} layers split by {w}" for w, n in runs.items())
+    print(f"{n_models} split models checked ({ran})", flush=True)
+    return bad
+
+
 def main(n_models=100, seed=0):
     rng = np.random.default_rng(seed)
     bad = 0
@@ -103,6 +148,7 @@ def main(n_models=100, seed=0):
                 if problems:
                     bad += 1
                     print("MISMATCH", precision, p, desc, "; ".join(problems), flush=True)
+    bad += split_models(max(n_models // 4, 1), rng)
     for precision, (err, desc) in worst.items():
         print(f"largest {precision} error against float32, |a - b| / (1 + |b|): {err:.3g} ({desc})")
     print(f"{n_models} models, {bad} mismatches")
