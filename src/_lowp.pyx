@@ -79,6 +79,8 @@ cdef extern from "lf_lowp.h" nogil:
     int lf_lp_split_way_forced
     long lf_lp_split_runs
     long lf_lp_dir_runs
+    long lf_lp_fused_runs
+    long lf_lp_fused_blocks
 
 KINDS = {"bfloat16": LF_LP_BF16, "int8": LF_LP_INT8}
 PATHS = {"generic": LF_PATH_GENERIC, "avx512": LF_PATH_AVX512, "amx": LF_PATH_AMX,
@@ -287,9 +289,11 @@ def set_split_way(str way):
 
 
 def split_runs(str way="units"):
-    """Tests: how many layer calls ran split by units ("units") or by directions ("directions")
-    so far."""
-    return lf_lp_split_runs if way == "units" else lf_lp_dir_runs
+    """Tests: how many layer calls ran split by units ("units"), by directions ("directions") or
+    with the fused batch-1 products ("fused", on any thread count) so far; "fused_blocks": the
+    blocks of steps (in all threads) whose input projection those products carried."""
+    return {"units": lf_lp_split_runs, "directions": lf_lp_dir_runs, "fused": lf_lp_fused_runs,
+            "fused_blocks": lf_lp_fused_blocks}[way]
 
 
 cdef inline int _threads_for(int n_threads, long items, double flops, double min_flops) noexcept nogil:

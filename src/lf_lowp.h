@@ -771,6 +771,51 @@ lf_lp_gemm_bf16_avx512(const lf_lp_mat* W, int rows, const void* A, size_t lda, 
     }
 }
 
+/* Batch 1, bfloat16 on VDPBF16PS: one row of h against 8 blocks of W_hh (wh[q], each block's 16
+   outputs to gh[q]), and beside it 8 rows of x (xa, lda apart) against one block of W_ih (wi, the
+   16 outputs of row r to px + r * ldp), the two loops' instructions interleaved. A batch-1 step
+   reads W_hh from L2 with the FMA units idle half the time; the projection of the next steps'
+   inputs (their reads from L1, a block of W_ih an eighth of W_hh's bytes) fills them. Each output
+   is the chain of the kernels above (pairs in order from zero): the same bits. */
+#define LF_FUSED_HH(q) c##q = LF_DP_BF16(c##q, _mm512_loadu_si512((const void*) (wh##q + 32 * (size_t) p)), x);
+#define LF_FUSED_PX(r) d##r = LF_DP_BF16(d##r, wv, _mm512_set1_epi32(lf_load32(xa + (r) * lda + 2 * p)));
+#define LF_FUSED_HH_ALL { const __m512i x = _mm512_set1_epi32(lf_load32(a + 2 * p));               \
+        LF_FUSED_HH(0) LF_FUSED_HH(1) LF_FUSED_HH(2) LF_FUSED_HH(3)                             \
+        LF_FUSED_HH(4) LF_FUSED_HH(5) LF_FUSED_HH(6) LF_FUSED_HH(7) }
+#define LF_FUSED_PX_ALL { const __m512i wv = _mm512_loadu_si512((const void*) (wi + 32 * (size_t) p)); \
+        LF_FUSED_PX(0) LF_FUSED_PX(1) LF_FUSED_PX(2) LF_FUSED_PX(3)                             \
+        LF_FUSED_PX(4) LF_FUSED_PX(5) LF_FUSED_PX(6) LF_FUSED_PX(7) }
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) static void
+lf_bf16_row8_fused(const uint16_t* const* wh, const uint16_t* a, int np_h, float* const* gh,
+                   const uint16_t* wi, const uint16_t* xa, size_t lda, int np_x, float* px,
+                   size_t ldp) {
+    const uint16_t *wh0 = wh[0], *wh1 = wh[1], *wh2 = wh[2], *wh3 = wh[3], *wh4 = wh[4],
+                   *wh5 = wh[5], *wh6 = wh[6], *wh7 = wh[7];
+    __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0;
+    __m512 d0 = c0, d1 = c0, d2 = c0, d3 = c0, d4 = c0, d5 = c0, d6 = c0, d7 = c0;
+    const int np = np_h < np_x ? np_h : np_x;
+    int p = 0;
+    for (; p < np; p++) {
+        LF_FUSED_HH_ALL
+        LF_FUSED_PX_ALL
+    }
+    for (; p < np_h; p++)
+        LF_FUSED_HH_ALL
+    for (p = np; p < np_x; p++)
+        LF_FUSED_PX_ALL
+    _mm512_storeu_ps(gh[0], c0); _mm512_storeu_ps(gh[1], c1); _mm512_storeu_ps(gh[2], c2);
+    _mm512_storeu_ps(gh[3], c3); _mm512_storeu_ps(gh[4], c4); _mm512_storeu_ps(gh[5], c5);
+    _mm512_storeu_ps(gh[6], c6); _mm512_storeu_ps(gh[7], c7);
+    _mm512_storeu_ps(px, d0); _mm512_storeu_ps(px + ldp, d1); _mm512_storeu_ps(px + 2 * ldp, d2);
+    _mm512_storeu_ps(px + 3 * ldp, d3); _mm512_storeu_ps(px + 4 * ldp, d4);
+    _mm512_storeu_ps(px + 5 * ldp, d5); _mm512_storeu_ps(px + 6 * ldp, d6);
+    _mm512_storeu_ps(px + 7 * ldp, d7);
+}
+#undef LF_FUSED_HH
+#undef LF_FUSED_PX
+#undef LF_FUSED_HH_ALL
+#undef LF_FUSED_PX_ALL
+
 static void lf_lp_gemm_int8_vnni_rows(const lf_lp_mat* W, int rows, const void* A, size_t lda,
                                       const float* sx, int b0, int b1, float* out, size_t ldo);
 
@@ -1685,6 +1730,8 @@ static long lf_lp_split_alone_forced = 0;   /* tests: the first thread runs this
 static int lf_lp_split_way_forced = 0;      /* tests and tools: 1 split, 2 one thread, 0 measured */
 static long lf_lp_split_runs = 0;           /* calls run split by units (tests: it did run) */
 static long lf_lp_dir_runs = 0;             /* calls run split by directions (2c) */
+static long lf_lp_fused_runs = 0;           /* calls run with the fused batch-1 products */
+static long lf_lp_fused_blocks = 0;         /* blocks whose projection came from such products */
 
 static inline int lf_lp_split_ok(const lf_lp_layer* L) {
     return L->threads_split > 1 && L->cell_units != NULL && L->D == 1 && L->P == 0
@@ -1692,10 +1739,32 @@ static inline int lf_lp_split_ok(const lf_lp_layer* L) {
            && L->T >= LF_LP_SPLIT_MIN_STEPS;
 }
 
+/* Batch 1, bfloat16 on VDPBF16PS (one thread, or split by units): each step's W_hh product
+   carries a share of the next block's input projection (lf_bf16_row8_fused), so that a block's
+   projection costs no time of its own. Where a block did not carry the whole of the next one's
+   (the first block, a team opened within it), the next block is projected at its start as
+   before. The same sums: the same bits.
+   From H = 128: at H = 64 W_hh (32 KB) is read from L1 and the product leaves the FMA units no
+   time to fill (one thread, (100,1,64,64) 1.02x the time fused, AMD EPYC Zen 4). */
+#define LF_LP_FUSED_MIN_H 128
+static inline int lf_lp_fused_ok(const lf_lp_layer* L) {
+#if LF_PGEMM_X86
+    return L->kind == LF_LP_BF16 && L->path == LF_PATH_AVX512 && L->cell_units != NULL
+           && L->B == 1 && L->D == 1 && L->P == 0 && L->H % 32 == 0 && L->H >= LF_LP_FUSED_MIN_H
+           && L->T >= LF_LP_SPLIT_MIN_STEPS;
+#else
+    (void) L;
+    return 0;
+#endif
+}
+
 typedef struct {          /* one thread's buffers */
     void* xa; float* xs;  /* a block's quantized inputs */
     void* ha; float* hs;  /* this step's quantized h */
     float* gh;            /* this step's h products, the thread's columns */
+    /* fused: the block whose projection this thread's steps carry (-1: none), the units they
+       carry it for, and how many of the block before it have carried their share */
+    int fuse_block, fuse_u0, fuse_u1, fuse_steps;
 } lf_lp_split_own;
 
 /* the columns of units u0..u1 of the four gates (all of them in one call when it has all) */
@@ -1710,29 +1779,98 @@ static inline void lf_lp_split_gemm(int path, lf_amx_state* amx, const lf_lp_mat
         lf_lp_gemm_in(path, amx, M, rows, A, sx, (g * H + u0) / 16, (g * H + u1) / 16, out, ldo);
 }
 
-/* step s, units u0..u1: h_cur -> h_next (rows by position in the order), c, y and L->h in place */
-static void lf_lp_split_step(const lf_lp_layer* L, const lf_lp_split_own* O, float* gx,
+/* the rows of the block of steps s0.. (at most pb, none past T) quantized into O->xa; with
+   `pad`, the rows past T zeroed up to pb (the fused products read whole groups of 8) */
+static void lf_lp_split_quant_block(const lf_lp_layer* L, const lf_lp_split_own* O, int s0,
+                                    int pb, int pad) {
+    const int B = L->B, kp_ih = L->ih[0]->kp;
+    const size_t es = lf_lp_elem(L->kind);
+    const int n = L->T - s0 < pb ? L->T - s0 : pb;
+    for (int k = 0; k < n; k++)
+        for (int i = 0; i < B; i++)
+            lf_lp_quant_row_fast(L->path, L->kind, L->n_in, kp_ih,
+                                 L->x + ((size_t) (s0 + k) * B + L->order[i]) * L->n_in,
+                                 (uint8_t*) O->xa + ((size_t) k * B + i) * kp_ih * es,
+                                 O->xs + k * B + i);
+    if (pad && n < pb) {
+        memset((uint8_t*) O->xa + (size_t) n * B * kp_ih * es, 0, (size_t) (pb - n) * B * kp_ih * es);
+        memset(O->xs + n * B, 0, (size_t) (pb - n) * B * sizeof(float));
+    }
+}
+
+#if LF_PGEMM_X86
+/* fused, step j of a block: the W_hh product of units u0..u1 (their blocks of the four gates,
+   8 a call) and the j-th share of the next block's projection: 8 of its 16 rows against one
+   block of W_ih per call, the thread's 2n such pieces (n blocks) over the block's 16 steps */
+static void lf_lp_fused_hh(const lf_lp_layer* L, const lf_lp_split_own* O, float* gx_next, int j,
+                           int u0, int u1) {
+    const lf_lp_mat *Wh = L->hh[0], *Wi = L->ih[0];
+    const int H = L->H, G = 4 * H, nb_u = (u1 - u0) / 16, n = 4 * nb_u, n_calls = n / 8;
+    const int kp_hh = Wh->kp, kp_ih = Wi->kp;
+#define LF_FUSED_BLOCK(e) ((((e) / nb_u) * H + u0) / 16 + (e) % nb_u)
+    for (int t = 0; t < n_calls; t++) {
+        const uint16_t* wh[8];
+        float* gh[8];
+        for (int q = 0; q < 8; q++) {
+            const int b = LF_FUSED_BLOCK(8 * t + q);
+            wh[q] = (const uint16_t*) Wh->w + (size_t) b * Wh->bs;
+            gh[q] = O->gh + (size_t) b * 16;
+        }
+        const int piece = j * n_calls + t, half = piece / n, bi = LF_FUSED_BLOCK(piece % n);
+        lf_bf16_row8_fused(wh, (const uint16_t*) O->ha, kp_hh / 2, gh,
+                           (const uint16_t*) Wi->w + (size_t) bi * Wi->bs,
+                           (const uint16_t*) O->xa + (size_t) half * 8 * kp_ih, (size_t) kp_ih,
+                           kp_ih / 2, gx_next + (size_t) half * 8 * G + (size_t) bi * 16, (size_t) G);
+    }
+#undef LF_FUSED_BLOCK
+}
+#endif
+
+/* step s, units u0..u1: h_cur -> h_next (rows by position in the order), c, y and L->h in place.
+   gx: the block's projected inputs; fused (lf_lp_fused_ok): two such blocks, this one's and the
+   next one's, by the block's parity */
+static void lf_lp_split_step(const lf_lp_layer* L, lf_lp_split_own* O, float* gx_all, int fused,
                              const float* h_cur, float* h_next, int s, int u0, int u1,
                              lf_amx_state* amx) {
     const int kind = L->kind, path = L->path, B = L->B, T = L->T, H = L->H, G = 4 * H;
     const size_t es = lf_lp_elem(kind);
-    const int kp_ih = L->ih[0]->kp, kp_hh = L->hh[0]->kp;
-    const int n_act = lf_lp_active(L, s), pb = lf_lp_split_block(B);
+    const int kp_hh = L->hh[0]->kp;
+    const int n_act = lf_lp_active(L, s), pb = lf_lp_split_block(B), blk = s / pb;
+    float* gx = gx_all + (fused ? (size_t) (blk % 2) * pb * B * G : 0);
+    const int next = fused && (blk + 1) * pb < T;   /* a next block to project in these steps */
     if (s % pb == 0) {
-        /* every row of the block's steps, as the up-front projection (1) does */
-        const int n = T - s < pb ? T - s : pb;
-        for (int k = 0; k < n; k++)
-            for (int i = 0; i < B; i++)
-                lf_lp_quant_row_fast(path, kind, L->n_in, kp_ih,
-                                     L->x + ((size_t) (s + k) * B + L->order[i]) * L->n_in,
-                                     (uint8_t*) O->xa + ((size_t) k * B + i) * kp_ih * es,
-                                     O->xs + k * B + i);
-        lf_lp_split_gemm(path, amx, L->ih[0], n * B, O->xa, O->xs, H, u0, u1, gx, (size_t) G);
+        /* every row of the block's steps, as the up-front projection (1) does, unless the
+           block before carried it, whole, for these units */
+        if (fused && O->fuse_block == blk && O->fuse_steps == pb && O->fuse_u0 == u0
+            && O->fuse_u1 == u1) {
+            __atomic_add_fetch(&lf_lp_fused_blocks, 1, __ATOMIC_RELAXED);
+        } else {
+            lf_lp_split_quant_block(L, O, s, pb, 0);
+            lf_lp_split_gemm(path, amx, L->ih[0], (T - s < pb ? T - s : pb) * B, O->xa, O->xs,
+                             H, u0, u1, gx, (size_t) G);
+        }
+        O->fuse_block = -1;
+        if (next) {
+            lf_lp_split_quant_block(L, O, s + pb, pb, 1);
+            O->fuse_block = blk + 1;
+            O->fuse_u0 = u0;
+            O->fuse_u1 = u1;
+            O->fuse_steps = 0;
+        }
     }
     for (int i = 0; i < n_act; i++)
         lf_lp_quant_row_fast(path, kind, H, kp_hh, h_cur + (size_t) i * H,
                              (uint8_t*) O->ha + (size_t) i * kp_hh * es, O->hs + i);
-    lf_lp_split_gemm(path, amx, L->hh[0], n_act, O->ha, O->hs, H, u0, u1, O->gh, (size_t) G);
+#if LF_PGEMM_X86
+    if (next && O->fuse_block == blk + 1 && O->fuse_u0 == u0 && O->fuse_u1 == u1 && n_act == 1) {
+        lf_lp_fused_hh(L, O, gx_all + (size_t) ((blk + 1) % 2) * pb * B * G, s % pb, u0, u1);
+        O->fuse_steps++;
+    } else
+#endif
+    {
+        O->fuse_block = -1;      /* the units changed within the block: project the next at its start */
+        lf_lp_split_gemm(path, amx, L->hh[0], n_act, O->ha, O->hs, H, u0, u1, O->gh, (size_t) G);
+    }
     for (int i = 0; i < n_act; i++) {
         const Py_ssize_t b = L->order[i];
         float* hn = h_next + (size_t) i * H;
@@ -1744,8 +1882,9 @@ static void lf_lp_split_step(const lf_lp_layer* L, const lf_lp_split_own* O, flo
     }
 }
 
-/* Returns 0, or -1 when memory ran out (nothing is written then). */
-static int lf_lp_split_forward(const lf_lp_layer* L, int n_threads) {
+/* On n_threads (1: the fused batch-1 way alone). Returns 0, or -1 when memory ran out (nothing is
+   written then). */
+static int lf_lp_split_forward(const lf_lp_layer* L, int n_threads, int fused) {
     const int B = L->B, H = L->H, G = 4 * H, T = L->T;
     const size_t es = lf_lp_elem(L->kind);
     const int kp_ih = L->ih[0]->kp, kp_hh = L->hh[0]->kp;
@@ -1759,7 +1898,7 @@ static int lf_lp_split_forward(const lf_lp_layer* L, int n_threads) {
 #undef LF_LP_UP64
     uint8_t* own_mem = (uint8_t*) lf_malloc64(per_thread * (size_t) n_threads);
     float* h_bufs = (float*) lf_malloc64(2 * (size_t) B * H * sizeof(float));
-    float* gx = (float*) lf_malloc64(rows_blk * G * sizeof(float));
+    float* gx = (float*) lf_malloc64((fused ? 2 : 1) * rows_blk * G * sizeof(float));
     lf_lp_split_own* own = (lf_lp_split_own*) malloc((size_t) n_threads * sizeof(lf_lp_split_own));
     if (!own_mem || !h_bufs || !gx || !own) {
         free(own_mem); free(h_bufs); free(gx); free(own);
@@ -1772,6 +1911,8 @@ static int lf_lp_split_forward(const lf_lp_layer* L, int n_threads) {
         own[r].ha = p + sz_xa + sz_xs;
         own[r].hs = (float*) (p + sz_xa + sz_xs + sz_ha);
         own[r].gh = (float*) (p + sz_xa + sz_xs + sz_ha + sz_hs);
+        own[r].fuse_block = -1;
+        own[r].fuse_u0 = own[r].fuse_u1 = own[r].fuse_steps = 0;
     }
     for (int i = 0; i < B; i++)
         memcpy(h_bufs + (size_t) i * H, L->h + (size_t) L->order[i] * H, (size_t) H * sizeof(float));
@@ -1779,10 +1920,10 @@ static int lf_lp_split_forward(const lf_lp_layer* L, int n_threads) {
     lf_barrier_init(&barrier);
     long join_at = -1, arrived = 0;
     const long alone = lf_lp_split_alone_forced;
-    #pragma omp parallel num_threads(n_threads)
+    #pragma omp parallel num_threads(n_threads) if (n_threads > 1)
     {
         const int team = lf_team_size(), rank = lf_team_rank();
-        const lf_lp_split_own* O = &own[rank];
+        lf_lp_split_own* O = &own[rank];
         lf_amx_state amx;
         amx.cfg_m = 0;
         /* every thread stops at the same step: past the longest row (lengths below T) */
@@ -1790,7 +1931,7 @@ static int lf_lp_split_forward(const lf_lp_layer* L, int n_threads) {
         int s = 0;
         if (rank == 0) {
             while (s < steps && team > 1 && (s < alone || lf_team_arrived(&arrived) < team - 1)) {
-                lf_lp_split_step(L, O, gx, h_bufs + (size_t) (s % 2) * B * H,
+                lf_lp_split_step(L, O, gx, fused, h_bufs + (size_t) (s % 2) * B * H,
                                  h_bufs + (size_t) ((s + 1) % 2) * B * H, s, 0, H, &amx);
                 s++;
             }
@@ -1803,7 +1944,7 @@ static int lf_lp_split_forward(const lf_lp_layer* L, int n_threads) {
         const int u0 = (int) lf_team_unit_begin(H), u1 = (int) lf_team_unit_end(H);
         for (; s < steps; s++) {
             if (u1 > u0)
-                lf_lp_split_step(L, O, gx, h_bufs + (size_t) (s % 2) * B * H,
+                lf_lp_split_step(L, O, gx, fused, h_bufs + (size_t) (s % 2) * B * H,
                                  h_bufs + (size_t) ((s + 1) % 2) * B * H, s, u0, u1, &amx);
             lf_barrier_wait(&barrier, team);
         }
@@ -1828,6 +1969,7 @@ static int lf_lp_layer_forward(const lf_lp_layer* L) {
        give the same bits. */
     int threads_proj = L->threads_proj, threads_rec = L->threads_rec, choice = 1;
     int split = lf_lp_split_ok(L), dirs = L->threads_dirs > 1 && D == 2;
+    const int fused = lf_lp_fused_ok(L);
     long key = 0, start = 0;
     if (threads_proj > 1 || threads_rec > 1 || split || dirs) {
         const int most = threads_proj > threads_rec ? threads_proj : threads_rec;
@@ -1839,13 +1981,17 @@ static int lf_lp_layer_forward(const lf_lp_layer* L) {
         if (!(choice & 1))
             threads_proj = threads_rec = 1, split = 0, dirs = 0;
     }
-    if (split) {        /* split by units (3) */
-        __atomic_add_fetch(&lf_lp_split_runs, 1, __ATOMIC_RELAXED);
+    if (split || fused) {        /* split by units (3), or batch 1 fused on one thread */
+        __atomic_add_fetch(split ? &lf_lp_split_runs : &lf_lp_fused_runs, 1, __ATOMIC_RELAXED);
+        if (split && fused)
+            __atomic_add_fetch(&lf_lp_fused_runs, 1, __ATOMIC_RELAXED);
         start = lf_ticks();
-        int rc = lf_lp_split_forward(L, L->threads_split);
-        if (rc == 0 && (choice & 2))
-            lf_split_record(key, choice, lf_ticks() - start, L->T);
-        lf_split_ended(key);
+        int rc = lf_lp_split_forward(L, split ? L->threads_split : 1, fused);
+        if (key != 0) {
+            if (rc == 0 && (choice & 2))
+                lf_split_record(key, choice, lf_ticks() - start, L->T);
+            lf_split_ended(key);
+        }
         return rc;
     }
     lf_lp_ws W;

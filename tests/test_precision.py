@@ -845,6 +845,47 @@ def test_split_by_units_gives_the_one_thread_bits(precision, path, forced, split
         _assert_close_to_torch(t, got[0], x, lengths)
 
 
+@pytest.mark.skipif(not (FEAT["avx512_bf16"] and _lowp.cell_isa() > 0),
+                    reason="the fused batch-1 products run VDPBF16PS beside the SIMD cell")
+def test_fused_batch1_gives_the_generic_bits(forced, split_way, rng):
+    """bfloat16 at batch 1 on VDPBF16PS: each step's W_hh product carries a share of the next
+    block's input projection (one thread, and each thread of split by units). Inputs wider and
+    narrower than H, T past and short of a whole block, a length below T, an initial state, two
+    layers; the team opening within a block, at its start, just after and never. Every output
+    has the generic path's bits (the same VDPBF16PS chain), and the blocks were projected fused."""
+    for T, I, H, layers in [(40, 128, 128, 1), (57, 300, 160, 2), (33, 40, 256, 1),
+                            (64, 16, 128, 1)]:
+        t, m = torch_model(I, H, num_layers=layers)
+        x = rng.standard_normal((T, 1, I)).astype(np.float32)
+        lengths = [T - 3]
+        hx = (rng.standard_normal((layers, 1, H)).astype(np.float32),
+              rng.standard_normal((layers, 1, H)).astype(np.float32))
+        forced("generic")
+        want = flat(m.freeze(precision="bfloat16")(x, hx, lengths=lengths))
+        forced(None)
+        f = m.freeze(precision="bfloat16")
+        for threads, way, alone in [(1, "one", 0), (2, "one", 0), (2, "split", 0), (2, "split", 5),
+                                    (2, "split", 16), (2, "split", 17), (2, "split", T)]:
+            split_way(way)
+            _lowp.set_split_alone(alone)
+            runs, blocks = _lowp.split_runs("fused"), _lowp.split_runs("fused_blocks")
+            with lf.threads(threads):
+                got = flat(f(x, hx, lengths=lengths))
+            assert _lowp.split_runs("fused") == runs + layers
+            # a block is projected fused where the whole block before ran on the same units:
+            # from the second block on one thread; split, past the block where the team opened
+            # (at 16: from the third)
+            if way == "one" or (alone == 16 and T - 3 > 32):
+                assert _lowp.split_runs("fused_blocks") > blocks, (T, H, threads, way, alone)
+            for a, b in zip(want, got):
+                np.testing.assert_array_equal(a, b, err_msg=str((T, I, H, threads, way, alone)))
+        if layers == 1:
+            with torch.no_grad():
+                ref = t(torch.from_numpy(x[:T - 3]),
+                        tuple(torch.from_numpy(v) for v in hx))[0].numpy()
+            assert maxerr([got[0][:T - 3]], [ref]) < 1e-2
+
+
 @pytest.mark.parametrize("precision", REDUCED)
 def test_split_by_units_only_where_it_can_run(precision, split_way, rng):
     # bidirectional, projections, 8+ rows, H not whole 32-unit panels, short sequences, one

@@ -15,7 +15,7 @@ sequence length, lengths, initial states, thread count, input scale):
 - then N // 4 models of the shapes two threads split (by units: fewer than 8 rows, one direction,
   no projection, H a multiple of 32, 32 steps or more; by directions: bidirectional), each run
   with the split forced and the team joining after a random number of steps, and with one thread
-  forced: the bits must be the same.
+  forced: the bits must be the same, and the same as the generic path's (as above).
 
     python tools/precision_fuzz.py [N] [SEED]
 Prints each mismatch, the largest errors and a last line "N models, M mismatches"; exits 1 on any
@@ -82,6 +82,7 @@ def split_models(n_models, rng):
         desc = dict(I=I, H=H, layers=layers, bi=bi, proj=proj, B=B, T=T, lengths=lengths is not None,
                     alone=alone)
         for precision, paths in PATHS.items():
+            one = {}
             for p in paths:
                 _precision._force_path(p)
                 try:
@@ -98,9 +99,15 @@ def split_models(n_models, rng):
                 finally:
                     _lowp.set_split_way("measured")
                     _lowp.set_split_alone(0)
+                one[p] = res["one"]
                 if not all(np.array_equal(a, b) for a, b in zip(res["one"], res["split"])):
                     bad += 1
                     print("MISMATCH split", precision, p, desc, flush=True)
+                ref = SAME_AS.get((precision, p), "generic")
+                if ref is not None and ref in one and not all(
+                        np.array_equal(a, b) for a, b in zip(res["one"], one[ref])):
+                    bad += 1
+                    print("MISMATCH one thread: bits differ from", ref, precision, p, desc, flush=True)
     ran = ", ".join(f"{_lowp.split_runs(w) - n} layers split by {w}" for w, n in runs.items())
     print(f"{n_models} split models checked ({ran})", flush=True)
     return bad
