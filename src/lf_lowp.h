@@ -1741,9 +1741,10 @@ static inline int lf_lp_split_ok(const lf_lp_layer* L) {
 
 /* Batch 1, bfloat16 on VDPBF16PS (one thread, or split by units): each step's W_hh product
    carries a share of the next block's input projection (lf_bf16_row8_fused), so that a block's
-   projection costs no time of its own. Where a block did not carry the whole of the next one's
-   (the first block, a team opened within it), the next block is projected at its start as
-   before. The same sums: the same bits.
+   projection costs no time of its own. A thread whose units changed within a block (the team
+   opened there) carries the shares of the steps left from then on, and projects the shares of
+   the steps before at the next block's start; the first block is projected at its start. The
+   same sums: the same bits.
    From H = 128: at H = 64 W_hh (32 KB) is read from L1 and the product leaves the FMA units no
    time to fill (one thread, (100,1,64,64) 1.02x the time fused, AMD EPYC Zen 4). */
 #define LF_LP_FUSED_MIN_H 128
@@ -1763,8 +1764,8 @@ typedef struct {          /* one thread's buffers */
     void* ha; float* hs;  /* this step's quantized h */
     float* gh;            /* this step's h products, the thread's columns */
     /* fused: the block whose projection this thread's steps carry (-1: none), the units they
-       carry it for, and how many of the block before it have carried their share */
-    int fuse_block, fuse_u0, fuse_u1, fuse_steps;
+       carry it for, the step of the block before from which they carry it, and how many have */
+    int fuse_block, fuse_u0, fuse_u1, fuse_from, fuse_steps;
 } lf_lp_split_own;
 
 /* the columns of units u0..u1 of the four gates (all of them in one call when it has all) */
@@ -1799,15 +1800,16 @@ static void lf_lp_split_quant_block(const lf_lp_layer* L, const lf_lp_split_own*
 }
 
 #if LF_PGEMM_X86
-/* fused, step j of a block: the W_hh product of units u0..u1 (their blocks of the four gates,
-   8 a call) and the j-th share of the next block's projection: 8 of its 16 rows against one
-   block of W_ih per call, the thread's 2n such pieces (n blocks) over the block's 16 steps */
+/* fused: the thread's n blocks of the four gates' columns (units u0..u1), e-th of them */
+#define LF_FUSED_BLOCK(e) ((((e) / nb_u) * H + u0) / 16 + (e) % nb_u)
+/* step j of a block: the W_hh product of units u0..u1 (8 of their blocks a call) and the j-th
+   share of the next block's projection: a piece (8 of its 16 rows against one block of W_ih) a
+   call, the thread's 2n pieces over the block's 16 steps */
 static void lf_lp_fused_hh(const lf_lp_layer* L, const lf_lp_split_own* O, float* gx_next, int j,
                            int u0, int u1) {
     const lf_lp_mat *Wh = L->hh[0], *Wi = L->ih[0];
     const int H = L->H, G = 4 * H, nb_u = (u1 - u0) / 16, n = 4 * nb_u, n_calls = n / 8;
     const int kp_hh = Wh->kp, kp_ih = Wi->kp;
-#define LF_FUSED_BLOCK(e) ((((e) / nb_u) * H + u0) / 16 + (e) % nb_u)
     for (int t = 0; t < n_calls; t++) {
         const uint16_t* wh[8];
         float* gh[8];
@@ -1822,8 +1824,21 @@ static void lf_lp_fused_hh(const lf_lp_layer* L, const lf_lp_split_own* O, float
                            (const uint16_t*) O->xa + (size_t) half * 8 * kp_ih, (size_t) kp_ih,
                            kp_ih / 2, gx_next + (size_t) half * 8 * G + (size_t) bi * 16, (size_t) G);
     }
-#undef LF_FUSED_BLOCK
 }
+
+/* the pieces of steps 0..j-1 of the block before (those it did not carry) */
+static void lf_lp_fused_rest(const lf_lp_layer* L, const lf_lp_split_own* O, lf_amx_state* amx,
+                             float* gx, int j, int u0, int u1) {
+    const lf_lp_mat* Wi = L->ih[0];
+    const int H = L->H, G = 4 * H, nb_u = (u1 - u0) / 16, n = 4 * nb_u, n_calls = n / 8;
+    const size_t es = lf_lp_elem(L->kind);
+    for (int piece = 0; piece < j * n_calls; piece++) {
+        const int half = piece / n, bi = LF_FUSED_BLOCK(piece % n);
+        lf_lp_gemm_in(L->path, amx, Wi, 8, (const uint8_t*) O->xa + (size_t) half * 8 * Wi->kp * es,
+                      O->xs + half * 8, bi, bi + 1, gx + (size_t) half * 8 * G, (size_t) G);
+    }
+}
+#undef LF_FUSED_BLOCK
 #endif
 
 /* step s, units u0..u1: h_cur -> h_next (rows by position in the order), c, y and L->h in place.
@@ -1838,37 +1853,45 @@ static void lf_lp_split_step(const lf_lp_layer* L, lf_lp_split_own* O, float* gx
     const int n_act = lf_lp_active(L, s), pb = lf_lp_split_block(B), blk = s / pb;
     float* gx = gx_all + (fused ? (size_t) (blk % 2) * pb * B * G : 0);
     const int next = fused && (blk + 1) * pb < T;   /* a next block to project in these steps */
+    const int carrying = fused && O->fuse_block == blk + 1 && O->fuse_u0 == u0 && O->fuse_u1 == u1;
     if (s % pb == 0) {
         /* every row of the block's steps, as the up-front projection (1) does, unless the
-           block before carried it, whole, for these units */
-        if (fused && O->fuse_block == blk && O->fuse_steps == pb && O->fuse_u0 == u0
-            && O->fuse_u1 == u1) {
+           block before carried it: whole for these units or more (a team opened at this
+           step), or from a step on for these units (then the pieces before it) */
+        const int whole = O->fuse_from == 0 && O->fuse_u0 <= u0 && u1 <= O->fuse_u1;
+        const int from = O->fuse_u0 == u0 && O->fuse_u1 == u1;
+        if (fused && O->fuse_block == blk && O->fuse_from + O->fuse_steps == pb && (whole || from)) {
             __atomic_add_fetch(&lf_lp_fused_blocks, 1, __ATOMIC_RELAXED);
+#if LF_PGEMM_X86
+            if (!whole)
+                lf_lp_fused_rest(L, O, amx, gx, O->fuse_from, u0, u1);
+#endif
         } else {
             lf_lp_split_quant_block(L, O, s, pb, 0);
             lf_lp_split_gemm(path, amx, L->ih[0], (T - s < pb ? T - s : pb) * B, O->xa, O->xs,
                              H, u0, u1, gx, (size_t) G);
         }
-        O->fuse_block = -1;
-        if (next) {
-            lf_lp_split_quant_block(L, O, s + pb, pb, 1);
-            O->fuse_block = blk + 1;
-            O->fuse_u0 = u0;
-            O->fuse_u1 = u1;
-            O->fuse_steps = 0;
-        }
+    }
+    if (next && (s % pb == 0 || !carrying)) {
+        /* carry the next block's projection from this step on (its start, or where these
+           units began within it) */
+        lf_lp_split_quant_block(L, O, (blk + 1) * pb, pb, 1);
+        O->fuse_block = blk + 1;
+        O->fuse_u0 = u0;
+        O->fuse_u1 = u1;
+        O->fuse_from = s % pb;
+        O->fuse_steps = 0;
     }
     for (int i = 0; i < n_act; i++)
         lf_lp_quant_row_fast(path, kind, H, kp_hh, h_cur + (size_t) i * H,
                              (uint8_t*) O->ha + (size_t) i * kp_hh * es, O->hs + i);
 #if LF_PGEMM_X86
-    if (next && O->fuse_block == blk + 1 && O->fuse_u0 == u0 && O->fuse_u1 == u1 && n_act == 1) {
+    if (next && n_act == 1) {
         lf_lp_fused_hh(L, O, gx_all + (size_t) ((blk + 1) % 2) * pb * B * G, s % pb, u0, u1);
         O->fuse_steps++;
     } else
 #endif
     {
-        O->fuse_block = -1;      /* the units changed within the block: project the next at its start */
         lf_lp_split_gemm(path, amx, L->hh[0], n_act, O->ha, O->hs, H, u0, u1, O->gh, (size_t) G);
     }
     for (int i = 0; i < n_act; i++) {
@@ -1912,7 +1935,7 @@ static int lf_lp_split_forward(const lf_lp_layer* L, int n_threads, int fused) {
         own[r].hs = (float*) (p + sz_xa + sz_xs + sz_ha);
         own[r].gh = (float*) (p + sz_xa + sz_xs + sz_ha + sz_hs);
         own[r].fuse_block = -1;
-        own[r].fuse_u0 = own[r].fuse_u1 = own[r].fuse_steps = 0;
+        own[r].fuse_u0 = own[r].fuse_u1 = own[r].fuse_from = own[r].fuse_steps = 0;
     }
     for (int i = 0; i < B; i++)
         memcpy(h_bufs + (size_t) i * H, L->h + (size_t) L->order[i] * H, (size_t) H * sizeof(float));
