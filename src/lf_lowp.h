@@ -816,6 +816,63 @@ lf_bf16_row8_fused(const uint16_t* const* wh, const uint16_t* a, int np_h, float
 #undef LF_FUSED_HH_ALL
 #undef LF_FUSED_PX_ALL
 
+/* The same for int8 on VPDPBUSD (quads, as lf_int8_tile_hot18): blocks bh[q] of Wh against the
+   row a (scale sa), and 8 rows of x (scales sx) against block bi of Wi, each output dequantized
+   as the other kernels do. Exact integer sums: the same bits. */
+#define LF_FUSED_HH(q) LF_ACC_INT8(c##q, _mm512_loadu_si512((const void*) (wh##q + 64 * (size_t) p)), x)
+#define LF_FUSED_PX(r) LF_ACC_INT8(d##r, wv, _mm512_set1_epi32(lf_load32(xa + (r) * lda + 4 * p)))
+#define LF_FUSED_HH_ALL { const __m512i x = _mm512_set1_epi32(lf_load32(a + 4 * p));               \
+        LF_FUSED_HH(0) LF_FUSED_HH(1) LF_FUSED_HH(2) LF_FUSED_HH(3)                             \
+        LF_FUSED_HH(4) LF_FUSED_HH(5) LF_FUSED_HH(6) LF_FUSED_HH(7) }
+#define LF_FUSED_PX_ALL { const __m512i wv = _mm512_loadu_si512((const void*) (wi + 64 * (size_t) p)); \
+        LF_FUSED_PX(0) LF_FUSED_PX(1) LF_FUSED_PX(2) LF_FUSED_PX(3)                             \
+        LF_FUSED_PX(4) LF_FUSED_PX(5) LF_FUSED_PX(6) LF_FUSED_PX(7) }
+#define LF_FUSED_DEQ(M, j0, acc, s, dst) {                                                       \
+        const __m512 f_ = _mm512_cvtepi32_ps(_mm512_sub_epi32((acc),                             \
+                              _mm512_loadu_si512((const void*) ((M)->corr + (j0)))));             \
+        _mm512_storeu_ps((dst), _mm512_mul_ps(f_, _mm512_mul_ps(_mm512_set1_ps(s),               \
+                                                                _mm512_loadu_ps((M)->scale + (j0))))); }
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) static void
+lf_int8_row8_fused(const lf_lp_mat* Wh, const int* bh, const uint8_t* a, float sa, float* gh,
+                   const lf_lp_mat* Wi, int bi, const uint8_t* xa, size_t lda, const float* sx,
+                   float* px, size_t ldp) {
+    const int8_t *wh0 = (const int8_t*) Wh->w + (size_t) bh[0] * Wh->bs,
+                 *wh1 = (const int8_t*) Wh->w + (size_t) bh[1] * Wh->bs,
+                 *wh2 = (const int8_t*) Wh->w + (size_t) bh[2] * Wh->bs,
+                 *wh3 = (const int8_t*) Wh->w + (size_t) bh[3] * Wh->bs,
+                 *wh4 = (const int8_t*) Wh->w + (size_t) bh[4] * Wh->bs,
+                 *wh5 = (const int8_t*) Wh->w + (size_t) bh[5] * Wh->bs,
+                 *wh6 = (const int8_t*) Wh->w + (size_t) bh[6] * Wh->bs,
+                 *wh7 = (const int8_t*) Wh->w + (size_t) bh[7] * Wh->bs;
+    const int8_t* wi = (const int8_t*) Wi->w + (size_t) bi * Wi->bs;
+    __m512i c0 = _mm512_setzero_si512(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0,
+            c7 = c0, d0 = c0, d1 = c0, d2 = c0, d3 = c0, d4 = c0, d5 = c0, d6 = c0, d7 = c0;
+    const int nq_h = Wh->kp / 4, nq_x = Wi->kp / 4, nq = nq_h < nq_x ? nq_h : nq_x;
+    int p = 0;
+    for (; p < nq; p++) {
+        LF_FUSED_HH_ALL
+        LF_FUSED_PX_ALL
+    }
+    for (; p < nq_h; p++)
+        LF_FUSED_HH_ALL
+    for (p = nq; p < nq_x; p++)
+        LF_FUSED_PX_ALL
+    LF_FUSED_DEQ(Wh, 16 * bh[0], c0, sa, gh + 16 * bh[0]) LF_FUSED_DEQ(Wh, 16 * bh[1], c1, sa, gh + 16 * bh[1])
+    LF_FUSED_DEQ(Wh, 16 * bh[2], c2, sa, gh + 16 * bh[2]) LF_FUSED_DEQ(Wh, 16 * bh[3], c3, sa, gh + 16 * bh[3])
+    LF_FUSED_DEQ(Wh, 16 * bh[4], c4, sa, gh + 16 * bh[4]) LF_FUSED_DEQ(Wh, 16 * bh[5], c5, sa, gh + 16 * bh[5])
+    LF_FUSED_DEQ(Wh, 16 * bh[6], c6, sa, gh + 16 * bh[6]) LF_FUSED_DEQ(Wh, 16 * bh[7], c7, sa, gh + 16 * bh[7])
+    const int ji = 16 * bi;
+    LF_FUSED_DEQ(Wi, ji, d0, sx[0], px) LF_FUSED_DEQ(Wi, ji, d1, sx[1], px + ldp)
+    LF_FUSED_DEQ(Wi, ji, d2, sx[2], px + 2 * ldp) LF_FUSED_DEQ(Wi, ji, d3, sx[3], px + 3 * ldp)
+    LF_FUSED_DEQ(Wi, ji, d4, sx[4], px + 4 * ldp) LF_FUSED_DEQ(Wi, ji, d5, sx[5], px + 5 * ldp)
+    LF_FUSED_DEQ(Wi, ji, d6, sx[6], px + 6 * ldp) LF_FUSED_DEQ(Wi, ji, d7, sx[7], px + 7 * ldp)
+}
+#undef LF_FUSED_HH
+#undef LF_FUSED_PX
+#undef LF_FUSED_HH_ALL
+#undef LF_FUSED_PX_ALL
+#undef LF_FUSED_DEQ
+
 static void lf_lp_gemm_int8_vnni_rows(const lf_lp_mat* W, int rows, const void* A, size_t lda,
                                       const float* sx, int b0, int b1, float* out, size_t ldo);
 
@@ -1739,20 +1796,25 @@ static inline int lf_lp_split_ok(const lf_lp_layer* L) {
            && L->T >= LF_LP_SPLIT_MIN_STEPS;
 }
 
-/* Batch 1, bfloat16 on VDPBF16PS (one thread, or split by units): each step's W_hh product
-   carries a share of the next block's input projection (lf_bf16_row8_fused), so that a block's
-   projection costs no time of its own. A thread whose units changed within a block (the team
+/* Batch 1 on VDPBF16PS or VPDPBUSD (one thread, or split by units): each step's W_hh product
+   carries a share of the next block's input projection (lf_bf16_row8_fused, lf_int8_row8_fused),
+   so that a block's projection costs no time of its own. A thread whose units changed within a block (the team
    opened there) carries the shares of the steps left from then on, and projects the shares of
    the steps before at the next block's start; the first block is projected at its start. The
    same sums: the same bits.
-   From H = 128: at H = 64 W_hh (32 KB) is read from L1 and the product leaves the FMA units no
-   time to fill (one thread, (100,1,64,64) 1.02x the time fused, AMD EPYC Zen 4). */
-#define LF_LP_FUSED_MIN_H 128
+   Only where a thread's share of W_hh is 64 KB or more: a smaller one is read from L1 and its
+   product leaves the units no time to fill (AMD EPYC Zen 4, in turns: bfloat16 (100,1,64,64) on
+   one thread, 32 KB, 1.02x the time fused; int8 (100,1,128,128) split on two threads, 32 KB
+   each, 1.00x-1.08x; from 64 KB 0.78x-0.96x). */
+#define LF_LP_FUSED_MIN_BYTES (64 * 1024)
+static inline int lf_lp_fused_share_ok(const lf_lp_layer* L, int u0, int u1) {
+    return (size_t) (u1 - u0) * 4 * L->hh[0]->kp * lf_lp_elem(L->kind) >= LF_LP_FUSED_MIN_BYTES;
+}
 static inline int lf_lp_fused_ok(const lf_lp_layer* L) {
 #if LF_PGEMM_X86
-    return L->kind == LF_LP_BF16 && L->path == LF_PATH_AVX512 && L->cell_units != NULL
-           && L->B == 1 && L->D == 1 && L->P == 0 && L->H % 32 == 0 && L->H >= LF_LP_FUSED_MIN_H
-           && L->T >= LF_LP_SPLIT_MIN_STEPS;
+    return L->path == LF_PATH_AVX512 && L->cell_units != NULL
+           && L->B == 1 && L->D == 1 && L->P == 0 && L->H % 32 == 0 && L->H >= 64
+           && L->T >= LF_LP_SPLIT_MIN_STEPS && lf_lp_fused_share_ok(L, 0, L->H);
 #else
     (void) L;
     return 0;
@@ -1813,12 +1875,20 @@ static void lf_lp_fused_hh(const lf_lp_layer* L, const lf_lp_split_own* O, float
     for (int t = 0; t < n_calls; t++) {
         const uint16_t* wh[8];
         float* gh[8];
+        int bh[8];
         for (int q = 0; q < 8; q++) {
-            const int b = LF_FUSED_BLOCK(8 * t + q);
+            const int b = bh[q] = LF_FUSED_BLOCK(8 * t + q);
             wh[q] = (const uint16_t*) Wh->w + (size_t) b * Wh->bs;
             gh[q] = O->gh + (size_t) b * 16;
         }
         const int piece = j * n_calls + t, half = piece / n, bi = LF_FUSED_BLOCK(piece % n);
+        if (L->kind == LF_LP_INT8) {
+            lf_int8_row8_fused(Wh, bh, (const uint8_t*) O->ha, O->hs[0], O->gh, Wi, bi,
+                               (const uint8_t*) O->xa + (size_t) half * 8 * kp_ih, (size_t) kp_ih,
+                               O->xs + half * 8, gx_next + (size_t) half * 8 * G + (size_t) bi * 16,
+                               (size_t) G);
+            continue;
+        }
         lf_bf16_row8_fused(wh, (const uint16_t*) O->ha, kp_hh / 2, gh,
                            (const uint16_t*) Wi->w + (size_t) bi * Wi->bs,
                            (const uint16_t*) O->xa + (size_t) half * 8 * kp_ih, (size_t) kp_ih,
@@ -1852,7 +1922,8 @@ static void lf_lp_split_step(const lf_lp_layer* L, lf_lp_split_own* O, float* gx
     const int kp_hh = L->hh[0]->kp;
     const int n_act = lf_lp_active(L, s), pb = lf_lp_split_block(B), blk = s / pb;
     float* gx = gx_all + (fused ? (size_t) (blk % 2) * pb * B * G : 0);
-    const int next = fused && (blk + 1) * pb < T;   /* a next block to project in these steps */
+    /* a next block to project in these steps (where this thread's share is large enough) */
+    const int next = fused && (blk + 1) * pb < T && lf_lp_fused_share_ok(L, u0, u1);
     const int carrying = fused && O->fuse_block == blk + 1 && O->fuse_u0 == u0 && O->fuse_u1 == u1;
     if (s % pb == 0) {
         /* every row of the block's steps, as the up-front projection (1) does, unless the
