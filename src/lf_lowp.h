@@ -771,107 +771,71 @@ lf_lp_gemm_bf16_avx512(const lf_lp_mat* W, int rows, const void* A, size_t lda, 
     }
 }
 
-/* Batch 1, bfloat16 on VDPBF16PS: one row of h against 8 blocks of W_hh (wh[q], each block's 16
-   outputs to gh[q]), and beside it 8 rows of x (xa, lda apart) against one block of W_ih (wi, the
-   16 outputs of row r to px + r * ldp), the two loops' instructions interleaved. A batch-1 step
-   reads W_hh from L2 with the FMA units idle half the time; the projection of the next steps'
-   inputs (their reads from L1, a block of W_ih an eighth of W_hh's bytes) fills them. Each output
-   is the chain of the kernels above (pairs in order from zero): the same bits. */
-#define LF_FUSED_HH(q) c##q = LF_DP_BF16(c##q, _mm512_loadu_si512((const void*) (wh##q + 32 * (size_t) p)), x);
-#define LF_FUSED_PX(r) d##r = LF_DP_BF16(d##r, wv, _mm512_set1_epi32(lf_load32(xa + (r) * lda + 2 * p)));
-#define LF_FUSED_HH_ALL { const __m512i x = _mm512_set1_epi32(lf_load32(a + 2 * p));               \
-        LF_FUSED_HH(0) LF_FUSED_HH(1) LF_FUSED_HH(2) LF_FUSED_HH(3)                             \
-        LF_FUSED_HH(4) LF_FUSED_HH(5) LF_FUSED_HH(6) LF_FUSED_HH(7) }
-#define LF_FUSED_PX_ALL { const __m512i wv = _mm512_loadu_si512((const void*) (wi + 32 * (size_t) p)); \
-        LF_FUSED_PX(0) LF_FUSED_PX(1) LF_FUSED_PX(2) LF_FUSED_PX(3)                             \
-        LF_FUSED_PX(4) LF_FUSED_PX(5) LF_FUSED_PX(6) LF_FUSED_PX(7) }
-__attribute__((target("avx512f,avx512bw,avx512bf16"))) static void
-lf_bf16_row8_fused(const uint16_t* const* wh, const uint16_t* a, int np_h, float* const* gh,
-                   const uint16_t* wi, const uint16_t* xa, size_t lda, int np_x, float* px,
-                   size_t ldp) {
-    const uint16_t *wh0 = wh[0], *wh1 = wh[1], *wh2 = wh[2], *wh3 = wh[3], *wh4 = wh[4],
-                   *wh5 = wh[5], *wh6 = wh[6], *wh7 = wh[7];
-    __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0;
-    __m512 d0 = c0, d1 = c0, d2 = c0, d3 = c0, d4 = c0, d5 = c0, d6 = c0, d7 = c0;
-    const int np = np_h < np_x ? np_h : np_x;
-    int p = 0;
-    for (; p < np; p++) {
-        LF_FUSED_HH_ALL
-        LF_FUSED_PX_ALL
-    }
-    for (; p < np_h; p++)
-        LF_FUSED_HH_ALL
-    for (p = np; p < np_x; p++)
-        LF_FUSED_PX_ALL
-    _mm512_storeu_ps(gh[0], c0); _mm512_storeu_ps(gh[1], c1); _mm512_storeu_ps(gh[2], c2);
-    _mm512_storeu_ps(gh[3], c3); _mm512_storeu_ps(gh[4], c4); _mm512_storeu_ps(gh[5], c5);
-    _mm512_storeu_ps(gh[6], c6); _mm512_storeu_ps(gh[7], c7);
-    _mm512_storeu_ps(px, d0); _mm512_storeu_ps(px + ldp, d1); _mm512_storeu_ps(px + 2 * ldp, d2);
-    _mm512_storeu_ps(px + 3 * ldp, d3); _mm512_storeu_ps(px + 4 * ldp, d4);
-    _mm512_storeu_ps(px + 5 * ldp, d5); _mm512_storeu_ps(px + 6 * ldp, d6);
-    _mm512_storeu_ps(px + 7 * ldp, d7);
+/* Batch 1: one row of h (a, its int8 scale sa) against 8 blocks bh[q] of W_hh (each block's 16
+   outputs to gh + 16 bh[q]), and beside it 8 rows of x (xa, lda bytes apart, scales sx) against
+   block bi of W_ih (row r's 16 outputs to px + r * ldp), the two loops' instructions
+   interleaved. A batch-1 step reads W_hh from L2 with the multiply units idle half the time;
+   the projection of the next steps' inputs (their reads from L1, a block of W_ih an eighth of
+   W_hh's bytes) fills them. Each output is the chain of the kernels above (pairs or quads in
+   order from zero; int8 dequantized as they do): the same bits. One function per precision:
+   its element size ES, PSTEP inputs a 4-byte broadcast, and the accumulation LF_FUSED_ACC and
+   store LF_FUSED_DEQ defined before it. */
+#define LF_FUSED_HH(q) LF_FUSED_ACC(c##q, _mm512_loadu_si512((const void*) (wh##q + 64 * (size_t) p)), x)
+#define LF_FUSED_PX(r) LF_FUSED_ACC(d##r, wv, _mm512_set1_epi32(lf_load32(xa + (r) * lda + 4 * p)))
+#define LF_FUSED_W(q) const uint8_t* wh##q = (const uint8_t*) Wh->w + (size_t) bh[q] * Wh->bs * es_;
+#define LF_FUSED_ST(q) LF_FUSED_DEQ(Wh, 16 * bh[q], c##q, sa, gh + 16 * bh[q])
+#define LF_FUSED_STX(r) LF_FUSED_DEQ(Wi, 16 * bi, d##r, sx[r], px + (r) * ldp)
+#define LF_FUSED_EIGHT(M) M(0) M(1) M(2) M(3) M(4) M(5) M(6) M(7)
+#define LF_FUSED_HH_STEP { const __m512i x = _mm512_set1_epi32(lf_load32(a + 4 * p));            \
+                           LF_FUSED_EIGHT(LF_FUSED_HH) }
+#define LF_FUSED_PX_STEP { const __m512i wv = _mm512_loadu_si512((const void*) (wi + 64 * (size_t) p)); \
+                           LF_FUSED_EIGHT(LF_FUSED_PX) }
+#define LF_ROW8_FUSED(SUF, TARGET, VT, ZERO, ES, PSTEP)                                          \
+__attribute__((target(TARGET))) static void                                                     \
+lf_##SUF##_row8_fused(const lf_lp_mat* Wh, const int* bh, const uint8_t* a, float sa, float* gh, \
+                      const lf_lp_mat* Wi, int bi, const uint8_t* xa, size_t lda,               \
+                      const float* sx, float* px, size_t ldp) {                                 \
+    const size_t es_ = ES;                                                                      \
+    LF_FUSED_EIGHT(LF_FUSED_W)                                                                  \
+    const uint8_t* wi = (const uint8_t*) Wi->w + (size_t) bi * Wi->bs * es_;                    \
+    VT c0 = ZERO, c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0;                \
+    VT d0 = c0, d1 = c0, d2 = c0, d3 = c0, d4 = c0, d5 = c0, d6 = c0, d7 = c0;                  \
+    const int n_h = Wh->kp / PSTEP, n_x = Wi->kp / PSTEP, n = n_h < n_x ? n_h : n_x;            \
+    int p = 0;                                                                                  \
+    for (; p < n; p++) {                                                                        \
+        LF_FUSED_HH_STEP                                                                        \
+        LF_FUSED_PX_STEP                                                                        \
+    }                                                                                           \
+    for (; p < n_h; p++)                                                                        \
+        LF_FUSED_HH_STEP                                                                        \
+    for (p = n; p < n_x; p++)                                                                   \
+        LF_FUSED_PX_STEP                                                                        \
+    LF_FUSED_EIGHT(LF_FUSED_ST)                                                                 \
+    LF_FUSED_EIGHT(LF_FUSED_STX)                                                                \
 }
-#undef LF_FUSED_HH
-#undef LF_FUSED_PX
-#undef LF_FUSED_HH_ALL
-#undef LF_FUSED_PX_ALL
-
-/* The same for int8 on VPDPBUSD (quads, as lf_int8_tile_hot18): blocks bh[q] of Wh against the
-   row a (scale sa), and 8 rows of x (scales sx) against block bi of Wi, each output dequantized
-   as the other kernels do. Exact integer sums: the same bits. */
-#define LF_FUSED_HH(q) LF_ACC_INT8(c##q, _mm512_loadu_si512((const void*) (wh##q + 64 * (size_t) p)), x)
-#define LF_FUSED_PX(r) LF_ACC_INT8(d##r, wv, _mm512_set1_epi32(lf_load32(xa + (r) * lda + 4 * p)))
-#define LF_FUSED_HH_ALL { const __m512i x = _mm512_set1_epi32(lf_load32(a + 4 * p));               \
-        LF_FUSED_HH(0) LF_FUSED_HH(1) LF_FUSED_HH(2) LF_FUSED_HH(3)                             \
-        LF_FUSED_HH(4) LF_FUSED_HH(5) LF_FUSED_HH(6) LF_FUSED_HH(7) }
-#define LF_FUSED_PX_ALL { const __m512i wv = _mm512_loadu_si512((const void*) (wi + 64 * (size_t) p)); \
-        LF_FUSED_PX(0) LF_FUSED_PX(1) LF_FUSED_PX(2) LF_FUSED_PX(3)                             \
-        LF_FUSED_PX(4) LF_FUSED_PX(5) LF_FUSED_PX(6) LF_FUSED_PX(7) }
-#define LF_FUSED_DEQ(M, j0, acc, s, dst) {                                                       \
+#define LF_FUSED_ACC LF_ACC_BF16
+#define LF_FUSED_DEQ(M, j0, acc, s, dst) _mm512_storeu_ps((dst), (acc));
+LF_ROW8_FUSED(bf16, "avx512f,avx512bw,avx512bf16", __m512, _mm512_setzero_ps(), 2, 2)
+#undef LF_FUSED_ACC
+#undef LF_FUSED_DEQ
+#define LF_FUSED_ACC LF_ACC_INT8
+#define LF_FUSED_DEQ(M, j0, acc, s, dst) {                                                      \
         const __m512 f_ = _mm512_cvtepi32_ps(_mm512_sub_epi32((acc),                             \
                               _mm512_loadu_si512((const void*) ((M)->corr + (j0)))));             \
         _mm512_storeu_ps((dst), _mm512_mul_ps(f_, _mm512_mul_ps(_mm512_set1_ps(s),               \
                                                                 _mm512_loadu_ps((M)->scale + (j0))))); }
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) static void
-lf_int8_row8_fused(const lf_lp_mat* Wh, const int* bh, const uint8_t* a, float sa, float* gh,
-                   const lf_lp_mat* Wi, int bi, const uint8_t* xa, size_t lda, const float* sx,
-                   float* px, size_t ldp) {
-    const int8_t *wh0 = (const int8_t*) Wh->w + (size_t) bh[0] * Wh->bs,
-                 *wh1 = (const int8_t*) Wh->w + (size_t) bh[1] * Wh->bs,
-                 *wh2 = (const int8_t*) Wh->w + (size_t) bh[2] * Wh->bs,
-                 *wh3 = (const int8_t*) Wh->w + (size_t) bh[3] * Wh->bs,
-                 *wh4 = (const int8_t*) Wh->w + (size_t) bh[4] * Wh->bs,
-                 *wh5 = (const int8_t*) Wh->w + (size_t) bh[5] * Wh->bs,
-                 *wh6 = (const int8_t*) Wh->w + (size_t) bh[6] * Wh->bs,
-                 *wh7 = (const int8_t*) Wh->w + (size_t) bh[7] * Wh->bs;
-    const int8_t* wi = (const int8_t*) Wi->w + (size_t) bi * Wi->bs;
-    __m512i c0 = _mm512_setzero_si512(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0,
-            c7 = c0, d0 = c0, d1 = c0, d2 = c0, d3 = c0, d4 = c0, d5 = c0, d6 = c0, d7 = c0;
-    const int nq_h = Wh->kp / 4, nq_x = Wi->kp / 4, nq = nq_h < nq_x ? nq_h : nq_x;
-    int p = 0;
-    for (; p < nq; p++) {
-        LF_FUSED_HH_ALL
-        LF_FUSED_PX_ALL
-    }
-    for (; p < nq_h; p++)
-        LF_FUSED_HH_ALL
-    for (p = nq; p < nq_x; p++)
-        LF_FUSED_PX_ALL
-    LF_FUSED_DEQ(Wh, 16 * bh[0], c0, sa, gh + 16 * bh[0]) LF_FUSED_DEQ(Wh, 16 * bh[1], c1, sa, gh + 16 * bh[1])
-    LF_FUSED_DEQ(Wh, 16 * bh[2], c2, sa, gh + 16 * bh[2]) LF_FUSED_DEQ(Wh, 16 * bh[3], c3, sa, gh + 16 * bh[3])
-    LF_FUSED_DEQ(Wh, 16 * bh[4], c4, sa, gh + 16 * bh[4]) LF_FUSED_DEQ(Wh, 16 * bh[5], c5, sa, gh + 16 * bh[5])
-    LF_FUSED_DEQ(Wh, 16 * bh[6], c6, sa, gh + 16 * bh[6]) LF_FUSED_DEQ(Wh, 16 * bh[7], c7, sa, gh + 16 * bh[7])
-    const int ji = 16 * bi;
-    LF_FUSED_DEQ(Wi, ji, d0, sx[0], px) LF_FUSED_DEQ(Wi, ji, d1, sx[1], px + ldp)
-    LF_FUSED_DEQ(Wi, ji, d2, sx[2], px + 2 * ldp) LF_FUSED_DEQ(Wi, ji, d3, sx[3], px + 3 * ldp)
-    LF_FUSED_DEQ(Wi, ji, d4, sx[4], px + 4 * ldp) LF_FUSED_DEQ(Wi, ji, d5, sx[5], px + 5 * ldp)
-    LF_FUSED_DEQ(Wi, ji, d6, sx[6], px + 6 * ldp) LF_FUSED_DEQ(Wi, ji, d7, sx[7], px + 7 * ldp)
-}
+LF_ROW8_FUSED(int8, "avx512f,avx512bw,avx512vnni", __m512i, _mm512_setzero_si512(), 1, 4)
+#undef LF_FUSED_ACC
+#undef LF_FUSED_DEQ
+#undef LF_ROW8_FUSED
 #undef LF_FUSED_HH
 #undef LF_FUSED_PX
-#undef LF_FUSED_HH_ALL
-#undef LF_FUSED_PX_ALL
-#undef LF_FUSED_DEQ
+#undef LF_FUSED_W
+#undef LF_FUSED_ST
+#undef LF_FUSED_STX
+#undef LF_FUSED_EIGHT
+#undef LF_FUSED_HH_STEP
+#undef LF_FUSED_PX_STEP
 
 static void lf_lp_gemm_int8_vnni_rows(const lf_lp_mat* W, int rows, const void* A, size_t lda,
                                       const float* sx, int b0, int b1, float* out, size_t ldo);
@@ -1871,28 +1835,21 @@ static void lf_lp_fused_hh(const lf_lp_layer* L, const lf_lp_split_own* O, float
                            int u0, int u1) {
     const lf_lp_mat *Wh = L->hh[0], *Wi = L->ih[0];
     const int H = L->H, G = 4 * H, nb_u = (u1 - u0) / 16, n = 4 * nb_u, n_calls = n / 8;
-    const int kp_hh = Wh->kp, kp_ih = Wi->kp;
+    const int kp_ih = Wi->kp;
+    const size_t es = lf_lp_elem(L->kind);
     for (int t = 0; t < n_calls; t++) {
-        const uint16_t* wh[8];
-        float* gh[8];
         int bh[8];
-        for (int q = 0; q < 8; q++) {
-            const int b = bh[q] = LF_FUSED_BLOCK(8 * t + q);
-            wh[q] = (const uint16_t*) Wh->w + (size_t) b * Wh->bs;
-            gh[q] = O->gh + (size_t) b * 16;
-        }
+        for (int q = 0; q < 8; q++)
+            bh[q] = LF_FUSED_BLOCK(8 * t + q);
         const int piece = j * n_calls + t, half = piece / n, bi = LF_FUSED_BLOCK(piece % n);
-        if (L->kind == LF_LP_INT8) {
-            lf_int8_row8_fused(Wh, bh, (const uint8_t*) O->ha, O->hs[0], O->gh, Wi, bi,
-                               (const uint8_t*) O->xa + (size_t) half * 8 * kp_ih, (size_t) kp_ih,
-                               O->xs + half * 8, gx_next + (size_t) half * 8 * G + (size_t) bi * 16,
-                               (size_t) G);
-            continue;
-        }
-        lf_bf16_row8_fused(wh, (const uint16_t*) O->ha, kp_hh / 2, gh,
-                           (const uint16_t*) Wi->w + (size_t) bi * Wi->bs,
-                           (const uint16_t*) O->xa + (size_t) half * 8 * kp_ih, (size_t) kp_ih,
-                           kp_ih / 2, gx_next + (size_t) half * 8 * G + (size_t) bi * 16, (size_t) G);
+        const uint8_t* xa = (const uint8_t*) O->xa + (size_t) half * 8 * kp_ih * es;
+        float* px = gx_next + (size_t) half * 8 * G + (size_t) bi * 16;
+        if (L->kind == LF_LP_INT8)
+            lf_int8_row8_fused(Wh, bh, (const uint8_t*) O->ha, O->hs[0], O->gh, Wi, bi, xa,
+                               (size_t) kp_ih, O->xs + half * 8, px, (size_t) G);
+        else
+            lf_bf16_row8_fused(Wh, bh, (const uint8_t*) O->ha, 0.0f, O->gh, Wi, bi, xa,
+                               (size_t) kp_ih * 2, NULL, px, (size_t) G);
     }
 }
 
