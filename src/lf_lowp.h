@@ -1777,7 +1777,7 @@ static inline int lf_lp_fused_share_ok(const lf_lp_layer* L, int u0, int u1) {
 static inline int lf_lp_fused_ok(const lf_lp_layer* L) {
 #if LF_PGEMM_X86
     return L->path == LF_PATH_AVX512 && L->cell_units != NULL
-           && L->B == 1 && L->D == 1 && L->P == 0 && L->H % 32 == 0 && L->H >= 64
+           && L->B == 1 && L->P == 0 && L->H % 32 == 0 && L->H >= 64
            && L->T >= LF_LP_SPLIT_MIN_STEPS && lf_lp_fused_share_ok(L, 0, L->H);
 #else
     (void) L;
@@ -1808,15 +1808,16 @@ static inline void lf_lp_split_gemm(int path, lf_amx_state* amx, const lf_lp_mat
 
 /* the rows of the block of steps s0.. (at most pb, none past T) quantized into O->xa; with
    `pad`, the rows past T zeroed up to pb (the fused products read whole groups of 8) */
-static void lf_lp_split_quant_block(const lf_lp_layer* L, const lf_lp_split_own* O, int s0,
-                                    int pb, int pad) {
+static void lf_lp_split_quant_block(const lf_lp_layer* L, const lf_lp_split_own* O, int d,
+                                    int steps, int s0, int pb, int pad) {
     const int B = L->B, kp_ih = L->ih[0]->kp;
     const size_t es = lf_lp_elem(L->kind);
-    const int n = L->T - s0 < pb ? L->T - s0 : pb;
+    const int n = steps - s0 < pb ? steps - s0 : pb;
     for (int k = 0; k < n; k++)
         for (int i = 0; i < B; i++)
             lf_lp_quant_row_fast(L->path, L->kind, L->n_in, kp_ih,
-                                 L->x + ((size_t) (s0 + k) * B + L->order[i]) * L->n_in,
+                                 L->x + ((size_t) lf_lp_time(L, s0 + k, d, L->order[i]) * B
+                                         + L->order[i]) * L->n_in,
                                  (uint8_t*) O->xa + ((size_t) k * B + i) * kp_ih * es,
                                  O->xs + k * B + i);
     if (pad && n < pb) {
@@ -1831,9 +1832,9 @@ static void lf_lp_split_quant_block(const lf_lp_layer* L, const lf_lp_split_own*
 /* step j of a block: the W_hh product of units u0..u1 (8 of their blocks a call) and the j-th
    share of the next block's projection: a piece (8 of its 16 rows against one block of W_ih) a
    call, the thread's 2n pieces over the block's 16 steps */
-static void lf_lp_fused_hh(const lf_lp_layer* L, const lf_lp_split_own* O, float* gx_next, int j,
-                           int u0, int u1) {
-    const lf_lp_mat *Wh = L->hh[0], *Wi = L->ih[0];
+static void lf_lp_fused_hh(const lf_lp_layer* L, const lf_lp_split_own* O, int d, float* gx_next,
+                           int j, int u0, int u1) {
+    const lf_lp_mat *Wh = L->hh[d], *Wi = L->ih[d];
     const int H = L->H, G = 4 * H, nb_u = (u1 - u0) / 16, n = 4 * nb_u, n_calls = n / 8;
     const int kp_ih = Wi->kp;
     const size_t es = lf_lp_elem(L->kind);
@@ -1855,8 +1856,8 @@ static void lf_lp_fused_hh(const lf_lp_layer* L, const lf_lp_split_own* O, float
 
 /* the pieces of steps 0..j-1 of the block before (those it did not carry) */
 static void lf_lp_fused_rest(const lf_lp_layer* L, const lf_lp_split_own* O, lf_amx_state* amx,
-                             float* gx, int j, int u0, int u1) {
-    const lf_lp_mat* Wi = L->ih[0];
+                             int d, float* gx, int j, int u0, int u1) {
+    const lf_lp_mat* Wi = L->ih[d];
     const int H = L->H, G = 4 * H, nb_u = (u1 - u0) / 16, n = 4 * nb_u, n_calls = n / 8;
     const size_t es = lf_lp_elem(L->kind);
     for (int piece = 0; piece < j * n_calls; piece++) {
@@ -1868,19 +1869,19 @@ static void lf_lp_fused_rest(const lf_lp_layer* L, const lf_lp_split_own* O, lf_
 #undef LF_FUSED_BLOCK
 #endif
 
-/* step s, units u0..u1: h_cur -> h_next (rows by position in the order), c, y and L->h in place.
-   gx: the block's projected inputs; fused (lf_lp_fused_ok): two such blocks, this one's and the
-   next one's, by the block's parity */
-static void lf_lp_split_step(const lf_lp_layer* L, lf_lp_split_own* O, float* gx_all, int fused,
-                             const float* h_cur, float* h_next, int s, int u0, int u1,
-                             lf_amx_state* amx) {
-    const int kind = L->kind, path = L->path, B = L->B, T = L->T, H = L->H, G = 4 * H;
+/* step s of direction d (steps in all), units u0..u1: h_cur -> h_next (rows by position in the
+   order), c, y and L->h in place. gx: the block's projected inputs; fused (lf_lp_fused_ok): two
+   such blocks, this one's and the next one's, by the block's parity */
+static void lf_lp_split_step(const lf_lp_layer* L, lf_lp_split_own* O, int d, int steps,
+                             float* gx_all, int fused, const float* h_cur, float* h_next, int s,
+                             int u0, int u1, lf_amx_state* amx) {
+    const int kind = L->kind, path = L->path, B = L->B, H = L->H, G = 4 * H;
     const size_t es = lf_lp_elem(kind);
     const int kp_hh = L->hh[0]->kp;
     const int n_act = lf_lp_active(L, s), pb = lf_lp_split_block(B), blk = s / pb;
     float* gx = gx_all + (fused ? (size_t) (blk % 2) * pb * B * G : 0);
     /* a next block to project in these steps (where this thread's share is large enough) */
-    const int next = fused && (blk + 1) * pb < T && lf_lp_fused_share_ok(L, u0, u1);
+    const int next = fused && (blk + 1) * pb < steps && lf_lp_fused_share_ok(L, u0, u1);
     const int carrying = fused && O->fuse_block == blk + 1 && O->fuse_u0 == u0 && O->fuse_u1 == u1;
     if (s % pb == 0) {
         /* every row of the block's steps, as the up-front projection (1) does, unless the
@@ -1892,18 +1893,18 @@ static void lf_lp_split_step(const lf_lp_layer* L, lf_lp_split_own* O, float* gx
             __atomic_add_fetch(&lf_lp_fused_blocks, 1, __ATOMIC_RELAXED);
 #if LF_PGEMM_X86
             if (!whole)
-                lf_lp_fused_rest(L, O, amx, gx, O->fuse_from, u0, u1);
+                lf_lp_fused_rest(L, O, amx, d, gx, O->fuse_from, u0, u1);
 #endif
         } else {
-            lf_lp_split_quant_block(L, O, s, pb, 0);
-            lf_lp_split_gemm(path, amx, L->ih[0], (T - s < pb ? T - s : pb) * B, O->xa, O->xs,
-                             H, u0, u1, gx, (size_t) G);
+            lf_lp_split_quant_block(L, O, d, steps, s, pb, 0);
+            lf_lp_split_gemm(path, amx, L->ih[d], (steps - s < pb ? steps - s : pb) * B, O->xa,
+                             O->xs, H, u0, u1, gx, (size_t) G);
         }
     }
     if (next && (s % pb == 0 || !carrying)) {
         /* carry the next block's projection from this step on (its start, or where these
            units began within it) */
-        lf_lp_split_quant_block(L, O, (blk + 1) * pb, pb, 1);
+        lf_lp_split_quant_block(L, O, d, steps, (blk + 1) * pb, pb, 1);
         O->fuse_block = blk + 1;
         O->fuse_u0 = u0;
         O->fuse_u1 = u1;
@@ -1915,27 +1916,29 @@ static void lf_lp_split_step(const lf_lp_layer* L, lf_lp_split_own* O, float* gx
                              (uint8_t*) O->ha + (size_t) i * kp_hh * es, O->hs + i);
 #if LF_PGEMM_X86
     if (next && n_act == 1) {
-        lf_lp_fused_hh(L, O, gx_all + (size_t) ((blk + 1) % 2) * pb * B * G, s % pb, u0, u1);
+        lf_lp_fused_hh(L, O, d, gx_all + (size_t) ((blk + 1) % 2) * pb * B * G, s % pb, u0, u1);
         O->fuse_steps++;
     } else
 #endif
     {
-        lf_lp_split_gemm(path, amx, L->hh[0], n_act, O->ha, O->hs, H, u0, u1, O->gh, (size_t) G);
+        lf_lp_split_gemm(path, amx, L->hh[d], n_act, O->ha, O->hs, H, u0, u1, O->gh, (size_t) G);
     }
     for (int i = 0; i < n_act; i++) {
         const Py_ssize_t b = L->order[i];
+        const Py_ssize_t t = lf_lp_time(L, s, d, b);
         float* hn = h_next + (size_t) i * H;
         L->cell_units(H, u0, u1, O->gh + (size_t) i * G,
-                      gx + ((size_t) (s % pb) * B + i) * G, L->bias,
-                      L->c + (size_t) b * H, hn);
-        memcpy(L->y + ((size_t) s * B + b) * H + u0, hn + u0, (size_t) (u1 - u0) * sizeof(float));
-        memcpy(L->h + (size_t) b * H + u0, hn + u0, (size_t) (u1 - u0) * sizeof(float));
+                      gx + ((size_t) (s % pb) * B + i) * G, L->bias + (size_t) d * G,
+                      L->c + ((size_t) d * B + b) * H, hn);
+        memcpy(L->y + (((size_t) t * B + b) * L->D + d) * H + u0, hn + u0,
+               (size_t) (u1 - u0) * sizeof(float));
+        memcpy(L->h + ((size_t) d * B + b) * H + u0, hn + u0, (size_t) (u1 - u0) * sizeof(float));
     }
 }
 
-/* On n_threads (1: the fused batch-1 way alone). Returns 0, or -1 when memory ran out (nothing is
-   written then). */
-static int lf_lp_split_forward(const lf_lp_layer* L, int n_threads, int fused) {
+/* Direction d on n_threads (1: the fused batch-1 way alone). Returns 0, or -1 when memory ran out
+   (nothing is written then). */
+static int lf_lp_split_forward(const lf_lp_layer* L, int n_threads, int fused, int d) {
     const int B = L->B, H = L->H, G = 4 * H, T = L->T;
     const size_t es = lf_lp_elem(L->kind);
     const int kp_ih = L->ih[0]->kp, kp_hh = L->hh[0]->kp;
@@ -1966,7 +1969,8 @@ static int lf_lp_split_forward(const lf_lp_layer* L, int n_threads, int fused) {
         own[r].fuse_u0 = own[r].fuse_u1 = own[r].fuse_from = own[r].fuse_steps = 0;
     }
     for (int i = 0; i < B; i++)
-        memcpy(h_bufs + (size_t) i * H, L->h + (size_t) L->order[i] * H, (size_t) H * sizeof(float));
+        memcpy(h_bufs + (size_t) i * H, L->h + ((size_t) d * B + L->order[i]) * H,
+               (size_t) H * sizeof(float));
     lf_barrier barrier;
     lf_barrier_init(&barrier);
     long join_at = -1, arrived = 0;
@@ -1982,7 +1986,7 @@ static int lf_lp_split_forward(const lf_lp_layer* L, int n_threads, int fused) {
         int s = 0;
         if (rank == 0) {
             while (s < steps && team > 1 && (s < alone || lf_team_arrived(&arrived) < team - 1)) {
-                lf_lp_split_step(L, O, gx, fused, h_bufs + (size_t) (s % 2) * B * H,
+                lf_lp_split_step(L, O, d, steps, gx, fused, h_bufs + (size_t) (s % 2) * B * H,
                                  h_bufs + (size_t) ((s + 1) % 2) * B * H, s, 0, H, &amx);
                 s++;
             }
@@ -1995,7 +1999,7 @@ static int lf_lp_split_forward(const lf_lp_layer* L, int n_threads, int fused) {
         const int u0 = (int) lf_team_unit_begin(H), u1 = (int) lf_team_unit_end(H);
         for (; s < steps; s++) {
             if (u1 > u0)
-                lf_lp_split_step(L, O, gx, fused, h_bufs + (size_t) (s % 2) * B * H,
+                lf_lp_split_step(L, O, d, steps, gx, fused, h_bufs + (size_t) (s % 2) * B * H,
                                  h_bufs + (size_t) ((s + 1) % 2) * B * H, s, u0, u1, &amx);
             lf_barrier_wait(&barrier, team);
         }
@@ -2020,7 +2024,7 @@ static int lf_lp_layer_forward(const lf_lp_layer* L) {
        give the same bits. */
     int threads_proj = L->threads_proj, threads_rec = L->threads_rec, choice = 1;
     int split = lf_lp_split_ok(L), dirs = L->threads_dirs > 1 && D == 2;
-    const int fused = lf_lp_fused_ok(L);
+    int fused = lf_lp_fused_ok(L);
     long key = 0, start = 0;
     if (threads_proj > 1 || threads_rec > 1 || split || dirs) {
         const int most = threads_proj > threads_rec ? threads_proj : threads_rec;
@@ -2032,12 +2036,29 @@ static int lf_lp_layer_forward(const lf_lp_layer* L) {
         if (!(choice & 1))
             threads_proj = threads_rec = 1, split = 0, dirs = 0;
     }
-    if (split || fused) {        /* split by units (3), or batch 1 fused on one thread */
+    /* batch 1 fused: split by units, its directions on two threads (2c), or one thread */
+    fused = fused && (split || dirs || (threads_proj <= 1 && threads_rec <= 1));
+    if (split || fused) {        /* split by units (3), or batch 1 fused */
         __atomic_add_fetch(split ? &lf_lp_split_runs : &lf_lp_fused_runs, 1, __ATOMIC_RELAXED);
         if (split && fused)
             __atomic_add_fetch(&lf_lp_fused_runs, 1, __ATOMIC_RELAXED);
         start = lf_ticks();
-        int rc = lf_lp_split_forward(L, split ? L->threads_split : 1, fused);
+        int rc = 0;
+        if (D == 1) {
+            rc = lf_lp_split_forward(L, split ? L->threads_split : 1, fused, 0);
+        } else if (dirs) {      /* each thread claims a direction, as 2c does */
+            __atomic_add_fetch(&lf_lp_dir_runs, 1, __ATOMIC_RELAXED);
+            int next_dir = 0;
+            #pragma omp parallel num_threads(2)
+            {
+                for (int d; (d = __atomic_fetch_add(&next_dir, 1, __ATOMIC_RELAXED)) < D;)
+                    if (lf_lp_split_forward(L, 1, fused, d) != 0)
+                        __atomic_store_n(&rc, -1, __ATOMIC_RELAXED);
+            }
+        } else {
+            for (int d = 0; d < D && rc == 0; d++)
+                rc = lf_lp_split_forward(L, 1, fused, d);
+        }
         if (key != 0) {
             if (rc == 0 && (choice & 2))
                 lf_split_record(key, choice, lf_ticks() - start, L->T);

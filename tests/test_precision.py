@@ -850,22 +850,25 @@ def test_split_by_units_gives_the_one_thread_bits(precision, path, forced, split
 def test_fused_batch1_gives_the_generic_bits(precision, forced, split_way, rng):
     """Batch 1 on VDPBF16PS or VPDPBUSD: each step's W_hh product carries a share of the next
     block's input projection (one thread, and each thread of split by units whose share of W_hh
-    is 64 KB or more). Inputs wider and narrower than H, T past and short of a whole block, a
-    length below T, an initial state, two layers; the team opening within a block (a thread then
-    carries the shares of the steps left and projects the rest at the next block's start), at its
-    start, just after and never. Every output has the generic path's bits (the same VDPBF16PS
-    chain; int8's exact sums), and blocks were projected fused."""
+    is 64 KB or more; bidirectional: each direction on a thread of its own, or both on one).
+    Inputs wider and narrower than H, T past and short of a whole block, a length below T (the
+    reverse direction from there), an initial state, two layers; the team opening within a block
+    (a thread then carries the shares of the steps left and projects the rest at the next block's
+    start), at its start, just after and never. Every output has the generic path's bits (the
+    same VDPBF16PS chain; int8's exact sums), and blocks were projected fused."""
     native = {"bfloat16": "avx512_bf16", "int8": "avx512_vnni"}[precision]
     if not FEAT[native]:
         pytest.skip(f"no {native}")
     # int8 at H = 128 on two threads: 32 KB a thread, not fused (H = 160: one thread of two)
-    for T, I, H, layers in [(40, 128, 128, 1), (57, 300, 160, 2), (33, 40, 256, 1),
-                            (64, 16, 128, 1)]:
-        t, m = torch_model(I, H, num_layers=layers)
+    for T, I, H, layers, bi in [(40, 128, 128, 1, False), (57, 300, 160, 2, False),
+                                (33, 40, 256, 1, False), (64, 16, 128, 1, False),
+                                (45, 64, 128, 1, True), (50, 200, 160, 2, True)]:
+        t, m = torch_model(I, H, num_layers=layers, bidirectional=bi)
         x = rng.standard_normal((T, 1, I)).astype(np.float32)
         lengths = [T - 3]
-        hx = (rng.standard_normal((layers, 1, H)).astype(np.float32),
-              rng.standard_normal((layers, 1, H)).astype(np.float32))
+        n_states = layers * (2 if bi else 1)
+        hx = (rng.standard_normal((n_states, 1, H)).astype(np.float32),
+              rng.standard_normal((n_states, 1, H)).astype(np.float32))
         forced("generic")
         want = flat(m.freeze(precision=precision)(x, hx, lengths=lengths))
         forced(native)          # also under LSTM_FAST_ISA=avx2 (the cell's cap; make test-isa)
@@ -880,7 +883,7 @@ def test_fused_batch1_gives_the_generic_bits(precision, forced, split_way, rng):
             assert _lowp.split_runs("fused") == runs + layers
             # from the second block on (the calling thread carries it whatever step the team
             # opens at, where its share is large enough)
-            if way == "one" or precision == "bfloat16" or H != 128:
+            if way == "one" or precision == "bfloat16" or H != 128 or bi:
                 assert _lowp.split_runs("fused_blocks") > blocks, (T, H, threads, way, alone)
             for a, b in zip(want, got):
                 np.testing.assert_array_equal(a, b, err_msg=str((T, I, H, threads, way, alone)))
