@@ -2046,7 +2046,9 @@ static int lf_lp_layer_forward(const lf_lp_layer* L) {
         int rc = 0;
         if (D == 1) {
             rc = lf_lp_split_forward(L, split ? L->threads_split : 1, fused, 0);
-        } else if (dirs) {      /* each thread claims a direction, as 2c does */
+        } else if (dirs) {      /* each thread claims a direction, as 2c does (memory running
+                                   out in one after the other ran: the caller raises and drops
+                                   the outputs) */
             __atomic_add_fetch(&lf_lp_dir_runs, 1, __ATOMIC_RELAXED);
             int next_dir = 0;
             #pragma omp parallel num_threads(2)
