@@ -1760,7 +1760,8 @@ static inline int lf_lp_split_ok(const lf_lp_layer* L) {
            && L->T >= LF_LP_SPLIT_MIN_STEPS;
 }
 
-/* Batch 1 on VDPBF16PS or VPDPBUSD (one thread, or split by units): each step's W_hh product
+/* Batch 1 on VDPBF16PS or VPDPBUSD (one thread, split by units, or each direction on a thread of
+   its own): each step's W_hh product
    carries a share of the next block's input projection (lf_bf16_row8_fused, lf_int8_row8_fused),
    so that a block's projection costs no time of its own. A thread whose units changed within a block (the team
    opened there) carries the shares of the steps left from then on, and projects the shares of
@@ -1806,8 +1807,9 @@ static inline void lf_lp_split_gemm(int path, lf_amx_state* amx, const lf_lp_mat
         lf_lp_gemm_in(path, amx, M, rows, A, sx, (g * H + u0) / 16, (g * H + u1) / 16, out, ldo);
 }
 
-/* the rows of the block of steps s0.. (at most pb, none past T) quantized into O->xa; with
-   `pad`, the rows past T zeroed up to pb (the fused products read whole groups of 8) */
+/* the rows of the block of steps s0.. of direction d (at most pb, none past `steps`) quantized
+   into O->xa; with `pad`, the rows past `steps` zeroed up to pb (the fused products read whole
+   groups of 8) */
 static void lf_lp_split_quant_block(const lf_lp_layer* L, const lf_lp_split_own* O, int d,
                                     int steps, int s0, int pb, int pad) {
     const int B = L->B, kp_ih = L->ih[0]->kp;
@@ -1975,14 +1977,14 @@ static int lf_lp_split_forward(const lf_lp_layer* L, int n_threads, int fused, i
     lf_barrier_init(&barrier);
     long join_at = -1, arrived = 0;
     const long alone = lf_lp_split_alone_forced;
+    /* every thread stops at the same step: past the longest row (lengths below T) */
+    const int steps = L->lengths[L->order[0]] < T ? (int) L->lengths[L->order[0]] : T;
     #pragma omp parallel num_threads(n_threads) if (n_threads > 1)
     {
         const int team = lf_team_size(), rank = lf_team_rank();
         lf_lp_split_own* O = &own[rank];
         lf_amx_state amx;
         amx.cfg_m = 0;
-        /* every thread stops at the same step: past the longest row (lengths below T) */
-        const int steps = L->lengths[L->order[0]] < T ? (int) L->lengths[L->order[0]] : T;
         int s = 0;
         if (rank == 0) {
             while (s < steps && team > 1 && (s < alone || lf_team_arrived(&arrived) < team - 1)) {
@@ -2007,6 +2009,26 @@ static int lf_lp_split_forward(const lf_lp_layer* L, int n_threads, int fused, i
     }
     free(own_mem); free(h_bufs); free(gx); free(own);
     return 0;
+}
+
+/* 2c: two threads, each claiming a direction and running it whole (a thread that arrives late
+   finds its direction taken if the first finished its own): fused, each direction's batch-1 loop
+   (lf_lp_split_forward on one thread); else its projection and recurrence in W's buffers
+   (lf_lp_dir_forward). Returns 0, or -1 when memory ran out in a fused direction (the other
+   may have run: the caller raises and drops the outputs). */
+static int lf_lp_two_dirs(const lf_lp_layer* L, const lf_lp_ws* W, int fused) {
+    int next_dir = 0, rc = 0;
+    __atomic_add_fetch(&lf_lp_dir_runs, 1, __ATOMIC_RELAXED);
+    #pragma omp parallel num_threads(2)
+    {
+        for (int d; (d = __atomic_fetch_add(&next_dir, 1, __ATOMIC_RELAXED)) < L->D;) {
+            if (!fused)
+                lf_lp_dir_forward(L, W, d);
+            else if (lf_lp_split_forward(L, 1, 1, d) != 0)
+                __atomic_store_n(&rc, -1, __ATOMIC_RELAXED);
+        }
+    }
+    return rc;
 }
 
 enum { LF_LP_WS_XA = 0, LF_LP_WS_GX = 1 };   /* work-buffer slots of this module */
@@ -2039,24 +2061,16 @@ static int lf_lp_layer_forward(const lf_lp_layer* L) {
     /* batch 1 fused: split by units, its directions on two threads (2c), or one thread */
     fused = fused && (split || dirs || (threads_proj <= 1 && threads_rec <= 1));
     if (split || fused) {        /* split by units (3), or batch 1 fused */
-        __atomic_add_fetch(split ? &lf_lp_split_runs : &lf_lp_fused_runs, 1, __ATOMIC_RELAXED);
-        if (split && fused)
+        if (split)
+            __atomic_add_fetch(&lf_lp_split_runs, 1, __ATOMIC_RELAXED);
+        if (fused)
             __atomic_add_fetch(&lf_lp_fused_runs, 1, __ATOMIC_RELAXED);
         start = lf_ticks();
         int rc = 0;
         if (D == 1) {
             rc = lf_lp_split_forward(L, split ? L->threads_split : 1, fused, 0);
-        } else if (dirs) {      /* each thread claims a direction, as 2c does (memory running
-                                   out in one after the other ran: the caller raises and drops
-                                   the outputs) */
-            __atomic_add_fetch(&lf_lp_dir_runs, 1, __ATOMIC_RELAXED);
-            int next_dir = 0;
-            #pragma omp parallel num_threads(2)
-            {
-                for (int d; (d = __atomic_fetch_add(&next_dir, 1, __ATOMIC_RELAXED)) < D;)
-                    if (lf_lp_split_forward(L, 1, fused, d) != 0)
-                        __atomic_store_n(&rc, -1, __ATOMIC_RELAXED);
-            }
+        } else if (dirs) {
+            rc = lf_lp_two_dirs(L, NULL, 1);
         } else {
             for (int d = 0; d < D && rc == 0; d++)
                 rc = lf_lp_split_forward(L, 1, fused, d);
@@ -2111,13 +2125,7 @@ static int lf_lp_layer_forward(const lf_lp_layer* L) {
     if (ok) {
         start = lf_ticks();
         if (by_dirs) {
-            __atomic_add_fetch(&lf_lp_dir_runs, 1, __ATOMIC_RELAXED);
-            int next_dir = 0;
-            #pragma omp parallel num_threads(2)
-            {
-                for (int d; (d = __atomic_fetch_add(&next_dir, 1, __ATOMIC_RELAXED)) < D;)
-                    lf_lp_dir_forward(L, &W, d);
-            }
+            lf_lp_two_dirs(L, &W, 0);
         } else {
             if (!W.rows_fused) {  /* the up-front projection (1); split by rows (2a), each
                                      thread projects its own rows' inputs in its steps */
