@@ -649,37 +649,42 @@ LF_BF16_ATTR void lf_bf16_tile_##RR##_##NN(const lf_lp_mat* W, const uint16_t* a
     }                                                                                           \
 }
 
-#define LF_LP_MR 4   /* rows per register tile: 4 x 4 blocks = 16 accumulators (6 x 4 in an
-                        array spills; lf_bf16_tile_hot64 names its 24) */
-#define LF_TILE_CASES(X) X(1,1) X(1,2) X(1,3) X(1,4) X(1,5) X(1,6) X(1,7) \
-    X(2,1) X(2,2) X(2,3) X(2,4) X(3,1) X(3,2) X(3,3) X(3,4) X(4,1) X(4,2) X(4,3) \
-    X(5,1) X(5,2) X(5,3) X(5,4) X(6,1) X(6,2) X(6,3)
+#define LF_LP_MR 4   /* rows per register tile below 6 rows left: 4 x 4 blocks, 16 accumulators */
+#define LF_TILE_CASES(X) X(1,5) X(1,6) X(1,7)
 LF_TILE_CASES(LF_BF16_TILE_FN)
 
-/* The hot shapes, 4 and 6 rows x 4 blocks and 1 row x 8 blocks, with named accumulators: with an
-   array gcc 12 copies every accumulator between registers once per step of k. Same chains,
-   same bits as the functions above. */
-/* one step of k of the 4 x 4 and 6 x 4 tiles: the 4 blocks' weight vectors, then per row r a
-   broadcast of its pair/quad and 4 products; and row r's stores */
+/* The tiles of 1-6 rows x 1-4 blocks, and 1 row x 8 blocks, with named accumulators: with an
+   array gcc 12 copies every accumulator between registers once per step of k (a 2 x 4 or 3 x 4
+   tile then ran at about 30 % of the 6 x 4 tile's rate a product: EPYC Zen 4, 128 rows, the 2
+   rows past 21 tiles of 6 took 4 % of the product's time). Same chains, same bits as the
+   functions above. */
+/* one step of k of the RR x NN tile: the NN blocks' weight vectors, then per row r a broadcast
+   of its pair/quad and NN products; and row r's stores (rows and blocks past RR, NN are dead
+   code) */
 #define LF_HOT_W4(ET)                                                                           \
         const ET* wp = w + (size_t) p * 64 / sizeof(ET);                                        \
         const __m512i w0 = _mm512_loadu_si512((const void*) wp);                                \
-        const __m512i w1 = _mm512_loadu_si512((const void*) (wp + bs));                         \
-        const __m512i w2 = _mm512_loadu_si512((const void*) (wp + 2 * bs));                     \
-        const __m512i w3 = _mm512_loadu_si512((const void*) (wp + 3 * bs));                     \
+        const __m512i w1 = NN > 1 ? _mm512_loadu_si512((const void*) (wp + bs)) : w0;           \
+        const __m512i w2 = NN > 2 ? _mm512_loadu_si512((const void*) (wp + 2 * bs)) : w0;       \
+        const __m512i w3 = NN > 3 ? _mm512_loadu_si512((const void*) (wp + 3 * bs)) : w0;       \
         __m512i x;
-#define LF_HOT_ROW(r, DP, ET, PSTEP)                                                            \
-        x = _mm512_set1_epi32(lf_load32(a##r + PSTEP * p));                                     \
-        c##r##0 = DP(c##r##0, w0, x); c##r##1 = DP(c##r##1, w1, x);                              \
-        c##r##2 = DP(c##r##2, w2, x); c##r##3 = DP(c##r##3, w3, x);
-#define LF_HOT_ST(r, STORE) STORE(r, 0, c##r##0) STORE(r, 1, c##r##1) STORE(r, 2, c##r##2)       \
-        STORE(r, 3, c##r##3)
-/* RR (4 or 6, a constant) rows x 4 blocks: 6 x 4 keeps 24 accumulators, 4 weight vectors and a
-   broadcast in 29 of the 32 zmm registers, a third less weight traffic from L2 per product than
-   4 x 4; the rows past RR are dead code */
-#define LF_HOTR4(SUF, RR, ATTR, ET, VT, ZERO, DP, PSTEP, STORE)                                  \
-ATTR void lf_##SUF##_tile_hot##RR##4(const lf_lp_mat* W, const ET* a, size_t lda, const float* sx, \
-                                     int b, float* out, size_t ldo) {                           \
+#define LF_HOT_ROW(r, DP, ET, PSTEP) if (RR > r) {                                              \
+        x = _mm512_set1_epi32(lf_load32(a + (size_t) r * lda + PSTEP * p));                     \
+        c##r##0 = DP(c##r##0, w0, x);                                                           \
+        if (NN > 1) c##r##1 = DP(c##r##1, w1, x);                                               \
+        if (NN > 2) c##r##2 = DP(c##r##2, w2, x);                                               \
+        if (NN > 3) c##r##3 = DP(c##r##3, w3, x); }
+#define LF_HOT_ST(r, STORE) if (RR > r) {                                                       \
+        STORE(r, 0, c##r##0)                                                                    \
+        if (NN > 1) STORE(r, 1, c##r##1)                                                        \
+        if (NN > 2) STORE(r, 2, c##r##2)                                                        \
+        if (NN > 3) STORE(r, 3, c##r##3) }
+/* RR rows x NN blocks: 6 x 4 keeps 24 accumulators, 4 weight vectors and a broadcast in 29 of
+   the 32 zmm registers, a third less weight traffic from L2 per product than 4 x 4 */
+#define LF_HOT_TILE(SUF, RR_, NN_, ATTR, ET, VT, ZERO, DP, PSTEP, STORE)                         \
+ATTR void lf_##SUF##_tile_h##RR_##NN_(const lf_lp_mat* W, const ET* a, size_t lda, const float* sx, \
+                                      int b, float* out, size_t ldo) {                          \
+    enum { RR = RR_, NN = NN_ };                                                                \
     const int kp = W->kp;                                                                       \
     const ET* w = (const ET*) W->w + (size_t) b * W->bs;                                        \
     const size_t bs = (size_t) W->bs;                                                           \
@@ -687,16 +692,14 @@ ATTR void lf_##SUF##_tile_hot##RR##4(const lf_lp_mat* W, const ET* a, size_t lda
        c13 = ZERO, c20 = ZERO, c21 = ZERO, c22 = ZERO, c23 = ZERO, c30 = ZERO, c31 = ZERO,      \
        c32 = ZERO, c33 = ZERO, c40 = ZERO, c41 = ZERO, c42 = ZERO, c43 = ZERO, c50 = ZERO,      \
        c51 = ZERO, c52 = ZERO, c53 = ZERO;                                                      \
-    const ET *a0 = a, *a1 = a + lda, *a2 = a + 2 * lda, *a3 = a + 3 * lda, *a4 = a + 4 * lda,   \
-             *a5 = a + 5 * lda;                                                                 \
     for (int p = 0; p < kp / PSTEP; p++) {                                                      \
         LF_HOT_W4(ET)                                                                           \
         LF_HOT_ROW(0, DP, ET, PSTEP) LF_HOT_ROW(1, DP, ET, PSTEP)                               \
         LF_HOT_ROW(2, DP, ET, PSTEP) LF_HOT_ROW(3, DP, ET, PSTEP)                               \
-        if (RR > 4) { LF_HOT_ROW(4, DP, ET, PSTEP) LF_HOT_ROW(5, DP, ET, PSTEP) }               \
+        LF_HOT_ROW(4, DP, ET, PSTEP) LF_HOT_ROW(5, DP, ET, PSTEP)                               \
     }                                                                                           \
     LF_HOT_ST(0, STORE) LF_HOT_ST(1, STORE) LF_HOT_ST(2, STORE) LF_HOT_ST(3, STORE)             \
-    if (RR > 4) { LF_HOT_ST(4, STORE) LF_HOT_ST(5, STORE) }                                     \
+    LF_HOT_ST(4, STORE) LF_HOT_ST(5, STORE)                                                     \
 }
 #define LF_HOT18(SUF, ATTR, ET, VT, ZERO, ACC, PSTEP, STORE)                                \
 ATTR void lf_##SUF##_tile_hot18(const lf_lp_mat* W, const ET* a, size_t lda, const float* sx,   \
@@ -735,8 +738,12 @@ ATTR void lf_##SUF##_tile_hot18(const lf_lp_mat* W, const ET* a, size_t lda, con
                        _mm512_loadu_si512((const void*) (W->corr + j0))));                       \
         __m512 sc = _mm512_mul_ps(_mm512_set1_ps(sx[r]), _mm512_loadu_ps(W->scale + j0));       \
         _mm512_mask_storeu_ps(out + (r) * ldo + j0, mk, _mm512_mul_ps(f, sc)); }
-LF_HOTR4(bf16, 4, LF_BF16_ATTR, uint16_t, __m512, _mm512_setzero_ps(), LF_DP_BF16, 2, LF_STORE_BF16)
-LF_HOTR4(bf16, 6, LF_BF16_ATTR, uint16_t, __m512, _mm512_setzero_ps(), LF_DP_BF16, 2, LF_STORE_BF16)
+#define LF_BF16_HOT(RR, NN) LF_HOT_TILE(bf16, RR, NN, LF_BF16_ATTR, uint16_t, __m512,                \
+                                         _mm512_setzero_ps(), LF_DP_BF16, 2, LF_STORE_BF16)
+#define LF_HOT_CASES(X) X(1,1) X(1,2) X(1,3) X(1,4) X(2,1) X(2,2) X(2,3) X(2,4) X(3,1) X(3,2)    \
+    X(3,3) X(3,4) X(4,1) X(4,2) X(4,3) X(4,4) X(5,1) X(5,2) X(5,3) X(5,4) X(6,1) X(6,2) X(6,3)  \
+    X(6,4)
+LF_HOT_CASES(LF_BF16_HOT)
 /* the accumulation of the batch-1 tile as a statement: bfloat16 by intrinsic; int8 as inline
    assembly on the named accumulator, as lf_int8v_* below: with the intrinsic gcc 12 copied all
    eight accumulators to other registers and back on every step of k (16 moves beside 8
@@ -759,11 +766,12 @@ lf_lp_gemm_bf16_avx512(const lf_lp_mat* W, int rows, const void* A, size_t lda, 
             const int NB = b1 - b < nbmax ? b1 - b : nbmax;
             switch (R * 16 + NB) {
 #define LF_CASE_BF16(RR, NN) case RR * 16 + NN: lf_bf16_tile_##RR##_##NN(W, a, lda, b, out + r * ldo, ldo); break;
-            case 4 * 16 + 4: lf_bf16_tile_hot44(W, a, lda, NULL, b, out + r * ldo, ldo); break;
-            case 6 * 16 + 4: lf_bf16_tile_hot64(W, a, lda, NULL, b, out + r * ldo, ldo); break;
+#define LF_CASE_HOT(RR, NN) case RR * 16 + NN: lf_bf16_tile_h##RR##NN(W, a, lda, NULL, b, out + r * ldo, ldo); break;
             case 1 * 16 + 8: lf_bf16_tile_hot18(W, a, lda, NULL, b, out + r * ldo, ldo); break;
                 LF_TILE_CASES(LF_CASE_BF16)
+                LF_HOT_CASES(LF_CASE_HOT)
 #undef LF_CASE_BF16
+#undef LF_CASE_HOT
             }
             b += NB;
         }
