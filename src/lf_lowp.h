@@ -1113,6 +1113,42 @@ LF_FMA512_ATTR void lf_bf16f512_row8(const lf_lp_mat* W, const float* X, int p0,
 #undef LF_R8_ST
 }
 
+/* 2 or 3 rows x 4 whole blocks: 8 or 12 accumulators, where the 12 x 2 tiles' 2-3 rows keep
+   4-6 chains of two dependent FMAs a pair (latency-bound, as lf_bf16f2w_* below says for AVX2).
+   Same chains: the same bits. */
+#define LF_W5_EACH(M) M(0, 0) M(0, 1) M(0, 2) M(0, 3) M(1, 0) M(1, 1) M(1, 2) M(1, 3)           \
+    M(2, 0) M(2, 1) M(2, 2) M(2, 3)
+#define LF_W5_DECL(r, q) __m512 c##r##q = p0 > 0 && r < RR_                                     \
+    ? _mm512_loadu_ps(out + (size_t) r * ldo + 16 * (b + q)) : _mm512_setzero_ps();
+#define LF_W5_ST(r, q) if (r < RR_) _mm512_storeu_ps(out + (size_t) r * ldo + 16 * (b + q), c##r##q);
+#define LF_W5_ROW(r) if (r < RR_) {                                                             \
+        const __m512 xo = _mm512_set1_ps(xp[r * LF_FMA_KC + 1]);                                 \
+        const __m512 xe = _mm512_set1_ps(xp[r * LF_FMA_KC]);                                     \
+        c##r##0 = _mm512_fmadd_ps(wo0, xo, c##r##0); c##r##1 = _mm512_fmadd_ps(wo1, xo, c##r##1); \
+        c##r##2 = _mm512_fmadd_ps(wo2, xo, c##r##2); c##r##3 = _mm512_fmadd_ps(wo3, xo, c##r##3); \
+        c##r##0 = _mm512_fmadd_ps(we0, xe, c##r##0); c##r##1 = _mm512_fmadd_ps(we1, xe, c##r##1); \
+        c##r##2 = _mm512_fmadd_ps(we2, xe, c##r##2); c##r##3 = _mm512_fmadd_ps(we3, xe, c##r##3); }
+#define LF_W5_W(q)                                                                              \
+        const __m512i v##q = _mm512_loadu_si512((const void*) (w + q * bs + (size_t) p * 32));  \
+        const __m512 we##q = _mm512_castsi512_ps(_mm512_slli_epi32(v##q, 16));                  \
+        const __m512 wo##q = _mm512_castsi512_ps(_mm512_maskz_mov_epi16(odd, v##q));
+#define LF_W5_FN(RR)                                                                            \
+LF_FMA512_ATTR void lf_bf16f512w_##RR(const lf_lp_mat* W, const float* X, int p0, int p1, int b, \
+                                      float* out, size_t ldo) {                                 \
+    enum { RR_ = RR };                                                                          \
+    const uint16_t* w = (const uint16_t*) W->w + (size_t) b * W->bs;                            \
+    const size_t bs = (size_t) W->bs;                                                           \
+    const __mmask32 odd = (__mmask32) 0xAAAAAAAAu;                                              \
+    LF_W5_EACH(LF_W5_DECL)                                                                      \
+    const float* xp = X;                                                                        \
+    for (int p = p0; p < p1; p++, xp += 2) {                                                    \
+        LF_W5_W(0) LF_W5_W(1) LF_W5_W(2) LF_W5_W(3)                                             \
+        LF_W5_ROW(0) LF_W5_ROW(1) LF_W5_ROW(2)                                                  \
+    }                                                                                           \
+    LF_W5_EACH(LF_W5_ST)                                                                        \
+}
+LF_W5_FN(2) LF_W5_FN(3)
+
 typedef void (*lf_bf16f_tile)(const lf_lp_mat*, const float*, int, int, int, float*, size_t);
 
 /* bfloat16 rows (inputs i0..i0+len) -> float32 rows of stride LF_FMA_KC (exact: the bits move to
@@ -1154,6 +1190,9 @@ lf_lp_gemm_bf16_fma512(const lf_lp_mat* W, int rows, const void* A, size_t lda, 
             if (R == 1)
                 for (; b + 8 <= b1 && 16 * (b + 8) <= W->n; b += 8)
                     lf_bf16f512_row8(W, X, p0, p1, b, o);
+            if (R == 2 || R == 3)
+                for (; b + 4 <= b1 && 16 * (b + 4) <= W->n; b += 4)
+                    (R == 2 ? lf_bf16f512w_2 : lf_bf16f512w_3)(W, X, p0, p1, b, o, ldo);
             for (; b < b1; b += 2)
                 tiles[b1 - b < 2 ? 0 : 1][R - 1](W, X, p0, p1, b, o, ldo);
         }
@@ -1217,6 +1256,51 @@ LF_FMA2_ATTR void lf_bf16f2_##RR(const lf_lp_mat* W, const float* X, int p0, int
 }
 LF_F2_FN(1) LF_F2_FN(2) LF_F2_FN(3) LF_F2_FN(4)
 
+/* RR rows x NB whole blocks, RR x NB = 4 (1 x 4 and 2 x 2): 8 accumulators. The one-block tiles
+   above have 2 RR, each taking two dependent FMAs a pair: at one or two rows their chains'
+   latency, not the FMA units, sets the pace (batch-1 steps ran at 0.73x float32's AVX2 speed).
+   Same chains: the same bits. */
+#define LF_W2_EACH(M) M(0, 0) M(0, 1) M(0, 2) M(0, 3) M(1, 0) M(1, 1) M(1, 2) M(1, 3)
+#define LF_W2_DECL(r, q) __m256 c##r##q##l = _mm256_setzero_ps(), c##r##q##h = _mm256_setzero_ps();
+#define LF_W2_LD(r, q) if (r < RR_ && q < NB_) {                                                 \
+        c##r##q##l = _mm256_loadu_ps(out + (size_t) r * ldo + 16 * (b + q));                     \
+        c##r##q##h = _mm256_loadu_ps(out + (size_t) r * ldo + 16 * (b + q) + 8); }
+#define LF_W2_ST(r, q) if (r < RR_ && q < NB_) {                                                 \
+        _mm256_storeu_ps(out + (size_t) r * ldo + 16 * (b + q), c##r##q##l);                     \
+        _mm256_storeu_ps(out + (size_t) r * ldo + 16 * (b + q) + 8, c##r##q##h); }
+#define LF_W2_ROW(r, q) if (r < RR_ && q < NB_) {                                            \
+        const __m256 xo = _mm256_broadcast_ss(xp + r * LF_FMA_KC + 1);                           \
+        const __m256 xe = _mm256_broadcast_ss(xp + r * LF_FMA_KC);                               \
+        c##r##q##l = _mm256_fmadd_ps(wol, xo, c##r##q##l);                                       \
+        c##r##q##h = _mm256_fmadd_ps(woh, xo, c##r##q##h);                                       \
+        c##r##q##l = _mm256_fmadd_ps(wel, xe, c##r##q##l);                                       \
+        c##r##q##h = _mm256_fmadd_ps(weh, xe, c##r##q##h); }
+#define LF_W2_BLOCK(q) if (q < NB_) {                                                            \
+        const uint16_t* wq = w + q * bs + (size_t) p * 32;                                      \
+        const __m256i vl = _mm256_loadu_si256((const __m256i*) wq);                             \
+        const __m256i vh = _mm256_loadu_si256((const __m256i*) (wq + 16));                      \
+        const __m256 wel = _mm256_castsi256_ps(_mm256_slli_epi32(vl, 16));                      \
+        const __m256 wol = _mm256_castsi256_ps(_mm256_and_si256(vl, hi));                       \
+        const __m256 weh = _mm256_castsi256_ps(_mm256_slli_epi32(vh, 16));                      \
+        const __m256 woh = _mm256_castsi256_ps(_mm256_and_si256(vh, hi));                       \
+        LF_W2_ROW(0, q) LF_W2_ROW(1, q) }
+#define LF_W2_FN(RR, NB)                                                                        \
+LF_FMA2_ATTR void lf_bf16f2w_##RR##_##NB(const lf_lp_mat* W, const float* X, int p0, int p1,    \
+                                         int b, float* out, size_t ldo) {                       \
+    enum { RR_ = RR, NB_ = NB };                                                                \
+    const uint16_t* w = (const uint16_t*) W->w + (size_t) b * W->bs;                            \
+    const size_t bs = (size_t) W->bs;                                                           \
+    const __m256i hi = _mm256_set1_epi32((int) 0xFFFF0000u);                                    \
+    LF_W2_EACH(LF_W2_DECL)                                                                      \
+    if (p0 > 0) { LF_W2_EACH(LF_W2_LD) }                                                        \
+    const float* xp = X;                                                                        \
+    for (int p = p0; p < p1; p++, xp += 2) {                                                    \
+        LF_W2_BLOCK(0) LF_W2_BLOCK(1) LF_W2_BLOCK(2) LF_W2_BLOCK(3)                             \
+    }                                                                                           \
+    LF_W2_EACH(LF_W2_ST)                                                                        \
+}
+LF_W2_FN(1, 4) LF_W2_FN(2, 2)
+
 LF_FMA2_ATTR void lf_widen_bf16_avx2(const uint16_t* a, size_t lda, int rows, int i0, int len,
                                      float* X) {
     for (int r = 0; r < rows; r++)
@@ -1241,7 +1325,14 @@ lf_lp_gemm_bf16_fma2(const lf_lp_mat* W, int rows, const void* A, size_t lda, in
         for (int i0 = 0; i0 < kp; i0 += LF_FMA_KC) {
             const int len = kp - i0 < LF_FMA_KC ? kp - i0 : LF_FMA_KC;
             lf_widen_bf16_avx2((const uint16_t*) A + (size_t) r * lda, lda, R, i0, len, X);
-            for (int b = b0; b < b1; b++)
+            int b = b0;
+            if (R == 1)
+                for (; b + 4 <= b1 && 16 * (b + 4) <= W->n; b += 4)
+                    lf_bf16f2w_1_4(W, X, i0 / 2, (i0 + len) / 2, b, out + (size_t) r * ldo, ldo);
+            if (R == 2)
+                for (; b + 2 <= b1 && 16 * (b + 2) <= W->n; b += 2)
+                    lf_bf16f2w_2_2(W, X, i0 / 2, (i0 + len) / 2, b, out + (size_t) r * ldo, ldo);
+            for (; b < b1; b++)
                 tiles[R - 1](W, X, i0 / 2, (i0 + len) / 2, b, out + (size_t) r * ldo, ldo);
         }
     }

@@ -336,6 +336,15 @@ def test_fma_paths_give_the_generic_bits(path, rng):
         packed = _lowp.Packed("bfloat16", w)
         got, want = packed.matmul(path, a), packed.matmul("generic", a)
         np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32), err_msg=str((a.shape, w.shape)))
+    # 1-3 rows (and 13-15: the same after a 12-row tile) over whole and partial blocks and two
+    # input chunks: the wide few-row tiles (1 x 8, 2-3 x 4 blocks; 1 x 4, 2 x 2 on AVX2)
+    for rows in (1, 2, 3, 4, 13, 14, 15):
+        for n in (64, 16 * 9 + 5, 16 * 11):
+            w = (rng.standard_normal((n, 300)) * 0.1).astype(np.float32)
+            a = rng.standard_normal((rows, 300)).astype(np.float32)
+            packed = _lowp.Packed("bfloat16", w)
+            got, want = packed.matmul(path, a), packed.matmul("generic", a)
+            np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32), err_msg=str((rows, n)))
     tiny = np.float32(1e-38) * np.float32(np.random.default_rng(0).uniform(0.25, 0.5))
     assert 0 < tiny < np.finfo(np.float32).tiny      # still subnormal: MXCSR restored
 
