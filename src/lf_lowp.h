@@ -1114,7 +1114,7 @@ LF_FMA512_ATTR void lf_bf16f512_row8(const lf_lp_mat* W, const float* X, int p0,
 }
 
 /* 2 or 3 rows x 4 whole blocks: 8 or 12 accumulators, where the 12 x 2 tiles' 2-3 rows keep
-   4-6 chains of two dependent FMAs a pair (latency-bound, as lf_bf16f2w_* below says for AVX2).
+   4-6 chains of two dependent FMAs a pair (latency-bound, as lf_bf16f2_row4 below says for AVX2).
    Same chains: the same bits. */
 #define LF_W5_EACH(M) M(0, 0) M(0, 1) M(0, 2) M(0, 3) M(1, 0) M(1, 1) M(1, 2) M(1, 3)           \
     M(2, 0) M(2, 1) M(2, 2) M(2, 3)
@@ -1256,50 +1256,42 @@ LF_FMA2_ATTR void lf_bf16f2_##RR(const lf_lp_mat* W, const float* X, int p0, int
 }
 LF_F2_FN(1) LF_F2_FN(2) LF_F2_FN(3) LF_F2_FN(4)
 
-/* RR rows x NB whole blocks, RR x NB = 4 (1 x 4 and 2 x 2): 8 accumulators. The one-block tiles
-   above have 2 RR, each taking two dependent FMAs a pair: at one or two rows their chains'
-   latency, not the FMA units, sets the pace (batch-1 steps ran at 0.73x float32's AVX2 speed).
-   Same chains: the same bits. */
-#define LF_W2_EACH(M) M(0, 0) M(0, 1) M(0, 2) M(0, 3) M(1, 0) M(1, 1) M(1, 2) M(1, 3)
-#define LF_W2_DECL(r, q) __m256 c##r##q##l = _mm256_setzero_ps(), c##r##q##h = _mm256_setzero_ps();
-#define LF_W2_LD(r, q) if (r < RR_ && q < NB_) {                                                 \
-        c##r##q##l = _mm256_loadu_ps(out + (size_t) r * ldo + 16 * (b + q));                     \
-        c##r##q##h = _mm256_loadu_ps(out + (size_t) r * ldo + 16 * (b + q) + 8); }
-#define LF_W2_ST(r, q) if (r < RR_ && q < NB_) {                                                 \
-        _mm256_storeu_ps(out + (size_t) r * ldo + 16 * (b + q), c##r##q##l);                     \
-        _mm256_storeu_ps(out + (size_t) r * ldo + 16 * (b + q) + 8, c##r##q##h); }
-#define LF_W2_ROW(r, q) if (r < RR_ && q < NB_) {                                            \
-        const __m256 xo = _mm256_broadcast_ss(xp + r * LF_FMA_KC + 1);                           \
-        const __m256 xe = _mm256_broadcast_ss(xp + r * LF_FMA_KC);                               \
-        c##r##q##l = _mm256_fmadd_ps(wol, xo, c##r##q##l);                                       \
-        c##r##q##h = _mm256_fmadd_ps(woh, xo, c##r##q##h);                                       \
-        c##r##q##l = _mm256_fmadd_ps(wel, xe, c##r##q##l);                                       \
-        c##r##q##h = _mm256_fmadd_ps(weh, xe, c##r##q##h); }
-#define LF_W2_BLOCK(q) if (q < NB_) {                                                            \
-        const uint16_t* wq = w + q * bs + (size_t) p * 32;                                      \
-        const __m256i vl = _mm256_loadu_si256((const __m256i*) wq);                             \
-        const __m256i vh = _mm256_loadu_si256((const __m256i*) (wq + 16));                      \
-        const __m256 wel = _mm256_castsi256_ps(_mm256_slli_epi32(vl, 16));                      \
-        const __m256 wol = _mm256_castsi256_ps(_mm256_and_si256(vl, hi));                       \
-        const __m256 weh = _mm256_castsi256_ps(_mm256_slli_epi32(vh, 16));                      \
-        const __m256 woh = _mm256_castsi256_ps(_mm256_and_si256(vh, hi));                       \
-        LF_W2_ROW(0, q) LF_W2_ROW(1, q) }
-#define LF_W2_FN(RR, NB)                                                                        \
-LF_FMA2_ATTR void lf_bf16f2w_##RR##_##NB(const lf_lp_mat* W, const float* X, int p0, int p1,    \
-                                         int b, float* out, size_t ldo) {                       \
-    enum { RR_ = RR, NB_ = NB };                                                                \
-    const uint16_t* w = (const uint16_t*) W->w + (size_t) b * W->bs;                            \
-    const size_t bs = (size_t) W->bs;                                                           \
-    const __m256i hi = _mm256_set1_epi32((int) 0xFFFF0000u);                                    \
-    LF_W2_EACH(LF_W2_DECL)                                                                      \
-    if (p0 > 0) { LF_W2_EACH(LF_W2_LD) }                                                        \
-    const float* xp = X;                                                                        \
-    for (int p = p0; p < p1; p++, xp += 2) {                                                    \
-        LF_W2_BLOCK(0) LF_W2_BLOCK(1) LF_W2_BLOCK(2) LF_W2_BLOCK(3)                             \
-    }                                                                                           \
-    LF_W2_EACH(LF_W2_ST)                                                                        \
+/* One row x 4 whole blocks: 8 accumulators. The one-block tiles above keep 2 per row, each
+   taking two dependent FMAs a pair: at one or two rows their chains' latency, not the FMA units,
+   sets the pace (batch-1 steps ran at 0.73x float32's AVX2 speed). Two rows run it once each: a
+   2 x 2 tile spilled an accumulator with 16 ymm registers (a portable build) and ran 1.05x the
+   2 x 1 tiles' time. Same chains: the same bits. */
+#define LF_F4(M) M(0) M(1) M(2) M(3)
+LF_FMA2_ATTR void lf_bf16f2_row4(const lf_lp_mat* W, const float* X, int p0, int p1, int b,
+                                 float* out) {
+    const uint16_t* w = (const uint16_t*) W->w + (size_t) b * W->bs;
+    const size_t bs = (size_t) W->bs;
+    const __m256i hi = _mm256_set1_epi32((int) 0xFFFF0000u);
+#define LF_R4_DECL(q)                                                                           \
+    __m256 c##q##l = p0 > 0 ? _mm256_loadu_ps(out + 16 * (b + q)) : _mm256_setzero_ps();        \
+    __m256 c##q##h = p0 > 0 ? _mm256_loadu_ps(out + 16 * (b + q) + 8) : _mm256_setzero_ps();
+    LF_F4(LF_R4_DECL)
+    const float* xp = X;
+    for (int p = p0; p < p1; p++, xp += 2) {
+        const __m256 xo = _mm256_broadcast_ss(xp + 1), xe = _mm256_broadcast_ss(xp);
+#define LF_R4_DP(q) {                                                                           \
+            const uint16_t* wq = w + q * bs + (size_t) p * 32;                                  \
+            const __m256i vl = _mm256_loadu_si256((const __m256i*) wq);                         \
+            const __m256i vh = _mm256_loadu_si256((const __m256i*) (wq + 16));                  \
+            c##q##l = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(vl, hi)), xo, c##q##l); \
+            c##q##h = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(vh, hi)), xo, c##q##h); \
+            c##q##l = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(vl, 16)), xe, c##q##l); \
+            c##q##h = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(vh, 16)), xe, c##q##h); }
+        LF_F4(LF_R4_DP)
+    }
+    /* whole blocks only (all four below n): plain stores */
+#define LF_R4_ST(q) _mm256_storeu_ps(out + 16 * (b + q), c##q##l);                               \
+    _mm256_storeu_ps(out + 16 * (b + q) + 8, c##q##h);
+    LF_F4(LF_R4_ST)
+#undef LF_R4_DECL
+#undef LF_R4_DP
+#undef LF_R4_ST
 }
-LF_W2_FN(1, 4) LF_W2_FN(2, 2)
 
 LF_FMA2_ATTR void lf_widen_bf16_avx2(const uint16_t* a, size_t lda, int rows, int i0, int len,
                                      float* X) {
@@ -1326,12 +1318,11 @@ lf_lp_gemm_bf16_fma2(const lf_lp_mat* W, int rows, const void* A, size_t lda, in
             const int len = kp - i0 < LF_FMA_KC ? kp - i0 : LF_FMA_KC;
             lf_widen_bf16_avx2((const uint16_t*) A + (size_t) r * lda, lda, R, i0, len, X);
             int b = b0;
-            if (R == 1)
+            if (R <= 2)
                 for (; b + 4 <= b1 && 16 * (b + 4) <= W->n; b += 4)
-                    lf_bf16f2w_1_4(W, X, i0 / 2, (i0 + len) / 2, b, out + (size_t) r * ldo, ldo);
-            if (R == 2)
-                for (; b + 2 <= b1 && 16 * (b + 2) <= W->n; b += 2)
-                    lf_bf16f2w_2_2(W, X, i0 / 2, (i0 + len) / 2, b, out + (size_t) r * ldo, ldo);
+                    for (int i = 0; i < R; i++)
+                        lf_bf16f2_row4(W, X + i * LF_FMA_KC, i0 / 2, (i0 + len) / 2, b,
+                                       out + (size_t) (r + i) * ldo);
             for (; b < b1; b++)
                 tiles[R - 1](W, X, i0 / 2, (i0 + len) / 2, b, out + (size_t) r * ldo, ldo);
         }
