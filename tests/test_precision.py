@@ -360,6 +360,15 @@ def test_int8_avx2_path_gives_the_exact_sums(rng):
         packed = _lowp.Packed("int8", w)
         got, want = packed.matmul("avx2", a), packed.matmul("generic", a)
         np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32), err_msg=str((a.shape, w.shape)))
+    # inputs over several widened chunks (1024 a chunk: partial sums wait in the output between
+    # them), 1-5 rows, a partial last block
+    for rows, k in [(1, 2100), (3, 1024), (5, 1025), (2, 3000)]:
+        w = rng.standard_normal((37, k)).astype(np.float32)
+        a = rng.standard_normal((rows, k)).astype(np.float32)
+        a[-1, k // 2] = 40.0                     # one large input: the rest quantize small
+        packed = _lowp.Packed("int8", w)
+        got, want = packed.matmul("avx2", a), packed.matmul("generic", a)
+        np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32), err_msg=str((rows, k)))
 
 
 def test_int8_row_with_nan_gives_nan_outputs_only_there(rng):
