@@ -98,6 +98,32 @@ static inline float lf_ftz(float a) {
    float32 from about 3.7e-37; 2^-120 = 7.5e-37) */
 #define LF_LP_TINY 7.52316385e-37f
 
+/* int8 pieces shared by the scalar and SIMD conversions (their tails): the largest magnitude of
+   x[i0..k) into *amax and whether any is not finite into *bad; the row of zeros for a row that is
+   not finite (scale NaN) or too small (scale 0), returning 1 then; q = rint(x * inv) + 128,
+   clamped to [-127, 127] first */
+static inline void lf_lp_absmax(const float* x, int i0, int k, float* amax, int* bad) {
+    for (int i = i0; i < k; i++) {
+        const float a = fabsf(x[i]);
+        *amax = a > *amax ? a : *amax;
+        *bad |= !(a <= FLT_MAX);
+    }
+}
+static inline int lf_lp_q8_flat(int bad, float amax, int kp, uint8_t* q, float* sx) {
+    if (!bad && amax >= LF_LP_TINY)
+        return 0;
+    memset(q, 128, (size_t) kp);
+    *sx = bad ? NAN : 0.0f;
+    return 1;
+}
+static inline void lf_lp_q8(const float* x, int i0, int k, float inv, uint8_t* q) {
+    for (int i = i0; i < k; i++) {
+        float r = rintf(x[i] * inv);
+        r = r > 127.0f ? 127.0f : (r < -127.0f ? -127.0f : r);
+        q[i] = (uint8_t) ((int) r + 128);
+    }
+}
+
 /* one activation row -> its quantized row of kp elements (and s_x for int8) */
 static void lf_lp_quant_row(int kind, int k, int kp, const float* x, void* dst, float* sx) {
     if (kind == LF_LP_BF16) {
@@ -111,24 +137,11 @@ static void lf_lp_quant_row(int kind, int k, int kp, const float* x, void* dst, 
     uint8_t* q = (uint8_t*) dst;
     float amax = 0.0f;
     int bad = 0;
-    for (int i = 0; i < k; i++) {
-        float a = fabsf(x[i]);
-        amax = a > amax ? a : amax;
-        bad |= !(a <= FLT_MAX);
-    }
-    if (bad || amax < LF_LP_TINY) {
-        memset(q, 128, (size_t) kp);
-        *sx = bad ? NAN : 0.0f;
+    lf_lp_absmax(x, 0, k, &amax, &bad);
+    if (lf_lp_q8_flat(bad, amax, kp, q, sx))
         return;
-    }
-    const float inv = 127.0f / amax;
-    for (int i = 0; i < k; i++) {
-        float r = rintf(x[i] * inv);
-        r = r > 127.0f ? 127.0f : (r < -127.0f ? -127.0f : r);
-        q[i] = (uint8_t) ((int) r + 128);
-    }
-    for (int i = k; i < kp; i++)
-        q[i] = 128;
+    lf_lp_q8(x, 0, k, 127.0f / amax, q);
+    memset(q + k, 128, (size_t) (kp - k));
     *sx = amax / 127.0f;
 }
 
@@ -167,11 +180,8 @@ lf_lp_quant_row_avx512(int kind, int k, int kp, const float* x, void* dst, float
         vmax = _mm512_max_ps(vmax, a);
     }
     const float amax = _mm512_reduce_max_ps(vmax);
-    if (bad || amax < LF_LP_TINY) {
-        memset(q, 128, (size_t) kp);
-        *sx = bad ? NAN : 0.0f;
+    if (lf_lp_q8_flat(bad != 0, amax, kp, q, sx))
         return;
-    }
     const __m512 inv = _mm512_set1_ps(127.0f / amax);
     const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
     for (int i = 0; i < k; i += 16) {
@@ -228,16 +238,9 @@ lf_lp_quant_row_avx2(int kind, int k, int kp, const float* x, void* dst, float* 
     float amax = 0.0f;
     for (int i = 0; i < 8; i++)
         amax = m8[i] > amax ? m8[i] : amax;
-    for (int i = k8; i < k; i++) {
-        const float a = fabsf(x[i]);
-        amax = a > amax ? a : amax;
-        bad |= !(a <= FLT_MAX);
-    }
-    if (bad || amax < LF_LP_TINY) {
-        memset(q, 128, (size_t) kp);
-        *sx = bad ? NAN : 0.0f;
+    lf_lp_absmax(x, k8, k, &amax, &bad);
+    if (lf_lp_q8_flat(bad, amax, kp, q, sx))
         return;
-    }
     const float inv = 127.0f / amax;
     const __m256 vinv = _mm256_set1_ps(inv);
     const __m256 lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
@@ -249,11 +252,7 @@ lf_lp_quant_row_avx2(int kind, int k, int kp, const float* x, void* dst, float* 
         const __m128i w16 = _mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
         _mm_storel_epi64((__m128i*) (q + i), _mm_packus_epi16(w16, w16));
     }
-    for (int i = k8; i < k; i++) {
-        float r = rintf(x[i] * inv);
-        r = r > 127.0f ? 127.0f : (r < -127.0f ? -127.0f : r);
-        q[i] = (uint8_t) ((int) r + 128);
-    }
+    lf_lp_q8(x, k8, k, inv, q);
     memset(q + k, 128, (size_t) (kp - k));
     *sx = amax / 127.0f;
 }
