@@ -9,10 +9,14 @@ own, then:
 (step-float32, step-bfloat16, step-int8: T calls of the frozen model's `step`, state carried;
 step-live: the same of the live float32 model.)
 
+FORCE_PATH=avx512_fma (or any path of lstm_fast._precision._FORCEABLE) in the environment freezes
+the reduced-precision models on that path in both builds.
+
 Each build runs in a persistent worker process; the two are asked in turns (alternating which
 goes first) for the best of CALLS calls, ROUNDS times, so that both see the same phases of the
 host, pinned to the same first THREADS cores. Prints the min and median of each and the median
 of the per-round ratios."""
+import os
 import subprocess
 import sys
 
@@ -29,6 +33,9 @@ stepping = what.startswith("step-")
 os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:max(threads, 1)])
 import lstm_fast as lf
 m = lf.LSTM(I, H, num_layers=L)
+if os.environ.get("FORCE_PATH"):   # a reduced-precision path forced, as the tests force it
+    from lstm_fast import _precision
+    _precision._force_path(os.environ["FORCE_PATH"])
 f = m.freeze(precision=what.replace("step-", "")) if what.replace("step-", "") in ("int8", "bfloat16", "float32") else m
 x = np.random.default_rng(0).standard_normal((T, B, I)).astype(np.float32)
 g = np.ones((T, B, H), np.float32)
@@ -56,6 +63,11 @@ def main(argv):
     if len(argv) < 10:
         sys.exit(__doc__)
     dirs = {"old": argv[0], "new": argv[1]}
+    for d in dirs.values():
+        # the worker imports lstm_fast from its working folder: without a package there it would
+        # silently time the checkout's own build on both sides
+        if not os.path.isfile(os.path.join(d, "lstm_fast", "__init__.py")):
+            sys.exit(f"{d} holds no lstm_fast package: copy a build's lstm_fast folder into it")
     T, B, I, H, L, threads, rounds, calls = map(int, argv[2:10])
     extra = argv[10:11]
     procs = {v: subprocess.Popen([sys.executable, "-c", WORKER]
